@@ -1,0 +1,437 @@
+// One implementation of every CPU kernel, compiled three times:
+// kernels_avx512.cpp (FEDSQ_ISA 2), kernels_avx2.cpp (1), kernels_scalar.cpp (0).
+// Each includes this file inside its own namespace, so nothing compiled with
+// AVX-512 flags can leak into code that runs on a CPU without it.
+//
+// Semantics pinned to eager PyTorch (see fedsq_fast/reference.py):
+// mask = real compare z > 0 (ordered: +0, -0 and NaN give 0); y = z_q * mask
+// as a multiply (NaN/Inf propagate, -x * 0 = -0); half types are computed in
+// float32 and rounded to nearest even. Built with -ffp-contract=off so mul+add
+// is never silently fused (the epilogue must match the eager reference), while
+// the reductions use explicit fma on every ISA (identical results).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "kernels.h"
+
+#if FEDSQ_ISA > 0
+#include <immintrin.h>
+#endif
+
+struct f16_t { uint16_t x; };
+struct bf16_t { uint16_t x; };
+
+template <class T> struct acc_of { using type = float; };
+template <> struct acc_of<double> { using type = double; };
+template <class T> using acc_t = typename acc_of<T>::type;
+
+static inline float u2f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+static inline uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+
+// ---- scalar conversions (exact, round to nearest even) ----
+static inline float to_acc(float v) { return v; }
+static inline double to_acc(double v) { return v; }
+static inline float to_acc(bf16_t v) { return u2f(uint32_t(v.x) << 16); }
+static inline float to_acc(f16_t h) {
+  uint32_t sign = uint32_t(h.x & 0x8000u) << 16, exp = (h.x >> 10) & 0x1f, man = h.x & 0x3ffu;
+  if (exp == 0) {  // zero or subnormal: man * 2^-24, exact in float
+    float f = float(man) * (1.0f / 16777216.0f);
+    return sign ? -f : f;
+  }
+  if (exp == 31) return u2f(sign | 0x7f800000u | (man << 13));
+  return u2f(sign | ((exp + 112) << 23) | (man << 13));
+}
+template <class T> static inline T from_acc(acc_t<T> v);
+template <> inline float from_acc<float>(float v) { return v; }
+template <> inline double from_acc<double>(double v) { return v; }
+template <> inline bf16_t from_acc<bf16_t>(float f) {
+  uint32_t u = f2u(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return {uint16_t((u >> 16) | 0x40)};  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return {uint16_t(u >> 16)};
+}
+template <> inline f16_t from_acc<f16_t>(float f) {
+  uint32_t u = f2u(f), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return {uint16_t(sign | 0x7e00u)};     // NaN
+  if (a >= 0x477ff000u) return {uint16_t(sign | 0x7c00u)};    // >= 65520 rounds to Inf
+  if (a < 0x38800000u) {                                      // below 2^-14: subnormal half
+    uint32_t m = uint32_t(std::nearbyint(u2f(a) * 16777216.0f));  // exact scale, RNE
+    return {uint16_t(sign | m)};
+  }
+  uint32_t r = a + 0xfffu + ((a >> 13) & 1u) - 0x38000000u;  // rebias 127 -> 15, RNE
+  return {uint16_t(sign | (r >> 13))};
+}
+
+template <class T> static inline acc_t<T> ld(const T* p, int64_t i) { return to_acc(p[i]); }
+template <class T> static inline void st(T* p, int64_t i, acc_t<T> v) { p[i] = from_acc<T>(v); }
+template <class A> static inline A fma_s(A a, A b, A c) { return std::fma(a, b, c); }
+
+// Output above this size bypasses the caches (streaming stores): it will not
+// be re-read soon, and skipping the read-for-ownership saves a third of traffic.
+static constexpr int64_t kStreamBytes = int64_t(16) << 20;
+
+// ---------------------------------------------------------------------------
+// Vector layer: float32 lanes, VW of them.
+#if FEDSQ_ISA == 2
+static constexpr int VW = 16;
+using VF = __m512;
+using VM = __mmask16;
+template <class T> static inline VF vload(const T* p);
+template <> inline VF vload<float>(const float* p) { return _mm512_loadu_ps(p); }
+template <> inline VF vload<f16_t>(const f16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+template <> inline VF vload<bf16_t>(const bf16_t* p) {
+  __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+}
+template <class T, bool NT> static inline void vstore(T* p, VF v);
+template <> inline void vstore<float, false>(float* p, VF v) { _mm512_storeu_ps(p, v); }
+template <> inline void vstore<float, true>(float* p, VF v) { _mm512_stream_ps(p, v); }
+static inline __m256i to_f16_bits(VF v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline __m256i to_bf16_bits(VF v) {
+  __m512i u = _mm512_castps_si512(v);
+  __m512i hi = _mm512_srli_epi32(u, 16);
+  __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(hi, _mm512_set1_epi32(1)))), 16);
+  __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
+  return _mm512_cvtepi32_epi16(r);
+}
+template <> inline void vstore<f16_t, false>(f16_t* p, VF v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_f16_bits(v)); }
+template <> inline void vstore<f16_t, true>(f16_t* p, VF v) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_f16_bits(v)); }
+template <> inline void vstore<bf16_t, false>(bf16_t* p, VF v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16_bits(v)); }
+template <> inline void vstore<bf16_t, true>(bf16_t* p, VF v) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_bf16_bits(v)); }
+static inline VF vset1(float x) { return _mm512_set1_ps(x); }
+static inline VM vgt0(VF v) { return _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ); }
+static inline uint32_t vbits(VM m) { return uint32_t(m); }
+static inline VM vmask(uint32_t b) { return __mmask16(b & 0xffffu); }
+static inline VF v01(VM m) { return _mm512_maskz_mov_ps(m, _mm512_set1_ps(1.0f)); }
+static inline VF vmul(VF a, VF b) { return _mm512_mul_ps(a, b); }
+static inline VF vadd(VF a, VF b) { return _mm512_add_ps(a, b); }
+static inline VF vfma(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
+static inline VF vrelu(VF t) { return _mm512_max_ps(_mm512_setzero_ps(), t); }  // NaN -> t
+static inline VF vloadf(const float* p) { return _mm512_loadu_ps(p); }
+static inline void vstoref(float* p, VF v) { _mm512_storeu_ps(p, v); }
+#elif FEDSQ_ISA == 1
+static constexpr int VW = 8;
+using VF = __m256;
+using VM = __m256;
+template <class T> static inline VF vload(const T* p);
+template <> inline VF vload<float>(const float* p) { return _mm256_loadu_ps(p); }
+template <> inline VF vload<f16_t>(const f16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+template <> inline VF vload<bf16_t>(const bf16_t* p) {
+  __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+template <class T, bool NT> static inline void vstore(T* p, VF v);
+template <> inline void vstore<float, false>(float* p, VF v) { _mm256_storeu_ps(p, v); }
+template <> inline void vstore<float, true>(float* p, VF v) { _mm256_stream_ps(p, v); }
+static inline __m128i to_f16_bits(VF v) { return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline __m128i to_bf16_bits(VF v) {
+  __m256i u = _mm256_castps_si256(v);
+  __m256i hi = _mm256_srli_epi32(u, 16);
+  __m256i r = _mm256_srli_epi32(
+      _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(hi, _mm256_set1_epi32(1)))), 16);
+  __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan);
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+template <> inline void vstore<f16_t, false>(f16_t* p, VF v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_f16_bits(v)); }
+template <> inline void vstore<f16_t, true>(f16_t* p, VF v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_f16_bits(v)); }
+template <> inline void vstore<bf16_t, false>(bf16_t* p, VF v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bf16_bits(v)); }
+template <> inline void vstore<bf16_t, true>(bf16_t* p, VF v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_bf16_bits(v)); }
+static inline VF vset1(float x) { return _mm256_set1_ps(x); }
+static inline VM vgt0(VF v) { return _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GT_OQ); }
+static inline uint32_t vbits(VM m) { return uint32_t(_mm256_movemask_ps(m)); }
+static inline VM vmask(uint32_t b) {
+  const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  __m256i x = _mm256_and_si256(_mm256_set1_epi32(int(b & 0xffu)), lane);
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(x, lane));
+}
+static inline VF v01(VM m) { return _mm256_and_ps(m, _mm256_set1_ps(1.0f)); }
+static inline VF vmul(VF a, VF b) { return _mm256_mul_ps(a, b); }
+static inline VF vadd(VF a, VF b) { return _mm256_add_ps(a, b); }
+static inline VF vfma(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
+static inline VF vrelu(VF t) { return _mm256_max_ps(_mm256_setzero_ps(), t); }  // NaN -> t
+static inline VF vloadf(const float* p) { return _mm256_loadu_ps(p); }
+static inline void vstoref(float* p, VF v) { _mm256_storeu_ps(p, v); }
+#endif
+
+#if FEDSQ_ISA > 0
+static inline void stream_fence() { _mm_sfence(); }
+// Vector paths cover float32/float16/bfloat16; float64 (gradcheck only) is scalar.
+template <class T> static constexpr bool kVec = !std::is_same<T, double>::value;
+#else
+static inline void stream_fence() {}
+template <class T> static constexpr bool kVec = false;
+#endif
+
+static inline bool aligned64(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 63u) == 0; }
+
+// ---------------------------------------------------------------------------
+// Scalar word kernels (tails, float64, and the scalar ISA).
+template <class T>
+static inline void pack_word_s(const T* zs, uint32_t* bits, int64_t base, int64_t end) {
+  uint32_t word = 0;
+  for (int64_t i = base; i < end; ++i) word |= uint32_t(ld(zs, i) > acc_t<T>(0)) << (i - base);
+  bits[base >> 5] = word;
+}
+template <class T>
+static inline void apply_word_s(const T* zq, const uint32_t* bits, T* y, int64_t base, int64_t end) {
+  using A = acc_t<T>;
+  const uint32_t word = bits[base >> 5];
+  for (int64_t i = base; i < end; ++i) st(y, i, ld(zq, i) * A((word >> (i - base)) & 1u));
+}
+template <class T>
+static inline void gate_word_s(const T* zq, const T* zs, T* y, uint32_t* bits, int64_t base, int64_t end) {
+  using A = acc_t<T>;
+  uint32_t word = 0;
+  for (int64_t i = base; i < end; ++i) {
+    const bool m = ld(zs, i) > A(0);
+    st(y, i, ld(zq, i) * A(m));
+    word |= uint32_t(m) << (i - base);
+  }
+  bits[base >> 5] = word;
+}
+
+// ---------------------------------------------------------------------------
+template <class T>
+static void pack_range(const T* zs, uint32_t* bits, int64_t n, int64_t w0, int64_t w1) {
+  for (int64_t w = w0; w < w1; ++w) {
+    const int64_t base = w * 32;
+#if FEDSQ_ISA > 0
+    if constexpr (kVec<T>) {
+      if (base + 32 <= n) {
+        uint32_t word = 0;
+        for (int j = 0; j < 32; j += VW) word |= vbits(vgt0(vload(zs + base + j))) << j;
+        bits[w] = word;
+        continue;
+      }
+    }
+#endif
+    pack_word_s(zs, bits, base, std::min(base + 32, n));
+  }
+}
+
+template <class T, bool NT>
+static void apply_range_t(const T* zq, const uint32_t* bits, T* y, int64_t n, int64_t w0, int64_t w1) {
+  for (int64_t w = w0; w < w1; ++w) {
+    const int64_t base = w * 32;
+#if FEDSQ_ISA > 0
+    if constexpr (kVec<T>) {
+      if (base + 32 <= n) {
+        const uint32_t word = bits[w];
+        for (int j = 0; j < 32; j += VW)
+          vstore<T, NT>(y + base + j, vmul(vload(zq + base + j), v01(vmask(word >> j))));
+        continue;
+      }
+    }
+#endif
+    apply_word_s(zq, bits, y, base, std::min(base + 32, n));
+  }
+  if (NT) stream_fence();
+}
+
+template <class T, bool NT>
+static void gate_range_t(const T* zq, const T* zs, T* y, uint32_t* bits, int64_t n, int64_t w0, int64_t w1) {
+  for (int64_t w = w0; w < w1; ++w) {
+    const int64_t base = w * 32;
+#if FEDSQ_ISA > 0
+    if constexpr (kVec<T>) {
+      if (base + 32 <= n) {
+        uint32_t word = 0;
+        for (int j = 0; j < 32; j += VW) {
+          const VM m = vgt0(vload(zs + base + j));
+          vstore<T, NT>(y + base + j, vmul(vload(zq + base + j), v01(m)));
+          word |= vbits(m) << j;
+        }
+        bits[w] = word;
+        continue;
+      }
+    }
+#endif
+    gate_word_s(zq, zs, y, bits, base, std::min(base + 32, n));
+  }
+  if (NT) stream_fence();
+}
+
+template <class T>
+static bool use_stream(const void* out, int64_t n) {
+  return kVec<T> && aligned64(out) && n * int64_t(sizeof(T)) >= kStreamBytes;
+}
+
+template <class T>
+static void apply_range(const T* zq, const uint32_t* bits, T* y, int64_t n, int64_t w0, int64_t w1) {
+  if (use_stream<T>(y, n)) apply_range_t<T, true>(zq, bits, y, n, w0, w1);
+  else apply_range_t<T, false>(zq, bits, y, n, w0, w1);
+}
+template <class T>
+static void gate_range(const T* zq, const T* zs, T* y, uint32_t* bits, int64_t n, int64_t w0, int64_t w1) {
+  if (use_stream<T>(y, n)) gate_range_t<T, true>(zq, zs, y, bits, n, w0, w1);
+  else gate_range_t<T, false>(zq, zs, y, bits, n, w0, w1);
+}
+
+// ---------------------------------------------------------------------------
+// Structural epilogue: t = z*scale[c] + shift[c]; h = max(0, t); bits = t > 0.
+template <class T>
+static void epilogue_range(const T* z, T* h, uint32_t* bits, const acc_t<T>* sc_ext, const acc_t<T>* sh_ext,
+                           int64_t C, int64_t inner, int64_t n, int64_t w0, int64_t w1) {
+  using A = acc_t<T>;
+  alignas(64) A sc[32], sh[32];
+  for (int64_t w = w0; w < w1; ++w) {
+    const int64_t base = w * 32, end = std::min(base + 32, n);
+    const A* psc;
+    const A* psh;
+    bool uniform = false;
+    if (inner == 1) {  // channel-innermost: lanes read the extended tables directly
+      const int64_t c0 = base % C;
+      psc = sc_ext + c0;
+      psh = sh_ext + c0;
+    } else {
+      int64_t r = base % inner, c = (base / inner) % C;
+      if (r + 32 <= inner) {
+        uniform = true;
+        sc[0] = sc_ext[c];
+        sh[0] = sh_ext[c];
+      } else {
+        for (int64_t j = 0; j < end - base; ++j) {
+          sc[j] = sc_ext[c];
+          sh[j] = sh_ext[c];
+          if (++r == inner) { r = 0; if (++c == C) c = 0; }
+        }
+      }
+      psc = sc;
+      psh = sh;
+    }
+#if FEDSQ_ISA > 0
+    if constexpr (kVec<T>) {
+      if (end - base == 32) {
+        uint32_t word = 0;
+        const VF usc = vset1(psc[0]), ush = vset1(psh[0]);
+        for (int j = 0; j < 32; j += VW) {
+          const VF vs = uniform ? usc : vloadf(psc + j);
+          const VF vh = uniform ? ush : vloadf(psh + j);
+          const VF t = vadd(vmul(vload(z + base + j), vs), vh);
+          word |= vbits(vgt0(t)) << j;
+          vstore<T, false>(h + base + j, vrelu(t));
+        }
+        bits[w] = word;
+        continue;
+      }
+    }
+#endif
+    uint32_t word = 0;
+    for (int64_t i = base; i < end; ++i) {
+      const int64_t j = uniform ? 0 : i - base;
+      const A t = ld(z, i) * psc[j] + psh[j];
+      word |= uint32_t(t > A(0)) << (i - base);
+      st(h, i, (A(0) > t) ? A(0) : t);  // same as max(0, t): NaN and -0 pass through
+    }
+    bits[w] = word;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Weighted sum over K clients, tiled so the accumulator stays in L1.
+static constexpr int64_t kTile = 1024;
+
+template <class T, bool NT>
+static void wsum_range_t(const void* const* xs, const double* w, int64_t K, T* out, int64_t i0, int64_t i1) {
+  using A = acc_t<T>;
+  alignas(64) A acc[kTile];
+  for (int64_t t0 = i0; t0 < i1; t0 += kTile) {
+    const int64_t len = std::min(kTile, i1 - t0);
+    for (int64_t k = 0; k < K; ++k) {
+      const T* x = static_cast<const T*>(xs[k]) + t0;
+      const A wk = A(w[k]);
+      int64_t j = 0;
+#if FEDSQ_ISA > 0
+      if constexpr (kVec<T>) {
+        const VF vw = vset1(wk);
+        if (k == 0)
+          for (; j + VW <= len; j += VW) vstoref(acc + j, vmul(vw, vload(x + j)));
+        else
+          for (; j + VW <= len; j += VW) vstoref(acc + j, vfma(vw, vload(x + j), vloadf(acc + j)));
+      }
+#endif
+      if (k == 0)
+        for (; j < len; ++j) acc[j] = wk * ld(x, j);
+      else
+        for (; j < len; ++j) acc[j] = fma_s<A>(wk, ld(x, j), acc[j]);
+    }
+    int64_t j = 0;
+#if FEDSQ_ISA > 0
+    if constexpr (kVec<T>) {
+      for (; j + VW <= len; j += VW) vstore<T, NT>(out + t0 + j, vloadf(acc + j));
+    }
+#endif
+    for (; j < len; ++j) st(out, t0 + j, acc[j]);
+  }
+  if (NT) stream_fence();
+}
+
+template <class T>
+static void wsum_range(const void* const* xs, const double* w, int64_t K, T* out, int64_t i0, int64_t i1) {
+  // Streaming needs every vector store aligned: tiles start at multiples of kTile.
+  if (kVec<T> && aligned64(out + i0) && (i1 - i0) * int64_t(sizeof(T)) * K >= kStreamBytes)
+    wsum_range_t<T, true>(xs, w, K, out, i0, i1);
+  else
+    wsum_range_t<T, false>(xs, w, K, out, i0, i1);
+}
+
+template <class T>
+static void accumulate_range(acc_t<T>* acc, const T* x, double w, int64_t i0, int64_t i1) {
+  using A = acc_t<T>;
+  const A wa = A(w);
+  int64_t i = i0;
+#if FEDSQ_ISA > 0
+  if constexpr (kVec<T>) {
+    const VF vw = vset1(wa);
+    for (; i + VW <= i1; i += VW) vstoref(acc + i, vfma(vw, vload(x + i), vloadf(acc + i)));
+  }
+#endif
+  for (; i < i1; ++i) acc[i] = fma_s<A>(wa, ld(x, i), acc[i]);
+}
+
+// ---------------------------------------------------------------------------
+// Type dispatch and the exported table.
+#define FEDSQ_DISPATCH(dt, ...)                                   \
+  switch (dt) {                                                   \
+    case DType::f32: { using T = float; __VA_ARGS__; break; }     \
+    case DType::f16: { using T = f16_t; __VA_ARGS__; break; }     \
+    case DType::bf16: { using T = bf16_t; __VA_ARGS__; break; }   \
+    case DType::f64: { using T = double; __VA_ARGS__; break; }    \
+  }
+
+static void k_pack(DType dt, const void* zs, uint32_t* bits, int64_t n, int64_t w0, int64_t w1) {
+  FEDSQ_DISPATCH(dt, pack_range<T>(static_cast<const T*>(zs), bits, n, w0, w1));
+}
+static void k_apply(DType dt, const void* zq, const uint32_t* bits, void* y, int64_t n, int64_t w0, int64_t w1) {
+  FEDSQ_DISPATCH(dt, apply_range<T>(static_cast<const T*>(zq), bits, static_cast<T*>(y), n, w0, w1));
+}
+static void k_gate(DType dt, const void* zq, const void* zs, void* y, uint32_t* bits, int64_t n, int64_t w0,
+                   int64_t w1) {
+  FEDSQ_DISPATCH(dt, gate_range<T>(static_cast<const T*>(zq), static_cast<const T*>(zs), static_cast<T*>(y), bits,
+                                   n, w0, w1));
+}
+static void k_epilogue(DType dt, const void* z, void* h, uint32_t* bits, const void* sc, const void* sh, int64_t C,
+                       int64_t inner, int64_t n, int64_t w0, int64_t w1) {
+  FEDSQ_DISPATCH(dt, epilogue_range<T>(static_cast<const T*>(z), static_cast<T*>(h), bits,
+                                       static_cast<const acc_t<T>*>(sc), static_cast<const acc_t<T>*>(sh), C, inner,
+                                       n, w0, w1));
+}
+static void k_wsum(DType dt, const void* const* xs, const double* w, int64_t K, void* out, int64_t i0, int64_t i1) {
+  FEDSQ_DISPATCH(dt, wsum_range<T>(xs, w, K, static_cast<T*>(out), i0, i1));
+}
+static void k_accumulate(DType dt, void* acc, const void* x, double w, int64_t i0, int64_t i1) {
+  FEDSQ_DISPATCH(dt, accumulate_range<T>(static_cast<acc_t<T>*>(acc), static_cast<const T*>(x), w, i0, i1));
+}
+#undef FEDSQ_DISPATCH
+
+static const KernelTable kTable = {FEDSQ_ISA_NAME, k_pack, k_apply, k_gate, k_epilogue, k_wsum, k_accumulate};

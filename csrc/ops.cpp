@@ -1,0 +1,199 @@
+// fedsq_fast ops: schema definitions and CPU implementations.
+//
+// Schemas are registered here with TORCH_LIBRARY; fedsq_fast/ops.py holds the
+// same strings (a test checks they agree) and registers fake kernels and
+// autograd formulas in Python. CUDA implementations live in ops_cuda.cpp.
+// Kernels walk tensors in memory order, so inputs that must match element by
+// element must also match in strides; the functional ops arrange that, the
+// out= variants check it.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "ops_common.h"
+
+namespace fedsq {
+
+DType dtype_of(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::f32;
+    case at::kHalf: return DType::f16;
+    case at::kBFloat16: return DType::bf16;
+    case at::kDouble: return DType::f64;
+    default:
+      TORCH_CHECK_TYPE(false, name, " must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
+  }
+}
+
+int64_t bit_bytes(int64_t n) { return (n + 31) / 32 * 4; }
+
+at::Tensor dense(const at::Tensor& t) { return t.is_non_overlapping_and_dense() ? t : t.contiguous(); }
+
+at::Tensor like_layout(const at::Tensor& t, const at::Tensor& like) {
+  if (t.strides() == like.strides() || like.numel() == 0) return t;
+  at::Tensor out = at::empty_like(like, t.options());
+  out.copy_(t);
+  return out;
+}
+
+void check_same(const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn) {
+  TORCH_CHECK(a.sizes() == b.sizes(), bn, " must have the shape of ", an, " ", a.sizes(), ", got ", b.sizes());
+  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), bn, " must have the dtype of ", an, " (", a.scalar_type(),
+                   "), got ", b.scalar_type());
+  TORCH_CHECK(a.device() == b.device(), bn, " must be on ", an, "'s device ", a.device(), ", got ", b.device());
+  TORCH_CHECK(a.numel() == 0 || a.strides() == b.strides(), bn, " must have the strides of ", an, " ", a.strides(),
+              ", got ", b.strides());
+  TORCH_CHECK(a.is_non_overlapping_and_dense(), an, " must be dense (contiguous, channels_last or permuted)");
+}
+
+void check_bits(const at::Tensor& bits, const at::Tensor& like, const char* name) {
+  TORCH_CHECK_TYPE(bits.scalar_type() == at::kByte, name, " must be uint8, got ", bits.scalar_type());
+  TORCH_CHECK(bits.dim() == 1 && bits.numel() == bit_bytes(like.numel()), name, " must be 1-D with ",
+              bit_bytes(like.numel()), " bytes for ", like.numel(), " elements, got shape ", bits.sizes());
+  TORCH_CHECK(bits.is_contiguous() && reinterpret_cast<uintptr_t>(bits.data_ptr()) % 4 == 0, name,
+              " must be contiguous and 4-byte aligned");
+  TORCH_CHECK(bits.device() == like.device(), name, " must be on ", like.device(), ", got ", bits.device());
+}
+
+EpilogueLayout epilogue_layout(const at::Tensor& z) {
+  EpilogueLayout L;
+  L.C = z.dim() >= 2 ? z.size(1) : 1;
+  if (z.numel() == 0) return L;
+  if (z.is_contiguous()) {  // NC...: channel runs of prod(sizes[2:]) elements
+    L.inner = z.dim() >= 2 ? z.numel() / (z.size(0) * L.C) : 1;
+    return L;
+  }
+  L.inner = 1;  // channels-innermost (epilogue_ready was checked)
+  return L;
+}
+
+std::pair<at::Tensor, at::Tensor> channel_tables(const at::Tensor& z, const c10::optional<at::Tensor>& scale,
+                                                  const c10::optional<at::Tensor>& shift, int64_t C) {
+  auto acc = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto opts = z.options().dtype(acc);
+  auto vec = [&](const c10::optional<at::Tensor>& v, double fill, const char* name) {
+    if (!v.has_value()) return at::full({C}, fill, opts);
+    TORCH_CHECK(v->dim() == 1 && v->numel() == C, name, " must be 1-D with one value per channel (", C, "), got ",
+                v->sizes());
+    TORCH_CHECK(v->device() == z.device(), name, " must be on ", z.device());
+    return v->to(acc).contiguous();
+  };
+  // Entry i holds channel i % C: a word of 32 channel-innermost lanes reads them directly.
+  auto idx = at::arange(C + 32, z.options().dtype(at::kLong)).remainder(C);
+  return {vec(scale, 1.0, "scale").index_select(0, idx).contiguous(),
+          vec(shift, 0.0, "shift").index_select(0, idx).contiguous()};
+}
+
+bool epilogue_ready(const at::Tensor& z) {
+  return z.is_contiguous() || (z.dim() >= 2 && z.stride(1) == 1 && z.is_non_overlapping_and_dense());
+}
+
+void check_accumulate(const at::Tensor& acc, const at::Tensor& x) {
+  const auto want = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_TYPE(acc.scalar_type() == want, "acc must be ", want, " for x of ", x.scalar_type(), ", got ",
+                   acc.scalar_type());
+  TORCH_CHECK(acc.sizes() == x.sizes(), "acc must have the shape of x ", x.sizes(), ", got ", acc.sizes());
+  TORCH_CHECK(acc.device() == x.device(), "acc must be on x's device ", x.device(), ", got ", acc.device());
+  TORCH_CHECK(x.numel() == 0 || (acc.strides() == x.strides() && acc.is_non_overlapping_and_dense()),
+              "acc and x must share one dense layout");
+}
+
+namespace {
+
+constexpr int64_t kWordGrain = 1024;  // 32K elements per task: amortises a thread wake-up
+constexpr int64_t kTile = 1024;       // weighted_sum tile (the kernel's)
+
+uint32_t* words(const at::Tensor& bits) { return reinterpret_cast<uint32_t*>(bits.data_ptr()); }
+
+// Raw CPU launches: at::parallel_for (torch's OpenMP pool, torch.set_num_threads
+// applies) over 32-element words, so no two threads share a mask word.
+struct CpuBackend {
+  static void pack(DType dt, const at::Tensor& zs, const at::Tensor& bits) {
+    const int64_t n = zs.numel();
+    const void* p = zs.data_ptr();
+    uint32_t* b = words(bits);
+    const KernelTable& K = cpu_kernels();
+    at::parallel_for(0, (n + 31) / 32, kWordGrain, [&](int64_t w0, int64_t w1) { K.pack(dt, p, b, n, w0, w1); });
+  }
+  static void apply(DType dt, const at::Tensor& zq, const at::Tensor& bits, const at::Tensor& y) {
+    const int64_t n = zq.numel();
+    const void* q = zq.data_ptr();
+    const uint32_t* b = words(bits);
+    void* out = y.data_ptr();
+    const KernelTable& K = cpu_kernels();
+    at::parallel_for(0, (n + 31) / 32, kWordGrain,
+                     [&](int64_t w0, int64_t w1) { K.apply(dt, q, b, out, n, w0, w1); });
+  }
+  static void gate(DType dt, const at::Tensor& zq, const at::Tensor& zs, const at::Tensor& y,
+                   const at::Tensor& bits) {
+    const int64_t n = zq.numel();
+    const void* q = zq.data_ptr();
+    const void* s = zs.data_ptr();
+    void* out = y.data_ptr();
+    uint32_t* b = words(bits);
+    const KernelTable& K = cpu_kernels();
+    at::parallel_for(0, (n + 31) / 32, kWordGrain,
+                     [&](int64_t w0, int64_t w1) { K.gate(dt, q, s, out, b, n, w0, w1); });
+  }
+  static void epilogue(DType dt, const at::Tensor& z, const at::Tensor& sc, const at::Tensor& sh,
+                       const EpilogueLayout& L, const at::Tensor& h, const at::Tensor& bits) {
+    const int64_t n = z.numel();
+    const void* zp = z.data_ptr();
+    void* hp = h.data_ptr();
+    const void* scp = sc.data_ptr();
+    const void* shp = sh.data_ptr();
+    uint32_t* b = words(bits);
+    const KernelTable& K = cpu_kernels();
+    at::parallel_for(0, (n + 31) / 32, kWordGrain, [&](int64_t w0, int64_t w1) {
+      K.epilogue(dt, zp, hp, b, scp, shp, L.C, L.inner, n, w0, w1);
+    });
+  }
+  static void weighted_sum(DType dt, const std::vector<const void*>& ptrs, at::ArrayRef<double> w,
+                           const at::Tensor& out) {
+    const int64_t n = out.numel(), K = static_cast<int64_t>(ptrs.size());
+    void* o = out.data_ptr();
+    const KernelTable& T = cpu_kernels();
+    at::parallel_for(0, (n + kTile - 1) / kTile, 32, [&](int64_t t0, int64_t t1) {
+      T.weighted_sum(dt, ptrs.data(), w.data(), K, o, t0 * kTile, std::min(t1 * kTile, n));
+    });
+  }
+  static void accumulate(DType dt, const at::Tensor& acc, const at::Tensor& x, double w) {
+    void* a = acc.data_ptr();
+    const void* p = x.data_ptr();
+    const KernelTable& T = cpu_kernels();
+    at::parallel_for(0, x.numel(), int64_t(32) * 1024,
+                     [&](int64_t i0, int64_t i1) { T.accumulate(dt, a, p, w, i0, i1); });
+  }
+};
+
+std::string cpu_isa(c10::string_view isa) {
+  if (isa.empty()) return cpu_kernels().name;
+  const std::string want(isa);
+  const char* got = set_isa(want.c_str());
+  TORCH_CHECK(got != nullptr, "isa must be 'auto', 'avx512', 'avx2' or 'scalar' supported by this CPU, got '", want,
+              "'");
+  return got;
+}
+
+}  // namespace
+}  // namespace fedsq
+
+TORCH_LIBRARY(fedsq_fast, m) {
+  m.def("pack_mask(Tensor z_s) -> Tensor");
+  m.def("apply_mask(Tensor z_q, Tensor bits) -> Tensor");
+  m.def("apply_mask_out(Tensor z_q, Tensor bits, Tensor(a!) y) -> ()");
+  m.def("gate(Tensor z_q, Tensor z_s) -> (Tensor, Tensor)");
+  m.def("gate_out(Tensor z_q, Tensor z_s, Tensor(a!) y, Tensor(b!) bits) -> ()");
+  m.def("struct_epilogue(Tensor z_s, Tensor? scale, Tensor? shift) -> (Tensor, Tensor)");
+  m.def("struct_epilogue_(Tensor(a!) z_s, Tensor? scale, Tensor? shift, Tensor(b!) bits) -> ()");
+  m.def("weighted_sum_out(Tensor[] xs, float[] weights, Tensor(a!) out) -> ()");
+  m.def("accumulate_(Tensor(a!) acc, Tensor x, float weight) -> ()");
+  // Not a tensor op: selects the CPU kernel variant (tests run every ISA the CPU has).
+  m.def("cpu_isa(str isa='') -> str", &fedsq::cpu_isa);
+}
+
+TORCH_LIBRARY_IMPL(fedsq_fast, CPU, m) { fedsq::Ops<fedsq::CpuBackend>::register_impls(m); }
