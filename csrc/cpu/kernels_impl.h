@@ -17,8 +17,8 @@
 
 #include "kernels.h"
 
-#if FEDSQ_ISA > 0
-#include <immintrin.h>
+#if FEDSQ_ISA > 0 && !defined(FEDSQ_EMULATED_SIMD)
+#include <immintrin.h>  // (tests/emulated/ compiles this file against SIMDe instead)
 #endif
 
 struct f16_t { uint16_t x; };

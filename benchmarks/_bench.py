@@ -1,0 +1,75 @@
+"""Shared by the benchmark modules: run a variant under pytest-benchmark, keep
+its median, and compare variants measured in the same run as ratios."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+
+import torch
+
+RESULTS: dict[tuple[str, str], float] = {}  # (group, variant) -> median seconds
+RATIOS: list[tuple[str, str, str, str, float, str]] = []  # label, group, num, den, target, sense
+
+
+def run(benchmark, group: str, variant: str, fn, rounds: int = 7, sync_cuda: bool = False):
+    """Benchmark ``fn`` as ``group/variant``; returns its median in seconds."""
+    if sync_cuda:
+        inner = fn
+
+        def fn():
+            inner()
+            torch.cuda.synchronize()
+
+    benchmark.group = group
+    benchmark.extra_info["variant"] = variant
+    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=1)
+    RESULTS[(group, variant)] = benchmark.stats.stats.median
+    return RESULTS[(group, variant)]
+
+
+def ratio(label: str, group: str, num: str, den: str, target: float, sense: str = ">="):
+    """Declare ``median(den) / median(num)`` (a speed-up of num over den);
+    ``sense`` says whether it should be >= or <= ``target``."""
+    RATIOS.append((label, group, num, den, target, sense))
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        flags = open("/proc/cpuinfo").read()
+        isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "no-avx2"
+    except OSError:
+        isa = "?"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu} ({isa}), {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def report() -> str | None:
+    if not RESULTS:
+        return None
+    import fedsq_fast as ff
+
+    isa = torch.ops.fedsq_fast.cpu_isa("") if ff.backend() == "compiled" else "-"
+    lines = [
+        f"Run {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} on {machine()}",
+        f"fedsq_fast backend: {ff.backend()} (CPU kernels: {isa})",
+        "",
+        "| group | variant | median ms |",
+        "|---|---|---:|",
+    ]
+    for (g, v), t in RESULTS.items():
+        lines.append(f"| {g} | {v} | {t * 1e3:.2f} |")
+    lines += ["", "| ratio | value | target | met |", "|---|---:|---:|---|"]
+    for label, g, num, den, target, sense in RATIOS:
+        if (g, num) in RESULTS and (g, den) in RESULTS:
+            val = RESULTS[(g, den)] / RESULTS[(g, num)]
+            ok = val >= target if sense == ">=" else val <= target
+            lines.append(f"| {label} | {val:.2f} | {sense} {target} | {'yes' if ok else 'NO'} |")
+    return "\n".join(lines) + "\n"

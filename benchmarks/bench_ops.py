@@ -1,0 +1,281 @@
+"""Op benchmarks: fedsq_fast's kernels beside the baselines a user would
+otherwise write, all in one run, reported as ratios (see benchmarks/RESULTS.md).
+
+    pytest benchmarks/bench_ops.py --benchmark-only
+
+Sizes: FEDSQ_BENCH_N elements for the gate (default 16 Mi), FEDSQ_BENCH_P per
+client for the average (default 4 Mi), fp32.
+"""
+import io
+import os
+from functools import reduce
+
+import numpy as np
+import pytest
+import torch
+
+import _bench
+import fedsq_fast as ff
+
+N = int(os.environ.get("FEDSQ_BENCH_N", 16 << 20))
+P = int(os.environ.get("FEDSQ_BENCH_P", 4 << 20))
+LAYERS = 100  # per-client tensors in the list-based variants (a model's state dict)
+ROUNDS = int(os.environ.get("FEDSQ_BENCH_ROUNDS", 7))
+
+# Targets from the kernels issue (2-core CPU): speed-up of fedsq over the baseline.
+_bench.ratio("gate fwd vs eager float-mask (both allocate)", "gate-forward", "fedsq gate", "eager z_q*(z_s>0).float()", 2.0)
+_bench.ratio("gate fwd out= vs copy_ (<= 1.5x copy time)", "gate-forward", "fedsq gate out=", "copy_ of z_q", 1 / 1.5)
+_bench.ratio("gate fwd vs torch.where", "gate-forward", "fedsq gate", "torch.where", 1.0)
+_bench.ratio("gate bwd vs eager", "gate-backward", "fedsq gate backward", "eager backward", 1.5)
+_bench.ratio("pack vs numpy.packbits", "pack", "fedsq pack_mask", "numpy.packbits", 1.0)
+for _k in (4, 8, 16):
+    _g = f"average-K{_k}"
+    _bench.ratio(f"K={_k} vs Flower-style numpy (decode+mul+add)", _g, "fedsq (100 tensors/client)", "flower-style numpy+decode", 4.0 if _k == 8 else 1.0)
+    _bench.ratio(f"K={_k} vs Flower-style numpy (no decode)", _g, "fedsq (100 tensors/client)", "flower-style numpy", 1.0)
+    _bench.ratio(f"K={_k} vs foreach_add_ per client", _g, "fedsq (100 tensors/client)", "foreach_add_ per client", 2.0 if _k == 8 else 1.0)
+    _bench.ratio(f"K={_k} vs stack + w@X", _g, "fedsq (flat)", "stack then w@X", 1.0)
+    _bench.ratio(f"K={_k} vs pre-stacked w@X", _g, "fedsq (flat)", "pre-stacked w@X (gemv)", 1.0)
+    _bench.ratio(f"K={_k} flat vs (K+1)-buffer copy floor (<= 1.3x)", _g, "fedsq (flat)", "copy floor (K+1)/2 x copy_", 1 / 1.3)
+
+
+def _gen(n, seed):
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def gate_inputs():
+    return _gen(N, 1), _gen(N, 2)
+
+
+# ---------------------------------------------------------------------------
+# gate forward
+def test_gate_fedsq(benchmark, gate_inputs):
+    z_q, z_s = gate_inputs
+    _bench.run(benchmark, "gate-forward", "fedsq gate", lambda: ff.gate(z_q, z_s), ROUNDS)
+
+
+def test_gate_fedsq_out(benchmark, gate_inputs):
+    z_q, z_s = gate_inputs
+    y, bits = torch.empty_like(z_q), ff.pack_mask(z_s)
+    _bench.run(benchmark, "gate-forward", "fedsq gate out=", lambda: ff.gate(z_q, z_s, out=(y, bits)), ROUNDS)
+
+
+def test_gate_eager(benchmark, gate_inputs):
+    z_q, z_s = gate_inputs
+    _bench.run(benchmark, "gate-forward", "eager z_q*(z_s>0).float()", lambda: z_q * (z_s > 0).float(), ROUNDS)
+
+
+def test_gate_eager_out(benchmark, gate_inputs):
+    z_q, z_s = gate_inputs
+    mb, mf, y = torch.empty(N, dtype=torch.bool), torch.empty(N), torch.empty(N)
+
+    def f():
+        torch.gt(z_s, 0, out=mb)
+        mf.copy_(mb)
+        torch.mul(z_q, mf, out=y)
+
+    _bench.run(benchmark, "gate-forward", "eager chain into buffers", f, ROUNDS)
+
+
+def test_gate_where(benchmark, gate_inputs):
+    z_q, z_s = gate_inputs
+    _bench.run(benchmark, "gate-forward", "torch.where", lambda: torch.where(z_s > 0, z_q, 0.0), ROUNDS)
+
+
+def test_gate_copy_floor(benchmark, gate_inputs):
+    z_q, _ = gate_inputs
+    y = torch.empty_like(z_q)
+    _bench.run(benchmark, "gate-forward", "copy_ of z_q", lambda: y.copy_(z_q), ROUNDS)
+
+
+# ---------------------------------------------------------------------------
+# gate backward: the gradient of z_q only (autograd.grad, no accumulation)
+def test_gate_backward_fedsq(benchmark, gate_inputs):
+    z_q, z_s = gate_inputs
+    q = z_q.clone().requires_grad_()
+    y, _ = ff.gate(q, z_s)
+    g = _gen(N, 3)
+    _bench.run(benchmark, "gate-backward", "fedsq gate backward",
+               lambda: torch.autograd.grad(y, q, g, retain_graph=True), ROUNDS)
+
+
+def test_gate_backward_eager(benchmark, gate_inputs):
+    z_q, z_s = gate_inputs
+    q = z_q.clone().requires_grad_()
+    y = q * (z_s > 0).float()
+    g = _gen(N, 3)
+    _bench.run(benchmark, "gate-backward", "eager backward",
+               lambda: torch.autograd.grad(y, q, g, retain_graph=True), ROUNDS)
+
+
+def test_gate_backward_copy(benchmark, gate_inputs):
+    z_q, _ = gate_inputs
+    _bench.run(benchmark, "gate-backward", "clone of grad (alloc floor)", lambda: z_q.clone(), ROUNDS)
+
+
+# ---------------------------------------------------------------------------
+# pack
+def test_pack_fedsq(benchmark, gate_inputs):
+    _, z_s = gate_inputs
+    _bench.run(benchmark, "pack", "fedsq pack_mask", lambda: ff.pack_mask(z_s), ROUNDS)
+
+
+def test_pack_numpy(benchmark, gate_inputs):
+    _, z_s = gate_inputs
+    zn = z_s.numpy()
+    _bench.run(benchmark, "pack", "numpy.packbits", lambda: np.packbits(zn > 0, bitorder="little"), ROUNDS)
+
+
+# ---------------------------------------------------------------------------
+# weighted average of K clients, P fp32 elements each
+@pytest.fixture(scope="module", params=[4, 8, 16], ids=lambda k: f"K{k}")
+def clients(request):
+    k = request.param
+    flat = [_gen(P, 10 + i) for i in range(k)]
+    weights = [float(100 + 17 * i) for i in range(k)]
+    return k, flat, weights
+
+
+def _split(t):
+    return list(torch.chunk(t, LAYERS))
+
+
+def test_avg_fedsq_flat(benchmark, clients):
+    k, flat, w = clients
+    out = torch.empty(P)
+    _bench.run(benchmark, f"average-K{k}", "fedsq (flat)", lambda: ff.weighted_average(flat, w, out=out), ROUNDS)
+
+
+def test_avg_fedsq_lists(benchmark, clients):
+    k, flat, w = clients
+    lists = [_split(c) for c in flat]
+    out = [torch.empty_like(t) for t in lists[0]]
+    _bench.run(benchmark, f"average-K{k}", "fedsq (100 tensors/client)",
+               lambda: ff.weighted_average(lists, w, out=out), ROUNDS)
+
+
+def test_avg_fedsq_streaming(benchmark, clients):
+    k, flat, w = clients
+    lists = [_split(c) for c in flat]
+
+    def f():
+        s = ff.StreamingAverage()
+        for c, wk in zip(lists, w):
+            s.add(c, wk)
+        return s.result()
+
+    _bench.run(benchmark, f"average-K{k}", "fedsq streaming (100 tensors/client)", f, ROUNDS)
+
+
+def _flower_aggregate(results):
+    """Flower's FedAvg aggregate (flwr.server.strategy.aggregate.aggregate)."""
+    total = sum(n for _, n in results)
+    weighted = [[layer * n for layer in weights] for weights, n in results]
+    return [reduce(np.add, layer_updates) / total for layer_updates in zip(*weighted)]
+
+
+def _to_bytes(a):
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def test_avg_flower_numpy(benchmark, clients):
+    k, flat, w = clients
+    nd = [[t.numpy() for t in _split(c)] for c in flat]
+    _bench.run(benchmark, f"average-K{k}", "flower-style numpy",
+               lambda: _flower_aggregate(list(zip(nd, w))), ROUNDS)
+
+
+def test_avg_flower_numpy_decode(benchmark, clients):
+    k, flat, w = clients
+    blobs = [[_to_bytes(t.numpy()) for t in _split(c)] for c in flat]
+
+    def f():  # Flower decodes every reply (parameters_to_ndarrays: np.load per layer)
+        nd = [[np.load(io.BytesIO(b), allow_pickle=False) for b in c] for c in blobs]
+        return _flower_aggregate(list(zip(nd, w)))
+
+    _bench.run(benchmark, f"average-K{k}", "flower-style numpy+decode", f, ROUNDS)
+
+
+def test_avg_foreach(benchmark, clients):
+    k, flat, w = clients
+    lists = [_split(c) for c in flat]
+    total = sum(w)
+
+    def f():
+        acc = [torch.zeros_like(t) for t in lists[0]]
+        for c, wk in zip(lists, w):
+            torch._foreach_add_(acc, c, alpha=wk / total)
+        return acc
+
+    _bench.run(benchmark, f"average-K{k}", "foreach_add_ per client", f, ROUNDS)
+
+
+def test_avg_stack(benchmark, clients):
+    k, flat, w = clients
+    wt = torch.tensor(w) / sum(w)
+    _bench.run(benchmark, f"average-K{k}", "stack then w@X", lambda: wt @ torch.stack(flat), ROUNDS)
+
+
+def test_avg_prestacked(benchmark, clients):
+    k, flat, w = clients
+    X = torch.stack(flat)
+    wt = torch.tensor(w) / sum(w)
+    out = torch.empty(P)
+    _bench.run(benchmark, f"average-K{k}", "pre-stacked w@X (gemv)", lambda: torch.mv(X.t(), wt, out=out), ROUNDS)
+
+
+def test_avg_copy_floor(benchmark, clients):
+    """The op moves (K+1)*P elements; one copy_ moves 2*P: floor = (K+1)/2 copies."""
+    k, flat, w = clients
+    out = torch.empty(P)
+    t = _bench.run(benchmark, f"average-K{k}", "copy_ of one client", lambda: out.copy_(flat[0]), ROUNDS)
+    _bench.RESULTS[(f"average-K{k}", "copy floor (K+1)/2 x copy_")] = t * (k + 1) / 2
+
+
+# ---------------------------------------------------------------------------
+# GPU group (skipped without CUDA): fraction of the copy bandwidth in the same run
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+GN = int(os.environ.get("FEDSQ_BENCH_GPU_N", 256 << 20))
+
+
+@pytest.fixture(scope="module")
+def gpu_inputs():
+    return torch.randn(GN, device="cuda"), torch.randn(GN, device="cuda")
+
+
+@gpu
+def test_gpu_copy(benchmark, gpu_inputs):
+    z_q, _ = gpu_inputs
+    y = torch.empty_like(z_q)
+    _bench.run(benchmark, "gpu", "copy_", lambda: y.copy_(z_q), 20, sync_cuda=True)
+
+
+@gpu
+def test_gpu_gate(benchmark, gpu_inputs):
+    z_q, z_s = gpu_inputs
+    y, bits = torch.empty_like(z_q), ff.pack_mask(z_s)
+    t = _bench.run(benchmark, "gpu", "fedsq gate out=", lambda: ff.gate(z_q, z_s, out=(y, bits)), 20, sync_cuda=True)
+    # bandwidth-normalised: gate moves 12.125 B/elem, copy 8 B/elem
+    _bench.RESULTS[("gpu", "gate at copy bandwidth")] = t * 8 / 12.125
+    _bench.ratio("GPU gate fraction of copy bandwidth", "gpu", "gate at copy bandwidth", "copy_", 0.8)
+
+
+@gpu
+def test_gpu_gate_eager(benchmark, gpu_inputs):
+    z_q, z_s = gpu_inputs
+    _bench.run(benchmark, "gpu", "eager z_q*(z_s>0).float()", lambda: z_q * (z_s > 0).float(), 20, sync_cuda=True)
+
+
+@gpu
+def test_gpu_weighted_average(benchmark):
+    k, p = 8, 64 << 20
+    xs = [torch.randn(p, device="cuda") for _ in range(k)]
+    out = torch.empty(p, device="cuda")
+    t = _bench.run(benchmark, "gpu", "fedsq average K=8", lambda: ff.weighted_average(xs, [1.0] * k, out=out), 20,
+                   sync_cuda=True)
+    ref_copy = _bench.RESULTS.get(("gpu", "copy_"))
+    if ref_copy is not None:  # copy_ of GN elements moves 8*GN bytes; the average (k+1)*4*p
+        _bench.RESULTS[("gpu", "average at copy bandwidth")] = t * (8 * GN) / ((k + 1) * 4 * p)
+        _bench.ratio("GPU average fraction of copy bandwidth", "gpu", "average at copy bandwidth", "copy_", 0.8)
