@@ -1,0 +1,169 @@
+"""Training-step benchmark: fedsq_fast DualCopy vs a naive PyTorch DualCopy
+(two models, forward hooks, float masks) vs plain fine-tuning, with and without
+the mask cache. resnet18 and svhn_cnn at 32x32, batch 64, CPU.
+
+    pytest benchmarks/bench_models.py --benchmark-only -s
+
+Peak memory: each variant runs in a subprocess (``python bench_models.py --rss
+MODEL VARIANT``) that reports its peak RSS (ru_maxrss) and its RSS before the
+first step. Ratios are printed at the end.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import fedsq_fast as fs  # noqa: E402
+from fedsq_fast.models import MaskCache, build_model  # noqa: E402
+
+BATCH, PX, NBATCH = 64, 32, 4
+if os.environ.get("BENCH_THREADS"):  # e.g. 1 on a shared machine: no OpenMP spin contention
+    torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
+MODELS = ("resnet18", "svhn_cnn")
+VARIANTS = ("plain", "naive", "fedsq", "fedsq_cache")
+
+
+class NaiveDualCopy(nn.Module):
+    """The eager baseline: two models, hooks, masks as float tensors."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.struct = copy.deepcopy(model).eval().requires_grad_(False)
+        self.quant = copy.deepcopy(model)
+        self.masks, self.i = [], 0
+        for net, hook in ((self.struct, self._record), (self.quant, self._apply)):
+            for m in net.modules():
+                if isinstance(m, nn.ReLU):
+                    m.inplace = False
+                    m.register_forward_hook(hook)
+
+    def _record(self, m, inp, out):
+        self.masks.append((inp[0] > 0).float())
+
+    def _apply(self, m, inp, out):
+        self.i += 1
+        return inp[0] * self.masks[self.i - 1]
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.struct.eval()
+        return self
+
+    def forward(self, x):
+        self.masks, self.i = [], 0
+        with torch.no_grad():
+            self.struct(x)
+        return self.quant(x)
+
+
+def make_step(model_name, variant):
+    torch.manual_seed(0)
+    base = build_model(model_name, num_classes=10)
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(NBATCH * BATCH, 3, PX, PX, generator=g)
+    ys = torch.randint(0, 10, (NBATCH * BATCH,), generator=g)
+    if variant == "plain":
+        model = base.train()
+    elif variant == "naive":
+        model = NaiveDualCopy(base).train()
+    else:
+        model = fs.dualcopy(base).train()
+        if variant == "fedsq_cache":
+            model.attach_cache(MaskCache(len(xs)))
+            with torch.no_grad():  # first epoch fills the cache (not timed)
+                for b in range(NBATCH):
+                    idx = torch.arange(b * BATCH, (b + 1) * BATCH)
+                    model(xs[idx], sample_idx=idx)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    state = {"b": 0}
+
+    def step():
+        b = state["b"] = (state["b"] + 1) % NBATCH
+        idx = torch.arange(b * BATCH, (b + 1) * BATCH)
+        out = model(xs[idx], sample_idx=idx) if variant == "fedsq_cache" else model(xs[idx])
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(out, ys[idx]).backward()
+        opt.step()
+
+    return step
+
+
+def _rss_kib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def rss_main(model_name, variant):
+    step = make_step(model_name, variant)
+    before = _rss_kib()
+    for _ in range(3):
+        step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps({"peak_kib": peak, "before_kib": before}))
+
+
+def measure_rss(model_name, variant):
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--rss", model_name, variant],
+                         capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------
+RESULTS: dict = {}
+
+try:
+    import pytest
+
+    @pytest.mark.parametrize("variant", VARIANTS)
+    @pytest.mark.parametrize("model_name", MODELS)
+    def test_train_step(benchmark, model_name, variant):
+        step = make_step(model_name, variant)
+        step()  # warm-up (oneDNN primitives, allocator)
+        benchmark.group = f"{model_name} {PX}px batch {BATCH}"
+        benchmark.extra_info["backend"] = fs.backend()
+        benchmark.pedantic(step, rounds=6, iterations=1, warmup_rounds=1)
+        rss = measure_rss(model_name, variant)
+        benchmark.extra_info.update(rss)
+        RESULTS[(model_name, variant)] = (benchmark.stats.stats.median, rss)
+
+    def test_zz_ratios(benchmark):
+        benchmark.pedantic(lambda: None, rounds=1)
+        print(f"\nbackend: {fs.backend()}, threads: {torch.get_num_threads()}")
+        for m in MODELS:
+            r = {v: RESULTS.get((m, v)) for v in VARIANTS}
+            if any(x is None for x in r.values()):
+                continue
+            t = {v: r[v][0] for v in VARIANTS}
+            pk = {v: r[v][1]["peak_kib"] / 1024 for v in VARIANTS}
+            inc = {v: (r[v][1]["peak_kib"] - r[v][1]["before_kib"]) / 1024 for v in VARIANTS}
+            print(f"{m}: step median ms " + ", ".join(f"{v} {1e3 * t[v]:.1f}" for v in VARIANTS))
+            print(f"{m}: peak RSS MiB " + ", ".join(f"{v} {pk[v]:.0f} (+{inc[v]:.0f} in steps)" for v in VARIANTS))
+            print(f"{m}: speed-up vs naive: no cache {t['naive'] / t['fedsq']:.2f}x, cache "
+                  f"{t['naive'] / t['fedsq_cache']:.2f}x (targets 1.15x / 1.4x)")
+            print(f"{m}: time vs plain: no cache {t['fedsq'] / t['plain']:.2f}x, cache "
+                  f"{t['fedsq_cache'] / t['plain']:.2f}x (targets <= 1.35x / 1.05x)")
+            print(f"{m}: peak RSS vs naive: {pk['fedsq'] / pk['naive']:.2f}x total, step increment "
+                  f"{inc['fedsq'] / max(inc['naive'], 1e-9):.2f}x (target <= 0.8x)")
+except ImportError:  # run as a script for --rss
+    pass
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--rss":
+        rss_main(sys.argv[2], sys.argv[3])
+    else:
+        print(__doc__)

@@ -1,0 +1,330 @@
+"""MaskCache: per-sample packed structural masks, so later epochs/rounds skip
+the structural forward entirely.
+
+Layout: one uint8 row per sample (``num_samples x row_bytes``, in RAM or a
+numpy memmap on disk). A row holds, for every gate site and every bit tensor
+of that site, ``ceil(k/8)`` bytes for the k elements of one sample (the batch
+is outermost in memory for contiguous and channels_last tensors, so a sample's
+bits are a contiguous run of the batch's bits). Rows are assembled back into a
+batch's bit tensors by gathering; sites where k is not a multiple of 8 are
+re-packed bit by bit (correct, slower).
+
+Budget: ``max_bytes`` bounds the row storage (DEFAULT 1 GiB, ours).
+``policy='error'`` (DEFAULT) raises MaskCacheFullError when the rows for
+``num_samples`` samples do not fit; ``policy='partial'`` caches the samples
+with index < capacity and recomputes the others every time (no eviction, so
+no thrashing; deterministic).
+
+Random data pipelines: masks are a function of the input, so a random
+transform (augmentation) makes cached masks wrong. The cache refuses a
+dataset whose transforms look random (``check_pipeline``) and, by default,
+checks a fingerprint of every cached sample's input on each hit
+(``check_inputs=True``); both are skipped with ``allow_random_transforms=True``.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from ..layers import SiteMasks
+from .. import reference as _ref
+
+__all__ = ["MaskCache", "MaskCacheFullError", "IndexedDataset", "random_transforms_in"]
+
+DEFAULT_MAX_BYTES = 1 << 30
+
+
+class MaskCacheFullError(RuntimeError):
+    """The cache's rows do not fit in its memory budget."""
+
+
+def random_transforms_in(obj, _depth=0) -> list[str]:
+    """Names of transforms in a dataset / DataLoader / transform that look random
+    (torchvision ``Random*``, AutoAugment, RandAugment, ColorJitter, ...)."""
+    if obj is None or _depth > 8:
+        return []
+    found = []
+    name = type(obj).__name__
+    random_names = {"ColorJitter", "AutoAugment", "RandAugment", "TrivialAugmentWide", "AugMix",
+                    "GaussianBlur", "ElasticTransform", "RandomApply", "RandomChoice", "RandomOrder"}
+    if name.startswith("Random") or name in random_names:
+        found.append(name)
+    for attr in ("dataset", "transform", "transforms", "target_transform"):
+        sub = getattr(obj, attr, None)
+        if sub is None or sub is obj:
+            continue
+        if isinstance(sub, (list, tuple)):
+            for s in sub:
+                found += random_transforms_in(s, _depth + 1)
+        elif attr != "transforms" or not isinstance(sub, torch.Tensor):
+            found += random_transforms_in(sub, _depth + 1)
+    return found
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """Wraps a dataset so items come back as ``(*item, index)`` for ``sample_idx``."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        item = self.dataset[i]
+        item = item if isinstance(item, tuple) else (item,)
+        return (*item, i)
+
+
+def _fingerprint(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample (sum, position-weighted sum) in float64: catches flips, crops, jitter."""
+    flat = x.detach().reshape(x.shape[0], -1).to(torch.float64)
+    w = torch.arange(1, flat.shape[1] + 1, dtype=torch.float64, device=flat.device).remainder_(251).add_(1)
+    return torch.stack([flat.sum(1), flat @ w], 1).cpu()
+
+
+def _unpack_rows(rows: torch.Tensor) -> torch.Tensor:
+    shifts = torch.arange(8, dtype=torch.uint8, device=rows.device)
+    return ((rows.unsqueeze(-1) >> shifts) & 1).reshape(rows.shape[0], -1)
+
+
+def _pack_rows(bits01: torch.Tensor) -> torch.Tensor:
+    """[B, 8*r] 0/1 uint8 -> [B, r] packed LSB first."""
+    w = (2 ** torch.arange(8, dtype=torch.int32, device=bits01.device))
+    return (bits01.view(bits01.shape[0], -1, 8).to(torch.int32) * w).sum(-1).to(torch.uint8)
+
+
+class MaskCache:
+    """Per-sample cache of a DualCopy model's structural masks.
+
+    >>> cache = MaskCache(len(train_set), dataset=train_set)    # refuses augmentation
+    >>> model.attach_cache(cache)
+    >>> logits = model(x, sample_idx=idx)                       # idx: dataset indices
+
+    num_samples: the dataset size (indices are 0..num_samples-1).
+    max_bytes: budget for the row storage (DEFAULT 1 GiB). policy: 'error' | 'partial'.
+    path: store rows in a numpy memmap file there (created/overwritten) instead of RAM.
+    dataset: a dataset/DataLoader to check for random transforms now.
+    allow_random_transforms: skip the pipeline check and input fingerprints.
+    check_inputs: verify each hit's input fingerprint (DEFAULT True; ~1 cheap pass).
+    """
+
+    def __init__(self, num_samples: int, *, max_bytes: int = DEFAULT_MAX_BYTES, policy: str = "error",
+                 path=None, dataset=None, allow_random_transforms: bool = False,
+                 check_inputs: bool = True):
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        if not isinstance(max_bytes, int) or max_bytes < 1:
+            raise ValueError(f"max_bytes must be a positive int, got {max_bytes!r}")
+        if policy not in ("error", "partial"):
+            raise ValueError(f"policy must be 'error' or 'partial', got {policy!r}")
+        self.num_samples = num_samples
+        self.max_bytes = max_bytes
+        self.policy = policy
+        self.path = None if path is None else os.fspath(path)
+        self.allow_random_transforms = bool(allow_random_transforms)
+        self.check_inputs = bool(check_inputs) and not self.allow_random_transforms
+        self.layout = None  # [(n_bit_tensors, k per sample, channels_last)] per site
+        self.row_bytes = None
+        self.capacity = None
+        self._rows = None
+        self._filled = torch.zeros(num_samples, dtype=torch.bool)
+        self._fp = torch.zeros(num_samples, 2, dtype=torch.float64)
+        self._owner = None
+        self.hits = 0
+        self.misses = 0
+        if dataset is not None:
+            self.check_pipeline(dataset)
+
+    # -- checks ----------------------------------------------------------------
+    def check_pipeline(self, dataset) -> None:
+        """Raise ValueError if ``dataset`` (or a DataLoader's dataset) has random transforms."""
+        if self.allow_random_transforms:
+            return
+        found = random_transforms_in(dataset)
+        if found:
+            raise ValueError(
+                f"MaskCache refuses a random data pipeline ({', '.join(sorted(set(found)))}): cached "
+                "masks would belong to another view of each sample. Drop the augmentation, or pass "
+                "allow_random_transforms=True to reuse the first view's masks on purpose."
+            )
+
+    def bind(self, model) -> None:
+        """Tie the cache to one structural copy (called by attach_cache)."""
+        if any(s.kind == "maxpool" for s in model.sites):
+            raise ValueError("MaskCache does not store max-pool indices: build the model with "
+                             "gate_maxpool=False to use a cache")
+        fp = model.structural_fingerprint()
+        if self._owner is not None and self._owner != fp:
+            raise ValueError("this MaskCache holds masks of another structural copy; use a new cache")
+        self._owner = fp
+
+    # -- size ------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: row storage plus the per-sample bookkeeping."""
+        rows = 0 if self._rows is None else self._rows.numel()
+        return rows + self._filled.numel() + self._fp.numel() * 8
+
+    def __len__(self):
+        return int(self._filled.sum())
+
+    def __repr__(self):
+        return (f"MaskCache({len(self)}/{self.num_samples} samples, {self.nbytes} B, "
+                f"row={self.row_bytes} B, policy={self.policy!r}, path={self.path!r})")
+
+    def _setup(self, masks, numels):
+        self.layout = [(len(m.bits), k, m.channels_last) for m, k in zip(masks, numels)]
+        self.row_bytes = sum(n * ((k + 7) // 8) for n, k, _ in self.layout)
+        need = self.row_bytes * self.num_samples
+        cap = self.num_samples
+        if need > self.max_bytes:
+            if self.policy == "error":
+                raise MaskCacheFullError(
+                    f"MaskCache needs {need} bytes ({self.num_samples} samples x {self.row_bytes} B) but "
+                    f"max_bytes={self.max_bytes}; raise max_bytes, use path= (disk), or policy='partial'"
+                )
+            cap = self.max_bytes // self.row_bytes
+        self.capacity = cap
+        if self.path is not None:
+            mm = np.memmap(self.path, dtype=np.uint8, mode="w+", shape=(max(cap, 1), self.row_bytes))
+            self._rows = torch.from_numpy(mm)
+            self._memmap = mm
+        else:
+            self._rows = torch.zeros(cap, self.row_bytes, dtype=torch.uint8)
+
+    # -- the main entry --------------------------------------------------------
+    def masks(self, model, x_s: torch.Tensor, sample_idx):
+        """Masks for a batch: from the cache where every sample is stored, else
+        computed by the structural copy (and stored)."""
+        idx = torch.as_tensor(sample_idx).reshape(-1).to("cpu", torch.int64)
+        if idx.numel() != x_s.shape[0]:
+            raise ValueError(f"sample_idx must have one index per row of x ({x_s.shape[0]}), got {idx.numel()}")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_samples):
+            raise ValueError(f"sample_idx must be in [0, {self.num_samples}), got {idx.min()}..{idx.max()}")
+        if self._owner is None:
+            self.bind(model)
+        if model.mask_cache is not self:
+            model.attach_cache(self)
+        fp = _fingerprint(x_s) if self.check_inputs else None
+        if self._rows is not None:
+            cached = idx < self.capacity
+            filled = torch.zeros_like(cached)
+            filled[cached] = self._filled[idx[cached]]
+            if fp is not None and bool(filled.any()):
+                old = self._fp[idx[filled]]
+                new = fp[filled]
+                if not torch.allclose(old, new, rtol=1e-9, atol=1e-6 * (1 + float(new.abs().max()))):
+                    raise ValueError(
+                        "MaskCache: the input of a cached sample changed (random transform or wrong "
+                        "sample_idx?); pass allow_random_transforms=True to reuse the first masks on purpose"
+                    )
+            if bool(filled.all()):
+                self.hits += idx.numel()
+                return self._assemble(idx, x_s.device)
+        masks = model.structural_masks(x_s)
+        self.misses += idx.numel()
+        self._store(idx, masks, fp, x_s.shape[0])
+        return masks
+
+    def _store(self, idx, masks, fp, batch):
+        if self._rows is None:
+            # per-sample element count of each site, from the structural output shapes
+            numels = [self._site_numel(m, batch) for m in masks]
+            self._setup(masks, numels)
+        keep = idx < self.capacity
+        if not bool(keep.any()):
+            return
+        parts = []
+        for m, (n, k, cl) in zip(masks, self.layout):
+            if len(m.bits) != n or m.channels_last != cl:
+                raise ValueError("MaskCache: the gate layout changed (input size or memory format?)")
+            for b in m.bits:
+                parts.append(self._rows_of(b.cpu(), batch, k))
+        rows = torch.cat(parts, 1)
+        self._rows[idx[keep]] = rows[keep]
+        self._filled[idx[keep]] = True
+        if fp is not None:
+            self._fp[idx[keep]] = fp[keep]
+
+    @staticmethod
+    def _site_numel(m, batch):
+        if m.numel is None or m.numel % batch:
+            raise ValueError("MaskCache: site masks carry no per-sample element count")
+        return m.numel // batch
+
+    @staticmethod
+    def _rows_of(bits, batch, k):
+        rb = (k + 7) // 8
+        if k % 8 == 0:
+            return bits[: batch * rb].view(batch, rb)
+        flat = _unpack_rows(bits.view(1, -1))[0, : batch * k].view(batch, k)
+        pad = torch.zeros(batch, rb * 8 - k, dtype=torch.uint8)
+        return _pack_rows(torch.cat([flat, pad], 1))
+
+    def _assemble(self, idx, device):
+        rows = self._rows[idx]
+        b = idx.numel()
+        out, off = [], 0
+        for n, k, cl in self.layout:
+            rb = (k + 7) // 8
+            bits = []
+            for _ in range(n):
+                r = rows[:, off: off + rb]
+                off += rb
+                nbytes = _ref.num_bit_bytes(b * k)
+                if k % 8 == 0:
+                    flat = r.reshape(-1)
+                else:  # re-pack bit by bit: the sample boundaries are not byte aligned
+                    bits01 = _unpack_rows(r)[:, :k].reshape(-1)
+                    bits01 = torch.cat([bits01, bits01.new_zeros((-(b * k)) % 8)])
+                    flat = _pack_rows(bits01.view(1, -1))[0]
+                full = torch.zeros(nbytes, dtype=torch.uint8)
+                full[: flat.numel()] = flat
+                bits.append(full.to(device, non_blocking=True))
+            out.append(SiteMasks(bits, cl, b * k))
+        return out
+
+    # -- disk ------------------------------------------------------------------
+    def flush(self) -> None:
+        """Write rows and the bookkeeping next to ``path`` (``path + '.json'``) so
+        :meth:`open` can reuse the cache in a later process."""
+        if self.path is None:
+            raise ValueError("flush() needs a cache created with path=")
+        if self._rows is None:
+            return
+        self._memmap.flush()
+        meta = {"num_samples": self.num_samples, "layout": self.layout, "row_bytes": self.row_bytes,
+                "capacity": self.capacity, "owner": self._owner,
+                "filled": self._filled.nonzero().flatten().tolist(),
+                "fp": self._fp.tolist() if self.check_inputs else None}
+        tmp = self.path + ".json.tmp"
+        with open(tmp, "w") as f:
+            json.dump(meta, f)
+        os.replace(tmp, self.path + ".json")
+
+    @classmethod
+    def open(cls, path, *, allow_random_transforms=False, check_inputs=True):
+        """Reopen a cache written with ``path=`` and :meth:`flush`."""
+        path = os.fspath(path)
+        if not os.path.isfile(path + ".json"):
+            raise FileNotFoundError(f"no MaskCache metadata at {path + '.json'!r} (call flush())")
+        with open(path + ".json") as f:
+            meta = json.load(f)
+        self = cls(meta["num_samples"], max_bytes=max(meta["row_bytes"] * meta["capacity"], 1),
+                   policy="partial", allow_random_transforms=allow_random_transforms,
+                   check_inputs=check_inputs)
+        self.path = path
+        self.layout = [tuple(x) for x in meta["layout"]]
+        self.row_bytes, self.capacity, self._owner = meta["row_bytes"], meta["capacity"], meta["owner"]
+        mm = np.memmap(path, dtype=np.uint8, mode="r+", shape=(max(self.capacity, 1), self.row_bytes))
+        self._memmap, self._rows = mm, torch.from_numpy(mm)
+        self._filled[meta["filled"]] = True
+        if meta["fp"] is not None:
+            self._fp = torch.tensor(meta["fp"], dtype=torch.float64)
+        elif self.check_inputs:
+            self._filled.zero_()  # no fingerprints stored: cannot verify, recompute
+        return self

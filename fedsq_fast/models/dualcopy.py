@@ -1,0 +1,571 @@
+"""``dualcopy(model)``: a FedSQ DualCopy model from any traceable ReLU network.
+
+Two torch.fx graphs are built from the model:
+
+* structural (frozen, eval, no grad): BatchNorm folded into the epilogue of the
+  conv/linear before each gated activation (or into the conv weights where no
+  activation follows), every gated activation replaced by ``struct_site``
+  (``struct_epilogue``: activation + packed bits in one pass), and the graph
+  cut after the last gate (the head needs no structural copy). Its weights are
+  buffers, so they are not ``parameters()``, never get gradients, and are not
+  part of ``quantitative_state_dict()``.
+* quantitative (trained): the model itself, every gated activation replaced by
+  ``quant_site`` (``apply_mask`` with that site's bits); BatchNorm trains
+  normally.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import operator
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from ..layers import SiteMasks, activation_kind, quant_site, struct_site
+
+__all__ = [
+    "dualcopy",
+    "DualCopyModel",
+    "GateSite",
+    "save_dualcopy",
+    "load_dualcopy",
+    "replace_head",
+    "UNSUPPORTED_ACTIVATIONS",
+]
+
+GATEABLE = ("relu", "relu6", "hardtanh", "leaky_relu")
+
+# Smooth or learnable activations: no finite regime code, so no FedSQ gate.
+_UNSUPPORTED_MODULES = (
+    nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Mish,
+    nn.Hardswish, nn.Hardsigmoid, nn.PReLU, nn.RReLU, nn.Softsign, nn.Tanhshrink,
+    nn.LogSigmoid, nn.Threshold, nn.GLU,
+)
+_UNSUPPORTED_FUNCS = {
+    F.gelu, F.silu, torch.tanh, torch.sigmoid, F.elu, F.selu, F.celu, F.softplus, F.mish,
+    F.hardswish, F.hardsigmoid, F.prelu, F.rrelu, F.softsign, F.tanhshrink, F.logsigmoid,
+    F.threshold, F.glu, torch.nn.functional.tanh, torch.nn.functional.sigmoid,
+}
+_UNSUPPORTED_METHODS = {"tanh", "sigmoid", "tanh_", "sigmoid_"}
+UNSUPPORTED_ACTIVATIONS = tuple(m.__name__ for m in _UNSUPPORTED_MODULES)
+
+
+@dataclass(frozen=True)
+class GateSite:
+    """One gate site: ``name`` (module path, ``#k`` for the k-th reuse, or the
+    fx node name), ``kind`` ('relu' | 'leaky_relu' | 'hardtanh' | 'maxpool'),
+    ``p1``/``p2`` (slope, or min/max)."""
+
+    name: str
+    kind: str
+    p1: float = 0.0
+    p2: float = 0.0
+
+
+# ---------------------------------------------------------------------------
+# Recognising activation nodes.
+def _arg(node, pos, key, default):
+    if len(node.args) > pos:
+        return node.args[pos]
+    return node.kwargs.get(key, default)
+
+
+def _classify(node, modules):
+    """(kind, p1, p2, label) for an activation node, ('unsupported', .., label), or None."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        k = activation_kind(m)
+        if k is not None:
+            return (*k, type(m).__name__)
+        if isinstance(m, _UNSUPPORTED_MODULES):
+            return ("unsupported", 0.0, 0.0, type(m).__name__)
+        return None
+    if node.op == "call_function":
+        f = node.target
+        if f in (F.relu, torch.relu, torch.relu_, F.relu_):
+            return ("relu", 0.0, 0.0, "relu")
+        if f is F.relu6:
+            return ("hardtanh", 0.0, 6.0, "relu6")
+        if f in (F.hardtanh, F.hardtanh_):
+            return ("hardtanh", float(_arg(node, 1, "min_val", -1.0)),
+                    float(_arg(node, 2, "max_val", 1.0)), "hardtanh")
+        if f in (F.leaky_relu, F.leaky_relu_):
+            return ("leaky_relu", float(_arg(node, 1, "negative_slope", 0.01)), 0.0, "leaky_relu")
+        if f in _UNSUPPORTED_FUNCS:
+            return ("unsupported", 0.0, 0.0, getattr(f, "__name__", str(f)))
+        return None
+    if node.op == "call_method":
+        if node.target in ("relu", "relu_"):
+            return ("relu", 0.0, 0.0, "relu")
+        if node.target in _UNSUPPORTED_METHODS:
+            return ("unsupported", 0.0, 0.0, node.target)
+    return None
+
+
+def _option_name(kind, p1, p2):
+    if kind == "hardtanh":
+        return "relu6" if (p1, p2) == (0.0, 6.0) else "hardtanh"
+    return kind
+
+
+def _is_maxpool(node, modules):
+    if node.op == "call_module":
+        return type(modules[node.target]) is nn.MaxPool2d
+    return node.op == "call_function" and node.target is F.max_pool2d
+
+
+def _maxpool_args(node, modules):
+    if node.op == "call_module":
+        m = modules[node.target]
+        return (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+    ks = _arg(node, 1, "kernel_size", None)
+    return (ks, _arg(node, 2, "stride", None) or ks, _arg(node, 3, "padding", 0),
+            _arg(node, 4, "dilation", 1), _arg(node, 5, "ceil_mode", False))
+
+
+@torch.no_grad()
+def _struct_maxpool(x, k, s, p, d, ceil):
+    y, idx = F.max_pool2d(x, k, s, p, d, ceil, return_indices=True)
+    return y, SiteMasks((idx,), False)
+
+
+def _quant_maxpool(z, m: SiteMasks):
+    """Pool z at the positions the structural copy chose."""
+    idx = m.bits[0]
+    n, c = idx.shape[:2]
+    return z.reshape(n, c, -1).gather(2, idx.reshape(n, c, -1)).view(idx.shape)
+
+
+def _trace(model, leaf_modules):
+    class _Tracer(fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, tuple(leaf_modules)) or super().is_leaf_module(m, qualname)
+
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:  # fx raises many types; say what to do instead
+        raise ValueError(
+            f"model ({type(model).__name__}) could not be traced by torch.fx: {type(e).__name__}: {e}. "
+            "Data-dependent control flow is not traceable: build the model from "
+            "fedsq_fast.GatedConv2d / GatedLinear / GatedActivation instead, or pass "
+            "leaf_modules=(...) for submodules fx should not enter."
+        ) from e
+    return fx.GraphModule(model, graph)
+
+
+def _sites(gm, gate, gate_maxpool, allow_ungated):
+    """The gate-site nodes of a traced graph, in order, with GateSite records."""
+    modules = dict(gm.named_modules())
+    out, bad, seen = [], [], {}
+    for node in gm.graph.nodes:
+        c = _classify(node, modules)
+        if c is not None:
+            kind, p1, p2, label = c
+            if kind == "unsupported" or _option_name(kind, p1, p2) not in gate:
+                if kind == "unsupported" and not allow_ungated:
+                    where = node.target if node.op == "call_module" else node.name
+                    bad.append(f"{label} at {where!r}")
+                continue
+        elif gate_maxpool and _is_maxpool(node, modules):
+            kind, p1, p2 = "maxpool", 0.0, 0.0
+        else:
+            continue
+        base = node.target if node.op == "call_module" else node.name
+        k = seen.get(base, 0)
+        seen[base] = k + 1
+        out.append((node, GateSite(base if k == 0 else f"{base}#{k}", kind, p1, p2)))
+    if bad:
+        raise ValueError(
+            "dualcopy: unsupported activation(s) with no piecewise-linear regime code: "
+            + ", ".join(bad)
+            + ". FedSQ gates ReLU, ReLU6/Hardtanh and LeakyReLU; pass allow_ungated=True to keep "
+            "these as ordinary (ungated) activations in both copies."
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------
+def replace_head(model: nn.Module, num_classes: int, head: str | None = None) -> str:
+    """Replace the classifier head (``head``: module path; default the last
+    nn.Linear) with a fresh ``nn.Linear(in_features, num_classes)``; returns its path."""
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    mods = dict(model.named_modules())
+    if head is None:
+        linears = [n for n, m in mods.items() if type(m) is nn.Linear]
+        if not linears:
+            raise ValueError("model has no nn.Linear head; pass head='path.to.module'")
+        head = linears[-1]
+    if head not in mods or type(mods[head]) is not nn.Linear:
+        raise ValueError(f"head must name an nn.Linear submodule, got {head!r}")
+    old = mods[head]
+    new = nn.Linear(old.in_features, num_classes, old.bias is not None)
+    new.to(device=old.weight.device, dtype=old.weight.dtype)
+    parent_name, _, attr = head.rpartition(".")
+    setattr(mods[parent_name] if parent_name else model, attr, new)
+    return head
+
+
+def _params_to_buffers(module: nn.Module) -> None:
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            del m._parameters[name]
+            m.register_buffer(name, None if p is None else p.detach().clone())
+
+
+_FRESH_FUNCS = {operator.add, operator.iadd, torch.add}
+_AFFINE = (nn.Conv2d, nn.Linear, nn.Conv1d)
+
+
+def _build_structural(model, gate, gate_maxpool, allow_ungated, leaf_modules):
+    root = copy.deepcopy(model).eval()
+    gm = _trace(root, leaf_modules)
+    sites = _sites(gm, gate, gate_maxpool, allow_ungated)
+    modules = dict(gm.named_modules())
+    graph = gm.graph
+    calls = {}
+    for n in graph.nodes:
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
+    entries = []
+    for i, (node, site) in enumerate(sites):
+        inp = node.args[0]
+        if site.kind == "maxpool":
+            args = (inp, *_maxpool_args(node, modules))
+            fn = _struct_maxpool
+            kw = {}
+        else:
+            scale = shift = None
+            bn = None
+            # conv/linear [-> eval BN] -> act: bias and BN go into the epilogue.
+            if (inp.op == "call_module" and isinstance(modules[inp.target], nn.BatchNorm2d | nn.BatchNorm1d)
+                    and len(inp.users) == 1 and calls[inp.target] == 1
+                    and modules[inp.target].running_var is not None):
+                bn, inp_bn = modules[inp.target], inp
+                inp = inp.args[0]
+            aff = (inp.op == "call_module" and isinstance(modules[inp.target], _AFFINE)
+                   and len(inp.users) == 1 and calls[inp.target] == 1)
+            if aff:
+                lin = modules[inp.target]
+                shift = None if lin.bias is None else lin.bias.detach().float()
+                lin.bias = None
+            if bn is not None and aff:
+                inv = torch.rsqrt(bn.running_var.float() + bn.eps)
+                g = bn.weight.detach().float() if bn.weight is not None else torch.ones_like(inv)
+                b = bn.bias.detach().float() if bn.bias is not None else torch.zeros_like(inv)
+                scale = g * inv
+                shift = ((-bn.running_mean.float()) if shift is None else shift - bn.running_mean.float()) * scale + b
+                inp_bn.replace_all_uses_with(inp)
+                graph.erase_node(inp_bn)
+            elif bn is not None:
+                inp = inp_bn  # BN without a conv before it: leave it as is
+            fresh = aff or (inp.op == "call_module" and isinstance(modules[inp.target], nn.BatchNorm2d | nn.BatchNorm1d)) \
+                or (inp.op == "call_function" and inp.target in _FRESH_FUNCS)
+            fresh = fresh and len(inp.users) == 1
+            with graph.inserting_before(node):
+                s_node = None if scale is None else _const(gm, graph, f"_fedsq_scale_{i}", scale)
+                t_node = None if shift is None else _const(gm, graph, f"_fedsq_shift_{i}", shift)
+            args = (inp, s_node, t_node, site.kind, site.p1, site.p2, fresh)
+            fn = struct_site
+            kw = {}
+        with graph.inserting_before(node):
+            call = graph.call_function(fn, args, kw)
+            h = graph.call_function(operator.getitem, (call, 0))
+            e = graph.call_function(operator.getitem, (call, 1))
+        node.replace_all_uses_with(h)
+        graph.erase_node(node)
+        entries.append(e)
+    # Cut the graph after the last gate: the output is the list of site masks.
+    out = next(n for n in graph.nodes if n.op == "output")
+    with graph.inserting_before(out):
+        graph.output(tuple(entries))
+    graph.erase_node(out)
+    graph.eliminate_dead_code()
+    # Remaining conv -> BN pairs (no activation after them): fold BN into weights.
+    _fold_conv_bn(gm)
+    graph.lint()
+    gm = fx.GraphModule(gm, graph)
+    _params_to_buffers(gm)
+    gm.eval()
+    return gm, [s for _, s in sites]
+
+
+def _const(gm, graph, name, value):
+    gm.register_buffer(name, value)
+    return graph.get_attr(name)
+
+
+def _fold_conv_bn(gm):
+    modules = dict(gm.named_modules())
+    calls = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
+    for n in list(gm.graph.nodes):
+        if n.op != "call_module" or type(modules[n.target]) is not nn.BatchNorm2d:
+            continue
+        bn = modules[n.target]
+        c = n.args[0]
+        if (c.op == "call_module" and type(modules[c.target]) is nn.Conv2d and len(c.users) == 1
+                and calls[c.target] == 1 and calls[n.target] == 1 and bn.running_var is not None):
+            fused = fuse_conv_bn_eval(modules[c.target].eval(), bn.eval())
+            parent, _, attr = c.target.rpartition(".")
+            setattr(gm.get_submodule(parent) if parent else gm, attr, fused)
+            n.replace_all_uses_with(c)
+            gm.graph.erase_node(n)
+
+
+def _build_quantitative(model, sites, gate, gate_maxpool, allow_ungated, leaf_modules):
+    gm = _trace(model, leaf_modules)
+    found = _sites(gm, gate, gate_maxpool, allow_ungated)
+    if [s for _, s in found] != sites:
+        raise RuntimeError("internal: structural and quantitative gate sites differ")
+    graph = gm.graph
+    last_ph = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(last_ph):
+        masks = graph.placeholder("fedsq_masks")
+    for i, (node, site) in enumerate(found):
+        with graph.inserting_before(node):
+            m = graph.call_function(operator.getitem, (masks, i))
+            if site.kind == "maxpool":
+                y = graph.call_function(_quant_maxpool, (node.args[0], m))
+            else:
+                y = graph.call_function(quant_site, (node.args[0], m, site.kind, site.p1, site.p2))
+        node.replace_all_uses_with(y)
+        graph.erase_node(node)
+    graph.lint()
+    return fx.GraphModule(gm, graph)
+
+
+# ---------------------------------------------------------------------------
+class DualCopyModel(nn.Module):
+    """A FedSQ DualCopy model (build it with :func:`dualcopy`).
+
+    ``forward(x, sample_idx=None)``: x is a Tensor (both copies see it) or a
+    pair ``(x_q, x_s)``. With ``sample_idx`` (one int per row) and an attached
+    :class:`~fedsq_fast.MaskCache` the structural masks come from the cache.
+
+    Attributes: ``structural`` (frozen fx graph, buffers only, always eval),
+    ``quantitative`` (the trained fx graph), ``sites`` (list of GateSite),
+    ``config`` (the options dualcopy was called with), ``mask_cache``.
+    """
+
+    def __init__(self, structural, quantitative, sites, config):
+        super().__init__()
+        self.structural = structural
+        self.quantitative = quantitative
+        self.sites = list(sites)
+        self.config = dict(config)
+        self.mask_cache = None
+        self._record = None  # set by gate_stability to capture quantitative regimes
+        self.structural.eval()
+
+    # -- modes ---------------------------------------------------------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.structural.eval()  # its masks depend on the input alone
+        if mode and self.config.get("quant_bn") == "frozen":
+            for m in self.quantitative.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    # -- forward -------------------------------------------------------------
+    @torch.no_grad()
+    def structural_masks(self, x_s: torch.Tensor):
+        """The per-site masks for a batch (runs the structural graph)."""
+        self.structural.eval()
+        return list(self.structural(x_s))
+
+    def forward(self, x, sample_idx=None, *, masks=None):
+        if isinstance(x, torch.Tensor):
+            x_q = x_s = x
+        elif isinstance(x, (tuple, list)) and len(x) == 2 and all(isinstance(t, torch.Tensor) for t in x):
+            x_q, x_s = x
+        else:
+            raise TypeError(f"x must be a Tensor or a pair (x_q, x_s), got {type(x).__name__}")
+        if masks is None:
+            if sample_idx is not None:
+                if self.mask_cache is None:
+                    raise ValueError("sample_idx was given but no MaskCache is attached: "
+                                     "model.attach_cache(MaskCache(...)) first")
+                masks = self.mask_cache.masks(self, x_s, sample_idx)
+            else:
+                masks = self.structural_masks(x_s)
+        elif len(masks) != len(self.sites):
+            raise ValueError(f"masks must hold {len(self.sites)} site entries, got {len(masks)}")
+        return self.quantitative(x_q, masks)
+
+    def attach_cache(self, cache):
+        """Attach a MaskCache (or None to detach); returns self."""
+        from .cache import MaskCache
+
+        if cache is not None and not isinstance(cache, MaskCache):
+            raise TypeError(f"cache must be a MaskCache or None, got {type(cache).__name__}")
+        if cache is not None:
+            cache.bind(self)
+        self.mask_cache = cache
+        return self
+
+    # -- state ---------------------------------------------------------------
+    def quantitative_state_dict(self):
+        """What a client sends: quantitative parameters and buffers (BN running
+        statistics, num_batches_tracked), keyed as in the original model."""
+        return self.quantitative.state_dict()
+
+    def load_quantitative_state_dict(self, state_dict, strict: bool = True):
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
+        own = self.quantitative.state_dict()
+        for k, v in state_dict.items():
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"state_dict[{k!r}] must be a Tensor, got {type(v).__name__}")
+            if k in own and own[k].shape != v.shape:
+                raise ValueError(
+                    f"state_dict[{k!r}] has shape {tuple(v.shape)}, this model's quantitative copy "
+                    f"has {tuple(own[k].shape)}: a state of another architecture?"
+                )
+        if strict:
+            missing = [k for k in own if k not in state_dict]
+            extra = [k for k in state_dict if k not in own]
+            if missing or extra:
+                raise ValueError(
+                    "state_dict does not match this model's quantitative copy (another architecture?): "
+                    f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                    f"unexpected keys {extra[:5]}{'...' if len(extra) > 5 else ''}"
+                )
+        return self.quantitative.load_state_dict(state_dict, strict=strict)
+
+    def structural_fingerprint(self) -> str:
+        """A short hash of the structural copy (masks are valid for exactly it)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for k, v in self.structural.state_dict().items():
+            h.update(k.encode())
+            h.update(v.detach().float().contiguous().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+def dualcopy(
+    model: nn.Module,
+    *,
+    gate=GATEABLE,
+    gate_maxpool: bool = False,
+    quant_bn: str = "train",
+    num_classes: int | None = None,
+    head: str | None = None,
+    allow_ungated: bool = False,
+    copy_model: bool = True,
+    leaf_modules=(),
+) -> DualCopyModel:
+    """Turn ``model`` into a FedSQ DualCopy model (both copies start equal).
+
+    gate: activation kinds that are gated (subset of 'relu', 'relu6', 'hardtanh',
+      'leaky_relu'; 'relu' always). Kinds left out stay ordinary activations in
+      both copies. DEFAULT (ours): all four.
+    gate_maxpool: max-pool positions follow the structural copy (DEFAULT off).
+    quant_bn: 'train' (DEFAULT: quantitative BN trains normally) or 'frozen'
+      (quantitative BN always uses its running statistics; affine still trains).
+      The structural BN is always eval with its pretrained statistics.
+    num_classes / head: replace the classifier head (default: the last nn.Linear).
+    allow_ungated: keep smooth activations (GELU, SiLU, ...) ungated instead of raising.
+    copy_model: deep-copy the quantitative copy (DEFAULT True); False reuses
+      ``model``'s modules (saves memory; training then changes ``model``).
+    leaf_modules: module types fx should not trace into.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, DualCopyModel):
+        raise ValueError("model is already a DualCopyModel")
+    if isinstance(gate, str):
+        gate = (gate,)
+    gate = tuple(gate)
+    bad = [g for g in gate if g not in GATEABLE]
+    if bad:
+        raise ValueError(f"gate must be a subset of {GATEABLE}, got {bad}")
+    if "relu" not in gate:
+        raise ValueError("gate must include 'relu' (FedSQ always gates ReLU)")
+    if quant_bn not in ("train", "frozen"):
+        raise ValueError(f"quant_bn must be 'train' or 'frozen', got {quant_bn!r}")
+    if not isinstance(gate_maxpool, bool):
+        raise TypeError(f"gate_maxpool must be a bool, got {type(gate_maxpool).__name__}")
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
+    leaf_modules = tuple(leaf_modules)
+    was_training = model.training
+    structural, sites = _build_structural(model, gate, gate_maxpool, allow_ungated, leaf_modules)
+    if not any(s.kind != "maxpool" for s in sites):
+        raise ValueError("model has no gateable activation (ReLU/ReLU6/Hardtanh/LeakyReLU)")
+    qmodel = copy.deepcopy(model) if copy_model else model
+    if num_classes is not None:
+        head = replace_head(qmodel, num_classes, head)
+    quantitative = _build_quantitative(qmodel, sites, gate, gate_maxpool, allow_ungated, leaf_modules)
+    config = dict(gate=gate, gate_maxpool=gate_maxpool, quant_bn=quant_bn, num_classes=num_classes,
+                  head=head, allow_ungated=allow_ungated, arch=type(model).__name__)
+    for attr in ("input_size", "input_channels", "input_mean", "input_std"):
+        if hasattr(model, attr):
+            config[attr] = getattr(model, attr)
+    dc = DualCopyModel(structural, quantitative, sites, config)
+    return dc.train(was_training)
+
+
+# ---------------------------------------------------------------------------
+# Full state (both copies) with safetensors; atomic write.
+def save_dualcopy(model: DualCopyModel, path) -> None:
+    """Save both copies (and the config) to a .safetensors file atomically."""
+    from safetensors.torch import save_file
+
+    if not isinstance(model, DualCopyModel):
+        raise TypeError(f"model must be a DualCopyModel, got {type(model).__name__}")
+    path = os.fspath(path)
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {"format": "fedsq_fast.dualcopy/1",
+            "config": json.dumps(model.config, default=str),
+            "sites": json.dumps([s.__dict__ for s in model.sites])}
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=d)
+    os.close(fd)
+    try:
+        save_file(sd, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_dualcopy(model: DualCopyModel, path, strict: bool = True) -> DualCopyModel:
+    """Load a file written by :func:`save_dualcopy` into a DualCopyModel built the
+    same way (``dualcopy(arch(), ...)``); checks the gate sites match."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not isinstance(model, DualCopyModel):
+        raise TypeError(f"model must be a DualCopyModel, got {type(model).__name__}")
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"path {path!r} does not exist")
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != "fedsq_fast.dualcopy/1":
+        raise ValueError(f"{path!r} is not a fedsq_fast DualCopy file (format={meta.get('format')!r})")
+    saved_sites = json.loads(meta["sites"])
+    own_sites = [s.__dict__ for s in model.sites]
+    if saved_sites != own_sites:
+        raise ValueError(f"{path!r} has {len(saved_sites)} gate sites that differ from this model's "
+                         f"{len(own_sites)}: another architecture or other gate options")
+    sd = load_file(path)
+    own = model.state_dict()
+    for k, v in sd.items():
+        if k in own and own[k].shape != v.shape:
+            raise ValueError(f"{path!r}: {k!r} has shape {tuple(v.shape)}, model has {tuple(own[k].shape)}")
+    model.load_state_dict(sd, strict=strict)
+    return model
