@@ -400,3 +400,31 @@ def test_gate_stability_probe():
     assert dc.training  # mode restored
     with pytest.raises(ValueError, match="different gate sites"):
         gate_stability(base, build_model("resnet18"), x)
+
+
+def test_set_structural_from_quantitative_rebuilds_gates():
+    """After refresh the structural gates are those of the trained quantitative
+    copy: the DualCopy model then computes what a plain model with the
+    quantitative weights computes (the unfreeze/refresh ablation)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    dc = fs.dualcopy(model)
+    before = {k: v.clone() for k, v in dc.structural.state_dict().items()}
+    x = torch.randn(4, 3, 32, 32)
+    opt = torch.optim.SGD(dc.parameters(), lr=0.5)
+    dc.train()
+    for _ in range(2):
+        opt.zero_grad()
+        dc(x).square().mean().backward()
+        opt.step()
+    dc.eval()
+    plain = copy.deepcopy(model)
+    plain.load_state_dict(dc.quantitative_state_dict())
+    assert not torch.allclose(dc(x), plain(x), atol=1e-4)  # gates still from the pretrained copy
+    dc.set_structural_from_quantitative()
+    torch.testing.assert_close(dc(x), plain(x), atol=1e-4, rtol=1e-4)
+    assert any(not torch.equal(before[k], v) for k, v in dc.structural.state_dict().items())
+    assert all(not p.requires_grad for p in dc.structural.buffers())
+    assert sum(1 for _ in dc.parameters()) == sum(1 for _ in plain.parameters())

@@ -443,6 +443,34 @@ class DualCopyModel(nn.Module):
                 )
         return self.quantitative.load_state_dict(state_dict, strict=strict)
 
+    @torch.no_grad()
+    def set_structural_from_quantitative(self) -> None:
+        """Replace the frozen structural copy by the current quantitative weights
+        (the paper review's ablation: unfreeze/refresh the gates). The gate
+        sites stay the same; an attached MaskCache is detached, because its
+        masks belong to the old structural copy."""
+        template = getattr(self, "_template", None)
+        if template is None:
+            raise ValueError("this DualCopyModel was not built by dualcopy() in this process "
+                             "(no architecture template): rebuild it with dualcopy()")
+        arch, leaf_modules = template
+        plain = copy.deepcopy(arch).to_empty(device="cpu")
+        plain.load_state_dict({k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.cpu()
+                               for k, v in self.quantitative.state_dict().items()})
+        cfg = self.config
+        structural, sites = _build_structural(plain, cfg["gate"], cfg["gate_maxpool"], cfg["allow_ungated"],
+                                              leaf_modules)
+        if sites != self.sites:
+            raise RuntimeError("internal: the rebuilt structural copy has other gate sites")
+        ref = next(iter(self.structural.buffers()), None)
+        if ref is not None:
+            structural = structural.to(device=ref.device)
+            if ref.is_floating_point() and ref.dtype != torch.float32:
+                structural = structural.to(dtype=ref.dtype)
+        self.structural = structural.eval()
+        if self.mask_cache is not None:
+            self.mask_cache = None
+
     def structural_fingerprint(self) -> str:
         """A short hash of the structural copy (masks are valid for exactly it)."""
         import hashlib
@@ -514,6 +542,11 @@ def dualcopy(
         if hasattr(model, attr):
             config[attr] = getattr(model, attr)
     dc = DualCopyModel(structural, quantitative, sites, config)
+    # The architecture without gate rewrites, on the meta device (no memory):
+    # set_structural_from_quantitative() rebuilds the structural copy from it.
+    dc._template = [copy.deepcopy(qmodel).to("meta") if copy_model else None, leaf_modules]
+    if not copy_model:
+        dc._template[0] = copy.deepcopy(model).to("meta")
     return dc.train(was_training)
 
 

@@ -1,0 +1,14 @@
+"""Federation API: data, partitions, local training, strategies, the simulation engine.
+
+One implementation of clients, server and strategies: strategies are pure
+state-dict transforms (a Flower ServerApp can call ``Strategy.aggregate``), local
+training is a pure function (a Flower ClientApp can call ``local_train``), and
+FedSQ is the DualCopy model under any strategy (see :mod:`.adapter`).
+"""
+from .adapter import build_model, gate_stability, list_models, load_payload, payload_state  # noqa: F401
+from .client import LocalConfig, derive_seed, evaluate, local_train  # noqa: F401
+from .config import RunConfig, from_mapping, load_file, parse_method, validate  # noqa: F401
+from .data import DATASETS, DataBundle, TensorDataset, load_dataset  # noqa: F401
+from .partition import PARTITIONS, class_counts, make_partition  # noqa: F401
+from .server import Federation, FedData, RunResult, prepare_data, summarize  # noqa: F401
+from .strategy import STRATEGIES, AggregateStats, Strategy, check_update, make_strategy, stream_average  # noqa: F401

@@ -1,0 +1,190 @@
+"""The thin layer between the federation engine and the models.
+
+The engine never asks whether a model is a DualCopy model: it sends and
+receives :func:`payload_state` and loads with :func:`load_payload`. A DualCopy
+model's payload is its quantitative copy, so FedSQ is "the DualCopy model under
+any strategy", not a separate code path.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def payload_state(model: nn.Module) -> dict:
+    """What a client sends: the quantitative copy of a DualCopy model, else the state dict."""
+    f = getattr(model, "quantitative_state_dict", None)
+    return f() if callable(f) else model.state_dict()
+
+
+def load_payload(model: nn.Module, state: dict, strict: bool = True) -> None:
+    f = getattr(model, "load_quantitative_state_dict", None)
+    if callable(f):
+        f(state, strict=strict)
+    else:
+        model.load_state_dict(state, strict=strict)
+
+
+def is_dualcopy(model: nn.Module) -> bool:
+    return callable(getattr(model, "quantitative_state_dict", None))
+
+
+def state_bytes(state: dict) -> int:
+    return int(sum(t.numel() * t.element_size() for t in state.values()))
+
+
+def models_module():
+    """fedsq_fast.models, or None while it does not exist (it is written concurrently)."""
+    try:
+        return importlib.import_module("fedsq_fast.models")
+    except ImportError:
+        return None
+
+
+def dualcopy_fn():
+    try:
+        import fedsq_fast
+
+        f = getattr(fedsq_fast, "dualcopy", None)
+        if f is None:
+            mm = models_module()
+            f = getattr(mm, "dualcopy", None) if mm is not None else None
+        return f
+    except ImportError:
+        return None
+
+
+# ---------------------------------------------------------------- local models
+class TinyCNN(nn.Module):
+    """A small ReLU CNN for tests and quick runs (not pretrained)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 8, bn: bool = True):
+        super().__init__()
+        norm = (lambda c: nn.BatchNorm2d(c)) if bn else (lambda c: nn.Identity())
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), norm(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1), norm(2 * width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(8 * width, 32), nn.ReLU(),
+                                        nn.Linear(32, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+class MLP(nn.Module):
+    def __init__(self, in_features: int = 64, num_classes: int = 10, hidden: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, num_classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+CCEXAM_SVHN_SHA256 = "736abbe21faf27f1cc91848f7f1071cfcd6ffc1dd742d25237c100f16b4ce8dd"
+
+
+def _svhn_cnn_fallback(num_classes, weights):
+    """ccexam's SVHN CNN, used only while fedsq_fast.models is not importable."""
+    from ccexam.models import SVHNNet
+
+    m = SVHNNet(32)
+    if weights is not None:
+        if weights == "default":
+            import ccexam
+
+            weights = Path(ccexam.__file__).parent / "weights" / "svhn.pth"
+            digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()
+            if digest != CCEXAM_SVHN_SHA256:
+                raise ValueError(f"weights: {weights} has sha256 {digest}, expected {CCEXAM_SVHN_SHA256}")
+        m.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    if num_classes is not None and num_classes != 10:
+        m.classifier[-1] = nn.Linear(m.classifier[-1].in_features, num_classes)
+    return m
+
+
+LOCAL_MODELS = ("tiny_cnn", "mlp")
+
+
+def list_models() -> list[str]:
+    mm = models_module()
+    names = list(mm.list_models()) if mm is not None and hasattr(mm, "list_models") else ["svhn_cnn"]
+    return sorted(set(names) | set(LOCAL_MODELS))
+
+
+def build_model(name: str, num_classes: int | None = None, weights="default", *,
+                in_channels: int = 1, image_size: int = 8) -> nn.Module:
+    """fedsq_fast.models.build_model when it exists, plus two local toy models."""
+    if name == "tiny_cnn":
+        return TinyCNN(in_channels, num_classes or 10)
+    if name == "mlp":
+        return MLP(in_channels * image_size * image_size, num_classes or 10)
+    mm = models_module()
+    if mm is not None and hasattr(mm, "build_model"):
+        if name not in mm.list_models():
+            raise ValueError(f"model must be one of {', '.join(list_models())}; got {name!r}")
+        if weights == "default":  # ours: offline weights where they exist, else torchvision's
+            offline = getattr(importlib.import_module("fedsq_fast.models.zoo"), "OFFLINE_WEIGHTS", {})
+            weights = "offline" if name in offline else "DEFAULT"
+        m = mm.build_model(name, num_classes=None, weights=weights)
+        # DEFAULT (ours): keep the pretrained head when its class count already matches
+        # (SVHN digits -> MNIST digits); otherwise a fresh head (seeded by the caller).
+        heads = [mod for mod in m.modules() if type(mod) is nn.Linear]
+        if num_classes is not None and (not heads or heads[-1].out_features != num_classes):
+            mm.replace_head(m, num_classes)
+        return m
+    if name == "svhn_cnn":
+        return _svhn_cnn_fallback(num_classes, weights)
+    raise ValueError(f"model must be one of {', '.join(list_models())}; got {name!r}")
+
+
+# ---------------------------------------------------------------- gate stability
+_GATED = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU)
+
+
+def _regime_codes(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Gate pattern at each activation module's input (pre-hook: inplace ReLUs are safe).
+    ReLU/LeakyReLU: z > 0; ReLU6/Hardtanh: 3 regimes (below, linear, clipped)."""
+    codes, hooks = [], []
+
+    def pre(mod, inp):
+        z = inp[0].detach()
+        if isinstance(mod, nn.Hardtanh):  # ReLU6 is a Hardtanh
+            codes.append((z > mod.min_val).to(torch.uint8) + (z >= mod.max_val).to(torch.uint8))
+        else:
+            codes.append(z > 0)
+
+    for m in model.modules():
+        if isinstance(m, _GATED):
+            hooks.append(m.register_forward_pre_hook(pre))
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    return codes
+
+
+def gate_stability(model_a: nn.Module, model_b: nn.Module, probe: torch.Tensor) -> list[float]:
+    """Per gate site, the fraction of gates that differ between two models on ``probe``.
+    Uses fedsq_fast.models.gate_stability when it exists (DualCopy models)."""
+    mm = models_module()
+    f = getattr(mm, "gate_stability", None) if mm is not None else None
+    if f is not None and is_dualcopy(model_a):  # plain models: hooks, no re-tracing per call
+        try:
+            res = f(model_a, model_b, probe)
+        except (TypeError, ValueError):
+            res = None  # plain models it does not handle: fall back to hooks
+        if res is not None:
+            return [float(v) for v in (res.values() if isinstance(res, dict) else res)]
+    ca, cb = _regime_codes(model_a, probe), _regime_codes(model_b, probe)
+    return [float((a != b).float().mean()) for a, b in zip(ca, cb)]

@@ -1,0 +1,118 @@
+"""Local training on one client: a pure function of (model, data, options, seed).
+
+Batches come from in-memory tensors (no DataLoader), shuffled by a generator
+seeded from (seed, round, client), so a client's update does not depend on
+what ran before it in the process.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+class ClientTimeout(RuntimeError):
+    pass
+
+
+@dataclass
+class LocalConfig:
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    local_epochs: int = 1
+    batch_size: int = 64
+    prox_mu: float = 0.0
+    timeout_s: float | None = None
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (seed, round, client, ...), stable across processes."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0]
+               >> np.uint64(1))
+
+
+def make_optimizer(params, cfg: LocalConfig):
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {cfg.optimizer!r}")
+
+
+def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalConfig, seed: int,
+                transform=None, sample_idx: torch.Tensor | None = None) -> dict:
+    """Train ``model`` in place on (x, y); returns {num_samples, loss, steps, seconds}.
+
+    FedProx: the gradient of (mu/2)||w - w0||^2, mu (w - w0), is added after
+    backward (w0: the weights received). A client past ``timeout_s`` raises
+    :class:`ClientTimeout` at the next batch. ``sample_idx`` (one dataset index
+    per row of x) goes to the model's forward: a DualCopy model with a MaskCache
+    then reuses each sample's structural masks.
+    """
+    t0 = time.perf_counter()
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if cfg.prox_mu > 0 else None
+    opt = make_optimizer(params, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout and any other global-RNG use inside the model
+    model.train()
+    n = int(y.numel())
+    total, steps = 0.0, 0
+    for _ in range(cfg.local_epochs):
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, cfg.batch_size):
+            if cfg.timeout_s is not None and time.perf_counter() - t0 > cfg.timeout_s:
+                raise ClientTimeout(f"timed out after {time.perf_counter() - t0:.2f} s "
+                                    f"(client_timeout_s={cfg.timeout_s})")
+            idx = perm[i:i + cfg.batch_size]
+            if idx.numel() < 2 and n >= 2:
+                continue  # a batch of one breaks BatchNorm's training statistics
+            xb = x[idx]
+            if transform is not None:
+                xb = transform(xb)
+            out = model(xb) if sample_idx is None else model(xb, sample_idx[idx])
+            loss = F.cross_entropy(out, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if anchor is not None:
+                with torch.no_grad():
+                    for p, a in zip(params, anchor):
+                        if p.grad is not None:
+                            p.grad.add_(p - a, alpha=cfg.prox_mu)
+            opt.step()
+            total += float(loss.detach()) * idx.numel()
+            steps += 1
+    return {"num_samples": n, "loss": total / max(1, n * cfg.local_epochs), "steps": steps,
+            "seconds": time.perf_counter() - t0}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, transform=None,
+             batch_size: int = 512, sample_idx: torch.Tensor | None = None) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) in eval mode (``sample_idx``: as in local_train)."""
+    was = model.training
+    model.eval()
+    loss, correct = 0.0, 0
+    try:
+        for i in range(0, len(y), batch_size):
+            xb = x[i:i + batch_size]
+            if transform is not None:
+                xb = transform(xb)
+            out = model(xb) if sample_idx is None else model(xb, sample_idx[i:i + batch_size])
+            loss += float(F.cross_entropy(out, y[i:i + batch_size], reduction="sum"))
+            correct += int((out.argmax(1) == y[i:i + batch_size]).sum())
+    finally:
+        model.train(was)
+    n = max(1, len(y))
+    return loss / n, correct / n

@@ -1,0 +1,442 @@
+"""The simulation engine: rounds of sampled clients trained in process, one at a time.
+
+Memory: the global model, one worker model (the client being trained) and the
+StreamingAverage accumulator; replies are folded as they arrive, never held.
+Every random choice is drawn from a seed derived from (seed, round, client), so
+a run resumed from a checkpoint computes the same model, bit for bit.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import adapter, checkpoint
+from .client import ClientTimeout, LocalConfig, derive_seed, evaluate, local_train
+from .config import RunConfig, parse_method
+from .data import DataBundle, InputTransform, input_transform_for, load_dataset
+from .partition import class_counts, make_partition
+from .strategy import AggregateStats, make_strategy
+
+log = logging.getLogger("fedsq_fast.federation")
+
+# Stream ids for derive_seed: one independent stream per kind of random choice.
+_SPLIT, _PART, _MODEL, _SAMPLE, _FAIL, _CLIENT = 1, 2, 3, 4, 5, 6
+
+
+@dataclass
+class FedData:
+    """Everything data-related that all methods of one (dataset, seed, partition) share."""
+
+    x: torch.Tensor  # client pool, resized
+    y: torch.Tensor
+    parts: list  # per client: contiguous index ranges into x, y (the pool is stored client by client)
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    probe: torch.Tensor  # fixed batch for gate stability
+    transform: InputTransform
+    num_classes: int
+    classes: tuple = ()
+    counts: np.ndarray | None = None
+
+
+def prepare_data(cfg: RunConfig, bundle: DataBundle | None = None, model_name: str | None = None
+                 ) -> FedData:
+    """Load, split (server validation / client pool), subsample, resize and partition."""
+    bundle = bundle if bundle is not None else load_dataset(cfg.dataset, cfg.data_root, cfg.download)
+    tr = bundle.train
+    n = len(tr)
+    if cfg.val_size >= n:
+        raise ValueError(f"val_size ({cfg.val_size}) must be smaller than the training pool ({n})")
+    perm = np.random.default_rng(derive_seed(cfg.seed, _SPLIT)).permutation(n)
+    val_idx = perm[:cfg.val_size]
+    pool_idx = perm[cfg.val_size:]
+    if cfg.max_train_samples is not None:
+        pool_idx = pool_idx[:cfg.max_train_samples]
+    if cfg.num_clients > len(pool_idx):
+        raise ValueError(f"num_clients ({cfg.num_clients}) exceeds the samples in the client pool "
+                         f"({len(pool_idx)})")
+    te = bundle.test
+    te_idx = np.random.default_rng(derive_seed(cfg.seed, _SPLIT, 1)).permutation(len(te))
+    if cfg.max_test_samples is not None:
+        te_idx = te_idx[:cfg.max_test_samples]
+    tf = input_transform_for(model_name or cfg.model, image_size=cfg.image_size,
+                             data_channels=tr.x.shape[1])
+    pool, val, test = tr.subset(pool_idx), tr.subset(val_idx), te.subset(te_idx)
+    parts = make_partition(cfg.partition, pool.y.numpy(), cfg.num_clients, alpha=cfg.alpha,
+                           min_partition_size=cfg.min_partition_size,
+                           shards_per_client=cfg.shards_per_client,
+                           seed=derive_seed(cfg.seed, _PART))
+    counts = class_counts(pool.y.numpy(), parts, tr.num_classes)
+    # Store the pool client by client: a client's data is then a view (no gather per round).
+    order = torch.from_numpy(np.concatenate(parts))
+    ends = np.cumsum([len(p) for p in parts])
+    parts = [np.arange(e - len(p), e) for p, e in zip(parts, ends)]
+    vx = tf.resize(val.x)
+    return FedData(tf.resize(pool.x[order]), pool.y[order], parts, vx, val.y, tf.resize(test.x), test.y,
+                   vx[:cfg.probe_size], tf, tr.num_classes, tr.classes, counts)
+
+
+def build_method_model(cfg: RunConfig, dual: bool, data: FedData) -> nn.Module:
+    """The same initial model (same head init) for every method; DualCopy for fedsq."""
+    torch.manual_seed(derive_seed(cfg.seed, _MODEL))
+    m = adapter.build_model(cfg.model, data.num_classes, cfg.weights,
+                            in_channels=data.transform.channels,
+                            image_size=int(data.x.shape[-1]))
+    if dual:
+        f = adapter.dualcopy_fn()
+        if f is None:
+            raise ValueError("methods: fedsq needs fedsq_fast.dualcopy (fedsq_fast.models), "
+                             "which is not importable in this install")
+        m = f(m)
+    return m
+
+
+def _progress(iterable=None, **kw):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=kw.pop("quiet", False) or not sys.stderr.isatty(), **kw)
+
+
+@dataclass
+class RunResult:
+    method: str
+    history: list
+    summary: dict
+    out_dir: Path | None
+    model: nn.Module = field(repr=False, default=None)
+
+
+class Federation:
+    """One method (strategy, DualCopy or not, structural schedule) on one FedData.
+
+    ``model_fn()`` builds the initial model (default: :func:`build_method_model`);
+    ``client_hook(round, client, state) -> state`` lets tests corrupt a reply.
+    """
+
+    def __init__(self, cfg: RunConfig, method: str, data: FedData, model_fn=None,
+                 out_dir=None, client_hook=None, quiet: bool = False):
+        self.cfg = cfg
+        self.method = method
+        self.strategy_name, self.dual, self.ablation, self.every = parse_method(method)
+        self.data = data
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.client_hook = client_hook
+        self.quiet = quiet
+        srv_lr = cfg.server_lr if cfg.server_lr is not None else (
+            1.0 if self.strategy_name == "fedavgm" else 0.01)
+        self.strategy = make_strategy(self.strategy_name, prox_mu=cfg.prox_mu, server_lr=srv_lr,
+                                      server_momentum=cfg.server_momentum, beta1=cfg.beta1,
+                                      beta2=cfg.beta2, tau=cfg.tau)
+        self.model = model_fn() if model_fn is not None else build_method_model(cfg, self.dual, data)
+        if self.ablation and not callable(getattr(self.model, "set_structural_from_quantitative", None)):
+            raise ValueError(f"methods: {method!r} needs DualCopyModel.set_structural_from_quantitative(), "
+                             "which this model does not have")
+        self.initial = copy.deepcopy(self.model)  # gate-stability reference (round 0)
+        self._new_worker()
+        self.local_states: dict[int, dict] = {}
+        self.history: list[dict] = []
+        self.elapsed = 0.0
+        self.payload_bytes = adapter.state_bytes(adapter.payload_state(self.model))
+        self.full_bytes = adapter.state_bytes(self.model.state_dict())
+
+    # ------------------------------------------------------------------ pieces
+    def _new_worker(self) -> None:
+        """The model clients train in, and fresh mask caches (FedSQ) for the current
+        structural copy: one over the client pool (worker), one over the validation
+        split (global model; validation is then one quantitative forward)."""
+        if getattr(self.model, "mask_cache", None) is not None:
+            self.model.attach_cache(None)  # not deep-copied into the worker
+        self.worker = copy.deepcopy(self.model)
+        self.cache = None
+        if self.cfg.mask_cache and callable(getattr(self.worker, "attach_cache", None)):
+            mm = adapter.models_module()
+            # 'partial': samples beyond the 1 GiB budget are recomputed, never an error
+            self.cache = mm.MaskCache(len(self.data.y), max_bytes=1 << 30, policy="partial")
+            self.worker.attach_cache(self.cache)
+            self.model.attach_cache(mm.MaskCache(len(self.data.val_y), max_bytes=1 << 30, policy="partial"))
+
+    @property
+    def ckpt_path(self):
+        return None if self.out_dir is None else self.out_dir / "checkpoint.safetensors"
+
+    def local_config(self, rnd: int) -> LocalConfig:
+        c = self.cfg
+        return LocalConfig(c.optimizer, c.lr, c.momentum, c.weight_decay, c.local_epochs, c.batch_size,
+                           self.strategy.client_config(rnd).get("prox_mu", 0.0), c.client_timeout_s)
+
+    def sample_clients(self, rnd: int) -> list[int]:
+        k = self.cfg.num_clients
+        m = min(k, max(self.cfg.min_clients, math.ceil(self.cfg.fraction * k - 1e-9)))
+        rng = np.random.default_rng(derive_seed(self.cfg.seed, rnd, _SAMPLE))
+        return sorted(int(i) for i in rng.choice(k, m, replace=False))  # fixed client order
+
+    def _structural_update(self, rnd: int) -> bool:
+        """Ablations: replace the structural copy by the global quantitative copy."""
+        if not self.ablation:
+            return False
+        due = (rnd > self.every) if self.ablation == "unfreeze" else (rnd > 1 and (rnd - 1) % self.every == 0)
+        if due:
+            self.model.set_structural_from_quantitative()
+            self._new_worker()
+        return due
+
+    def evaluate(self, x=None, y=None):
+        """Validation split by default (with the FedSQ mask cache), else (x, y)."""
+        idx = None
+        if x is None:
+            x, y = self.data.val_x, self.data.val_y
+            if getattr(self.model, "mask_cache", None) is not None:
+                idx = torch.arange(len(y))
+        return evaluate(self.model, x, y, self.data.transform, self.cfg.eval_batch_size, idx)
+
+    def _gates(self) -> list[float]:
+        try:
+            return adapter.gate_stability(self.initial, self.model, self.data.transform(self.data.probe))
+        except Exception as e:  # a metric must not stop training
+            log.warning("gate stability failed: %s", e)
+            return []
+
+    # ------------------------------------------------------------------ round
+    def run_round(self, rnd: int, bar=None) -> dict:
+        t0 = time.perf_counter()
+        refreshed = self._structural_update(rnd)
+        glob = adapter.payload_state(self.model)
+        local_keys = self.strategy.local_keys(glob)
+        chosen = self.sample_clients(rnd)
+        fail_rng = np.random.default_rng(derive_seed(self.cfg.seed, rnd, _FAIL))
+        fails = fail_rng.random(len(chosen)) < self.cfg.failure_rate
+        lcfg = self.local_config(rnd)
+        dropped, acc = [], {"client_s": 0.0, "up": 0, "loss": 0.0, "n": 0}
+
+        def replies():
+            for cid, fail in zip(chosen, fails):
+                if fail:
+                    dropped.append((cid, "simulated failure (failure_rate)"))
+                    log.info("round %d: client %d dropped: simulated failure", rnd, cid)
+                    continue
+                start = glob if cid not in self.local_states else {**glob, **self.local_states[cid]}
+                adapter.load_payload(self.worker, start)
+                part = self.data.parts[cid]
+                idx = torch.from_numpy(part)
+                sl = slice(int(part[0]), int(part[-1]) + 1) if len(part) else slice(0, 0)
+                try:
+                    info = local_train(self.worker, self.data.x[sl], self.data.y[sl], lcfg,
+                                       derive_seed(self.cfg.seed, rnd, _CLIENT, cid), self.data.transform,
+                                       idx if self.cache is not None else None)
+                    state = adapter.payload_state(self.worker)
+                    if self.client_hook is not None:  # tests: a client that crashes or corrupts
+                        state = self.client_hook(rnd, cid, state)
+                except ClientTimeout as e:
+                    dropped.append((cid, str(e)))
+                    log.info("round %d: client %d dropped: %s", rnd, cid, e)
+                    continue
+                except Exception as e:  # a failing client leaves the round, not the run
+                    dropped.append((cid, f"error: {type(e).__name__}: {e}"))
+                    log.warning("round %d: client %d dropped: %r", rnd, cid, e)
+                    continue
+                finally:
+                    if bar is not None:
+                        bar.update(1)
+                acc["client_s"] += info["seconds"]
+                acc["up"] += adapter.state_bytes(state) if isinstance(state, dict) else 0
+                acc["loss"] += info["loss"] * info["num_samples"]
+                acc["n"] += info["num_samples"]
+                if local_keys:
+                    self.local_states[cid] = {k: state[k].detach().clone() for k in local_keys}
+                yield cid, state, info["num_samples"]
+
+        stats = AggregateStats()
+        new = self.strategy.aggregate(glob, replies(), stats)
+        for cid, reason in stats.rejected:
+            dropped.append((cid, f"update rejected: {reason}"))
+            log.warning("round %d: client %d update rejected: %s", rnd, cid, reason)
+        skipped = stats.num_clients < self.cfg.min_clients
+        if skipped:
+            log.warning("round %d: %d valid updates < min_clients (%d): global model kept",
+                        rnd, stats.num_clients, self.cfg.min_clients)
+        else:
+            adapter.load_payload(self.model, new)
+        t_eval = time.perf_counter()
+        vloss, vacc = self.evaluate()
+        gates = self._gates()
+        t_end = time.perf_counter()
+        rec = {
+            "round": rnd, "val_loss": vloss, "val_acc": vacc,
+            "train_loss": acc["loss"] / acc["n"] if acc["n"] else float("nan"),
+            "clients_sampled": len(chosen), "clients_ok": stats.num_clients,
+            "clients_dropped": [[int(c), r] for c, r in dropped], "round_skipped": skipped,
+            "samples": stats.num_samples, "client_drift": stats.client_drift,
+            "update_norm": stats.update_norm,
+            "gate_change": float(np.mean(gates)) if gates else float("nan"),
+            "gate_change_sites": gates, "structural_refreshed": refreshed,
+            "bytes_up": acc["up"], "bytes_down": len(chosen) * self.payload_bytes,
+            "time_client_s": acc["client_s"], "time_eval_s": t_end - t_eval,
+            "time_round_s": t_end - t0,
+        }
+        rec["time_other_s"] = rec["time_round_s"] - rec["time_client_s"]
+        rec["time_engine_s"] = rec["time_other_s"] - rec["time_eval_s"]
+        return rec
+
+    # ------------------------------------------------------------------ run
+    def _round0(self) -> dict:
+        t0 = time.perf_counter()
+        vloss, vacc = self.evaluate()
+        return {"round": 0, "val_loss": vloss, "val_acc": vacc, "train_loss": float("nan"),
+                "clients_sampled": 0, "clients_ok": 0, "clients_dropped": [], "round_skipped": False,
+                "samples": 0, "client_drift": float("nan"), "update_norm": float("nan"),
+                "gate_change": 0.0, "gate_change_sites": [], "structural_refreshed": False,
+                "bytes_up": 0, "bytes_down": 0, "time_client_s": 0.0,
+                "time_eval_s": time.perf_counter() - t0, "time_round_s": time.perf_counter() - t0,
+                "time_other_s": time.perf_counter() - t0, "time_engine_s": 0.0}
+
+    def _annotate(self, rec):
+        prev = self.history[-1] if self.history else None
+        best = prev["best_val_acc"] if prev else -1.0
+        if rec["val_acc"] > best:
+            rec["best_val_acc"], rec["best_round"] = rec["val_acc"], rec["round"]
+        else:
+            rec["best_val_acc"], rec["best_round"] = best, prev["best_round"]
+        self.elapsed += rec["time_round_s"]
+        rec["elapsed_s"] = self.elapsed
+
+    def save_checkpoint(self, rnd: int) -> None:
+        if self.ckpt_path is None or not self.cfg.checkpoint:
+            return
+        local = {f"{cid}/{k}": t for cid, d in self.local_states.items() for k, t in d.items()}
+        checkpoint.save(self.ckpt_path,
+                        {"model": self.model.state_dict(), "server": self.strategy.state_dict(),
+                         "local": local},
+                        {"round": rnd, "method": self.method, "config": self.cfg.to_dict(),
+                         "history": self.history, "elapsed": self.elapsed})
+
+    def load_checkpoint(self) -> int:
+        groups, meta = checkpoint.load(self.ckpt_path)
+        mine, theirs = self.cfg.to_dict(), meta["config"]
+        diff = [k for k in mine if k not in ("out_dir", "rounds", "threads") and mine[k] != theirs.get(k)]
+        if diff or meta["method"] != self.method:
+            raise ValueError(f"resume: the checkpoint {self.ckpt_path} was written with other settings "
+                             f"(differing keys: {diff or ['method']})")
+        self.model.load_state_dict(groups.get("model", {}))
+        self._new_worker()
+        self.strategy.load_state_dict(groups.get("server", {}))
+        self.local_states = {}
+        for k, t in groups.get("local", {}).items():
+            cid, _, key = k.partition("/")
+            self.local_states.setdefault(int(cid), {})[key] = t
+        self.history = meta["history"]
+        self.elapsed = meta["elapsed"]
+        rng_t = {"rng/torch": groups["rng"]["torch"]} if "rng" in groups else {}
+        checkpoint.set_rng_state(rng_t, meta.get("rng", {}))
+        return int(meta["round"])
+
+    def run(self, resume: bool = False, stop_after: int | None = None) -> RunResult:
+        """Run all rounds (``stop_after``: stop early, as if interrupted; for tests)."""
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        start = 1
+        if resume and self.ckpt_path is not None and self.ckpt_path.is_file():
+            start = self.load_checkpoint() + 1
+            log.info("%s: resumed after round %d", self.method, start - 1)
+        if not self.history:
+            rec = self._round0()
+            self._annotate(rec)
+            self.history.append(rec)
+        last = self.cfg.rounds if stop_after is None else min(self.cfg.rounds, stop_after)
+        rbar = _progress(total=self.cfg.rounds, initial=start - 1, desc=self.method, unit="round",
+                         quiet=self.quiet, leave=False)
+        try:
+            for rnd in range(start, last + 1):
+                with _progress(total=len(self.sample_clients(rnd)), desc=f"round {rnd}", unit="client",
+                               quiet=self.quiet, leave=False) as cbar:
+                    rec = self.run_round(rnd, cbar)
+                self._annotate(rec)
+                self.history.append(rec)
+                t = time.perf_counter()
+                self.save_checkpoint(rnd)
+                rec["time_checkpoint_s"] = time.perf_counter() - t
+                rbar.update(1)
+                rbar.set_postfix(acc=f"{rec['val_acc']:.3f}")
+        finally:
+            rbar.close()
+        summary = summarize(self.history, self.cfg.target_accuracy)
+        summary.update(method=self.method, payload_bytes=self.payload_bytes,
+                       full_model_bytes=self.full_bytes, complete=last == self.cfg.rounds)
+        if last == self.cfg.rounds:
+            _, summary["test_acc"] = self.evaluate(self.data.test_x, self.data.test_y)
+        if self.out_dir is not None:
+            write_metrics(self.out_dir, self.method, self.cfg, self.history, summary)
+        return RunResult(self.method, self.history, summary, self.out_dir, self.model)
+
+
+# ---------------------------------------------------------------- metrics
+def summarize(history: list[dict], target: float | None = None) -> dict:
+    """BVA, rounds-to-best (first round at the BVA; round 0 = the initial model),
+    rounds and seconds to ``target``, totals."""
+    accs = [h["val_acc"] for h in history]
+    bva = max(accs)
+    best = next(h["round"] for h in history if h["val_acc"] == bva)
+    hit = next((h for h in history if target is not None and h["val_acc"] >= target), None)
+    rounds = [h for h in history if h["round"] > 0]
+    tc = sum(h["time_client_s"] for h in rounds)
+    tt = sum(h["time_round_s"] for h in rounds)
+    te = sum(h["time_eval_s"] for h in rounds)
+    return {
+        "bva": bva, "rounds_to_best": best, "initial_val_acc": accs[0], "final_val_acc": accs[-1],
+        "target_accuracy": target,
+        "rounds_to_target": hit["round"] if hit else None,
+        "seconds_to_target": hit["elapsed_s"] if hit else None,
+        "rounds": len(rounds), "bytes_up": sum(h["bytes_up"] for h in rounds),
+        "bytes_down": sum(h["bytes_down"] for h in rounds),
+        "time_total_s": tt, "time_client_s": tc, "time_eval_s": te,
+        "time_engine_s": tt - tc - te,
+        "dropped": sum(len(h["clients_dropped"]) for h in rounds),
+    }
+
+
+CSV_FIELDS = ("round", "val_loss", "val_acc", "best_val_acc", "best_round", "train_loss",
+              "clients_sampled", "clients_ok", "samples", "client_drift", "update_norm", "gate_change",
+              "bytes_up", "bytes_down", "time_client_s", "time_eval_s", "time_engine_s",
+              "time_other_s", "time_round_s", "elapsed_s", "round_skipped", "structural_refreshed",
+              "clients_dropped")
+
+
+def _jsonable(o):
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return _jsonable(float(o))
+    return o
+
+
+def write_metrics(out_dir: Path, method: str, cfg: RunConfig, history: list, summary: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = {"method": method, "config": cfg.to_dict(), "summary": summary, "history": history}
+    tmp = out_dir / ".metrics.json.tmp"
+    tmp.write_text(json.dumps(_jsonable(doc), indent=1))
+    tmp.replace(out_dir / "metrics.json")
+    with open(out_dir / "metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for h in history:
+            row = dict(h)
+            row["clients_dropped"] = json.dumps(h["clients_dropped"])
+            w.writerow(row)

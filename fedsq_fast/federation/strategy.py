@@ -1,0 +1,267 @@
+"""Server strategies as pure state-dict transforms, reusable from a Flower ServerApp.
+
+A strategy sees only state dicts: ``aggregate(global_state, replies)`` folds the
+replies (an iterable of ``(state, num_samples)``, consumed one at a time) with
+:class:`fedsq_fast.StreamingAverage` and returns the new global state. Server
+optimizers (FedAvgM, FedAdam, FedYogi; Reddi et al. 2021) treat
+``average - global`` as the pseudo-gradient. FedBN names the BatchNorm keys that
+stay on the clients; FedProx's proximal term is a client-side option.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import torch
+
+from ..ops import StreamingAverage
+
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedbn")
+_STAT_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def is_stat_key(key: str) -> bool:
+    """BatchNorm statistics: averaged, never moved by a server optimizer."""
+    return key.rsplit(".", 1)[-1] in _STAT_SUFFIXES
+
+
+def norm_layer_keys(state: dict) -> set[str]:
+    """Keys of normalisation layers: every key sharing a prefix with a ``running_var``."""
+    prefixes = {k[: -len("running_var")] for k in state if k.endswith("running_var")}
+    return {k for k in state if any(k.startswith(p) and "." not in k[len(p):] for p in prefixes)}
+
+
+def check_update(reference: dict, update: dict, finite: bool = True) -> str | None:
+    """Why ``update`` must not be averaged (wrong keys, shapes, dtypes, NaN/Inf), or None.
+    ``finite=False`` skips the NaN/Inf scan (the caller checks it another way)."""
+    if not isinstance(update, dict):
+        return f"update is a {type(update).__name__}, not a state dict"
+    if update.keys() != reference.keys():
+        missing = sorted(set(reference) - set(update))[:3]
+        extra = sorted(set(update) - set(reference))[:3]
+        return f"wrong keys (missing {missing}, unexpected {extra})"
+    for k, ref in reference.items():
+        t = update[k]
+        if not isinstance(t, torch.Tensor):
+            return f"{k}: not a tensor ({type(t).__name__})"
+        if t.shape != ref.shape:
+            return f"{k}: shape {tuple(t.shape)}, expected {tuple(ref.shape)}"
+        if t.dtype != ref.dtype:
+            return f"{k}: dtype {t.dtype}, expected {ref.dtype}"
+        if finite and t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+            return f"{k}: NaN or Inf"
+    return None
+
+
+@dataclass
+class AggregateStats:
+    """What one aggregation saw: counts, drift and rejected replies with reasons."""
+
+    num_clients: int = 0
+    num_samples: int = 0
+    rejected: list = field(default_factory=list)  # (client id, reason)
+    client_drift: float = float("nan")  # sqrt(weighted mean ||d_k - d_avg||^2)
+    update_norm: float = float("nan")  # ||d_avg||
+
+
+def _sq_dist(state: dict, ref: dict, check: bool = False) -> float | str:
+    """sum over float parameter tensors of ||state - ref||^2, in float64 (one
+    tensor-sized temporary at a time). With ``check``, also the NaN/Inf scan in
+    the same pass: a non-finite norm means a non-finite (or overflowing) entry,
+    so the reason is returned instead; statistics are scanned with isfinite."""
+    tot = 0.0
+    with torch.no_grad():
+        for k, g in ref.items():
+            if not g.dtype.is_floating_point:
+                continue
+            if is_stat_key(k):
+                if check and not bool(torch.isfinite(state[k]).all()):
+                    return f"{k}: NaN or Inf"
+                continue
+            d = state[k] - g if g.dtype == torch.float64 else state[k].float() - g.float()
+            v = float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
+            if check and not math.isfinite(v):
+                return f"{k}: NaN or Inf (or an update too large for float32)"
+            tot += v
+    return tot
+
+
+def stream_average(global_state: dict, replies: Iterable, stats: AggregateStats | None = None):
+    """Weighted (by sample count) average of the valid replies, one client in memory at a time.
+
+    ``replies`` yields ``(client_id, state, num_samples)``. Invalid replies are
+    rejected and recorded in ``stats.rejected``; client drift is accumulated in
+    float64 from sum_k w_k ||d_k||^2 and the averaged update. Returns the average
+    or None when no reply was valid.
+    """
+    stats = stats if stats is not None else AggregateStats()
+    avg = StreamingAverage()
+    sq_sum = 0.0
+    for cid, state, n in replies:
+        reason = check_update(global_state, state, finite=False)
+        if reason is None and not (isinstance(n, (int, float)) and math.isfinite(n) and n > 0):
+            reason = f"num_samples must be > 0, got {n!r}"
+        sq = _sq_dist(state, global_state, check=True) if reason is None else reason
+        if isinstance(sq, str):
+            stats.rejected.append((cid, sq))
+            continue
+        sq_sum += n * sq
+        avg.add(state, n)
+        del state  # let the client's tensors go before the next reply is produced
+        stats.num_clients += 1
+        stats.num_samples += int(n)
+    if avg.count == 0:
+        return None
+    result = avg.result()
+    upd = _sq_dist(result, global_state)
+    stats.update_norm = math.sqrt(upd)
+    stats.client_drift = math.sqrt(max(sq_sum / stats.num_samples - upd, 0.0))
+    return result
+
+
+class Strategy:
+    """FedAvg: the new global state is the sample-weighted average of the replies."""
+
+    name = "fedavg"
+
+    def __init__(self, **_):
+        pass
+
+    # -- client side -------------------------------------------------------------
+    def client_config(self, rnd: int) -> dict:
+        """Options sent with the model (Flower: the ConfigRecord)."""
+        return {"prox_mu": 0.0}
+
+    def local_keys(self, state: dict) -> set[str]:
+        """Keys the clients keep for themselves (FedBN: the BatchNorm layers)."""
+        return set()
+
+    # -- server side -------------------------------------------------------------
+    def aggregate(self, global_state: dict, replies: Iterable, stats: AggregateStats | None = None):
+        avg = stream_average(global_state, replies, stats)
+        if avg is None:
+            return {k: v.clone() for k, v in global_state.items()}
+        return self.server_update(global_state, avg)
+
+    def server_update(self, global_state: dict, avg: dict) -> dict:
+        return avg
+
+    def state_dict(self) -> dict:
+        """Server optimizer state as tensors (checkpointed)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class FedProx(Strategy):
+    """FedAvg on the server; clients add (mu/2)||w - w_global||^2 (Li et al. 2020)."""
+
+    name = "fedprox"
+
+    def __init__(self, prox_mu: float = 0.01, **_):
+        self.prox_mu = float(prox_mu)
+
+    def client_config(self, rnd):
+        return {"prox_mu": self.prox_mu}
+
+
+class FedBN(Strategy):
+    """FedAvg except BatchNorm layers, which each client keeps (Li et al. 2021). The
+    server's copy of them (used for validation and for clients not yet seen) is
+    their average (DEFAULT, ours)."""
+
+    name = "fedbn"
+
+    def local_keys(self, state):
+        return norm_layer_keys(state)
+
+
+class _ServerOpt(Strategy):
+    def __init__(self, server_lr: float = 1.0, **_):
+        self.server_lr = float(server_lr)
+        self._state: dict[str, torch.Tensor] = {}
+
+    def _opt_keys(self, st):
+        return [k for k, v in st.items() if v.dtype.is_floating_point and not is_stat_key(k)]
+
+    def server_update(self, global_state, avg):
+        new = dict(avg)  # statistics and integer buffers: the plain average
+        with torch.no_grad():
+            for k in self._opt_keys(global_state):
+                g = global_state[k]
+                d = avg[k].float() - g.float()
+                new[k] = (g.float() + self._step(k, d)).to(g.dtype)
+        return new
+
+    def state_dict(self):
+        return {k: v.clone() for k, v in self._state.items()}
+
+    def load_state_dict(self, state):
+        self._state = {k: v.clone() for k, v in state.items()}
+
+
+class FedAvgM(_ServerOpt):
+    """Server momentum (Hsu et al. 2019): m = beta m + d; x += lr m."""
+
+    name = "fedavgm"
+
+    def __init__(self, server_lr: float = 1.0, server_momentum: float = 0.9, **_):
+        super().__init__(server_lr)
+        self.beta = float(server_momentum)
+
+    def _step(self, k, d):
+        m = self._state.get("m." + k)
+        m = d.clone() if m is None else m.mul_(self.beta).add_(d)
+        self._state["m." + k] = m
+        return self.server_lr * m
+
+
+class FedAdam(_ServerOpt):
+    """Adaptive server optimizer (Reddi et al. 2021), no bias correction as in the paper."""
+
+    name = "fedadam"
+
+    def __init__(self, server_lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99,
+                 tau: float = 1e-3, **_):
+        super().__init__(server_lr)
+        self.beta1, self.beta2, self.tau = float(beta1), float(beta2), float(tau)
+
+    def _second(self, v, d2):
+        return v.mul_(self.beta2).add_(d2, alpha=1 - self.beta2)
+
+    def _step(self, k, d):
+        m = self._state.get("m." + k)
+        v = self._state.get("v." + k)
+        m = torch.zeros_like(d) if m is None else m
+        v = torch.full_like(d, self.tau ** 2) if v is None else v
+        m.mul_(self.beta1).add_(d, alpha=1 - self.beta1)
+        v = self._second(v, d * d)
+        self._state["m." + k], self._state["v." + k] = m, v
+        return self.server_lr * m / (v.sqrt() + self.tau)
+
+
+class FedYogi(FedAdam):
+    """Yogi's additive second moment: v -= (1 - b2) d^2 sign(v - d^2)."""
+
+    name = "fedyogi"
+
+    def _second(self, v, d2):
+        return v.sub_((1 - self.beta2) * d2 * torch.sign(v - d2))
+
+
+_CLASSES = {c.name: c for c in (Strategy, FedProx, FedAvgM, FedAdam, FedYogi, FedBN)}
+
+
+def make_strategy(name: str, **options) -> Strategy:
+    """Build a strategy by name; options not used by it are ignored."""
+    if name not in _CLASSES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {name!r}")
+    return _CLASSES[name](**options)
+
+
+def iter_replies(pairs: Iterable) -> Iterator:
+    """Adapt ``(state, n)`` pairs to ``(client_id, state, n)`` triples."""
+    for i, (s, n) in enumerate(pairs):
+        yield i, s, n
