@@ -4,7 +4,8 @@ otherwise write, all in one run, reported as ratios (see benchmarks/RESULTS.md).
     pytest benchmarks/bench_ops.py --benchmark-only
 
 Sizes: FEDSQ_BENCH_N elements for the gate (default 16 Mi), FEDSQ_BENCH_P per
-client for the average (default 4 Mi), fp32.
+client for the average (default 12 Mi, about ResNet-18: at 4 Mi a 16 MB
+accumulator stays in a 32 MB L3 and flatters the multi-pass baselines), fp32.
 """
 import io
 import os
@@ -18,7 +19,7 @@ import _bench
 import fedsq_fast as ff
 
 N = int(os.environ.get("FEDSQ_BENCH_N", 16 << 20))
-P = int(os.environ.get("FEDSQ_BENCH_P", 4 << 20))
+P = int(os.environ.get("FEDSQ_BENCH_P", 12 << 20))  # ResNet-18-sized: larger than the L3, as real states are
 LAYERS = 100  # per-client tensors in the list-based variants (a model's state dict)
 ROUNDS = int(os.environ.get("FEDSQ_BENCH_ROUNDS", 7))
 
@@ -26,7 +27,8 @@ ROUNDS = int(os.environ.get("FEDSQ_BENCH_ROUNDS", 7))
 _bench.ratio("gate fwd vs eager float-mask (both allocate)", "gate-forward", "fedsq gate", "eager z_q*(z_s>0).float()", 2.0)
 _bench.ratio("gate fwd out= vs copy_ (<= 1.5x copy time)", "gate-forward", "fedsq gate out=", "copy_ of z_q", 1 / 1.5)
 _bench.ratio("gate fwd vs torch.where", "gate-forward", "fedsq gate", "torch.where", 1.0)
-_bench.ratio("gate bwd vs eager", "gate-backward", "fedsq gate backward", "eager backward", 1.5)
+_bench.ratio("gate bwd vs eager (autograd, both allocate)", "gate-backward", "fedsq gate backward", "eager backward", 1.5)
+_bench.ratio("gate bwd kernel vs eager kernel (into buffers)", "gate-backward", "fedsq apply_mask out= (kernel)", "eager grad*mask out= (kernel)", 1.5)
 _bench.ratio("pack vs numpy.packbits", "pack", "fedsq pack_mask", "numpy.packbits", 1.0)
 for _k in (4, 8, 16):
     _g = f"average-K{_k}"
@@ -106,6 +108,20 @@ def test_gate_backward_eager(benchmark, gate_inputs):
     g = _gen(N, 3)
     _bench.run(benchmark, "gate-backward", "eager backward",
                lambda: torch.autograd.grad(y, q, g, retain_graph=True), ROUNDS)
+
+
+def test_gate_backward_fedsq_out(benchmark, gate_inputs):
+    """The backward's kernel alone: grad * mask from the packed bits, into a buffer."""
+    z_q, z_s = gate_inputs
+    bits, g, out = ff.pack_mask(z_s), _gen(N, 3), torch.empty(N)
+    _bench.run(benchmark, "gate-backward", "fedsq apply_mask out= (kernel)", lambda: ff.apply_mask(g, bits, out=out), ROUNDS)
+
+
+def test_gate_backward_eager_out(benchmark, gate_inputs):
+    """Eager's backward kernel alone: grad * float mask, into a buffer."""
+    _, z_s = gate_inputs
+    mf, g, out = (z_s > 0).float(), _gen(N, 3), torch.empty(N)
+    _bench.run(benchmark, "gate-backward", "eager grad*mask out= (kernel)", lambda: torch.mul(g, mf, out=out), ROUNDS)
 
 
 def test_gate_backward_copy(benchmark, gate_inputs):
@@ -203,8 +219,10 @@ def test_avg_foreach(benchmark, clients):
     lists = [_split(c) for c in flat]
     total = sum(w)
 
+    acc = [torch.empty_like(t) for t in lists[0]]  # preallocated, like fedsq's out=
+
     def f():
-        acc = [torch.zeros_like(t) for t in lists[0]]
+        torch._foreach_zero_(acc)
         for c, wk in zip(lists, w):
             torch._foreach_add_(acc, c, alpha=wk / total)
         return acc
@@ -227,11 +245,12 @@ def test_avg_prestacked(benchmark, clients):
 
 
 def test_avg_copy_floor(benchmark, clients):
-    """The op moves (K+1)*P elements; one copy_ moves 2*P: floor = (K+1)/2 copies."""
+    """The op reads K*P and writes P elements: a copy_ of (K+1)/2*P elements moves
+    the same bytes (large enough to stay out of the caches, like the op's)."""
     k, flat, w = clients
-    out = torch.empty(P)
-    t = _bench.run(benchmark, f"average-K{k}", "copy_ of one client", lambda: out.copy_(flat[0]), ROUNDS)
-    _bench.RESULTS[(f"average-K{k}", "copy floor (K+1)/2 x copy_")] = t * (k + 1) / 2
+    m = (k + 1) * P // 2
+    src, dst = _gen(m, 99), torch.empty(m)
+    _bench.run(benchmark, f"average-K{k}", "copy floor (K+1)/2 x copy_", lambda: dst.copy_(src), ROUNDS)
 
 
 # ---------------------------------------------------------------------------

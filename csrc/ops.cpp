@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -105,7 +106,7 @@ void check_accumulate(const at::Tensor& acc, const at::Tensor& x) {
 namespace {
 
 constexpr int64_t kWordGrain = 1024;  // 32K elements per task: amortises a thread wake-up
-constexpr int64_t kTile = 1024;       // weighted_sum tile (the kernel's)
+constexpr int64_t kTile = 4096;       // weighted_sum tile (the kernel's)
 
 uint32_t* words(const at::Tensor& bits) { return reinterpret_cast<uint32_t*>(bits.data_ptr()); }
 
@@ -161,6 +162,35 @@ struct CpuBackend {
       T.weighted_sum(dt, ptrs.data(), w.data(), K, o, t0 * kTile, std::min(t1 * kTile, n));
     });
   }
+  // One parallel region over the tiles of all tensors (not one per tensor):
+  // a model's state is many small tensors.
+  template <class F>
+  static void over_tiles(const std::vector<ListItem>& items, F&& fn) {
+    std::vector<int64_t> first(items.size() + 1, 0);  // prefix sums of tile counts
+    for (size_t j = 0; j < items.size(); ++j) first[j + 1] = first[j] + (items[j].n + kTile - 1) / kTile;
+    at::parallel_for(0, first.back(), 8, [&](int64_t t0, int64_t t1) {
+      size_t j = std::upper_bound(first.begin(), first.end(), t0) - first.begin() - 1;
+      for (int64_t t = t0; t < t1;) {
+        while (t >= first[j + 1]) ++j;
+        const int64_t t_end = std::min(t1, first[j + 1]);
+        fn(items[j], (t - first[j]) * kTile, std::min((t_end - first[j]) * kTile, items[j].n));
+        t = t_end;
+      }
+    });
+  }
+  static void weighted_sum_list(const std::vector<ListItem>& items, at::ArrayRef<double> w, c10::Device) {
+    const KernelTable& T = cpu_kernels();
+    const int64_t K = static_cast<int64_t>(w.size());
+    over_tiles(items, [&](const ListItem& it, int64_t i0, int64_t i1) {
+      T.weighted_sum(it.dt, it.xs.data(), w.data(), K, it.out, i0, i1);
+    });
+  }
+  static void accumulate_list(const std::vector<ListItem>& items, double w, c10::Device) {
+    const KernelTable& T = cpu_kernels();
+    over_tiles(items, [&](const ListItem& it, int64_t i0, int64_t i1) {
+      T.accumulate(it.dt, it.out, it.xs[0], w, i0, i1);
+    });
+  }
   static void accumulate(DType dt, const at::Tensor& acc, const at::Tensor& x, double w) {
     void* a = acc.data_ptr();
     const void* p = x.data_ptr();
@@ -192,6 +222,8 @@ TORCH_LIBRARY(fedsq_fast, m) {
   m.def("struct_epilogue_(Tensor(a!) z_s, Tensor? scale, Tensor? shift, Tensor(b!) bits) -> ()");
   m.def("weighted_sum_out(Tensor[] xs, float[] weights, Tensor(a!) out) -> ()");
   m.def("accumulate_(Tensor(a!) acc, Tensor x, float weight) -> ()");
+  m.def("weighted_sum_list_out(Tensor[] xs, float[] weights, Tensor(a!)[] outs) -> ()");
+  m.def("accumulate_list_(Tensor(a!)[] acc, Tensor[] x, float weight) -> ()");
   // Not a tensor op: selects the CPU kernel variant (tests run every ISA the CPU has).
   m.def("cpu_isa(str isa='') -> str", &fedsq::cpu_isa);
 }

@@ -34,6 +34,14 @@ std::pair<at::Tensor, at::Tensor> channel_tables(const at::Tensor& z, const c10:
                                                   const c10::optional<at::Tensor>& shift, int64_t C);
 void check_accumulate(const at::Tensor& acc, const at::Tensor& x);
 
+// One tensor of a list op: dtype, size, output (or accumulator) and inputs.
+struct ListItem {
+  DType dt;
+  int64_t n;
+  void* out;
+  std::vector<const void*> xs;
+};
+
 template <class B>
 struct Ops {
   static at::Tensor pack_mask(const at::Tensor& z_s) {
@@ -107,6 +115,36 @@ struct Ops {
     }
     if (out.numel()) B::weighted_sum(dt, ptrs, weights, out);
   }
+  // Many tensors per client (a model's state) in one dispatch: xs is
+  // client-major (xs[k * L + j] is client k's tensor j), outs has L tensors.
+  static void weighted_sum_list_out(at::TensorList xs, at::ArrayRef<double> weights, at::TensorList outs) {
+    const int64_t L = static_cast<int64_t>(outs.size()), K = static_cast<int64_t>(weights.size());
+    TORCH_CHECK(K >= 1, "weights must hold at least one client");
+    TORCH_CHECK(static_cast<int64_t>(xs.size()) == K * L, "xs must hold K*L = ", K * L, " tensors (client-major), got ",
+                xs.size());
+    std::vector<ListItem> items;
+    items.reserve(L);
+    for (int64_t j = 0; j < L; ++j) {
+      ListItem it{dtype_of(outs[j], "outs[j]"), outs[j].numel(), outs[j].data_ptr(), std::vector<const void*>(K)};
+      for (int64_t k = 0; k < K; ++k) {
+        check_same(outs[j], "outs[j]", xs[k * L + j], "xs[k*L+j]");
+        it.xs[k] = xs[k * L + j].data_ptr();
+      }
+      if (it.n) items.push_back(std::move(it));
+    }
+    if (!items.empty()) B::weighted_sum_list(items, weights, outs[0].device());
+  }
+  static void accumulate_list_(at::TensorList accs, at::TensorList xs, double weight) {
+    TORCH_CHECK(accs.size() == xs.size(), "acc and x must hold the same number of tensors, got ", accs.size(),
+                " and ", xs.size());
+    std::vector<ListItem> items;
+    for (size_t j = 0; j < xs.size(); ++j) {
+      check_accumulate(accs[j], xs[j]);
+      ListItem it{dtype_of(xs[j], "x[j]"), xs[j].numel(), accs[j].data_ptr(), {xs[j].data_ptr()}};
+      if (it.n) items.push_back(std::move(it));
+    }
+    if (!items.empty()) B::accumulate_list(items, weight, xs[0].device());
+  }
   static void accumulate_(const at::Tensor& acc, const at::Tensor& x, double weight) {
     const DType dt = dtype_of(x, "x");
     check_accumulate(acc, x);
@@ -122,6 +160,8 @@ struct Ops {
     m.impl("struct_epilogue_", &struct_epilogue_);
     m.impl("weighted_sum_out", &weighted_sum_out);
     m.impl("accumulate_", &accumulate_);
+    m.impl("weighted_sum_list_out", &weighted_sum_list_out);
+    m.impl("accumulate_list_", &accumulate_list_);
   }
 };
 

@@ -64,6 +64,27 @@ struct CudaBackend {
             "weighted_sum");
     }
   }
+  static void weighted_sum_list(const std::vector<ListItem>& items, at::ArrayRef<double> w, c10::Device dev) {
+    const c10::cuda::CUDAGuard g(dev);
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    const int64_t K = static_cast<int64_t>(w.size());
+    TORCH_CHECK(K <= cuda::kMaxClients, "weighted_sum_list_out on CUDA takes at most ", cuda::kMaxClients,
+                " clients per call, got ", K);
+    for (const ListItem& it : items) {
+      cuda::WsumArgs args{};
+      args.K = static_cast<int>(K);
+      for (int64_t k = 0; k < K; ++k) {
+        args.xs[k] = it.xs[k];
+        args.w[k] = w[k];
+      }
+      check(cuda::weighted_sum(it.dt, args, nullptr, nullptr, it.out, it.n, stream), "weighted_sum_list_out");
+    }
+  }
+  static void accumulate_list(const std::vector<ListItem>& items, double w, c10::Device dev) {
+    const c10::cuda::CUDAGuard g(dev);
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    for (const ListItem& it : items) check(cuda::accumulate(it.dt, it.out, it.xs[0], w, it.n, stream), "accumulate_list_");
+  }
   static void accumulate(DType dt, const at::Tensor& acc, const at::Tensor& x, double w) {
     const c10::cuda::CUDAGuard g(x.device());
     check(cuda::accumulate(dt, acc.data_ptr(), x.data_ptr(), w, x.numel(), c10::cuda::getCurrentCUDAStream()),

@@ -46,6 +46,9 @@ SCHEMAS = {
     "struct_epilogue_": "struct_epilogue_(Tensor(a!) z_s, Tensor? scale, Tensor? shift, Tensor(b!) bits) -> ()",
     "weighted_sum_out": "weighted_sum_out(Tensor[] xs, float[] weights, Tensor(a!) out) -> ()",
     "accumulate_": "accumulate_(Tensor(a!) acc, Tensor x, float weight) -> ()",
+    # Many tensors per client in one dispatch (xs client-major: xs[k*L + j]).
+    "weighted_sum_list_out": "weighted_sum_list_out(Tensor[] xs, float[] weights, Tensor(a!)[] outs) -> ()",
+    "accumulate_list_": "accumulate_list_(Tensor(a!)[] acc, Tensor[] x, float weight) -> ()",
 }
 
 
@@ -96,6 +99,17 @@ def _ref_accumulate_(acc, x, weight):
     acc.add_(x.to(acc.dtype), alpha=weight)
 
 
+def _ref_weighted_sum_list_out(xs, weights, outs):
+    n_out = len(outs)
+    for j, out in enumerate(outs):
+        _ref_weighted_sum_out([xs[k * n_out + j] for k in range(len(weights))], weights, out)
+
+
+def _ref_accumulate_list_(accs, xs, weight):
+    for acc, x in zip(accs, xs):
+        _ref_accumulate_(acc, x, weight)
+
+
 _REF_IMPLS = {
     "pack_mask": _ref_pack_mask,
     "apply_mask": _ref_apply_mask,
@@ -106,6 +120,8 @@ _REF_IMPLS = {
     "struct_epilogue_": _ref_struct_epilogue_,
     "weighted_sum_out": _ref_weighted_sum_out,
     "accumulate_": _ref_accumulate_,
+    "weighted_sum_list_out": _ref_weighted_sum_list_out,
+    "accumulate_list_": _ref_accumulate_list_,
 }
 
 if not _COMPILED:
@@ -138,6 +154,8 @@ torch.library.register_fake("fedsq_fast::struct_epilogue")(
 torch.library.register_fake("fedsq_fast::struct_epilogue_")(lambda z_s, scale, shift, bits: None)
 torch.library.register_fake("fedsq_fast::weighted_sum_out")(lambda xs, weights, out: None)
 torch.library.register_fake("fedsq_fast::accumulate_")(lambda acc, x, weight: None)
+torch.library.register_fake("fedsq_fast::weighted_sum_list_out")(lambda xs, weights, outs: None)
+torch.library.register_fake("fedsq_fast::accumulate_list_")(lambda acc, x, weight: None)
 
 
 # --------------------------------------------------------------------------
@@ -493,7 +511,8 @@ def weighted_average(clients, weights, out=None):
         _check_out(out_list, lists[0], names)
     total = sum(ws)
     norm = [w / total for w in ws]
-    results = []
+    results = [None] * len(lists[0])
+    targets, inputs, copy_back = [], [], []  # float tensors: one fused call for all
     with torch.no_grad():
         for j in range(len(lists[0])):
             tensors = [lst[j] for lst in lists]
@@ -502,17 +521,25 @@ def weighted_average(clients, weights, out=None):
                 if o is None:
                     o = torch.empty_like(tensors[0])  # dense layouts are kept
                 # The kernel walks memory linearly: inputs take the target's layout.
-                tgt = o if ref.is_dense(o) else torch.empty_like(
-                    o, memory_format=torch.contiguous_format)
-                xs = [_in_layout(x, tgt.stride()) for x in tensors]
-                torch.ops.fedsq_fast.weighted_sum_out(xs, norm, tgt)
+                tgt = o if ref.is_dense(o) else torch.empty_like(o, memory_format=torch.contiguous_format)
                 if tgt is not o:
-                    o.copy_(tgt)
-                results.append(o)
+                    copy_back.append((tgt, o))
+                targets.append(tgt)
+                inputs.append([_in_layout(x, tgt.stride()) for x in tensors])
+                results[j] = o
             elif tensors[0].dtype.is_complex:
                 raise TypeError(f"clients[0][{names[j]!r}] is complex; not supported")
             else:
-                results.append(_integer_average(tensors, _integer_weights(ws), o))
+                results[j] = _integer_average(tensors, _integer_weights(ws), o)
+        if targets:
+            if targets[0].device.type == "cuda" and len(ws) > 32:  # launch-parameter limit per call
+                for tgt, xs in zip(targets, inputs):
+                    torch.ops.fedsq_fast.weighted_sum_out(xs, norm, tgt)
+            else:
+                flat = [xs[k] for k in range(len(ws)) for xs in inputs]  # client-major
+                torch.ops.fedsq_fast.weighted_sum_list_out(flat, norm, targets)
+        for tgt, o in copy_back:
+            o.copy_(tgt)
     return rebuild(results)
 
 
@@ -587,11 +614,15 @@ class StreamingAverage:
                     a.mul_(self._int_scale)
         q = round(w * self._int_scale) if self._int_scale != 1 else int(w)
         with torch.no_grad():
+            accs, xs = [], []
             for a, t in zip(self._acc, lst):
                 if a.dtype.is_floating_point:
-                    torch.ops.fedsq_fast.accumulate_(a, _in_layout(t, a.stride()), w)
+                    accs.append(a)
+                    xs.append(_in_layout(t, a.stride()))
                 elif q:
                     a.add_(t.to(torch.int64), alpha=q)
+            if accs:
+                torch.ops.fedsq_fast.accumulate_list_(accs, xs, w)
         self._total += w
         self._int_total += q
         self.count += 1

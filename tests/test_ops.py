@@ -219,6 +219,32 @@ def test_weighted_average_matches_float64(isa, dtype, k, n):
     torch.testing.assert_close(got.double(), want, atol=TOL[dtype] * 4, rtol=TOL[dtype])
 
 
+def test_list_ops_equal_per_tensor_ops(isa):
+    """The fused list ops (one dispatch for a whole state) give exactly what the
+    per-tensor ops give, across tile boundaries, empty tensors and mixed dtypes."""
+    g = torch.Generator().manual_seed(3)
+    sizes = [0, 1, 4095, 4096, 4097, 10000, 3, 70001]
+    dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float32, torch.bfloat16,
+              torch.float32]
+    k = 5
+    clients = [[torch.randn(n, generator=g, dtype=torch.float64).to(dt) for n, dt in zip(sizes, dtypes)]
+               for _ in range(k)]
+    w = [0.1, 0.3, 0.2, 0.25, 0.15]
+    outs = [torch.empty_like(t) for t in clients[0]]
+    client_major = [clients[kk][j] for kk in range(k) for j in range(len(sizes))]
+    torch.ops.fedsq_fast.weighted_sum_list_out(client_major, w, outs)
+    for j in range(len(sizes)):
+        one = torch.empty_like(clients[0][j])
+        torch.ops.fedsq_fast.weighted_sum_out([c[j] for c in clients], w, one)
+        assert torch.equal(outs[j], one), (sizes[j], dtypes[j])
+    accs = [torch.zeros(n, dtype=torch.float64 if dt == torch.float64 else torch.float32) for n, dt in zip(sizes, dtypes)]
+    torch.ops.fedsq_fast.accumulate_list_(accs, clients[1], 0.7)
+    for j in range(len(sizes)):
+        one = torch.zeros_like(accs[j])
+        torch.ops.fedsq_fast.accumulate_(one, clients[1][j], 0.7)
+        assert torch.equal(accs[j], one)
+
+
 def test_weighted_average_is_deterministic_across_threads(isa):
     clients = [torch.randn(300_001) for _ in range(6)]
     w = [3, 1, 4, 1, 5, 9]
@@ -359,6 +385,9 @@ def test_opcheck():
          (z4.clone(), torch.rand(3), None, torch.empty(ref.num_bit_bytes(120), dtype=torch.uint8))),
         (torch.ops.fedsq_fast.weighted_sum_out.default, ([zq, zs], [0.25, 0.75], torch.empty_like(zq))),
         (torch.ops.fedsq_fast.accumulate_.default, (torch.zeros(3, 41), zq, 0.5)),
+        (torch.ops.fedsq_fast.weighted_sum_list_out.default,
+         ([zq, z4, zs, z4 * 2], [0.25, 0.75], [torch.empty_like(zq), torch.empty_like(z4)])),
+        (torch.ops.fedsq_fast.accumulate_list_.default, ([torch.zeros(3, 41), torch.zeros(2, 3, 4, 5)], [zq, z4], 0.5)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)

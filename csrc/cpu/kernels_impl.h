@@ -339,7 +339,7 @@ static void epilogue_range(const T* z, T* h, uint32_t* bits, const acc_t<T>* sc_
 
 // ---------------------------------------------------------------------------
 // Weighted sum over K clients, tiled so the accumulator stays in L1.
-static constexpr int64_t kTile = 1024;
+static constexpr int64_t kTile = 4096;
 
 template <class T, bool NT>
 static void wsum_range_t(const void* const* xs, const double* w, int64_t K, T* out, int64_t i0, int64_t i1) {
