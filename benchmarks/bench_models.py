@@ -167,3 +167,35 @@ if __name__ == "__main__":
         rss_main(sys.argv[2], sys.argv[3])
     else:
         print(__doc__)
+
+
+# Interleaved cross-check: every round times one step of each variant back to
+# back, so noise from a shared machine hits all of them alike (minima compared).
+def test_interleaved_steps(benchmark):
+    import time
+
+    import _bench
+
+    rounds = int(os.environ.get("FEDSQ_BENCH_INTERLEAVED_ROUNDS", 10))
+
+    def run_all():
+        for name in MODELS:
+            steps = {v: make_step(name, v) for v in VARIANTS}
+            for s in steps.values():
+                s()
+            best = {v: float("inf") for v in VARIANTS}
+            for _ in range(rounds):
+                for v, s in steps.items():
+                    t0 = time.perf_counter()
+                    s()
+                    best[v] = min(best[v], time.perf_counter() - t0)
+            for label, a, b in (
+                ("naive / fedsq, no cache (target >= 1.15)", "fedsq", "naive"),
+                ("naive / fedsq with mask cache (target >= 1.4)", "fedsq_cache", "naive"),
+                ("plain / fedsq, no cache (target >= 0.74, i.e. <= 1.35x plain)", "fedsq", "plain"),
+                ("plain / fedsq with cache (target >= 0.95, i.e. <= 1.05x plain)", "fedsq_cache", "plain"),
+            ):
+                _bench.INTERLEAVED[f"{name} train step: {label}"] = (best[b] / best[a], best[a], best[b])
+
+    benchmark.group = "interleaved train steps"
+    benchmark.pedantic(run_all, rounds=1, iterations=1)
