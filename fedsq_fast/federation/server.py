@@ -119,6 +119,24 @@ class RunResult:
     model: nn.Module = field(repr=False, default=None)
 
 
+def make_method_strategy(cfg: RunConfig, method: str):
+    """The server strategy of ``method`` with the run's options (shared with the Flower path)."""
+    name = parse_method(method)[0]
+    srv_lr = cfg.server_lr if cfg.server_lr is not None else (1.0 if name == "fedavgm" else 0.01)
+    return make_strategy(name, prox_mu=cfg.prox_mu, server_lr=srv_lr, server_momentum=cfg.server_momentum,
+                         beta1=cfg.beta1, beta2=cfg.beta2, tau=cfg.tau)
+
+
+def client_seed(seed: int, rnd: int, cid: int) -> int:
+    """Seed of client ``cid``'s local training in round ``rnd`` (same on every runtime)."""
+    return derive_seed(seed, rnd, _CLIENT, cid)
+
+
+def failure_draws(seed: int, rnd: int, n: int) -> np.ndarray:
+    """Uniform draws deciding the simulated failures of a round's n sampled clients."""
+    return np.random.default_rng(derive_seed(seed, rnd, _FAIL)).random(n)
+
+
 class Federation:
     """One method (strategy, DualCopy or not, structural schedule) on one FedData.
 
@@ -135,11 +153,7 @@ class Federation:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.client_hook = client_hook
         self.quiet = quiet
-        srv_lr = cfg.server_lr if cfg.server_lr is not None else (
-            1.0 if self.strategy_name == "fedavgm" else 0.01)
-        self.strategy = make_strategy(self.strategy_name, prox_mu=cfg.prox_mu, server_lr=srv_lr,
-                                      server_momentum=cfg.server_momentum, beta1=cfg.beta1,
-                                      beta2=cfg.beta2, tau=cfg.tau)
+        self.strategy = make_method_strategy(cfg, method)
         self.model = model_fn() if model_fn is not None else build_method_model(cfg, self.dual, data)
         if self.ablation and not callable(getattr(self.model, "set_structural_from_quantitative", None)):
             raise ValueError(f"methods: {method!r} needs DualCopyModel.set_structural_from_quantitative(), "
@@ -210,56 +224,66 @@ class Federation:
             return []
 
     # ------------------------------------------------------------------ round
+    def train_client(self, rnd: int, cid: int, glob: dict, lcfg: LocalConfig | None = None) -> tuple[dict, dict]:
+        """One client's local step (worker model, mask cache, data slice, seed derived
+        from (seed, round, client)): returns (payload state, local_train info).
+        ``lcfg``: the local options (default: this round's, from the run config)."""
+        start = glob if cid not in self.local_states else {**glob, **self.local_states[cid]}
+        adapter.load_payload(self.worker, start)
+        part = self.data.parts[cid]
+        idx = torch.from_numpy(part)
+        sl = slice(int(part[0]), int(part[-1]) + 1) if len(part) else slice(0, 0)
+        info = local_train(self.worker, self.data.x[sl], self.data.y[sl], lcfg or self.local_config(rnd),
+                           client_seed(self.cfg.seed, rnd, cid), self.data.transform,
+                           idx if self.cache is not None else None)
+        return adapter.payload_state(self.worker), info
+
+    def client_replies(self, rnd: int, glob: dict, targets: list, dropped: list, acc: dict, bar=None):
+        """Yield ``(client id, state, num_samples)`` for the round's clients: here by
+        training them in process; the Flower path overrides this to ask SuperNodes.
+        Failures go to ``dropped`` with the reason; ``acc`` collects compute time,
+        bytes and losses."""
+        local_keys = self.strategy.local_keys(glob)
+        for cid in targets:
+            try:
+                state, info = self.train_client(rnd, cid, glob)
+                if self.client_hook is not None:  # tests: a client that crashes or corrupts
+                    state = self.client_hook(rnd, cid, state)
+            except ClientTimeout as e:
+                dropped.append((cid, str(e)))
+                log.info("round %d: client %d dropped: %s", rnd, cid, e)
+                continue
+            except Exception as e:  # a failing client leaves the round, not the run
+                dropped.append((cid, f"error: {type(e).__name__}: {e}"))
+                log.warning("round %d: client %d dropped: %r", rnd, cid, e)
+                continue
+            finally:
+                if bar is not None:
+                    bar.update(1)
+            acc["client_s"] += info["seconds"]
+            acc["up"] += adapter.state_bytes(state) if isinstance(state, dict) else 0
+            acc["loss"] += info["loss"] * info["num_samples"]
+            acc["n"] += info["num_samples"]
+            if local_keys:
+                self.local_states[cid] = {k: state[k].detach().clone() for k in local_keys}
+            yield cid, state, info["num_samples"]
+
     def run_round(self, rnd: int, bar=None) -> dict:
         t0 = time.perf_counter()
         refreshed = self._structural_update(rnd)
         glob = adapter.payload_state(self.model)
-        local_keys = self.strategy.local_keys(glob)
         chosen = self.sample_clients(rnd)
-        fail_rng = np.random.default_rng(derive_seed(self.cfg.seed, rnd, _FAIL))
-        fails = fail_rng.random(len(chosen)) < self.cfg.failure_rate
-        lcfg = self.local_config(rnd)
-        dropped, acc = [], {"client_s": 0.0, "up": 0, "loss": 0.0, "n": 0}
-
-        def replies():
-            for cid, fail in zip(chosen, fails):
-                if fail:
-                    dropped.append((cid, "simulated failure (failure_rate)"))
-                    log.info("round %d: client %d dropped: simulated failure", rnd, cid)
-                    continue
-                start = glob if cid not in self.local_states else {**glob, **self.local_states[cid]}
-                adapter.load_payload(self.worker, start)
-                part = self.data.parts[cid]
-                idx = torch.from_numpy(part)
-                sl = slice(int(part[0]), int(part[-1]) + 1) if len(part) else slice(0, 0)
-                try:
-                    info = local_train(self.worker, self.data.x[sl], self.data.y[sl], lcfg,
-                                       derive_seed(self.cfg.seed, rnd, _CLIENT, cid), self.data.transform,
-                                       idx if self.cache is not None else None)
-                    state = adapter.payload_state(self.worker)
-                    if self.client_hook is not None:  # tests: a client that crashes or corrupts
-                        state = self.client_hook(rnd, cid, state)
-                except ClientTimeout as e:
-                    dropped.append((cid, str(e)))
-                    log.info("round %d: client %d dropped: %s", rnd, cid, e)
-                    continue
-                except Exception as e:  # a failing client leaves the round, not the run
-                    dropped.append((cid, f"error: {type(e).__name__}: {e}"))
-                    log.warning("round %d: client %d dropped: %r", rnd, cid, e)
-                    continue
-                finally:
-                    if bar is not None:
-                        bar.update(1)
-                acc["client_s"] += info["seconds"]
-                acc["up"] += adapter.state_bytes(state) if isinstance(state, dict) else 0
-                acc["loss"] += info["loss"] * info["num_samples"]
-                acc["n"] += info["num_samples"]
-                if local_keys:
-                    self.local_states[cid] = {k: state[k].detach().clone() for k in local_keys}
-                yield cid, state, info["num_samples"]
-
+        fails = failure_draws(self.cfg.seed, rnd, len(chosen)) < self.cfg.failure_rate
+        dropped, targets = [], []
+        for cid, fail in zip(chosen, fails):
+            if fail:
+                dropped.append((cid, "simulated failure (failure_rate)"))
+                log.info("round %d: client %d dropped: simulated failure", rnd, cid)
+            else:
+                targets.append(cid)
+        acc = {"client_s": 0.0, "up": 0, "loss": 0.0, "n": 0, "sent": len(chosen)}
         stats = AggregateStats()
-        new = self.strategy.aggregate(glob, replies(), stats)
+        new = self.strategy.aggregate(glob, self.client_replies(rnd, glob, targets, dropped, acc, bar), stats)
         for cid, reason in stats.rejected:
             dropped.append((cid, f"update rejected: {reason}"))
             log.warning("round %d: client %d update rejected: %s", rnd, cid, reason)
@@ -277,17 +301,19 @@ class Federation:
             "round": rnd, "val_loss": vloss, "val_acc": vacc,
             "train_loss": acc["loss"] / acc["n"] if acc["n"] else float("nan"),
             "clients_sampled": len(chosen), "clients_ok": stats.num_clients,
-            "clients_dropped": [[int(c), r] for c, r in dropped], "round_skipped": skipped,
+            "clients_dropped": [[int(c), r] for c, r in sorted(dropped)], "round_skipped": skipped,
             "samples": stats.num_samples, "client_drift": stats.client_drift,
             "update_norm": stats.update_norm,
             "gate_change": float(np.mean(gates)) if gates else float("nan"),
             "gate_change_sites": gates, "structural_refreshed": refreshed,
-            "bytes_up": acc["up"], "bytes_down": len(chosen) * self.payload_bytes,
+            "bytes_up": acc["up"], "bytes_down": acc["sent"] * self.payload_bytes,
             "time_client_s": acc["client_s"], "time_eval_s": t_end - t_eval,
             "time_round_s": t_end - t0,
         }
         rec["time_other_s"] = rec["time_round_s"] - rec["time_client_s"]
         rec["time_engine_s"] = rec["time_other_s"] - rec["time_eval_s"]
+        log.info("round %d: val_acc %.4f, %d/%d clients, dropped %s", rnd, vacc, stats.num_clients,
+                 len(chosen), rec["clients_dropped"])
         return rec
 
     # ------------------------------------------------------------------ run

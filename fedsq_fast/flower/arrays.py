@@ -1,0 +1,100 @@
+"""State dicts <-> Flower ArrayRecords, with dtypes Flower cannot carry converted explicitly.
+
+Every tensor numpy can represent travels as a plain ``numpy.ndarray`` Array (so Flower's
+own strategies and wrappers can read it). bfloat16 has no numpy dtype, and
+``ArrayRecord.from_torch_state_dict`` fails on it, so it travels as its raw
+little-endian bytes under a stype of ours (:data:`RAW_STYPE`); Flower's numpy-based
+code then refuses it loudly (``Array.numpy`` raises) instead of averaging bit patterns.
+Decoding never unpickles: numpy arrays are read with ``allow_pickle=False`` (inside
+``Array.numpy``) and raw arrays with ``torch.frombuffer``.
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
+RAW_STYPE = "fedsq_fast.torch-raw-le"  # raw little-endian tensor bytes, dtype = torch dtype name
+NUMPY_STYPE = "numpy.ndarray"
+_RAW_DTYPES = {"bfloat16": torch.bfloat16}
+# numpy kinds torch can hold: bool, signed/unsigned int, float (complex/object/str are refused)
+_NUMPY_KINDS = "biuf"
+
+
+def state_to_arrays(state: dict, *, arg: str = "state", keep_input: bool = True) -> ArrayRecord:
+    """A tensor state dict as an ArrayRecord (keys and order kept; tensors copied to CPU).
+    ``keep_input=False`` empties ``state`` as it goes, so the tensors and their bytes are
+    not both held in full."""
+    if not isinstance(state, dict):
+        raise TypeError(f"{arg} must be a dict of tensors, got {type(state).__name__}")
+    rec = ArrayRecord()
+    for k in list(state):
+        t = state[k] if keep_input else state.pop(k)
+        if not isinstance(k, str):
+            raise TypeError(f"{arg} keys must be strings, got {k!r}")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{arg}[{k!r}] must be a Tensor, got {type(t).__name__}")
+        t = t.detach().cpu().contiguous()
+        if t.dtype == torch.bfloat16:
+            raw = t.view(torch.int16).numpy()  # same bits; numpy knows int16
+            if sys.byteorder != "little":
+                raw = raw.byteswap()
+            rec[k] = Array(dtype="bfloat16", shape=tuple(t.shape), stype=RAW_STYPE, data=raw.tobytes())
+        else:
+            try:
+                rec[k] = Array(t.numpy())
+            except TypeError as e:  # a dtype numpy lacks (e.g. float8): name it
+                raise TypeError(f"{arg}[{k!r}]: dtype {t.dtype} cannot be sent ({e})") from None
+    return rec
+
+
+def _decode_one(key: str, a, arg: str) -> torch.Tensor:
+    if not isinstance(a, Array):
+        raise ValueError(f"{arg}[{key!r}] is a {type(a).__name__}, not an Array")
+    shape = tuple(int(s) for s in a.shape)
+    if any(s < 0 for s in shape):
+        raise ValueError(f"{arg}[{key!r}] has a negative dimension in shape {shape}")
+    if a.stype == RAW_STYPE:
+        dt = _RAW_DTYPES.get(a.dtype)
+        if dt is None:
+            raise ValueError(f"{arg}[{key!r}]: raw dtype {a.dtype!r} is not one of {sorted(_RAW_DTYPES)}")
+        n = math.prod(shape)
+        want = n * torch.empty((), dtype=dt).element_size()
+        if len(a.data) != want:
+            raise ValueError(f"{arg}[{key!r}]: {len(a.data)} bytes for shape {shape} of {a.dtype} "
+                             f"(expected {want})")
+        if n == 0:
+            return torch.empty(shape, dtype=dt)
+        raw = np.frombuffer(a.data, dtype="<i2").astype(np.int16, copy=True)  # owned, native order
+        return torch.from_numpy(raw).view(dt).reshape(shape)
+    if a.stype != NUMPY_STYPE:
+        raise ValueError(f"{arg}[{key!r}]: unsupported serialization type {a.stype!r}")
+    try:
+        arr = a.numpy()  # np.load(..., allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - a malformed payload is a rejection, not a crash
+        raise ValueError(f"{arg}[{key!r}]: not a readable numpy array ({type(e).__name__}: {e})") from None
+    if arr.dtype.kind not in _NUMPY_KINDS:
+        raise ValueError(f"{arg}[{key!r}]: numpy dtype {arr.dtype} cannot become a tensor")
+    if tuple(arr.shape) != shape:
+        raise ValueError(f"{arg}[{key!r}]: data has shape {tuple(arr.shape)}, header says {shape}")
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    if not arr.flags.c_contiguous or not arr.flags.writeable:
+        arr = arr.copy(order="C")  # (np.ascontiguousarray would turn a 0-d array into 1-d)
+    return torch.from_numpy(arr)
+
+
+def arrays_to_state(record, *, arg: str = "arrays") -> dict:
+    """An ArrayRecord as a state dict of CPU tensors (dtypes restored, bf16 included).
+    Raises ValueError naming ``arg`` and the key for anything malformed."""
+    if not isinstance(record, ArrayRecord):
+        raise ValueError(f"{arg} must be an ArrayRecord, got {type(record).__name__}")
+    return {k: _decode_one(k, a, arg) for k, a in record.items()}
+
+
+def record_bytes(record: ArrayRecord) -> int:
+    """Payload bytes of an ArrayRecord (array data only)."""
+    return int(sum(len(a.data) for a in record.values()))

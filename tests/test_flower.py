@@ -1,0 +1,504 @@
+"""FedSQ on Flower: array conversion, the strategy adapter's checks, the ServerApp/ClientApp
+against the embedded engine (in process, and on a real SuperLink with SuperNodes on loopback)."""
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict  # noqa: E402
+
+from fedsq_fast.federation import Federation, from_mapping, prepare_data, stream_average  # noqa: E402
+from fedsq_fast.federation import checkpoint as ckpt  # noqa: E402
+from fedsq_fast.federation.config import KEYS  # noqa: E402
+from fedsq_fast.flower import FedSQStrategy, arrays_to_state, state_to_arrays  # noqa: E402
+from fedsq_fast.flower import app as A  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+torch.set_num_threads(1)
+
+
+def _cfg(**kw):
+    base = dict(dataset="digits", model="tiny_cnn", rounds=2, num_clients=3, max_train_samples=None,
+                val_size=200, max_test_samples=200, lr=0.05, methods=["fedsq"], probe_size=16,
+                min_partition_size=5, threads=1, seed=int(np.random.default_rng().integers(1000)))
+    base.update(kw)
+    return from_mapping(base)
+
+
+def _state(gen):
+    return {"w": torch.randn(7, 5, generator=gen), "h": torch.randn(4, generator=gen).bfloat16(),
+            "bn.running_mean": torch.randn(5, generator=gen),
+            "bn.num_batches_tracked": torch.randint(0, 1000, (), generator=gen)}
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Messages built outside a Flower process need a run/node/task identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+
+
+# ---------------------------------------------------------------- arrays
+def test_arrays_round_trip_keeps_dtypes_bf16_and_integers(gen):
+    s = {**_state(gen), "e": torch.empty(0, 3, dtype=torch.bfloat16), "f": torch.tensor([True, False]),
+         "g": torch.randn(3, 2, generator=gen).half(), "t": torch.randn(4, 6, generator=gen).t()}
+    rec = state_to_arrays(s)
+    assert rec["h"].stype == "fedsq_fast.torch-raw-le" and rec["w"].stype == "numpy.ndarray"
+    back = arrays_to_state(rec)
+    assert list(back) == list(s)
+    for k in s:
+        assert back[k].dtype == s[k].dtype and back[k].shape == s[k].shape and torch.equal(back[k], s[k]), k
+    with pytest.raises(TypeError, match=r"state\['x'\] must be a Tensor"):
+        state_to_arrays({"x": 1.0})
+
+
+def test_arrays_malformed_are_refused_with_the_key():
+    bad = ArrayRecord({"h": Array(dtype="bfloat16", shape=(3,), stype="fedsq_fast.torch-raw-le", data=b"\0" * 5)})
+    with pytest.raises(ValueError, match=r"arrays\['h'\]: 5 bytes"):
+        arrays_to_state(bad)
+    bad = ArrayRecord({"x": Array(dtype="float32", shape=(2,), stype="pickle", data=b"")})
+    with pytest.raises(ValueError, match=r"arrays\['x'\]: unsupported serialization type"):
+        arrays_to_state(bad)
+    bad = ArrayRecord({"x": Array(dtype="float32", shape=(2,), stype="numpy.ndarray", data=b"garbage")})
+    with pytest.raises(ValueError, match=r"arrays\['x'\]: not a readable numpy array"):
+        arrays_to_state(bad)
+
+
+# ---------------------------------------------------------------- strategy adapter
+class _Grid:
+    """Node ids only (what configure_train asks for)."""
+
+    def __init__(self, ids):
+        self.ids = list(ids)
+
+    def get_node_ids(self):
+        return self.ids
+
+
+def _reply(to: Message, state=None, n=10, pid=None, metrics=None, arrays_key="arrays", src=None):
+    m = dict(metrics if metrics is not None else {"num-examples": n})
+    if pid is not None:
+        m["partition-id"] = pid
+    content = RecordDict({"metrics": MetricRecord(m)})
+    if state is not None:
+        content[arrays_key] = state_to_arrays(state)
+    r = Message(content, reply_to=to)
+    if src is not None:
+        r.metadata.__dict__["_src_node_id"] = src
+    return r
+
+
+def _sent(strat, glob, nodes):
+    msgs = list(strat.configure_train(1, state_to_arrays(glob), ConfigRecord(), _Grid(nodes)))
+    for i, m in enumerate(msgs):
+        m.metadata.__dict__["_message_id"] = f"m{i}"
+    return msgs
+
+
+def test_strategy_rejects_malformed_replies_with_logged_reason(gen, caplog):
+    glob = _state(gen)
+    strat = FedSQStrategy(_cfg(), "fedsq", min_train_nodes=1, min_available_nodes=1)
+    msgs = _sent(strat, glob, range(100, 108))  # node ids apart from partition ids
+    good = [_state(gen) for _ in range(2)]
+    wrong_keys = {k: v for k, v in _state(gen).items() if k != "w"}
+    wrong_shape = {**_state(gen), "w": torch.randn(5, 7)}
+    nan = _state(gen)
+    nan["bn.running_mean"][1] = float("nan")
+    replies = [
+        _reply(msgs[0], good[1], n=7, pid=4),
+        _reply(msgs[1], wrong_keys, pid=1),
+        _reply(msgs[2], wrong_shape, pid=2),
+        _reply(msgs[3], nan, pid=3),
+        _reply(msgs[4], good[0], n=13, pid=0),
+        _reply(msgs[5], _state(gen), pid=5, metrics={"num-examples": float("nan")}),
+        _reply(msgs[6], _state(gen), pid=6, arrays_key="weights"),
+        Message(Error(code=0, reason="client crashed"), reply_to=msgs[7]),
+    ]
+    with caplog.at_level(logging.WARNING, logger="fedsq_fast.flower"):
+        arrays, metrics = strat.aggregate_train(1, replies)
+    reasons = dict(strat.last_stats.rejected)
+    assert "wrong keys" in reasons[1] and "shape (5, 7)" in reasons[2] and "NaN" in reasons[3]
+    assert "num-examples" in reasons[5] and "'weights'" in reasons[6]
+    assert any("client crashed" in r for r in reasons.values())
+    assert len(reasons) == 6 and strat.last_stats.num_clients == 2
+    for r in reasons.values():  # every reason is logged
+        assert r in caplog.text
+    ref = stream_average(glob, [(0, good[0], 13), (4, good[1], 7)])  # folded in partition order
+    out = arrays_to_state(arrays)
+    for k in ref:
+        assert out[k].dtype == glob[k].dtype and torch.equal(out[k], ref[k]), k
+    assert metrics["num-examples"] == 20 and metrics["clients-ok"] == 2
+    # nothing valid: no new model
+    assert strat.aggregate_train(1, replies[1:4]) == (None, None)
+
+
+def test_strategy_composes_with_flower_dp_wrapper_on_float_payloads(gen):
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+
+    glob = {"w": torch.randn(6, 4, generator=gen), "b": torch.randn(4, generator=gen)}
+    inner = FedSQStrategy(_cfg(), "fedsq", min_train_nodes=2, min_available_nodes=2)
+    dp = DifferentialPrivacyServerSideFixedClipping(inner, noise_multiplier=0.0, clipping_norm=1e6,
+                                                    num_sampled_clients=2)
+    msgs = list(dp.configure_train(1, state_to_arrays(glob), ConfigRecord(), _Grid([1, 2])))
+    for i, m in enumerate(msgs):
+        m.metadata.__dict__["_message_id"] = f"m{i}"
+    cl = [{k: v + torch.randn_like(v) * 0.1 for k, v in glob.items()} for _ in range(2)]
+    arrays, _ = dp.aggregate_train(1, [_reply(msgs[i], cl[i], n=5, pid=i) for i in range(2)])
+    ref = stream_average(glob, [(0, cl[0], 5), (1, cl[1], 5)])
+    out = arrays_to_state(arrays)
+    for k in ref:  # no noise, no clipping: the wrapper hands back our average (float64 round trip)
+        torch.testing.assert_close(out[k].float(), ref[k], rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------- ServerApp/ClientApp in process
+class InProcessGrid:
+    """A Grid whose nodes run the ClientApp function in this process (no Flower runtime):
+    tests the server's round logic and the client's step without processes."""
+
+    def __init__(self, num_nodes, run_config=None, dead=(), mangle=None):
+        self.nodes = {1000 + 17 * i: {"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)}
+        self.states = {n: RecordDict() for n in self.nodes}
+        self.dead, self.mangle = set(dead), mangle
+        self.replies, self.count = {}, itertools.count()
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            mid = f"msg{next(self.count)}"
+            m.metadata.__dict__["_message_id"] = mid
+            ids.append(mid)
+            node = m.metadata.dst_node_id
+            if node in self.dead:
+                continue  # never answers
+            ctx = Context(1, node, self.nodes[node], self.states[node], {})
+            rep = A._client_train(m, ctx)
+            rep.metadata.__dict__["_src_node_id"] = node
+            if self.mangle is not None:
+                rep = self.mangle(self.nodes[node]["partition-id"], rep)
+            self.replies[mid] = rep
+        return ids
+
+    def pull_messages(self, ids):
+        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+
+
+def _same_model(a, b, exact=True):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        if exact:
+            assert torch.equal(sa[k], sb[k]), k
+        else:
+            torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["fedsq", "fedbn"])
+def test_in_process_flower_equals_embedded_engine(tmp_path, method):
+    cfg = _cfg(methods=[method], out_dir=str(tmp_path / "flower"))
+    data = prepare_data(cfg)
+    emb = Federation(cfg, method, data, out_dir=tmp_path / "emb", quiet=True).run()
+    fl = A.FlowerFederation(cfg, method, data, InProcessGrid(3), out_dir=tmp_path / "fl", poll_s=0).run()
+    _same_model(emb.model, fl.model)
+    for h1, h2 in zip(emb.history, fl.history):
+        for k in ("val_acc", "val_loss", "clients_ok", "clients_dropped", "samples", "bytes_up", "bytes_down"):
+            assert h1[k] == h2[k], k
+    for f in ("metrics.json", "metrics.csv", "checkpoint.safetensors"):
+        assert (tmp_path / "fl" / f).is_file()
+
+
+def test_in_process_dead_node_and_nan_reply_leave_the_others(tmp_path):
+    cfg = _cfg(min_clients=1, out_dir=str(tmp_path))
+    data = prepare_data(cfg)
+
+    def mangle(pid, rep):  # partition 2 sends NaN
+        if pid == 2 and not rep.has_error() and "arrays" in rep.content.array_records:
+            s = arrays_to_state(rep.content["arrays"])
+            next(t for t in s.values() if t.dtype.is_floating_point).view(-1)[0] = float("nan")
+            rep.content["arrays"] = state_to_arrays(s)
+        return rep
+
+    grid = InProcessGrid(3, dead=[1000 + 17], mangle=mangle)
+    res = A.FlowerFederation(cfg, "fedsq", data, grid, round_timeout=0.2, poll_s=0.05).run()
+
+    def hook(rnd, cid, state):
+        if cid == 1:
+            raise RuntimeError("dead")
+        if cid == 2:
+            raise RuntimeError("nan")
+        return state
+
+    emb = Federation(cfg, "fedsq", data, quiet=True, client_hook=hook).run()
+    _same_model(emb.model, res.model)
+    for h in res.history[1:]:
+        reasons = dict(h["clients_dropped"])
+        assert h["clients_ok"] == 1 and "NaN" in reasons[2]
+        assert "round-timeout" in reasons[1] or "no connected node" in reasons[1]
+
+
+def test_flower_app_config_covers_every_run_config_key():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    conf = tomllib.loads((ROOT / "flower" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    keys = {k.replace("-", "_") for k in conf["config"]} - {k.replace("-", "_") for k in A.FLOWER_KEYS}
+    assert keys == set(KEYS)
+    assert conf["components"] == {"serverapp": "fedsq_fast.flower.app:server_app",
+                                  "clientapp": "fedsq_fast.flower.app:client_app"}
+    cfg, opts = A.config_from_run_config(conf["config"])
+    assert cfg.dataset == "digits" and cfg.methods == ["fedsq"] and opts["order"] == "sorted"
+    with pytest.raises(ValueError, match="round-timeout"):
+        A.config_from_run_config({**conf["config"], "round-timeout": -1})
+    with pytest.raises(ValueError, match="num-partitions"):
+        A.node_partition({"partition-id": 0, "num-partitions": 4}, cfg)
+
+
+# ---------------------------------------------------------------- real deployment on loopback
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children() -> dict:
+    """pid -> parent pid for every process (Linux /proc)."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+                out[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def _descendants(pid: int) -> list:
+    par = _children()
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in par.items() if pp == p]
+        found += kids
+        todo += kids
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _kill_tree(proc, sig=signal.SIGKILL) -> None:
+    """Signal a process, its process group and every descendant's group (the SuperLink
+    starts its SuperExec in a new session, so one killpg is not enough)."""
+    pids = [proc.pid] + _descendants(proc.pid)
+    groups = set()
+    for p in pids:
+        try:
+            groups.add(os.getpgid(p))
+        except OSError:
+            pass
+    for g in groups:
+        try:
+            os.killpg(g, sig)
+        except OSError:
+            pass
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except OSError:
+            pass
+
+
+class Deployment:
+    """One flower-superlink and N flower-supernode processes (insecure, loopback, ports
+    chosen now), each in its own process group, logs in ``root``."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.procs, self.logs, self.nodes = [], [], {}
+        self.env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_HOME=str(root / "flwr-home"),
+                        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                        OMP_NUM_THREADS="1",  # Flower starts flower-superexec, flwr-serverapp... by name
+                        PATH=os.pathsep.join([str(BIN), os.environ.get("PATH", "")]))
+
+    def _start(self, name, args):
+        log = open(self.root / f"{name}.log", "wb")
+        p = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.root,
+                             start_new_session=True)
+        self.procs.append(p)
+        self.logs.append(self.root / f"{name}.log")
+        return p
+
+    def start_superlink(self, timeout=60):
+        self.port = _free_port()
+        self.superlink = self._start("superlink", [
+            str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+            "--disable-runtime-dependency-installation"])
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            assert self.superlink.poll() is None, self.tail()
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.3)
+        else:
+            raise TimeoutError(f"superlink did not listen on {self.port}\n{self.tail()}")
+        (self.root / "flwr-home").mkdir(exist_ok=True)
+        (self.root / "flwr-home" / "config.toml").write_text(
+            f'[superlink]\ndefault = "fedsq-test"\n\n[superlink.fedsq-test]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+
+    def start_supernode(self, pid, num):
+        self.nodes[pid] = self._start(f"supernode{pid}", [
+            str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+            "--host", "127.0.0.1", "--port", str(_free_port()),
+            "--node-config", f"partition-id={pid} num-partitions={num}"])
+
+    def flwr_run(self, run_config: dict, timeout: float):
+        app = self.root / "app"
+        app.mkdir(exist_ok=True)
+        (app / "pyproject.toml").write_text((ROOT / "flower" / "pyproject.toml").read_text())
+        toml = self.root / "run.toml"
+        toml.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in run_config.items()))
+        p = self._start("flwr-run", [str(BIN / "flwr"), "run", str(app), "fedsq-test", "--run-config",
+                                     str(toml), "--stream"])
+        return p
+
+    def tail(self, n=3000) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-n:]}" for p in self.logs if p.exists())
+
+    def stop(self):
+        for p in reversed(self.procs):  # SIGTERM first so they can deregister, then SIGKILL
+            if p.poll() is None:
+                _kill_tree(p, signal.SIGTERM)
+        end = time.monotonic() + 10
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for p in self.procs:
+            _kill_tree(p, signal.SIGKILL)
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    d = Deployment(tmp_path)
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+def _run_config(cfg, **extra):
+    rc = {k.replace("_", "-"): ("none" if v is None else v) for k, v in cfg.to_dict().items()}
+    rc["methods"] = ",".join(cfg.methods)
+    rc.update(extra)
+    return rc
+
+
+def _wait(proc, timeout, dep):
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"flwr run did not finish in {timeout} s\n{dep.tail()}")
+
+
+def _final_model(fed_like, out: Path):
+    groups, meta = ckpt.load(out / "checkpoint.safetensors")
+    fed_like.model.load_state_dict(groups["model"])
+    return fed_like.model, meta
+
+
+@pytest.mark.slow
+def test_deployment_superlink_and_supernodes_equal_embedded_engine(deployment, tmp_path):
+    cfg = _cfg(out_dir=str(tmp_path / "out"), val_size=150, max_test_samples=100)
+    data = prepare_data(cfg)
+    emb = Federation(cfg, "fedsq", data, quiet=True).run()  # the embedded engine, same seed/partitions
+    deployment.start_superlink()
+    for i in range(cfg.num_clients):
+        deployment.start_supernode(i, cfg.num_clients)
+    run = deployment.flwr_run(_run_config(cfg, **{"round-timeout": 150.0}), timeout=170)
+    _wait(run, 170, deployment)
+    out = tmp_path / "out" / "fedsq"
+    assert (out / "metrics.json").is_file(), deployment.tail()
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["summary"]["complete"] and len(doc["history"]) == cfg.rounds + 1
+    assert (tmp_path / "out" / "partition.txt").is_file() and (out / "metrics.csv").is_file()
+    for h in doc["history"][1:]:
+        assert h["clients_ok"] == cfg.num_clients and h["clients_dropped"] == [], h
+    model, meta = _final_model(Federation(cfg, "fedsq", data, quiet=True), out)
+    _same_model(emb.model, model, exact=False)  # other processes: equal to float rounding
+    for a, b in zip(emb.history, doc["history"]):  # an argmax may flip on a rounding difference
+        assert abs(a["val_acc"] - b["val_acc"]) <= 1.5 / cfg.val_size
+
+
+@pytest.mark.slow
+def test_deployment_supernode_killed_mid_round_the_others_finish(deployment, tmp_path):
+    cfg = _cfg(out_dir=str(tmp_path / "out"), val_size=150, max_test_samples=100)
+    victim = 1
+    deployment.start_superlink()
+    for i in range(cfg.num_clients):
+        deployment.start_supernode(i, cfg.num_clients)
+    run = deployment.flwr_run(_run_config(cfg, **{"round-timeout": 150.0}), timeout=200)
+    node = deployment.nodes[victim]
+    end = time.monotonic() + 120
+    while time.monotonic() < end:  # kill it once its ClientApp for round 1 is running
+        if any("flwr-clientapp" in _cmdline(p) for p in _descendants(node.pid)):
+            break
+        assert run.poll() is None, deployment.tail()
+        time.sleep(0.2)
+    else:
+        pytest.fail("the SuperNode never started a ClientApp\n" + deployment.tail())
+    _kill_tree(node, signal.SIGKILL)  # a crash: no goodbye to the SuperLink
+    _wait(run, 200, deployment)
+    out = tmp_path / "out" / "fedsq"
+    assert (out / "metrics.json").is_file(), deployment.tail()
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["summary"]["complete"] and len(doc["history"]) == cfg.rounds + 1
+    for h in doc["history"][1:]:
+        assert h["clients_ok"] == cfg.num_clients - 1, h
+        assert [c for c, _ in h["clients_dropped"]] == [victim], h
+
+    def hook(rnd, cid, state):
+        if cid == victim:
+            raise RuntimeError("killed")
+        return state
+
+    data = prepare_data(cfg)
+    emb = Federation(cfg, "fedsq", data, quiet=True, client_hook=hook).run()
+    model, _ = _final_model(Federation(cfg, "fedsq", data, quiet=True), out)
+    _same_model(emb.model, model, exact=False)  # the survivors' updates, none lost
