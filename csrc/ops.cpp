@@ -191,6 +191,21 @@ struct CpuBackend {
       T.accumulate(it.dt, it.out, it.xs[0], w, i0, i1);
     });
   }
+  // Partial sums per tile, added in tile order: the same result for any thread count.
+  static double sq_dist_list(const std::vector<ListItem>& items, c10::Device) {
+    const KernelTable& T = cpu_kernels();
+    std::vector<int64_t> first(items.size() + 1, 0);
+    for (size_t j = 0; j < items.size(); ++j) first[j + 1] = first[j] + (items[j].n + kTile - 1) / kTile;
+    std::vector<double> part(first.back(), 0.0);
+    over_tiles(items, [&](const ListItem& it, int64_t i0, int64_t i1) {
+      const size_t j = static_cast<size_t>(&it - items.data());
+      for (int64_t a = i0; a < i1; a += kTile)
+        part[first[j] + a / kTile] = T.sq_dist(it.dt, it.xs[0], it.out, a, std::min(a + kTile, i1));
+    });
+    double total = 0.0;
+    for (double p : part) total += p;
+    return total;
+  }
   static void accumulate(DType dt, const at::Tensor& acc, const at::Tensor& x, double w) {
     void* a = acc.data_ptr();
     const void* p = x.data_ptr();
@@ -224,6 +239,7 @@ TORCH_LIBRARY(fedsq_fast, m) {
   m.def("accumulate_(Tensor(a!) acc, Tensor x, float weight) -> ()");
   m.def("weighted_sum_list_out(Tensor[] xs, float[] weights, Tensor(a!)[] outs) -> ()");
   m.def("accumulate_list_(Tensor(a!)[] acc, Tensor[] x, float weight) -> ()");
+  m.def("sq_dist_list(Tensor[] xs, Tensor[] refs) -> float");
   // Not a tensor op: selects the CPU kernel variant (tests run every ISA the CPU has).
   m.def("cpu_isa(str isa='') -> str", &fedsq::cpu_isa);
 }

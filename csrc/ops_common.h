@@ -145,6 +145,18 @@ struct Ops {
     }
     if (!items.empty()) B::accumulate_list(items, weight, xs[0].device());
   }
+  // sum_j ||xs[j] - refs[j]||^2 over a whole state (a metric: drift, update norm).
+  static double sq_dist_list(at::TensorList xs, at::TensorList refs) {
+    TORCH_CHECK(xs.size() == refs.size(), "xs and refs must hold the same number of tensors, got ", xs.size(),
+                " and ", refs.size());
+    std::vector<ListItem> items;
+    for (size_t j = 0; j < xs.size(); ++j) {
+      check_same(refs[j], "refs[j]", xs[j], "xs[j]");
+      ListItem it{dtype_of(xs[j], "xs[j]"), xs[j].numel(), const_cast<void*>(refs[j].data_ptr()), {xs[j].data_ptr()}};
+      if (it.n) items.push_back(std::move(it));
+    }
+    return items.empty() ? 0.0 : B::sq_dist_list(items, xs[0].device());
+  }
   static void accumulate_(const at::Tensor& acc, const at::Tensor& x, double weight) {
     const DType dt = dtype_of(x, "x");
     check_accumulate(acc, x);
@@ -162,6 +174,7 @@ struct Ops {
     m.impl("accumulate_", &accumulate_);
     m.impl("weighted_sum_list_out", &weighted_sum_list_out);
     m.impl("accumulate_list_", &accumulate_list_);
+    m.impl("sq_dist_list", &sq_dist_list);
   }
 };
 

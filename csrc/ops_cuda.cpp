@@ -85,6 +85,10 @@ struct CudaBackend {
     auto stream = c10::cuda::getCurrentCUDAStream();
     for (const ListItem& it : items) check(cuda::accumulate(it.dt, it.out, it.xs[0], w, it.n, stream), "accumulate_list_");
   }
+  static double sq_dist_list(const std::vector<ListItem>&, c10::Device) {
+    TORCH_CHECK(false, "sq_dist_list: CUDA tensors take the torch path (fedsq_fast.ops.sq_dist)");
+    return 0.0;
+  }
   static void accumulate(DType dt, const at::Tensor& acc, const at::Tensor& x, double w) {
     const c10::cuda::CUDAGuard g(x.device());
     check(cuda::accumulate(dt, acc.data_ptr(), x.data_ptr(), w, x.numel(), c10::cuda::getCurrentCUDAStream()),

@@ -28,6 +28,7 @@ __all__ = [
     "struct_epilogue",
     "weighted_average",
     "StreamingAverage",
+    "sq_dist",
     "FLOAT_DTYPES",
 ]
 
@@ -49,6 +50,8 @@ SCHEMAS = {
     # Many tensors per client in one dispatch (xs client-major: xs[k*L + j]).
     "weighted_sum_list_out": "weighted_sum_list_out(Tensor[] xs, float[] weights, Tensor(a!)[] outs) -> ()",
     "accumulate_list_": "accumulate_list_(Tensor(a!)[] acc, Tensor[] x, float weight) -> ()",
+    # sum_j ||xs[j] - refs[j]||^2 in one pass, no temporaries (drift metrics).
+    "sq_dist_list": "sq_dist_list(Tensor[] xs, Tensor[] refs) -> float",
 }
 
 
@@ -110,6 +113,14 @@ def _ref_accumulate_list_(accs, xs, weight):
         _ref_accumulate_(acc, x, weight)
 
 
+def _ref_sq_dist_list(xs, refs):
+    total = 0.0
+    for x, r in zip(xs, refs):
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        total += float(torch.linalg.vector_norm(x.to(acc) - r.to(acc), dtype=torch.float64)) ** 2
+    return total
+
+
 _REF_IMPLS = {
     "pack_mask": _ref_pack_mask,
     "apply_mask": _ref_apply_mask,
@@ -122,6 +133,7 @@ _REF_IMPLS = {
     "accumulate_": _ref_accumulate_,
     "weighted_sum_list_out": _ref_weighted_sum_list_out,
     "accumulate_list_": _ref_accumulate_list_,
+    "sq_dist_list": _ref_sq_dist_list,
 }
 
 if not _COMPILED:
@@ -132,7 +144,8 @@ if not _COMPILED:
 elif not _loader.BACKEND_INFO["cuda_kernels"]:
     _LIB = torch.library.Library("fedsq_fast", "IMPL")
     for _name in SCHEMAS:
-        _LIB.impl(_name, _REF_IMPLS[_name], "CUDA")
+        if _name != "sq_dist_list":  # CUDA tensors take sq_dist's torch path
+            _LIB.impl(_name, _REF_IMPLS[_name], "CUDA")
 
 
 # --------------------------------------------------------------------------
@@ -541,6 +554,27 @@ def weighted_average(clients, weights, out=None):
         for tgt, o in copy_back:
             o.copy_(tgt)
     return rebuild(results)
+
+
+def sq_dist(xs, refs) -> float:
+    """sum_j ||xs[j] - refs[j]||^2 over two equally shaped tensor lists (e.g. a
+    client's state and the global one), in one pass without temporaries on CPU.
+    NaN/Inf in the inputs give a non-finite result. Tensors pair up by position
+    and must match in shape, dtype and device."""
+    xs, refs = list(xs), list(refs)
+    if len(xs) != len(refs):
+        raise ValueError(f"xs and refs must hold the same number of tensors, got {len(xs)} and {len(refs)}")
+    for j, (x, r) in enumerate(zip(xs, refs)):
+        _check_float_tensor(f"xs[{j}]", x)
+        _check_pair(f"refs[{j}]", r, f"xs[{j}]", x)
+    if not xs:
+        return 0.0
+    with torch.no_grad():
+        if xs[0].device.type != "cpu":
+            return _ref_sq_dist_list(xs, refs)
+        pairs = [(x, r) if (x.stride() == r.stride() and ref.is_dense(x)) else (x.contiguous(), r.contiguous())
+                 for x, r in zip(xs, refs)]
+        return float(torch.ops.fedsq_fast.sq_dist_list([p[0] for p in pairs], [p[1] for p in pairs]))
 
 
 class StreamingAverage:

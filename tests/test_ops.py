@@ -538,3 +538,29 @@ def test_cuda_weighted_average_and_epilogue(dtype, k):
         h_ref, bits_ref = ref.struct_epilogue(zz, sc, sh)
         assert torch.equal(bits.cpu(), bits_ref)
         assert torch.equal(h.cpu(), h_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_sq_dist_matches_float64_and_flags_nonfinite(isa, dtype):
+    g = torch.Generator().manual_seed(9)
+    sizes = [0, 1, 7, 4096, 4097, 30011]
+    xs = [torch.randn(n, generator=g, dtype=torch.float64).to(dtype) for n in sizes]
+    refs = [torch.randn(n, generator=g, dtype=torch.float64).to(dtype) for n in sizes]
+    want = sum(float(((x.double() - r.double()) ** 2).sum()) for x, r in zip(xs, refs))
+    got = ff.ops.sq_dist(xs, refs)
+    assert got == pytest.approx(want, rel=1e-5 if dtype != torch.float64 else 1e-12)
+    old = torch.get_num_threads()
+    try:  # tile partial sums are added in order: thread count does not matter
+        torch.set_num_threads(1)
+        assert ff.ops.sq_dist(xs, refs) == got
+    finally:
+        torch.set_num_threads(old)
+    bad = [x.clone() for x in xs]
+    bad[4][100] = float("nan")
+    assert math.isnan(ff.ops.sq_dist(bad, refs))
+    bad[4][100] = float("inf")
+    assert not math.isfinite(ff.ops.sq_dist(bad, refs))
+    with pytest.raises(ValueError, match="xs and refs must hold the same number"):
+        ff.ops.sq_dist(xs, refs[:-1])
+    with pytest.raises(ValueError, match=r"xs\[1\] must have the shape of refs\[1\]"):
+        ff.ops.sq_dist(xs, [refs[0], refs[2]] + refs[2:])

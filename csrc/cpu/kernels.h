@@ -32,6 +32,9 @@ struct KernelTable {
                        int64_t i0, int64_t i1);
   // acc[i] += w * x[i] (acc is float32, or float64 when x is f64).
   void (*accumulate)(DType, void* acc, const void* x, double w, int64_t i0, int64_t i1);
+  // sum over [i0, i1) of (x[i] - ref[i])^2: differences in float32 (float64 for
+  // f64), squares summed in float32 lanes then float64; NaN/Inf propagate.
+  double (*sq_dist)(DType, const void* x, const void* ref, int64_t i0, int64_t i1);
 };
 
 const KernelTable& kernels_scalar();

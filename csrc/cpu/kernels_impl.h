@@ -399,6 +399,34 @@ static void accumulate_range(acc_t<T>* acc, const T* x, double w, int64_t i0, in
   for (; i < i1; ++i) acc[i] = fma_s<A>(wa, ld(x, i), acc[i]);
 }
 
+template <class T>
+static double sq_dist_range(const T* x, const T* ref, int64_t i0, int64_t i1) {
+  using A = acc_t<T>;
+  double total = 0.0;
+  int64_t i = i0;
+#if FEDSQ_ISA > 0
+  if constexpr (kVec<T>) {
+    // float32 lanes per block of up to 4096 elements, then into the float64 total
+    alignas(64) float lanes[VW];
+    while (i + VW <= i1) {
+      const int64_t end = std::min(i1, i + 4096);
+      VF acc = vset1(0.0f);
+      for (; i + VW <= end; i += VW) {
+        const VF d = vadd(vload(x + i), vmul(vset1(-1.0f), vload(ref + i)));
+        acc = vfma(d, d, acc);
+      }
+      vstoref(lanes, acc);
+      for (int j = 0; j < VW; ++j) total += double(lanes[j]);
+    }
+  }
+#endif
+  for (; i < i1; ++i) {
+    const A d = ld(x, i) - ld(ref, i);
+    total += double(d) * double(d);
+  }
+  return total;
+}
+
 // ---------------------------------------------------------------------------
 // Type dispatch and the exported table.
 #define FEDSQ_DISPATCH(dt, ...)                                   \
@@ -432,6 +460,12 @@ static void k_wsum(DType dt, const void* const* xs, const double* w, int64_t K, 
 static void k_accumulate(DType dt, void* acc, const void* x, double w, int64_t i0, int64_t i1) {
   FEDSQ_DISPATCH(dt, accumulate_range<T>(static_cast<acc_t<T>*>(acc), static_cast<const T*>(x), w, i0, i1));
 }
+static double k_sq_dist(DType dt, const void* x, const void* ref, int64_t i0, int64_t i1) {
+  double r = 0.0;
+  FEDSQ_DISPATCH(dt, r = sq_dist_range<T>(static_cast<const T*>(x), static_cast<const T*>(ref), i0, i1));
+  return r;
+}
 #undef FEDSQ_DISPATCH
 
-static const KernelTable kTable = {FEDSQ_ISA_NAME, k_pack, k_apply, k_gate, k_epilogue, k_wsum, k_accumulate};
+static const KernelTable kTable = {FEDSQ_ISA_NAME, k_pack, k_apply, k_gate, k_epilogue, k_wsum, k_accumulate,
+                                   k_sq_dist};

@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from ..ops import StreamingAverage
+from ..ops import StreamingAverage, sq_dist
 
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedbn")
 _STAT_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -66,11 +66,11 @@ class AggregateStats:
 
 
 def _sq_dist(state: dict, ref: dict, check: bool = False) -> float | str:
-    """sum over float parameter tensors of ||state - ref||^2, in float64 (one
-    tensor-sized temporary at a time). With ``check``, also the NaN/Inf scan in
-    the same pass: a non-finite norm means a non-finite (or overflowing) entry,
-    so the reason is returned instead; statistics are scanned with isfinite."""
-    tot = 0.0
+    """sum over float parameter tensors of ||state - ref||^2 (fedsq_fast.ops.sq_dist:
+    one pass, no temporaries). With ``check``, a non-finite result means a NaN/Inf
+    entry: the offending key is found and returned as the reason instead;
+    statistics (BN running stats) are scanned with isfinite."""
+    keys = []
     with torch.no_grad():
         for k, g in ref.items():
             if not g.dtype.is_floating_point:
@@ -79,11 +79,13 @@ def _sq_dist(state: dict, ref: dict, check: bool = False) -> float | str:
                 if check and not bool(torch.isfinite(state[k]).all()):
                     return f"{k}: NaN or Inf"
                 continue
-            d = state[k] - g if g.dtype == torch.float64 else state[k].float() - g.float()
-            v = float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
-            if check and not math.isfinite(v):
-                return f"{k}: NaN or Inf (or an update too large for float32)"
-            tot += v
+            keys.append(k)
+        tot = sq_dist([state[k] for k in keys], [ref[k] for k in keys])
+        if check and not math.isfinite(tot):
+            for k in keys:  # rare path: name the tensor
+                if not math.isfinite(sq_dist([state[k]], [ref[k]])):
+                    return f"{k}: NaN or Inf (or an update too large to square)"
+            return "NaN or Inf in the update"
     return tot
 
 

@@ -209,6 +209,12 @@ static void check_table(const KernelTable& T, const KernelTable& R) {
         R.accumulate(dt, a2.data(), ptrs[k], w[k], 0, int64_t(n));
       }
       compare("accumulate", dt == DType::f64 ? DType::f64 : DType::f32, a1, a2, n, T.name);
+      // sq_dist: vector lanes sum squares in float32 per block, the scalar path in
+      // float64, so compare with a relative tolerance.
+      const double d1 = T.sq_dist(dt, ptrs[0], ptrs[1], 0, int64_t(n));
+      const double d2 = R.sq_dist(dt, ptrs[0], ptrs[1], 0, int64_t(n));
+      if (!(std::fabs(d1 - d2) <= 1e-5 * std::fabs(d2) + 1e-30) && failures++ < 20)
+        std::printf("MISMATCH %s sq_dist dtype=%d n=%zu: %.17g vs %.17g\n", T.name, int(dt), n, d1, d2);
     }
   }
 }
