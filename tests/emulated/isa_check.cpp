@@ -213,7 +213,9 @@ static void check_table(const KernelTable& T, const KernelTable& R) {
       // float64, so compare with a relative tolerance.
       const double d1 = T.sq_dist(dt, ptrs[0], ptrs[1], 0, int64_t(n));
       const double d2 = R.sq_dist(dt, ptrs[0], ptrs[1], 0, int64_t(n));
-      if (!(std::fabs(d1 - d2) <= 1e-5 * std::fabs(d2) + 1e-30) && failures++ < 20)
+      const bool same_nonfinite = (std::isnan(d1) && std::isnan(d2)) || (std::isinf(d1) && d1 == d2);
+      const bool close = std::isfinite(d1) && std::isfinite(d2) && std::fabs(d1 - d2) <= 1e-5 * std::fabs(d2) + 1e-30;
+      if (!(same_nonfinite || close) && failures++ < 20)
         std::printf("MISMATCH %s sq_dist dtype=%d n=%zu: %.17g vs %.17g\n", T.name, int(dt), n, d1, d2);
     }
   }
