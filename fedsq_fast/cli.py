@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_flags(q)
     r = sub.add_parser("report", help="redraw the summary table and plots from saved results")
     r.add_argument("dir", help="a run or compare output folder")
+    from . import experiments
+
+    experiments.add_arguments(sub.add_parser("suite", help="run an evidence suite (experiments/*.toml) or write its report"))
     return p
 
 
@@ -98,6 +101,10 @@ def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
     echo = print
     warnings.filterwarnings("ignore", message="fedsq_fast is using its pure-PyTorch reference ops")
+    if ns.command == "suite":
+        from . import experiments
+
+        return experiments.run_from_args(ns)
     try:
         from .federation import runner
 
