@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .federation import adapter
-from .federation.config import RunConfig, from_mapping, parse_method, validate
+from .federation.config import PLACEMENT_KEYS, RunConfig, from_mapping, parse_method, validate
 from .federation.data import load_dataset
 from .federation.partition import partition_table
 from .federation.runner import method_slug, parse_partition, partition_tag
@@ -371,7 +371,7 @@ def _cell_state(d: Path, cfg: RunConfig) -> str:
         doc = json.loads(mj.read_text())
         mine = cfg.to_dict()
         theirs = doc.get("config", {})
-        diff = [k for k in mine if k not in ("out_dir", "threads") and mine[k] != theirs.get(k)]
+        diff = [k for k in mine if k not in PLACEMENT_KEYS and mine[k] != theirs.get(k)]
         if diff:
             raise ValueError(f"out: {mj} was written with other settings (differing keys: {diff}); "
                              "use another --out for a changed suite")

@@ -40,6 +40,13 @@ def derive_seed(*parts: int) -> int:
                >> np.uint64(1))
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    if p is None:
+        p = next(model.buffers(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def make_optimizer(params, cfg: LocalConfig):
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -67,6 +74,7 @@ def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalCo
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout and any other global-RNG use inside the model
     model.train()
+    dev = _device_of(model)
     n = int(y.numel())
     total, steps = 0.0, 0
     for _ in range(cfg.local_epochs):
@@ -78,11 +86,11 @@ def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalCo
             idx = perm[i:i + cfg.batch_size]
             if idx.numel() < 2 and n >= 2:
                 continue  # a batch of one breaks BatchNorm's training statistics
-            xb = x[idx]
+            xb = x[idx].to(dev, non_blocking=True)  # no-op when the data lives there
             if transform is not None:
                 xb = transform(xb)
             out = model(xb) if sample_idx is None else model(xb, sample_idx[idx])
-            loss = F.cross_entropy(out, y[idx])
+            loss = F.cross_entropy(out, y[idx].to(dev, non_blocking=True))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if anchor is not None:
@@ -103,15 +111,17 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, transform=None,
     """(mean cross-entropy, accuracy) in eval mode (``sample_idx``: as in local_train)."""
     was = model.training
     model.eval()
+    dev = _device_of(model)
     loss, correct = 0.0, 0
     try:
         for i in range(0, len(y), batch_size):
-            xb = x[i:i + batch_size]
+            xb = x[i:i + batch_size].to(dev, non_blocking=True)
+            yb = y[i:i + batch_size].to(dev, non_blocking=True)
             if transform is not None:
                 xb = transform(xb)
             out = model(xb) if sample_idx is None else model(xb, sample_idx[i:i + batch_size])
-            loss += float(F.cross_entropy(out, y[i:i + batch_size], reduction="sum"))
-            correct += int((out.argmax(1) == y[i:i + batch_size]).sum())
+            loss += float(F.cross_entropy(out, yb, reduction="sum"))
+            correct += int((out.argmax(1) == yb).sum())
     finally:
         model.train(was)
     n = max(1, len(y))

@@ -65,12 +65,27 @@ class RunConfig:
     out_dir: str = "runs/default"
     checkpoint: bool = True
     threads: int | None = None
+    # "auto": the first CUDA GPU when torch sees one, else the CPU; or "cpu", "cuda", "cuda:N".
+    # Models, data splits and server aggregation live there; checkpoints are always CPU files.
+    device: str = "auto"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 KEYS = tuple(f.name for f in dataclasses.fields(RunConfig))
+# Where and how fast a run computes, not what: ignored when a checkpoint or a finished
+# run's metrics are matched against the current config (resume on another machine).
+PLACEMENT_KEYS = ("out_dir", "threads", "device")
+
+
+def resolve_device(spec: str | None = "auto"):
+    """The torch.device for a config's ``device`` (validated by :func:`validate`)."""
+    import torch
+
+    if spec in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
 
 
 def _fail(key, msg):
@@ -158,6 +173,27 @@ def _num(cfg, key, lo=None, hi=None, lo_open=False, hi_open=False, allow_none=Fa
         _fail(key, f"must be {'<' if hi_open else '<='} {hi}, got {v}")
 
 
+def _check_device(spec) -> None:
+    import torch
+
+    if not isinstance(spec, str) or not spec:
+        _fail("device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}")
+    if spec == "auto":
+        return
+    try:
+        d = torch.device(spec)
+    except (RuntimeError, ValueError):
+        d = None
+    if d is None or d.type not in ("cpu", "cuda"):
+        _fail("device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}")
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            _fail("device", f"{spec!r} asked for, but torch {torch.__version__} sees no CUDA GPU "
+                            f"(built with CUDA {torch.version.cuda}); use 'auto' or 'cpu'")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            _fail("device", f"{spec!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+
+
 def validate(cfg: RunConfig, model_names=None) -> RunConfig:
     """Check every key (names, ranges, ablation support) before any work."""
     if cfg.dataset not in DATASETS:
@@ -206,6 +242,7 @@ def validate(cfg: RunConfig, model_names=None) -> RunConfig:
     _int(cfg, "max_test_samples", lo=1, allow_none=True)
     _int(cfg, "image_size", lo=1, allow_none=True)
     _int(cfg, "threads", lo=1, allow_none=True)
+    _check_device(cfg.device)
     if cfg.min_clients > cfg.num_clients:
         _fail("min_clients", f"({cfg.min_clients}) must not exceed num_clients ({cfg.num_clients})")
     if cfg.max_train_samples is not None and cfg.num_clients > cfg.max_train_samples:

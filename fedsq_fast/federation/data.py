@@ -295,7 +295,14 @@ class InputTransform:
                 x = x.mean(1, keepdim=True)  # RGB -> grey for grey models
             else:
                 raise ValueError(f"cannot map {x.shape[1]} input channels to {self.channels}")
+        if self._mean.device != x.device:
+            self.to(x.device)
         return (x - self._mean) / self._std
+
+    def to(self, device) -> "InputTransform":
+        """Keep the normalisation constants on the data's device (in place; returns self)."""
+        self._mean, self._std = self._mean.to(device), self._std.to(device)
+        return self
 
 
 def input_transform_for(model_name: str, model=None, image_size: int | None = None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ from torch import nn
 
 from . import adapter, checkpoint
 from .client import ClientTimeout, LocalConfig, derive_seed, evaluate, local_train
-from .config import RunConfig, parse_method
+from .config import PLACEMENT_KEYS, RunConfig, parse_method, resolve_device
 from .data import DataBundle, InputTransform, input_transform_for, load_dataset
 from .partition import class_counts, make_partition
 from .strategy import AggregateStats, make_strategy
@@ -51,10 +52,46 @@ class FedData:
     classes: tuple = ()
     counts: np.ndarray | None = None
 
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    _TENSORS = ("x", "y", "val_x", "val_y", "test_x", "test_y", "probe")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in self._TENSORS)
+
+    def to(self, device) -> "FedData":
+        """A copy with every tensor on ``device`` (the same object when already there)."""
+        device = torch.device(device)
+        if self.device == device:
+            return self
+        mv = {f: getattr(self, f).to(device) for f in self._TENSORS}
+        return dataclasses.replace(self, **mv, transform=copy.deepcopy(self.transform).to(device))
+
+
+def place_data(data: FedData, device) -> FedData:
+    """``data`` on ``device`` when it takes at most half the GPU's free memory; otherwise
+    the splits stay in host memory and each batch is copied as it is used (only the probe
+    batch moves)."""
+    device = torch.device(device)
+    if data.device == device or data.probe.device == device:
+        return data
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        if data.nbytes > free // 2:
+            log.warning("data (%.1f GB) kept in host memory: more than half of %s's free %.1f GB; "
+                        "batches are copied as used", data.nbytes / 1e9, device, free / 1e9)
+            return dataclasses.replace(data, probe=data.probe.to(device))
+    return data.to(device)
+
 
 def prepare_data(cfg: RunConfig, bundle: DataBundle | None = None, model_name: str | None = None
                  ) -> FedData:
-    """Load, split (server validation / client pool), subsample, resize and partition."""
+    """Load, split (server validation / client pool), subsample, resize and partition;
+    the tensors end on ``cfg.device`` when they fit (:func:`place_data`), which saves a
+    host-to-device copy per batch."""
     bundle = bundle if bundle is not None else load_dataset(cfg.dataset, cfg.data_root, cfg.download)
     tr = bundle.train
     n = len(tr)
@@ -85,8 +122,9 @@ def prepare_data(cfg: RunConfig, bundle: DataBundle | None = None, model_name: s
     ends = np.cumsum([len(p) for p in parts])
     parts = [np.arange(e - len(p), e) for p, e in zip(parts, ends)]
     vx = tf.resize(val.x)
-    return FedData(tf.resize(pool.x[order]), pool.y[order], parts, vx, val.y, tf.resize(test.x), test.y,
+    data = FedData(tf.resize(pool.x[order]), pool.y[order], parts, vx, val.y, tf.resize(test.x), test.y,
                    vx[:cfg.probe_size], tf, tr.num_classes, tr.classes, counts)
+    return place_data(data, resolve_device(cfg.device))
 
 
 def build_method_model(cfg: RunConfig, dual: bool, data: FedData) -> nn.Module:
@@ -154,7 +192,9 @@ class Federation:
         self.client_hook = client_hook
         self.quiet = quiet
         self.strategy = make_method_strategy(cfg, method)
-        self.model = model_fn() if model_fn is not None else build_method_model(cfg, self.dual, data)
+        self.device = resolve_device(cfg.device)
+        self.data = data = place_data(data, self.device)
+        self.model = (model_fn() if model_fn is not None else build_method_model(cfg, self.dual, data)).to(self.device)
         if self.ablation and not callable(getattr(self.model, "set_structural_from_quantitative", None)):
             raise ValueError(f"methods: {method!r} needs DualCopyModel.set_structural_from_quantitative(), "
                              "which this model does not have")
@@ -351,17 +391,17 @@ class Federation:
     def load_checkpoint(self) -> int:
         groups, meta = checkpoint.load(self.ckpt_path)
         mine, theirs = self.cfg.to_dict(), meta["config"]
-        diff = [k for k in mine if k not in ("out_dir", "rounds", "threads") and mine[k] != theirs.get(k)]
+        diff = [k for k in mine if k not in PLACEMENT_KEYS + ("rounds",) and mine[k] != theirs.get(k)]
         if diff or meta["method"] != self.method:
             raise ValueError(f"resume: the checkpoint {self.ckpt_path} was written with other settings "
                              f"(differing keys: {diff or ['method']})")
         self.model.load_state_dict(groups.get("model", {}))
         self._new_worker()
-        self.strategy.load_state_dict(groups.get("server", {}))
+        self.strategy.load_state_dict({k: t.to(self.device) for k, t in groups.get("server", {}).items()})
         self.local_states = {}
         for k, t in groups.get("local", {}).items():
             cid, _, key = k.partition("/")
-            self.local_states.setdefault(int(cid), {})[key] = t
+            self.local_states.setdefault(int(cid), {})[key] = t.to(self.device)
         self.history = meta["history"]
         self.elapsed = meta["elapsed"]
         rng_t = {"rng/torch": groups["rng"]["torch"]} if "rng" in groups else {}
@@ -398,7 +438,7 @@ class Federation:
         finally:
             rbar.close()
         summary = summarize(self.history, self.cfg.target_accuracy)
-        summary.update(method=self.method, payload_bytes=self.payload_bytes,
+        summary.update(method=self.method, device=str(self.device), payload_bytes=self.payload_bytes,
                        full_model_bytes=self.full_bytes, complete=last == self.cfg.rounds)
         if last == self.cfg.rounds:
             _, summary["test_acc"] = self.evaluate(self.data.test_x, self.data.test_y)

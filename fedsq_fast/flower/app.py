@@ -201,7 +201,7 @@ class FlowerFederation(Federation):
 
     def _fold(self, rnd, pid, msg, info, dropped, acc):
         try:
-            state = reply_state(msg)
+            state = {k: t.to(self.device) for k, t in reply_state(msg).items()}  # decoded on the CPU
         except ReplyRejected as e:
             self._drop(rnd, dropped, pid, f"update rejected: {e}")
             return
