@@ -108,6 +108,37 @@ def test_interrupted_suite_reports_missing_runs(smoke_out, tmp_path):
     assert "4 of 5 runs complete" in md and "dirichlet:0.5/fedsq" in md and "--resume" in md
 
 
+def test_summary_puts_each_suites_verdicts_side_by_side(smoke_out, tmp_path):
+    root = tmp_path / "results"
+    shutil.copytree(smoke_out, root / "a_full")
+    shutil.copytree(smoke_out, root / "b_partial")
+    shutil.rmtree(root / "b_partial" / "iid" / "seed0" / "fedsq")
+    (root / "b_partial" / "summary.json").unlink()  # stale or missing: the summary rewrites it
+    assert ex.main(["summary", str(root)]) == 0
+    md = (root / "SUMMARY.md").read_text()
+    suites = _table(md, "## Suites")
+    assert [r[0] for r in suites] == ["[smoke](a_full/REPORT.md)", "[smoke](b_partial/REPORT.md)"]
+    assert suites[0][2] == "5 of 5" and suites[1][2].startswith("4 of 5 (partial")
+    verdicts = _table(md, "## Verdicts")
+    for i, d in enumerate(("a_full", "b_partial")):
+        claims = json.loads((root / d / "summary.json").read_text())["claims"]
+        assert [r[0] for r in verdicts] == [c["claim"] for c in claims]
+        assert [r[1 + i] for r in verdicts] == [c["verdict"] for c in claims]
+    # the FedSQ - FedAvg BVA cell equals the raw per-run metrics
+    raw = _raw(smoke_out)
+    bva = _table(md, "### Best validation accuracy")
+    row = next(r for r in bva if r[1] == "fedsq − fedavg")
+    part = "dirichlet:0.5"
+    col = 2 + [ln for ln in md.split("### Best validation accuracy", 1)[1].splitlines()
+               if ln.startswith("| suite")][0].strip("|").split("|")[2:].index(f" {part} ")
+    diff = raw[(part, "fedsq")][0]["summary"]["bva"] - raw[(part, "fedavg")][0]["summary"]["bva"]
+    assert row[col] == f"{100 * diff:+.2f} pp (n=1, no interval): n=1"
+    assert "partial" in md.rsplit("##", 1)[1]
+    with pytest.raises(SystemExit):
+        ex.main(["summary"] + [str(tmp_path / "nope"), "extra"])
+    assert ex.main(["summary", str(tmp_path / "nope")]) == 2
+
+
 @pytest.mark.parametrize("edit, key", [
     (("seeds = [0]", "seedz = [0]"), "suite.seedz"),
     (("[run]\n", "[run]\nseed = 3\n"), "run.seed"),
