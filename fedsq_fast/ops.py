@@ -597,10 +597,16 @@ class StreamingAverage:
         self._total = 0.0
         self._int_scale = 1  # 1 while all weights are integers, else 2**20 fixed point
         self._int_total = 0
+        self._consumed = False
         self.count = 0
+
+    def _check_live(self) -> None:
+        if self._consumed:
+            raise RuntimeError("this StreamingAverage was consumed by result(consume=True); start a new one")
 
     def add(self, client, weight) -> None:
         """Fold one client (a tensor, a tensor sequence or a state dict) with its weight."""
+        self._check_live()
         lists, names, rebuild = _as_client_lists([client])
         (lst,) = lists
         try:
@@ -661,8 +667,16 @@ class StreamingAverage:
         self._int_total += q
         self.count += 1
 
-    def result(self, out=None):
-        """The average so far (``out``: same structure as a client, written in place)."""
+    def result(self, out=None, *, consume: bool = False):
+        """The average so far (``out``: same structure as a client, written in place).
+
+        ``consume=True`` divides the accumulators in place and returns them where their
+        dtype is the client's (float32/float64 tensors): no second model-sized buffer
+        (fresh memory is slow to first touch), but no more add() or result() after it.
+        """
+        self._check_live()
+        if consume and out is not None:
+            raise ValueError("out and consume=True exclude each other")
         if self.count == 0:
             raise ValueError("no client was added: call add(client, weight) first")
         if self._total <= 0:
@@ -681,7 +695,7 @@ class StreamingAverage:
                 if o is not None and (o.shape != shape or o.dtype != dtype):
                     raise ValueError(f"out[{self._names[j]!r}] must be ({tuple(shape)}, {dtype})")
                 if a.dtype.is_floating_point:
-                    r = (a / self._total).to(dtype)
+                    r = a.div_(self._total) if consume and a.dtype == dtype else (a / self._total).to(dtype)
                 else:
                     if self._int_total <= 0:
                         raise ValueError("integer weights round to zero; cannot average integer tensors")
@@ -690,4 +704,6 @@ class StreamingAverage:
                     o.copy_(r)
                     r = o
                 res.append(r)
+        if consume:
+            self._consumed, self._acc = True, None
         return self._rebuild(res)

@@ -1,5 +1,6 @@
 """FedSQ on Flower: array conversion, the strategy adapter's checks, the ServerApp/ClientApp
 against the embedded engine (in process, and on a real SuperLink with SuperNodes on loopback)."""
+import functools
 import itertools
 import json
 import logging
@@ -24,6 +25,7 @@ from fedsq_fast.federation import checkpoint as ckpt  # noqa: E402
 from fedsq_fast.federation.config import KEYS  # noqa: E402
 from fedsq_fast.flower import FedSQStrategy, arrays_to_state, state_to_arrays  # noqa: E402
 from fedsq_fast.flower import app as A  # noqa: E402
+from fedsq_fast.flower import arrays as flower_arrays  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
@@ -60,20 +62,38 @@ def gen():
 
 
 # ---------------------------------------------------------------- arrays
-def test_arrays_round_trip_keeps_dtypes_bf16_and_integers(gen):
+@pytest.mark.parametrize("copy", [True, False])
+def test_arrays_round_trip_keeps_dtypes_bf16_and_integers(gen, copy):
     s = {**_state(gen), "e": torch.empty(0, 3, dtype=torch.bfloat16), "f": torch.tensor([True, False]),
          "g": torch.randn(3, 2, generator=gen).half(), "t": torch.randn(4, 6, generator=gen).t()}
     rec = state_to_arrays(s)
     assert rec["h"].stype == "fedsq_fast.torch-raw-le" and rec["w"].stype == "numpy.ndarray"
-    back = arrays_to_state(rec)
+    back = arrays_to_state(rec, copy=copy)
     assert list(back) == list(s)
     for k in s:
         assert back[k].dtype == s[k].dtype and back[k].shape == s[k].shape and torch.equal(back[k], s[k]), k
+    # copy=False: numeric numpy payloads are views of the record's bytes, not copies
+    data = rec["w"].data
+    lo = np.frombuffer(data, dtype=np.uint8).ctypes.data
+    assert (lo <= back["w"].data_ptr() < lo + len(data)) == (not copy)
     with pytest.raises(TypeError, match=r"state\['x'\] must be a Tensor"):
         state_to_arrays({"x": 1.0})
 
 
-def test_arrays_malformed_are_refused_with_the_key():
+def test_arrays_view_falls_back_for_big_endian_fortran_and_0d(gen):
+    x = torch.randn(5, 7, generator=gen, dtype=torch.float64).numpy()
+    rec = ArrayRecord({"be": Array(x.astype(">f8")), "f": Array(np.asfortranarray(x)),
+                       "s": Array(np.array(2.5, dtype=np.float32)), "i": Array(np.arange(6, dtype=">i4"))})
+    for copy in (True, False):
+        back = arrays_to_state(rec, copy=copy)
+        assert torch.equal(back["be"], torch.from_numpy(x)) and torch.equal(back["f"], torch.from_numpy(x))
+        assert back["s"].shape == () and back["s"].item() == 2.5
+        assert back["i"].tolist() == list(range(6)) and back["i"].dtype == torch.int32
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_arrays_malformed_are_refused_with_the_key(copy):
+    arrays_to_state = functools.partial(flower_arrays.arrays_to_state, copy=copy)
     bad = ArrayRecord({"h": Array(dtype="bfloat16", shape=(3,), stype="fedsq_fast.torch-raw-le", data=b"\0" * 5)})
     with pytest.raises(ValueError, match=r"arrays\['h'\]: 5 bytes"):
         arrays_to_state(bad)
@@ -83,6 +103,13 @@ def test_arrays_malformed_are_refused_with_the_key():
     bad = ArrayRecord({"x": Array(dtype="float32", shape=(2,), stype="numpy.ndarray", data=b"garbage")})
     with pytest.raises(ValueError, match=r"arrays\['x'\]: not a readable numpy array"):
         arrays_to_state(bad)
+    good = Array(np.arange(4, dtype=np.float32))
+    short = Array(dtype="float32", shape=(4,), stype="numpy.ndarray", data=good.data[:-4])
+    with pytest.raises(ValueError, match=r"arrays\['x'\]: not a readable numpy array"):
+        arrays_to_state(ArrayRecord({"x": short}))
+    lying = Array(dtype="float32", shape=(2, 2), stype="numpy.ndarray", data=good.data)
+    with pytest.raises(ValueError, match=r"arrays\['x'\]: data has shape \(4,\), header says \(2, 2\)"):
+        arrays_to_state(ArrayRecord({"x": lying}))
 
 
 # ---------------------------------------------------------------- strategy adapter

@@ -313,6 +313,30 @@ def test_streaming_average_equals_one_pass(isa, dtype):
     assert sum(a.numel() * a.element_size() for a in s._acc) == (1001 + 9) * 4
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_streaming_average_consume_reuses_the_accumulator(dtype):
+    g = torch.Generator().manual_seed(6)
+    clients = [{"w": torch.randn(517, generator=g).to(dtype), "n": torch.tensor(3 + i)} for i in range(4)]
+    weights = [2, 1.5, 7, 1]
+    keep, spend = ff.StreamingAverage(), ff.StreamingAverage()
+    for c, w in zip(clients, weights):
+        keep.add(c, w)
+        spend.add(c, w)
+    want = keep.result()
+    accs = [a.data_ptr() for a in spend._acc]
+    got = spend.result(consume=True)
+    for k in want:  # the same arithmetic, so the same bits
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    # float32/float64 results are the accumulators themselves; others are converted
+    assert (got["w"].data_ptr() in accs) == (dtype in (torch.float32, torch.float64))
+    with pytest.raises(RuntimeError, match="consumed"):
+        spend.add(clients[0], 1)
+    with pytest.raises(RuntimeError, match="consumed"):
+        spend.result()
+    with pytest.raises(ValueError, match="out and consume"):
+        keep.result(out={k: torch.empty_like(v) for k, v in want.items()}, consume=True)
+
+
 # ---------------------------------------------------------------------------
 def test_gate_backward_matches_eager(isa):
     for dtype in DTYPES:

@@ -115,7 +115,7 @@ def stream_average(global_state: dict, replies: Iterable, stats: AggregateStats 
         stats.num_samples += int(n)
     if avg.count == 0:
         return None
-    result = avg.result()
+    result = avg.result(consume=True)  # the accumulator becomes the result: one buffer, not two
     upd = _sq_dist(result, global_state)
     stats.update_norm = math.sqrt(upd)
     stats.client_drift = math.sqrt(max(sq_sum / stats.num_samples - upd, 0.0))

@@ -10,8 +10,10 @@ Decoding never unpickles: numpy arrays are read with ``allow_pickle=False`` (ins
 """
 from __future__ import annotations
 
+import io
 import math
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -51,7 +53,32 @@ def state_to_arrays(state: dict, *, arg: str = "state", keep_input: bool = True)
     return rec
 
 
-def _decode_one(key: str, a, arg: str) -> torch.Tensor:
+def _npy_view(a: Array) -> torch.Tensor | None:
+    """A read-only tensor over the bytes of a plain .npy payload (C order, native byte
+    order, numeric dtype), or None where the copying path must handle it. The header is
+    parsed by numpy's safe parser (literal_eval, no pickle)."""
+    data = a.data
+    if not isinstance(data, bytes):
+        return None
+    try:
+        fp = io.BytesIO(data)
+        major, _ = np.lib.format.read_magic(fp)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(fp)
+    except Exception:  # noqa: BLE001 - the copying path reports what is wrong
+        return None
+    if fortran or not dtype.isnative or dtype.kind not in _NUMPY_KINDS or dtype.hasobject:
+        return None
+    n = math.prod(shape)
+    if len(data) - fp.tell() != n * dtype.itemsize or n == 0:
+        return None
+    arr = np.frombuffer(data, dtype=dtype, count=n, offset=fp.tell()).reshape(shape)
+    with warnings.catch_warnings():  # read-only by contract (see arrays_to_state)
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(arr)
+
+
+def _decode_one(key: str, a, arg: str, copy: bool = True) -> torch.Tensor:
     if not isinstance(a, Array):
         raise ValueError(f"{arg}[{key!r}] is a {type(a).__name__}, not an Array")
     shape = tuple(int(s) for s in a.shape)
@@ -72,6 +99,12 @@ def _decode_one(key: str, a, arg: str) -> torch.Tensor:
         return torch.from_numpy(raw).view(dt).reshape(shape)
     if a.stype != NUMPY_STYPE:
         raise ValueError(f"{arg}[{key!r}]: unsupported serialization type {a.stype!r}")
+    if not copy:
+        t = _npy_view(a)
+        if t is not None:
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{arg}[{key!r}]: data has shape {tuple(t.shape)}, header says {shape}")
+            return t
     try:
         arr = a.numpy()  # np.load(..., allow_pickle=False)
     except Exception as e:  # noqa: BLE001 - a malformed payload is a rejection, not a crash
@@ -87,12 +120,17 @@ def _decode_one(key: str, a, arg: str) -> torch.Tensor:
     return torch.from_numpy(arr)
 
 
-def arrays_to_state(record, *, arg: str = "arrays") -> dict:
+def arrays_to_state(record, *, arg: str = "arrays", copy: bool = True) -> dict:
     """An ArrayRecord as a state dict of CPU tensors (dtypes restored, bf16 included).
-    Raises ValueError naming ``arg`` and the key for anything malformed."""
+    Raises ValueError naming ``arg`` and the key for anything malformed.
+
+    ``copy=False`` returns plain numpy payloads as views of the record's bytes, without
+    a copy (decoding a model by copying costs as much as averaging it). The caller
+    must only read them, and only while the record lives: the server folds replies
+    this way."""
     if not isinstance(record, ArrayRecord):
         raise ValueError(f"{arg} must be an ArrayRecord, got {type(record).__name__}")
-    return {k: _decode_one(k, a, arg) for k, a in record.items()}
+    return {k: _decode_one(k, a, arg, copy) for k, a in record.items()}
 
 
 def record_bytes(record: ArrayRecord) -> int:

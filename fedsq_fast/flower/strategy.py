@@ -97,7 +97,8 @@ def reply_state(msg: Message, arrays_key: str = ARRAYS_KEY) -> dict:
     if arrays_key not in recs or len(recs) != 1:
         raise ReplyRejected(f"expected exactly one ArrayRecord {arrays_key!r}, got {sorted(recs)}")
     try:
-        return arrays_to_state(recs[arrays_key], arg=arrays_key)
+        # views of the message's bytes: the aggregation only reads a reply, while it holds it
+        return arrays_to_state(recs[arrays_key], arg=arrays_key, copy=False)
     except (ValueError, TypeError) as e:
         raise ReplyRejected(str(e)) from None
 
