@@ -74,8 +74,8 @@ def kernel_only(replies):
     from fedsq_fast.flower import arrays_to_state
     avg = StreamingAverage()
     for r in replies:
-        avg.add(arrays_to_state(r.content["arrays"]), r.content["metrics"]["num-examples"])
-    return state_to_arrays(avg.result())
+        avg.add(arrays_to_state(r.content["arrays"], copy=False), r.content["metrics"]["num-examples"])
+    return state_to_arrays(avg.result(consume=True), keep_input=False)
 """
 
 _MEM = _SETUP + r"""

@@ -324,18 +324,29 @@ class SuiteFederation(Federation):
 def machine_info() -> dict:
     import fedsq_fast
 
-    cpu = platform.processor() or platform.machine()
+    cpu, simd = platform.processor() or platform.machine(), None
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+                    if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        cpu = info.get("model name", cpu)
+        have = set(info.get("flags", "").split())
+        simd = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile") if f in have]
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"host_cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    # The instruction sets in use decide the floating-point rounding of convolutions and GEMMs,
+    # so a run is reproducible bit for bit only where they match (see experiments/README.md).
+    isa = {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "fedsq_fast_cpu_isa": torch.ops.fedsq_fast.cpu_isa("") if fedsq_fast.backend() == "compiled" else None,
+           "isa_env": {k: os.environ[k] for k in ISA_ENV if k in os.environ}}
+    return {"host_cpu": cpu, "cpu_simd": simd, **isa, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "gpu": gpu, "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "fedsq_fast_backend": fedsq_fast.backend()}
+
+
+# Environment switches that pin the CPU code paths of torch (ATen, oneDNN, MKL) and of our kernels.
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "FEDSQ_FAST_CPU_ISA")
 
 
 def _loadavg():
@@ -381,14 +392,20 @@ def _cell_state(d: Path, cfg: RunConfig) -> str:
 
 
 def run_suite(suite: Suite | str | os.PathLike, out=None, resume: bool = False, echo=print,
-              max_runs: int | None = None, deadline: _dt.datetime | None = None) -> Path:
+              max_runs: int | None = None, deadline: _dt.datetime | None = None,
+              shard: tuple[int, int] = (1, 1)) -> Path:
     """Run every cell of the suite (seed-major order), then write the report.
 
     ``resume``: skip finished cells, continue interrupted ones from their checkpoint.
+    ``shard=(k, n)``: run only cells k, k+n, k+2n, ... of the run order (1-based k), so n processes
+    on n cores fill one results folder between them (pass ``resume`` to each).
     ``max_runs``: stop after this many newly run cells; ``deadline`` (aware datetime): start no
     run that would, at the longest run time seen so far, end after it. Either way the report
     then lists what is missing.
     """
+    k_, n_ = shard
+    if not (isinstance(k_, int) and isinstance(n_, int) and 1 <= k_ <= n_):
+        _fail("shard", f"must be K/N with 1 <= K <= N, got {k_}/{n_}")
     if not isinstance(suite, Suite):
         suite = load_suite(suite)
     out = Path(out) if out is not None else default_out(suite)
@@ -403,9 +420,10 @@ def run_suite(suite: Suite | str | os.PathLike, out=None, resume: bool = False, 
                          "or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     (out / "suite.toml").write_text(suite.text)
-    todo = [k for k in cells if states[k] != "done"]
-    echo(f"suite {suite.name}: {len(cells)} runs, {len(cells) - len(todo)} already done, "
-         f"{len(todo)} to run -> {out}")
+    todo = [c for i, c in enumerate(cells) if states[c] != "done" and i % n_ == k_ - 1]
+    mine = sum(1 for i in range(len(cells)) if i % n_ == k_ - 1)
+    echo(f"suite {suite.name}: {len(cells)} runs" + (f" (shard {k_}/{n_}: {mine} of them)" if n_ > 1 else "")
+         + f", {mine - len(todo)} already done, {len(todo)} to run -> {out}")
     bundle = None
     ran = 0
     longest = 0.0
@@ -454,6 +472,131 @@ def run_suite(suite: Suite | str | os.PathLike, out=None, resume: bool = False, 
             echo(f"[{ran}/{len(todo)}] seed {s} {_tag(p)} {m}: BVA {sm['bva']:.4f} at round "
                  f"{sm['rounds_to_best']}, {info['wall_s']:.0f} s ({start})")
     report(out, suite=suite, echo=echo)
+    return out
+
+
+# ------------------------------------------------------------------ verify
+# What a run records about the clock rather than the computation: excluded from the check.
+_TIMING = ("time_", "elapsed_s", "seconds_to_target")
+# The per-round and summary numbers the report is computed from (see analyse()).
+REPORT_KEYS = {"val_acc", "gate_change", "gate_flip_prev", "weight_step_rel", "weight_dist_rel", "bytes_up",
+               "bva", "rounds_to_best", "test_acc", "final_val_acc", "initial_val_acc", "payload_bytes",
+               "rounds", "complete", "best_val_acc", "best_round", "round"}
+
+
+def _differences(a, b, where="", out=None) -> list:
+    """Every (path, recorded, now) where two JSON values differ; floats compared exactly (the same
+    code on the same machine kind and thread count gives the same bits)."""
+    out = [] if out is None else out
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if k.startswith(_TIMING):
+                continue
+            if k not in a or k not in b:  # a key the recording code did not write, or dropped since
+                out.append((f"{where}.{k}", a.get(k, _ABSENT), b.get(k, _ABSENT)))
+            else:
+                _differences(a[k], b[k], f"{where}.{k}", out)
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            _differences(x, y, f"{where}[{i}]", out)
+    elif not (a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))):
+        out.append((where, a, b))
+    return out
+
+
+_ABSENT = "<not recorded>"
+
+
+def _key_of(path: str) -> str:
+    return path.rsplit(".", 1)[-1].split("[")[0]
+
+
+def _rel_diff(x, y) -> float | None:
+    if isinstance(x, (int, float)) and isinstance(y, (int, float)) and not isinstance(x, bool):
+        return abs(x - y) / max(abs(x), abs(y), 1e-300)
+    return None
+
+
+def verify_runs(root, cells: list | None = None, sample: int = 3, seed: int = 0, echo=print) -> list:
+    """Run recorded runs of a results folder again with the code installed now and check that
+    every recorded number (history and summary, timings excluded) comes out the same, bit for bit.
+
+    ``cells``: run folders relative to ``root`` (e.g. ``dirichlet_0.5/seed2/fedavg``); default:
+    ``sample`` of them drawn with ``seed``. Each rerun writes to a temporary folder; the recorded
+    results are only read. Returns one dict per run: ``identical`` (every recorded number),
+    ``match`` (every number in REPORT_KEYS), and the differing keys with their largest relative
+    difference.
+    """
+    import random
+    import tempfile
+
+    root = Path(root)
+    if not (root / "suite.toml").is_file():
+        _fail("dir", f"{root} has no suite.toml (not a suite results folder)")
+    suite = load_suite(root / "suite.toml")
+    by_dir = {}
+    for s, p, m in suite.cells():
+        d = cell_dir(root, p, s, m)
+        if (d / "metrics.json").is_file():
+            by_dir[str(d.relative_to(root))] = (s, p, m)
+    if not by_dir:
+        _fail("dir", f"no recorded runs under {root}")
+    if cells:
+        bad = [c for c in cells if c.strip("/") not in by_dir]
+        if bad:
+            _fail("--cell", f"no recorded run {bad[0]!r} under {root}; recorded: {', '.join(sorted(by_dir)[:4])}, ...")
+        chosen = [c.strip("/") for c in cells]
+    else:
+        if sample < 1:
+            _fail("--sample", f"must be >= 1, got {sample}")
+        chosen = sorted(random.Random(seed).sample(sorted(by_dir), min(sample, len(by_dir))))
+    out = []
+    bundle = None
+    with tempfile.TemporaryDirectory(prefix="fedsq-verify-") as tmp:
+        for rel in chosen:
+            s, p, m = by_dir[rel]
+            rec = json.loads((root / rel / "metrics.json").read_text())
+            cfg = suite.cell_config(p, s, m)
+            if cfg.threads:
+                torch.set_num_threads(cfg.threads)
+            if bundle is None:
+                bundle = load_dataset(cfg.dataset, cfg.data_root, cfg.download)
+            t0 = time.perf_counter()
+            res = SuiteFederation(cfg, m, prepare_data(cfg, bundle), out_dir=Path(tmp) / rel, quiet=True).run()
+            now = json.loads((Path(tmp) / rel / "metrics.json").read_text())
+            diffs = _differences({k: rec[k] for k in ("summary", "history")},
+                                 {k: now[k] for k in ("summary", "history")})
+            by_key = {}
+            absent = sorted({_key_of(p) for p, x, y in diffs if _ABSENT in (x, y)})
+            diffs = [d for d in diffs if _ABSENT not in d[1:]]
+            for path, x, y in diffs:
+                r = _rel_diff(x, y)
+                k = _key_of(path)
+                prev = by_key.get(k)
+                by_key[k] = {"first": prev["first"] if prev else path, "count": (prev["count"] if prev else 0) + 1,
+                             "max_rel": max(r if r is not None else float("inf"),
+                                            prev["max_rel"] if prev else 0.0)}
+            info = json.loads((root / rel / "run_info.json").read_text()) if (root / rel / "run_info.json").is_file() else {}
+            report_diff = sorted(k for k in by_key if k in REPORT_KEYS)
+            row = {"run": rel, "recorded_code": info.get("code"), "identical": not diffs,
+                   "match": not report_diff, "differing_report_keys": report_diff,
+                   "differing_other_keys": {k: v for k, v in by_key.items() if k not in REPORT_KEYS},
+                   "differences": {k: v for k, v in by_key.items() if k in REPORT_KEYS},
+                   "keys_in_one_run_only": absent,
+                   "bva": res.summary["bva"], "wall_s": time.perf_counter() - t0}
+            out.append(row)
+            if not diffs:
+                verdict = "every recorded number identical"
+            elif not report_diff:
+                verdict = "every number the report uses identical; other recorded numbers differ: " + ", ".join(
+                    f"{k} (max rel. {v['max_rel']:.1e})" for k, v in by_key.items())
+            else:
+                verdict = "DIFFERS in " + ", ".join(f"{k} ({v['count']}x, first {v['first']}, max rel. "
+                                                   f"{v['max_rel']:.1e})" for k, v in row["differences"].items())
+            if absent:
+                verdict += f"; keys in one run only (code changes): {', '.join(absent)}"
+            echo(f"{rel}: {verdict} (recorded with code {row['recorded_code']}, BVA {row['bva']:.4f}, "
+                 f"{row['wall_s']:.0f} s)")
     return out
 
 
@@ -907,7 +1050,8 @@ def plot_all(docs, res, root: Path) -> list:
         ax.set_xlabel("round")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[0]:  # a partial suite may have no FedAvg/FedProx run here yet
+            ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(root / "gate_stability.png")
     plt.close(fig)
@@ -1234,6 +1378,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--out", default=None, help="results folder (default: experiments/results/<name>/)")
     r.add_argument("--resume", action="store_true", help="skip finished runs, continue interrupted ones")
     r.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
+    r.add_argument("--shard", default="1/1", metavar="K/N",
+                   help="run every N-th run starting at the K-th (one process per core, each with --resume)")
     r.add_argument("--deadline", default=None,
                    help="UTC time (ISO, e.g. 2026-11-22T04:40) after which no run may end: runs that "
                         "would not fit are left for --resume")
@@ -1242,6 +1388,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m = sub.add_parser("summary", help="write SUMMARY.md: every suite's verdicts side by side "
                                        "(from <dir>/<suite>/summary.json)")
     m.add_argument("dir", nargs="?", default="experiments/results")
+    v = sub.add_parser("verify", help="run recorded runs again with the current code and check that "
+                                      "every recorded number comes out the same (timings excluded)")
+    v.add_argument("dir", help="a suite's results folder")
+    v.add_argument("--cell", action="append", default=None,
+                   help="a run folder relative to DIR, e.g. dirichlet_0.5/seed2/fedavg (repeatable)")
+    v.add_argument("--sample", type=int, default=3, help="without --cell: how many runs to draw (default 3)")
+    v.add_argument("--seed", type=int, default=0, help="seed of that draw (default 0)")
+    v.add_argument("--json", default=None, help="also write the results to this file")
 
 
 def run_from_args(ns) -> int:
@@ -1260,10 +1414,21 @@ def run_from_args(ns) -> int:
                     _fail("--deadline", f"not an ISO date-time: {ns.deadline!r}")
                 if deadline.tzinfo is None:
                     deadline = deadline.replace(tzinfo=_dt.timezone.utc)
-            run_suite(ns.suite, ns.out, resume=ns.resume, max_runs=ns.max_runs, deadline=deadline,
+            try:
+                shard = tuple(int(x) for x in ns.shard.split("/"))
+                if len(shard) != 2:
+                    raise ValueError
+            except ValueError:
+                _fail("--shard", f"must be K/N, e.g. 1/2, got {ns.shard!r}")
+            run_suite(ns.suite, ns.out, resume=ns.resume, max_runs=ns.max_runs, deadline=deadline, shard=shard,
                       echo=lambda *a: print(*a, flush=True))
         elif ns.suite_command == "summary":
             summarize_suites(ns.dir)
+        elif ns.suite_command == "verify":
+            rows = verify_runs(ns.dir, ns.cell, ns.sample, ns.seed, echo=lambda *a: print(*a, flush=True))
+            if ns.json:
+                Path(ns.json).write_text(json.dumps(_clean(rows), indent=1))
+            return 0 if all(r["match"] for r in rows) else 1
         else:
             report(ns.dir)
         return 0

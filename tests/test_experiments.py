@@ -162,3 +162,58 @@ def test_statistics_helpers():
     ci = ex.paired_ci([1.0, 2.0, 3.0])
     assert ci["mean"] == 2.0 and math.isclose(ci["hi"] - 2.0, 4.303 * 1.0 / math.sqrt(3), rel_tol=1e-9)
     assert ex.paired_ci([1.0])["lo"] is None
+
+
+def test_verify_reruns_a_recorded_run_and_catches_a_changed_number(smoke_out, tmp_path, capsys):
+    rec = tmp_path / "rec"
+    shutil.copytree(smoke_out, rec)
+    cell = "dirichlet_0.5/seed0/fedsq"
+    rows_json = tmp_path / "verify.json"
+    assert ex.main(["verify", str(rec), "--cell", cell, "--json", str(rows_json)]) == 0
+    out = capsys.readouterr().out
+    assert f"{cell}: every recorded number identical" in out
+    rows = json.loads(rows_json.read_text())
+    assert [(r["run"], r["identical"], r["match"]) for r in rows] == [(cell, True, True)]
+    # the recorded results are only read
+    assert (rec / cell / "metrics.json").read_text() == (smoke_out / cell / "metrics.json").read_text()
+    # a number the report uses, changed in the record, is found and named with its place
+    doc = json.loads((rec / cell / "metrics.json").read_text())
+    doc["history"][2]["val_acc"] += 0.01
+    (rec / cell / "metrics.json").write_text(json.dumps(doc))
+    assert ex.main(["verify", str(rec), "--cell", cell]) == 1
+    assert "DIFFERS in val_acc (1x, first .history[2].val_acc" in capsys.readouterr().out
+    # a diagnostic the report does not use differs: reported, but the report's numbers still match
+    doc["history"][2]["val_acc"] -= 0.01
+    doc["history"][1]["client_drift"] *= 1.5
+    doc["history"][1]["time_round_s"] = 1e9  # timings are never compared
+    (rec / cell / "metrics.json").write_text(json.dumps(doc))
+    assert ex.main(["verify", str(rec), "--cell", cell]) == 0
+    assert "other recorded numbers differ: client_drift" in capsys.readouterr().out
+    # bad input is refused before any work, naming the argument
+    assert ex.main(["verify", str(rec), "--cell", "iid/seed7/fedavg"]) == 2
+    assert "--cell" in capsys.readouterr().err
+    assert ex.main(["verify", str(tmp_path)]) == 2
+    assert "suite.toml" in capsys.readouterr().err
+
+
+def test_shards_fill_one_folder_with_the_unsharded_results(smoke_out, tmp_path, capsys):
+    out = tmp_path / "sharded"
+    assert ex.main(["run", str(SMOKE), "--out", str(out), "--shard", "2/2"]) == 0
+    assert "(shard 2/2: 2 of them), 0 already done, 2 to run" in capsys.readouterr().out
+    assert len(list(out.rglob("metrics.json"))) == 2
+    assert ex.main(["run", str(SMOKE), "--out", str(out), "--shard", "1/2", "--resume"]) == 0
+    assert "(shard 1/2: 3 of them), 0 already done, 3 to run" in capsys.readouterr().out
+
+    def untimed(d):
+        return {k: v for k, v in d.items() if not k.startswith(("time_", "elapsed_s"))}
+
+    def numbers(root):
+        docs = {str(p.parent.relative_to(root)): json.loads(p.read_text()) for p in sorted(root.rglob("metrics.json"))}
+        return {k: (untimed(d["summary"]), [untimed(h) for h in d["history"]]) for k, d in docs.items()}
+
+    assert numbers(out) == numbers(smoke_out)
+    assert "5 of 5 runs complete" in (out / "REPORT.md").read_text()
+    for bad in ("3/2", "0/2", "1", "a/b"):
+        assert ex.main(["run", str(SMOKE), "--out", str(tmp_path / "x"), "--shard", bad]) == 2
+        assert "shard" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
