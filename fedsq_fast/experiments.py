@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .federation import adapter
-from .federation.config import PLACEMENT_KEYS, RunConfig, from_mapping, parse_method, validate
+from .federation.config import RunConfig, config_differences, from_mapping, parse_method, validate
 from .federation.data import load_dataset
 from .federation.partition import partition_table
 from .federation.runner import method_slug, parse_partition, partition_tag
@@ -380,9 +380,7 @@ def _cell_state(d: Path, cfg: RunConfig) -> str:
     mj = d / "metrics.json"
     if mj.is_file():
         doc = json.loads(mj.read_text())
-        mine = cfg.to_dict()
-        theirs = doc.get("config", {})
-        diff = [k for k in mine if k not in PLACEMENT_KEYS and mine[k] != theirs.get(k)]
+        diff = config_differences(cfg, doc.get("config", {}))
         if diff:
             raise ValueError(f"out: {mj} was written with other settings (differing keys: {diff}); "
                              "use another --out for a changed suite")

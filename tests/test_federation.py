@@ -338,3 +338,52 @@ def test_default_backbone_keeps_pretrained_head_and_input_spec():
     assert (tf.channels, tf.size) == (3, 32)
     with pytest.raises(ValueError, match="model must be one of"):
         adapter.build_model("resnet9000", 10)
+
+
+def _bn_net():
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+
+
+@pytest.mark.parametrize("n, batch, min_batch, steps", [(66, 32, 2, 3), (66, 32, 3, 2), (65, 32, 2, 2),
+                                                      (5, 32, 8, 1), (64, 32, 32, 2), (70, 32, 7, 2),
+                                                      (70, 32, 6, 3)])
+def test_min_batch_size_skips_only_the_small_last_batch(gen, n, batch, min_batch, steps):
+    from fedsq_fast.federation.client import LocalConfig, local_train
+
+    x, y = torch.randn(n, 1, 6, 6, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+    net = _bn_net()
+    ref = __import__("copy").deepcopy(net)
+    cfg = LocalConfig(lr=0.05, local_epochs=1, batch_size=batch, prox_mu=0.0, min_batch_size=min_batch)
+    info = local_train(net, x, y, cfg, seed=7)
+    assert info["steps"] == steps
+    # oracle: plain SGD over the same permutation's batches, dropping those under min_batch
+    # (unless the client has fewer samples than min_batch: then its one batch is kept)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(7)
+    ref.train()
+    for i in range(0, n, batch):
+        idx = perm[i:i + batch]
+        if idx.numel() < min_batch and n >= min_batch:
+            continue
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(ref(x[idx]), y[idx]).backward()
+        opt.step()
+    for (k, a), b in zip(net.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_min_batch_size_validated_and_old_records_match_its_default():
+    from fedsq_fast.federation.config import RunConfig, config_differences, validate
+
+    for bad, msg in ((0, "must be >= 1"), (65, "must not exceed batch_size"), (2.5, "must be an integer")):
+        with pytest.raises(ValueError, match=f"min_batch_size.*{msg}|min_batch_size: {msg}"):
+            validate(RunConfig(batch_size=64, min_batch_size=bad))
+    old = RunConfig().to_dict()
+    del old["min_batch_size"]  # a run recorded before the key existed behaved as its default
+    assert config_differences(RunConfig(), old) == []
+    assert config_differences(RunConfig(min_batch_size=8), old) == ["min_batch_size"]
+    assert config_differences(RunConfig(device="cpu", threads=3), old) == []  # placement only
+    assert config_differences(RunConfig(rounds=9), old, ignore=("rounds",)) == []

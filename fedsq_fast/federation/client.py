@@ -30,6 +30,7 @@ class LocalConfig:
     batch_size: int = 64
     prox_mu: float = 0.0
     timeout_s: float | None = None
+    min_batch_size: int = 2  # smaller batches are skipped (RunConfig.min_batch_size)
 
 
 def derive_seed(*parts: int) -> int:
@@ -84,8 +85,8 @@ def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalCo
                 raise ClientTimeout(f"timed out after {time.perf_counter() - t0:.2f} s "
                                     f"(client_timeout_s={cfg.timeout_s})")
             idx = perm[i:i + cfg.batch_size]
-            if idx.numel() < 2 and n >= 2:
-                continue  # a batch of one breaks BatchNorm's training statistics
+            if idx.numel() < cfg.min_batch_size and n >= cfg.min_batch_size:
+                continue  # a batch of one breaks BatchNorm's training statistics; of 2-3, it can blow up
             xb = x[idx].to(dev, non_blocking=True)  # no-op when the data lives there
             if transform is not None:
                 xb = transform(xb)

@@ -49,6 +49,11 @@ class RunConfig:
     weight_decay: float = 0.0
     local_epochs: int = 1
     batch_size: int = 64
+    # Local batches smaller than this are skipped (the last of an epoch when a client's sample
+    # count is not a multiple of batch_size; reshuffled each round, so no sample is lost for
+    # good). 2 keeps BatchNorm's training statistics defined; a few more avoid BatchNorm's
+    # blow-ups on 2-3 samples over 1x1 feature maps (MobileNetV2 at 32 px; experiments/README.md).
+    min_batch_size: int = 2
     prox_mu: float = 0.01
     # server optimizers
     server_lr: float | None = None  # None: 1.0 for fedavgm, 0.01 for fedadam/fedyogi
@@ -77,6 +82,23 @@ KEYS = tuple(f.name for f in dataclasses.fields(RunConfig))
 # Where and how fast a run computes, not what: ignored when a checkpoint or a finished
 # run's metrics are matched against the current config (resume on another machine).
 PLACEMENT_KEYS = ("out_dir", "threads", "device")
+
+
+def config_differences(mine: RunConfig, theirs: dict, ignore=()) -> list:
+    """Keys whose value in ``mine`` differs from a recorded config (a checkpoint's, a finished
+    run's). Placement keys and ``ignore`` are skipped; a key the recording code did not have yet
+    counts as its default (keys are only added with defaults that keep the old behaviour)."""
+    defaults = RunConfig().to_dict()
+    return [k for k, v in mine.to_dict().items()
+            if k not in PLACEMENT_KEYS + tuple(ignore) and v != theirs.get(k, defaults[k])]
+
+
+def local_config(cfg: RunConfig, prox_mu: float):
+    """The client's training options for one round (``prox_mu`` from the strategy)."""
+    from .client import LocalConfig
+
+    return LocalConfig(cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.local_epochs, cfg.batch_size,
+                       prox_mu, cfg.client_timeout_s, cfg.min_batch_size)
 
 
 def resolve_device(spec: str | None = "auto"):
@@ -243,6 +265,9 @@ def validate(cfg: RunConfig, model_names=None) -> RunConfig:
     _int(cfg, "image_size", lo=1, allow_none=True)
     _int(cfg, "threads", lo=1, allow_none=True)
     _check_device(cfg.device)
+    _int(cfg, "min_batch_size", lo=1)
+    if cfg.min_batch_size > cfg.batch_size:
+        _fail("min_batch_size", f"({cfg.min_batch_size}) must not exceed batch_size ({cfg.batch_size})")
     if cfg.min_clients > cfg.num_clients:
         _fail("min_clients", f"({cfg.min_clients}) must not exceed num_clients ({cfg.num_clients})")
     if cfg.max_train_samples is not None and cfg.num_clients > cfg.max_train_samples:

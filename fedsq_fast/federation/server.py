@@ -24,7 +24,7 @@ from torch import nn
 
 from . import adapter, checkpoint
 from .client import ClientTimeout, LocalConfig, derive_seed, evaluate, local_train
-from .config import PLACEMENT_KEYS, RunConfig, parse_method, resolve_device
+from .config import RunConfig, config_differences, local_config, parse_method, resolve_device
 from .data import DataBundle, InputTransform, input_transform_for, load_dataset
 from .partition import class_counts, make_partition
 from .strategy import AggregateStats, make_strategy
@@ -227,9 +227,7 @@ class Federation:
         return None if self.out_dir is None else self.out_dir / "checkpoint.safetensors"
 
     def local_config(self, rnd: int) -> LocalConfig:
-        c = self.cfg
-        return LocalConfig(c.optimizer, c.lr, c.momentum, c.weight_decay, c.local_epochs, c.batch_size,
-                           self.strategy.client_config(rnd).get("prox_mu", 0.0), c.client_timeout_s)
+        return local_config(self.cfg, self.strategy.client_config(rnd).get("prox_mu", 0.0))
 
     def sample_clients(self, rnd: int) -> list[int]:
         k = self.cfg.num_clients
@@ -390,8 +388,7 @@ class Federation:
 
     def load_checkpoint(self) -> int:
         groups, meta = checkpoint.load(self.ckpt_path)
-        mine, theirs = self.cfg.to_dict(), meta["config"]
-        diff = [k for k in mine if k not in PLACEMENT_KEYS + ("rounds",) and mine[k] != theirs.get(k)]
+        diff = config_differences(self.cfg, meta["config"], ignore=("rounds",))
         if diff or meta["method"] != self.method:
             raise ValueError(f"resume: the checkpoint {self.ckpt_path} was written with other settings "
                              f"(differing keys: {diff or ['method']})")

@@ -23,7 +23,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from ..federation.server import make_method_strategy
 from ..federation.client import LocalConfig
-from ..federation.config import RunConfig, parse_method
+from ..federation.config import RunConfig, local_config, parse_method
 from ..federation.strategy import AggregateStats, Strategy
 from .arrays import arrays_to_state, state_to_arrays
 
@@ -158,9 +158,7 @@ class FedSQStrategy(FlowerStrategy):
                  self.method, self.engine.name, self.fraction_train, self.min_train_nodes)
 
     def local_config(self, rnd: int) -> LocalConfig:
-        c = self.cfg
-        return LocalConfig(c.optimizer, c.lr, c.momentum, c.weight_decay, c.local_epochs, c.batch_size,
-                           self.engine.client_config(rnd).get("prox_mu", 0.0), c.client_timeout_s)
+        return local_config(self.cfg, self.engine.client_config(rnd).get("prox_mu", 0.0))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid
                         ) -> Iterable[Message]:
