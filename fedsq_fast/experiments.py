@@ -515,13 +515,15 @@ def _rel_diff(x, y) -> float | None:
     return None
 
 
-def verify_runs(root, cells: list | None = None, sample: int = 3, seed: int = 0, echo=print) -> list:
+def verify_runs(root, cells: list | None = None, sample: int = 3, seed: int = 0, echo=print,
+                record: bool = True) -> list:
     """Run recorded runs of a results folder again with the code installed now and check that
     every recorded number (history and summary, timings excluded) comes out the same, bit for bit.
 
     ``cells``: run folders relative to ``root`` (e.g. ``dirichlet_0.5/seed2/fedavg``); default:
     ``sample`` of them drawn with ``seed``. Each rerun writes to a temporary folder; the recorded
-    results are only read. Returns one dict per run: ``identical`` (every recorded number),
+    results are only read; with ``record`` each check is appended to ``root/verification.json``,
+    which the report lists. Returns one dict per run: ``identical`` (every recorded number),
     ``match`` (every number in REPORT_KEYS), and the differing keys with their largest relative
     difference.
     """
@@ -576,7 +578,12 @@ def verify_runs(root, cells: list | None = None, sample: int = 3, seed: int = 0,
                                             prev["max_rel"] if prev else 0.0)}
             info = json.loads((root / rel / "run_info.json").read_text()) if (root / rel / "run_info.json").is_file() else {}
             report_diff = sorted(k for k in by_key if k in REPORT_KEYS)
-            row = {"run": rel, "recorded_code": info.get("code"), "identical": not diffs,
+            row = {"run": rel, "verified_at": _utc(), "code": _code_version(), "recorded_code": info.get("code"),
+                   "recorded_cpu": {k: info.get(k) for k in ("host_cpu", "cpu_simd", "torch_cpu_capability",
+                                                             "fedsq_fast_cpu_isa", "isa_env")},
+                   "cpu": {k: v for k, v in machine_info().items() if k in ("host_cpu", "cpu_simd",
+                           "torch_cpu_capability", "fedsq_fast_cpu_isa", "isa_env", "torch")},
+                   "identical": not diffs,
                    "match": not report_diff, "differing_report_keys": report_diff,
                    "differing_other_keys": {k: v for k, v in by_key.items() if k not in REPORT_KEYS},
                    "differences": {k: v for k, v in by_key.items() if k in REPORT_KEYS},
@@ -595,6 +602,11 @@ def verify_runs(root, cells: list | None = None, sample: int = 3, seed: int = 0,
                 verdict += f"; keys in one run only (code changes): {', '.join(absent)}"
             echo(f"{rel}: {verdict} (recorded with code {row['recorded_code']}, BVA {row['bva']:.4f}, "
                  f"{row['wall_s']:.0f} s)")
+            row["verdict"] = verdict
+            if record:  # provenance next to the results: the report lists it
+                log = root / "verification.json"
+                done = json.loads(log.read_text()) if log.is_file() else []
+                log.write_text(json.dumps(_clean(done + [row]), indent=1))
     return out
 
 
@@ -1105,6 +1117,36 @@ def _status(docs, suite, root) -> tuple[str, bool]:
     return "\n".join(lines), not missing
 
 
+def _cpu_paths(info: dict) -> str:
+    """What decided the floating-point rounding of a run's CPU arithmetic (machine_info())."""
+    if not info.get("torch_cpu_capability"):
+        return "not recorded"
+    env = " ".join(f"{k}={v}" for k, v in (info.get("isa_env") or {}).items())
+    return (f"CPU has {'/'.join(info.get('cpu_simd') or []) or '?'}; torch {info['torch_cpu_capability']}, "
+            f"fedsq_fast {info.get('fedsq_fast_cpu_isa')}" + (f", pinned by {env}" if env else ""))
+
+
+def _verification_section(root: Path) -> list:
+    log = root / "verification.json"
+    if not log.is_file():
+        return []
+    rows = json.loads(log.read_text())
+    md = ["## Reproduction", "",
+          f"Recorded runs run again by `python -m fedsq_fast.experiments verify {_rel(root)} --cell ...` "
+          "and compared number by number with what was recorded (timings excluded). Floating-point "
+          "results depend on the CPU code paths torch and fedsq_fast take (AVX2 vs AVX-512 kernels round "
+          "differently), so a rerun matches bit for bit only where they match; on a CPU with more "
+          "instruction sets, pin them: `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 "
+          "MKL_ENABLE_INSTRUCTIONS=AVX2 FEDSQ_FAST_CPU_ISA=avx2`.", "",
+          "| run | rerun (UTC) | code then | code now | CPU paths of the rerun | result |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['run']} | {r['verified_at']} | {r.get('recorded_code') or 'not recorded'} | {r['code']} | "
+                  f"{_cpu_paths(r['cpu'])} | {r['verdict']} |")
+    n_ok = sum(bool(r["match"]) for r in rows)
+    md += ["", f"{n_ok} of {len(rows)} reruns gave every number the report uses, unchanged.", ""]
+    return md
+
+
 def report(root, suite: Suite | None = None, echo=print) -> Path:
     """Write REPORT.md, summary.json/.csv and the PNGs under ``root`` from its metrics.json files."""
     root = Path(root)
@@ -1156,8 +1198,14 @@ def report(root, suite: Suite | None = None, echo=print) -> Path:
         codes = sorted({i.get("code") for i in infos if i.get("code")})
         if codes:
             md.append(f"- code: git {', '.join(codes)}")
+        paths = {}
+        for i in infos:
+            k = _cpu_paths(i)
+            paths[k] = paths.get(k, 0) + 1
+        md.append("- CPU code paths: " + "; ".join(f"{k} ({n} runs)" for k, n in sorted(paths.items())))
         md.append("")
     md += ["## Status", "", status, ""]
+    md += _verification_section(root)
     md += ["## Claims", "",
            "Each verdict follows a rule fixed in the code and the suite file before any run: 95% Student-t "
            "intervals of paired differences over seeds (a seed fixes the data split, the partition, the "
@@ -1394,6 +1442,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     v.add_argument("--sample", type=int, default=3, help="without --cell: how many runs to draw (default 3)")
     v.add_argument("--seed", type=int, default=0, help="seed of that draw (default 0)")
     v.add_argument("--json", default=None, help="also write the results to this file")
+    v.add_argument("--no-record", action="store_true",
+                   help="do not append the checks to DIR/verification.json (the report lists them)")
 
 
 def run_from_args(ns) -> int:
@@ -1423,7 +1473,8 @@ def run_from_args(ns) -> int:
         elif ns.suite_command == "summary":
             summarize_suites(ns.dir)
         elif ns.suite_command == "verify":
-            rows = verify_runs(ns.dir, ns.cell, ns.sample, ns.seed, echo=lambda *a: print(*a, flush=True))
+            rows = verify_runs(ns.dir, ns.cell, ns.sample, ns.seed, echo=lambda *a: print(*a, flush=True),
+                               record=not ns.no_record)
             if ns.json:
                 Path(ns.json).write_text(json.dumps(_clean(rows), indent=1))
             return 0 if all(r["match"] for r in rows) else 1

@@ -174,20 +174,28 @@ def test_verify_reruns_a_recorded_run_and_catches_a_changed_number(smoke_out, tm
     assert f"{cell}: every recorded number identical" in out
     rows = json.loads(rows_json.read_text())
     assert [(r["run"], r["identical"], r["match"]) for r in rows] == [(cell, True, True)]
-    # the recorded results are only read
+    # the recorded results are only read; the check itself is recorded and the report lists it
     assert (rec / cell / "metrics.json").read_text() == (smoke_out / cell / "metrics.json").read_text()
+    logged = json.loads((rec / "verification.json").read_text())
+    assert [(r["run"], r["match"]) for r in logged] == [(cell, True)]
+    assert logged[0]["cpu"]["torch_cpu_capability"] and logged[0]["code"] == rows[0]["code"]
+    assert ex.main(["report", str(rec)]) == 0
+    section = (rec / "REPORT.md").read_text().split("## Reproduction", 1)[1].split("\n## ", 1)[0]
+    assert f"| {cell} |" in section and "1 of 1 reruns gave every number the report uses, unchanged" in section
+    assert "CPU code paths: CPU has" in (rec / "REPORT.md").read_text()
     # a number the report uses, changed in the record, is found and named with its place
     doc = json.loads((rec / cell / "metrics.json").read_text())
     doc["history"][2]["val_acc"] += 0.01
     (rec / cell / "metrics.json").write_text(json.dumps(doc))
-    assert ex.main(["verify", str(rec), "--cell", cell]) == 1
+    assert ex.main(["verify", str(rec), "--cell", cell, "--no-record"]) == 1
     assert "DIFFERS in val_acc (1x, first .history[2].val_acc" in capsys.readouterr().out
+    assert len(json.loads((rec / "verification.json").read_text())) == 1
     # a diagnostic the report does not use differs: reported, but the report's numbers still match
     doc["history"][2]["val_acc"] -= 0.01
     doc["history"][1]["client_drift"] *= 1.5
     doc["history"][1]["time_round_s"] = 1e9  # timings are never compared
     (rec / cell / "metrics.json").write_text(json.dumps(doc))
-    assert ex.main(["verify", str(rec), "--cell", cell]) == 0
+    assert ex.main(["verify", str(rec), "--cell", cell, "--no-record"]) == 0
     assert "other recorded numbers differ: client_drift" in capsys.readouterr().out
     # bad input is refused before any work, naming the argument
     assert ex.main(["verify", str(rec), "--cell", "iid/seed7/fedavg"]) == 2
