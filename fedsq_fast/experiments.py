@@ -357,7 +357,7 @@ def _loadavg():
         return None
 
 
-def _code_version():
+def _git_version():
     import subprocess
 
     try:
@@ -369,6 +369,15 @@ def _code_version():
         return (rev + ("+uncommitted changes in fedsq_fast/" if dirty else "")) or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+# Read once, when the code is imported: a long suite must record the code it runs, not
+# whatever the checkout holds by the time a run ends.
+_CODE_AT_IMPORT = _git_version()
+
+
+def _code_version():
+    return _CODE_AT_IMPORT
 
 
 def _utc() -> str:
