@@ -1126,6 +1126,10 @@ def _status(docs, suite, root) -> tuple[str, bool]:
     return "\n".join(lines), not missing
 
 
+def _runs(n: int) -> str:
+    return f"{n} run" + ("" if n == 1 else "s")
+
+
 def _cpu_paths(info: dict) -> str:
     """What decided the floating-point rounding of a run's CPU arithmetic (machine_info())."""
     if not info.get("torch_cpu_capability"):
@@ -1204,14 +1208,15 @@ def report(root, suite: Suite | None = None, echo=print) -> Path:
             md.append(f"- 1-minute load average at run starts/ends: {min(loads):.1f} to {max(loads):.1f} "
                       f"on {i0['cpu_count']} CPUs (other jobs shared the machine when it exceeds the thread "
                       "count: wall times, not results, depend on it)")
-        codes = sorted({i.get("code") for i in infos if i.get("code")})
-        if codes:
-            md.append(f"- code: git {', '.join(codes)}")
+        codes = {}
+        for i in infos:
+            codes[i.get("code") or "not recorded"] = codes.get(i.get("code") or "not recorded", 0) + 1
+        md.append("- code (git): " + ", ".join(f"{c} ({_runs(n)})" for c, n in sorted(codes.items())))
         paths = {}
         for i in infos:
             k = _cpu_paths(i)
             paths[k] = paths.get(k, 0) + 1
-        md.append("- CPU code paths: " + "; ".join(f"{k} ({n} runs)" for k, n in sorted(paths.items())))
+        md.append("- CPU code paths: " + "; ".join(f"{k} ({_runs(n)})" for k, n in sorted(paths.items())))
         md.append("")
     md += ["## Status", "", status, ""]
     md += _verification_section(root)
