@@ -26,6 +26,7 @@ import os
 import platform
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -321,6 +322,12 @@ class SuiteFederation(Federation):
         return rec
 
 
+# Environment switches that pin the CPU code paths of torch (ATen, oneDNN, MKL) and of our kernels,
+# and the setting that reproduces runs made on an AVX2-only CPU on one with AVX-512.
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "FEDSQ_FAST_CPU_ISA")
+AVX2_PIN = "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 FEDSQ_FAST_CPU_ISA=avx2"
+
+
 def machine_info() -> dict:
     import fedsq_fast
 
@@ -343,10 +350,6 @@ def machine_info() -> dict:
     return {"host_cpu": cpu, "cpu_simd": simd, **isa, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "gpu": gpu, "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "fedsq_fast_backend": fedsq_fast.backend()}
-
-
-# Environment switches that pin the CPU code paths of torch (ATen, oneDNN, MKL) and of our kernels.
-ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "FEDSQ_FAST_CPU_ISA")
 
 
 def _loadavg():
@@ -575,16 +578,14 @@ def verify_runs(root, cells: list | None = None, sample: int = 3, seed: int = 0,
             now = json.loads((Path(tmp) / rel / "metrics.json").read_text())
             diffs = _differences({k: rec[k] for k in ("summary", "history")},
                                  {k: now[k] for k in ("summary", "history")})
-            by_key = {}
-            absent = sorted({_key_of(p) for p, x, y in diffs if _ABSENT in (x, y)})
+            absent = sorted({_key_of(path) for path, x, y in diffs if _ABSENT in (x, y)})
             diffs = [d for d in diffs if _ABSENT not in d[1:]]
+            by_key = {}  # key -> first place, how many places, largest relative difference
             for path, x, y in diffs:
                 r = _rel_diff(x, y)
-                k = _key_of(path)
-                prev = by_key.get(k)
-                by_key[k] = {"first": prev["first"] if prev else path, "count": (prev["count"] if prev else 0) + 1,
-                             "max_rel": max(r if r is not None else float("inf"),
-                                            prev["max_rel"] if prev else 0.0)}
+                e = by_key.setdefault(_key_of(path), {"first": path, "count": 0, "max_rel": 0.0})
+                e["count"] += 1
+                e["max_rel"] = max(e["max_rel"], float("inf") if r is None else r)
             info = json.loads((root / rel / "run_info.json").read_text()) if (root / rel / "run_info.json").is_file() else {}
             report_diff = sorted(k for k in by_key if k in REPORT_KEYS)
             row = {"run": rel, "verified_at": _utc(), "code": _code_version(), "recorded_code": info.get("code"),
@@ -1149,8 +1150,7 @@ def _verification_section(root: Path) -> list:
           "and compared number by number with what was recorded (timings excluded). Floating-point "
           "results depend on the CPU code paths torch and fedsq_fast take (AVX2 vs AVX-512 kernels round "
           "differently), so a rerun matches bit for bit only where they match; on a CPU with more "
-          "instruction sets, pin them: `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 "
-          "MKL_ENABLE_INSTRUCTIONS=AVX2 FEDSQ_FAST_CPU_ISA=avx2`.", "",
+          f"instruction sets, pin them: `{AVX2_PIN}`.", "",
           "| run | rerun (UTC) | code then | code now | CPU paths of the rerun | result |", "|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['run']} | {r['verified_at']} | {r.get('recorded_code') or 'not recorded'} | {r['code']} | "
@@ -1208,14 +1208,9 @@ def report(root, suite: Suite | None = None, echo=print) -> Path:
             md.append(f"- 1-minute load average at run starts/ends: {min(loads):.1f} to {max(loads):.1f} "
                       f"on {i0['cpu_count']} CPUs (other jobs shared the machine when it exceeds the thread "
                       "count: wall times, not results, depend on it)")
-        codes = {}
-        for i in infos:
-            codes[i.get("code") or "not recorded"] = codes.get(i.get("code") or "not recorded", 0) + 1
+        codes = Counter(i.get("code") or "not recorded" for i in infos)
         md.append("- code (git): " + ", ".join(f"{c} ({_runs(n)})" for c, n in sorted(codes.items())))
-        paths = {}
-        for i in infos:
-            k = _cpu_paths(i)
-            paths[k] = paths.get(k, 0) + 1
+        paths = Counter(_cpu_paths(i) for i in infos)
         md.append("- CPU code paths: " + "; ".join(f"{k} ({_runs(n)})" for k, n in sorted(paths.items())))
         md.append("")
     md += ["## Status", "", status, ""]
