@@ -620,6 +620,46 @@ def verify_runs(root, cells: list | None = None, sample: int = 3, seed: int = 0,
     return out
 
 
+def compare_prefix(root, other, echo=print, record: bool = True) -> list:
+    """For every run folder in both ``root`` and ``other`` (suites that differ in the number of
+    rounds only), check that the rounds both recorded are the same, number for number (timings
+    excluded): the longer run must retrace the shorter one. Nothing is rerun. Appends one row per
+    run to ``root/verification.json`` (kind ``prefix``) with ``record``."""
+    root, other = Path(root), Path(other)
+    for d, arg in ((root, "dir"), (other, "--against")):
+        if not d.is_dir():
+            _fail(arg, f"not a folder: {d}")
+    mine = {str(q.parent.relative_to(root)) for q in root.rglob("metrics.json")}
+    theirs = {str(q.parent.relative_to(other)) for q in other.rglob("metrics.json")}
+    both = sorted(mine & theirs)
+    if not both:
+        _fail("--against", f"{other} has no run folder in common with {root}")
+    rows = []
+    for rel in both:
+        a, b = (json.loads((d / rel / "metrics.json").read_text()) for d in (other, root))
+        n = min(len(a["history"]), len(b["history"]))
+        diffs = [d for d in _differences(a["history"][:n], b["history"][:n]) if _ABSENT not in d[1:]]
+        keys = sorted({_key_of(d[0]) for d in diffs})
+        info = json.loads((root / rel / "run_info.json").read_text()) if (root / rel / "run_info.json").is_file() else {}
+        verdict = (f"rounds 0-{n - 1} identical to {_rel(other)}" if not diffs else
+                   f"rounds 0-{n - 1} DIFFER from {_rel(other)} in {', '.join(keys)} (first {diffs[0][0]})")
+        row = {"run": rel, "kind": "prefix", "against": _rel(other), "verified_at": _utc(), "code": info.get("code"),
+               "recorded_code": json.loads((other / rel / "run_info.json").read_text()).get("code")
+               if (other / rel / "run_info.json").is_file() else None,
+               "cpu": {k: info.get(k) for k in ("host_cpu", "cpu_simd", "torch_cpu_capability", "fedsq_fast_cpu_isa",
+                                                "isa_env", "torch")},
+               "rounds_compared": n, "identical": not diffs, "match": not any(k in REPORT_KEYS for k in keys),
+               "differing_keys": keys, "verdict": verdict}
+        rows.append(row)
+        echo(f"{rel}: {verdict}")
+    if record:
+        log = root / "verification.json"
+        done = [r for r in (json.loads(log.read_text()) if log.is_file() else [])
+                if not (r.get("kind") == "prefix" and r.get("against") == _rel(other))]  # newest check replaces
+        log.write_text(json.dumps(_clean(done + rows), indent=1))
+    return rows
+
+
 # ------------------------------------------------------------------ statistics
 # Two-sided 95% Student t quantiles (df 1..30); beyond, the normal 1.96.
 _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
@@ -1145,18 +1185,27 @@ def _verification_section(root: Path) -> list:
     if not log.is_file():
         return []
     rows = json.loads(log.read_text())
-    md = ["## Reproduction", "",
-          f"Recorded runs run again by `python -m fedsq_fast.experiments verify {_rel(root)} --cell ...` "
-          "and compared number by number with what was recorded (timings excluded). Floating-point "
-          "results depend on the CPU code paths torch and fedsq_fast take (AVX2 vs AVX-512 kernels round "
-          "differently), so a rerun matches bit for bit only where they match; on a CPU with more "
-          f"instruction sets, pin them: `{AVX2_PIN}`.", "",
-          "| run | rerun (UTC) | code then | code now | CPU paths of the rerun | result |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        md.append(f"| {r['run']} | {r['verified_at']} | {r.get('recorded_code') or 'not recorded'} | {r['code']} | "
-                  f"{_cpu_paths(r['cpu'])} | {r['verdict']} |")
-    n_ok = sum(bool(r["match"]) for r in rows)
-    md += ["", f"{n_ok} of {len(rows)} reruns gave every number the report uses, unchanged.", ""]
+    md = ["## Reproduction", ""]
+    reruns = [r for r in rows if r.get("kind") != "prefix"]
+    if reruns:
+        md += [f"Recorded runs run again by `python -m fedsq_fast.experiments verify {_rel(root)} --cell ...` "
+               "and compared number by number with what was recorded (timings excluded). Floating-point "
+               "results depend on the CPU code paths torch and fedsq_fast take (AVX2 vs AVX-512 kernels round "
+               "differently), so a rerun matches bit for bit only where they match; on a CPU with more "
+               f"instruction sets, pin them: `{AVX2_PIN}`.", "",
+               "| run | rerun (UTC) | code then | code now | CPU paths of the rerun | result |",
+               "|---|---|---|---|---|---|"]
+        md += [f"| {r['run']} | {r['verified_at']} | {r.get('recorded_code') or 'not recorded'} | {r['code']} | "
+               f"{_cpu_paths(r['cpu'])} | {r['verdict']} |" for r in reruns]
+        md += ["", f"{sum(bool(r['match']) for r in reruns)} of {len(reruns)} reruns gave every number the report "
+                   "uses, unchanged.", ""]
+    for against in sorted({r["against"] for r in rows if r.get("kind") == "prefix"}):
+        pre = [r for r in rows if r.get("kind") == "prefix" and r["against"] == against]
+        odd = [r for r in pre if not r["identical"]]
+        md += [f"Paired with `{against}` (same seeds and settings, fewer rounds; `python -m fedsq_fast.experiments "
+               f"verify {_rel(root)} --against {against}`, {max(r['verified_at'] for r in pre)}): "
+               f"**{len(pre) - len(odd)} of {len(pre)} runs retrace the shorter run's rounds number for number** "
+               "(timings excluded)." + "".join(f" {r['run']}: {r['verdict']}." for r in odd), ""]
     return md
 
 
@@ -1451,6 +1500,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     v.add_argument("--sample", type=int, default=3, help="without --cell: how many runs to draw (default 3)")
     v.add_argument("--seed", type=int, default=0, help="seed of that draw (default 0)")
     v.add_argument("--json", default=None, help="also write the results to this file")
+    v.add_argument("--against", default=None, metavar="OTHER_DIR",
+                   help="rerun nothing: check that DIR's runs retrace the rounds recorded for the same "
+                        "run folders in OTHER_DIR (a suite that differs only in its number of rounds)")
     v.add_argument("--no-record", action="store_true",
                    help="do not append the checks to DIR/verification.json (the report lists them)")
 
@@ -1481,6 +1533,11 @@ def run_from_args(ns) -> int:
                       echo=lambda *a: print(*a, flush=True))
         elif ns.suite_command == "summary":
             summarize_suites(ns.dir)
+        elif ns.suite_command == "verify" and ns.against:
+            rows = compare_prefix(ns.dir, ns.against, echo=lambda *a: print(*a, flush=True), record=not ns.no_record)
+            if ns.json:
+                Path(ns.json).write_text(json.dumps(_clean(rows), indent=1))
+            return 0 if all(r["match"] for r in rows) else 1
         elif ns.suite_command == "verify":
             rows = verify_runs(ns.dir, ns.cell, ns.sample, ns.seed, echo=lambda *a: print(*a, flush=True),
                                record=not ns.no_record)

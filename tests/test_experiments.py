@@ -225,3 +225,31 @@ def test_shards_fill_one_folder_with_the_unsharded_results(smoke_out, tmp_path, 
         assert ex.main(["run", str(SMOKE), "--out", str(tmp_path / "x"), "--shard", bad]) == 2
         assert "shard" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_longer_suite_retraces_the_shorter_ones_rounds(smoke_out, tmp_path, capsys):
+    longer = tmp_path / "smoke3.toml"
+    text = SMOKE.read_text()
+    assert "rounds = 2\n" in text
+    longer.write_text(text.replace("rounds = 2\n", "rounds = 3\n").replace('name = "smoke"', 'name = "smoke3"'))
+    out = tmp_path / "smoke3"
+    assert ex.main(["run", str(longer), "--out", str(out), "--max-runs", "2"]) == 0
+    capsys.readouterr()
+    assert ex.main(["verify", str(out), "--against", str(smoke_out)]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    assert len(lines) == 2 and all("rounds 0-2 identical to" in ln for ln in lines)
+    # a changed number in the shorter record is found, with the round it is in
+    short = tmp_path / "short"
+    shutil.copytree(smoke_out, short)
+    rel = json.loads((out / "verification.json").read_text())[0]["run"]
+    doc = json.loads((short / rel / "metrics.json").read_text())
+    doc["history"][1]["gate_flip_prev"] += 1e-9
+    (short / rel / "metrics.json").write_text(json.dumps(doc))
+    assert ex.main(["verify", str(out), "--against", str(short)]) == 1
+    assert f"{rel}: rounds 0-2 DIFFER from" in capsys.readouterr().out
+    assert ex.main(["report", str(out)]) == 0
+    md = (out / "REPORT.md").read_text()
+    assert "**2 of 2 runs retrace the shorter run's rounds number for number**" in md  # the first check
+    assert "**1 of 2 runs retrace" in md and "DIFFER" in md  # the second, against the changed copy
+    assert ex.main(["verify", str(out), "--against", str(tmp_path / "none")]) == 2
+    assert "--against" in capsys.readouterr().err
