@@ -312,10 +312,12 @@ def _interleaved(fns):
     for f in fns.values():
         f()
     times = {k: [] for k in fns}
-    for _ in range(INTERLEAVED_ROUNDS):
-        for k, f in fns.items():
+    order = list(fns)
+    for r in range(INTERLEAVED_ROUNDS):
+        # rotate who goes first: the first variant of a round meets colder caches
+        for k in order[r % len(order):] + order[:r % len(order)]:
             t0 = time.perf_counter()
-            f()
+            fns[k]()
             times[k].append(time.perf_counter() - t0)
     return {k: min(v) for k, v in times.items()}
 
@@ -371,4 +373,60 @@ def test_interleaved_cross_check(benchmark, gate_inputs):
             _bench.INTERLEAVED[label] = (t["b"] / t["a"], t["a"], t["b"])
 
     benchmark.group = "interleaved cross-check"
+    benchmark.pedantic(run_all, rounds=1, iterations=1)
+
+
+# ---------------------------------------------------------------------------
+# Our kernels on each CPU instruction set this machine has, interleaved (each round runs
+# every ISA back to back): is the AVX-512 build worth its dispatch? Where the work is
+# memory-bound both should sit at the copy floor; compute-heavier ops (pack, the epilogue)
+# are where 512-bit registers can show.
+def test_isa_cross_check(benchmark, gate_inputs):
+    if ff.backend() != "compiled":
+        pytest.skip("compiled library not loaded")
+    cpu_isa = torch.ops.fedsq_fast.cpu_isa
+    before = cpu_isa("")
+    isas = []
+    for isa in ("avx512", "avx2", "scalar"):
+        try:
+            cpu_isa(isa)
+            isas.append(isa)
+        except RuntimeError:
+            pass
+    cpu_isa("auto")
+    if len(isas) < 2:
+        pytest.skip(f"this CPU runs only {isas}")
+    z_q, z_s = gate_inputs
+    y, bits = torch.empty_like(z_q), ff.pack_mask(z_s)
+    g, gout = _gen(N, 3), torch.empty(N)
+    k = 8
+    flat = [_gen(P, 10 + i) for i in range(k)]
+    w = [float(100 + 17 * i) for i in range(k)]
+    out_flat = torch.empty(P)
+    scale, shift = torch.rand(64) + 0.5, torch.randn(64)
+    zs4 = z_s[: N - N % 4096].view(-1, 64, 8, 8)  # NCHW, 64 channels
+    ops = {
+        "gate fwd out=": lambda: ff.gate(z_q, z_s, out=(y, bits)),
+        "gate bwd (apply_mask out=)": lambda: ff.apply_mask(g, bits, out=gout),
+        "pack_mask": lambda: ff.pack_mask(z_s),
+        "struct_epilogue (per-channel scale/shift)": lambda: torch.ops.fedsq_fast.struct_epilogue(zs4, scale, shift),
+        "K=8 weighted_average flat, out=": lambda: ff.weighted_average(flat, w, out=out_flat),
+    }
+
+    def on(isa, f):
+        def run():
+            cpu_isa(isa)
+            f()
+        return run
+
+    def run_all():
+        try:
+            for label, f in ops.items():
+                t = _interleaved({isa: on(isa, f) for isa in isas})
+                for isa in isas[1:]:
+                    _bench.INTERLEAVED[f"ISA {label}: {isa} / {isas[0]}"] = (t[isa] / t[isas[0]], t[isas[0]], t[isa])
+        finally:
+            cpu_isa(before if before in isas else "auto")
+
+    benchmark.group = "ISA cross-check"
     benchmark.pedantic(run_all, rounds=1, iterations=1)
