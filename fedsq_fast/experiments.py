@@ -613,10 +613,8 @@ def verify_runs(root, cells: list | None = None, sample: int = 3, seed: int = 0,
             echo(f"{rel}: {verdict} (recorded with code {row['recorded_code']}, BVA {row['bva']:.4f}, "
                  f"{row['wall_s']:.0f} s)")
             row["verdict"] = verdict
-            if record:  # provenance next to the results: the report lists it
-                log = root / "verification.json"
-                done = json.loads(log.read_text()) if log.is_file() else []
-                log.write_text(json.dumps(_clean(done + [row]), indent=1))
+            if record:  # provenance next to the results, as each check ends: the report lists it
+                _record_checks(root, [row])
     return out
 
 
@@ -652,12 +650,17 @@ def compare_prefix(root, other, echo=print, record: bool = True) -> list:
                "differing_keys": keys, "verdict": verdict}
         rows.append(row)
         echo(f"{rel}: {verdict}")
-    if record:
-        log = root / "verification.json"
-        done = [r for r in (json.loads(log.read_text()) if log.is_file() else [])
-                if not (r.get("kind") == "prefix" and r.get("against") == _rel(other))]  # newest check replaces
-        log.write_text(json.dumps(_clean(done + rows), indent=1))
+    if record:  # the newest check against `other` replaces older ones
+        _record_checks(root, rows, drop=lambda r: r.get("kind") == "prefix" and r.get("against") == _rel(other))
     return rows
+
+
+def _record_checks(root: Path, rows: list, drop=lambda r: False) -> None:
+    log = root / "verification.json"
+    kept = [r for r in (json.loads(log.read_text()) if log.is_file() else []) if not drop(r)]
+    tmp = log.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(_clean(kept + rows), indent=1))
+    os.replace(tmp, log)  # atomic: an interrupted check never leaves a half-written log
 
 
 # ------------------------------------------------------------------ statistics
