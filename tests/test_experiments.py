@@ -237,7 +237,7 @@ def test_longer_suite_retraces_the_shorter_ones_rounds(smoke_out, tmp_path, caps
     capsys.readouterr()
     assert ex.main(["verify", str(out), "--against", str(smoke_out)]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
-    assert len(lines) == 2 and all("rounds 0-2 identical to" in ln for ln in lines)
+    assert len(lines) == 2 and all("rounds 0-2 vs " in ln and "every recorded number identical" in ln for ln in lines)
     # a changed number in the shorter record is found, with the round it is in
     short = tmp_path / "short"
     shutil.copytree(smoke_out, short)
@@ -246,10 +246,22 @@ def test_longer_suite_retraces_the_shorter_ones_rounds(smoke_out, tmp_path, caps
     doc["history"][1]["gate_flip_prev"] += 1e-9
     (short / rel / "metrics.json").write_text(json.dumps(doc))
     assert ex.main(["verify", str(out), "--against", str(short)]) == 1
-    assert f"{rel}: rounds 0-2 DIFFER from" in capsys.readouterr().out
+    assert f"{rel}: rounds 0-2 vs {short}: DIFFERS in gate_flip_prev (1x, first [1].gate_flip_prev" in capsys.readouterr().out
+    # a diagnostic the report does not use (client drift) differing is named, but the numbers match
+    diag = tmp_path / "diag"
+    shutil.copytree(smoke_out, diag)
+    doc = json.loads((diag / rel / "metrics.json").read_text())
+    drift = next(h for h in doc["history"] if h.get("client_drift"))
+    drift["client_drift"] *= 1 + 2e-8
+    (diag / rel / "metrics.json").write_text(json.dumps(doc))
+    assert ex.main(["verify", str(out), "--against", str(diag)]) == 0
+    assert (f"{rel}: rounds 0-2 vs {diag}: every number the report uses identical; other recorded numbers differ: "
+            "client_drift (max rel. 2.0e-08)") in capsys.readouterr().out
     assert ex.main(["report", str(out)]) == 0
     md = (out / "REPORT.md").read_text()
     assert "**2 of 2 runs retrace the shorter run's rounds number for number**" in md  # the first check
-    assert "**1 of 2 runs retrace" in md and "DIFFER" in md  # the second, against the changed copy
+    assert "**1 of 2 runs retrace" in md and "DIFFERS in gate_flip_prev" in md  # against the changed copy
+    assert ("**1 of 2 runs retrace the shorter run's rounds number for number** (timings excluded); **1 more "
+            "retrace every number the report uses**, differing only in diagnostics (client_drift max rel. 2.0e-08)") in md
     assert ex.main(["verify", str(out), "--against", str(tmp_path / "none")]) == 2
     assert "--against" in capsys.readouterr().err
