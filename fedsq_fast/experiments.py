@@ -555,6 +555,18 @@ def _tally(diffs) -> tuple:
     return by_key, absent, verdict
 
 
+# What decides a run's floating-point rounding on a CPU (machine_info() keys), kept with each check.
+_CPU_KEYS = ("host_cpu", "cpu_simd", "torch_cpu_capability", "fedsq_fast_cpu_isa", "isa_env", "torch")
+
+
+def _split_keys(by_key: dict) -> dict:
+    """A check's row fields: ``identical`` (every number), ``match`` (every number in REPORT_KEYS),
+    the differing report keys, and the differences split into report keys and diagnostics."""
+    report = {k: v for k, v in by_key.items() if k in REPORT_KEYS}
+    return {"identical": not by_key, "match": not report, "differing_report_keys": sorted(report),
+            "differences": report, "differing_other_keys": {k: v for k, v in by_key.items() if k not in report}}
+
+
 def verify_runs(root, cells: list | None = None, sample: int = 3, seed: int = 0, echo=print,
                 record: bool = True) -> list:
     """Run recorded runs of a results folder again with the code installed now and check that
@@ -608,16 +620,10 @@ def verify_runs(root, cells: list | None = None, sample: int = 3, seed: int = 0,
                                  {k: now[k] for k in ("summary", "history")})
             by_key, absent, verdict = _tally(diffs)
             info = json.loads((root / rel / "run_info.json").read_text()) if (root / rel / "run_info.json").is_file() else {}
-            report_diff = sorted(k for k in by_key if k in REPORT_KEYS)
+            now_cpu = machine_info()
             row = {"run": rel, "verified_at": _utc(), "code": _code_version(), "recorded_code": info.get("code"),
-                   "recorded_cpu": {k: info.get(k) for k in ("host_cpu", "cpu_simd", "torch_cpu_capability",
-                                                             "fedsq_fast_cpu_isa", "isa_env")},
-                   "cpu": {k: v for k, v in machine_info().items() if k in ("host_cpu", "cpu_simd",
-                           "torch_cpu_capability", "fedsq_fast_cpu_isa", "isa_env", "torch")},
-                   "identical": not by_key,
-                   "match": not report_diff, "differing_report_keys": report_diff,
-                   "differing_other_keys": {k: v for k, v in by_key.items() if k not in REPORT_KEYS},
-                   "differences": {k: v for k, v in by_key.items() if k in REPORT_KEYS},
+                   "recorded_cpu": {k: info.get(k) for k in _CPU_KEYS},
+                   "cpu": {k: now_cpu.get(k) for k in _CPU_KEYS}, **_split_keys(by_key),
                    "keys_in_one_run_only": absent,
                    "bva": res.summary["bva"], "wall_s": time.perf_counter() - t0}
             out.append(row)
@@ -649,16 +655,13 @@ def compare_prefix(root, other, echo=print, record: bool = True) -> list:
         n = min(len(a["history"]), len(b["history"]))
         by_key, _, verdict = _tally([d for d in _differences(a["history"][:n], b["history"][:n])
                                      if _ABSENT not in d[1:]])
-        keys = sorted(by_key)
         info = json.loads((root / rel / "run_info.json").read_text()) if (root / rel / "run_info.json").is_file() else {}
         verdict = f"rounds 0-{n - 1} vs {_rel(other)}: {verdict}"
         row = {"run": rel, "kind": "prefix", "against": _rel(other), "verified_at": _utc(), "code": info.get("code"),
                "recorded_code": json.loads((other / rel / "run_info.json").read_text()).get("code")
                if (other / rel / "run_info.json").is_file() else None,
-               "cpu": {k: info.get(k) for k in ("host_cpu", "cpu_simd", "torch_cpu_capability", "fedsq_fast_cpu_isa",
-                                                "isa_env", "torch")},
-               "rounds_compared": n, "identical": not by_key, "match": not any(k in REPORT_KEYS for k in keys),
-               "differing_keys": keys, "differences": by_key, "verdict": verdict}
+               "cpu": {k: info.get(k) for k in _CPU_KEYS}, "rounds_compared": n, **_split_keys(by_key),
+               "verdict": verdict}
         rows.append(row)
         echo(f"{rel}: {verdict}")
     if record:  # the newest check against `other` replaces older ones
@@ -1224,7 +1227,7 @@ def _verification_section(root: Path) -> list:
         if diag:  # diagnostics only: say which and by how much, not run by run
             worst = {}
             for r in diag:
-                for k, v in (r.get("differences") or {}).items():
+                for k, v in (r.get("differing_other_keys") or {}).items():
                     worst[k] = max(worst.get(k, 0.0), v["max_rel"])
             text += (f"; **{len(diag)} more retrace every number the report uses**, differing only in diagnostics "
                      f"({', '.join(f'{k} max rel. {v:.1e}' for k, v in sorted(worst.items()))})")
