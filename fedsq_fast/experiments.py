@@ -428,13 +428,16 @@ def run_suite(suite: Suite | str | os.PathLike, out=None, resume: bool = False, 
         raise ValueError(f"out: {out} already holds results for {len(existing)} of {len(cells)} runs; "
                          "pass --resume to skip finished runs and continue interrupted ones, "
                          "or choose another --out")
+    todo = [c for i, c in enumerate(cells) if states[c] != "done" and i % n_ == k_ - 1]
+    bundle = None
+    if todo:  # missing data fails here, before the results folder is written
+        first = suite.cell_config(todo[0][1], todo[0][0], todo[0][2])
+        bundle = load_dataset(first.dataset, first.data_root, first.download)
     out.mkdir(parents=True, exist_ok=True)
     (out / "suite.toml").write_text(suite.text)
-    todo = [c for i, c in enumerate(cells) if states[c] != "done" and i % n_ == k_ - 1]
     mine = sum(1 for i in range(len(cells)) if i % n_ == k_ - 1)
     echo(f"suite {suite.name}: {len(cells)} runs" + (f" (shard {k_}/{n_}: {mine} of them)" if n_ > 1 else "")
          + f", {mine - len(todo)} already done, {len(todo)} to run -> {out}")
-    bundle = None
     ran = 0
     longest = 0.0
     groups = {}
@@ -456,9 +459,7 @@ def run_suite(suite: Suite | str | os.PathLike, out=None, resume: bool = False, 
         base = suite.cell_config(p, s, methods[0])
         if base.threads:
             torch.set_num_threads(base.threads)
-        if bundle is None:  # one load for the whole suite (all cells share dataset and settings)
-            bundle = load_dataset(base.dataset, base.data_root, base.download)
-        data = prepare_data(base, bundle)
+        data = prepare_data(base, bundle)  # one load for the whole suite: all cells share dataset and settings
         gdir = cell_dir(out, p, s, methods[0]).parent
         gdir.mkdir(parents=True, exist_ok=True)
         (gdir / "partition.txt").write_text(partition_table(data.counts, data.classes) + "\n")

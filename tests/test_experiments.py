@@ -265,3 +265,29 @@ def test_longer_suite_retraces_the_shorter_ones_rounds(smoke_out, tmp_path, caps
             "retrace every number the report uses**, differing only in diagnostics (client_drift max rel. 2.0e-08)") in md
     assert ex.main(["verify", str(out), "--against", str(tmp_path / "none")]) == 2
     assert "--against" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.toml")), ids=lambda p: p.name)
+def test_every_committed_suite_file_is_valid(path):
+    """A broken suite file would only show when someone runs it (the paper ones: on a GPU, with
+    data we do not have); every cell must expand into a valid run configuration."""
+    suite = ex.load_suite(path)
+    cells = suite.cells()
+    per_cell = len(suite.seeds) * (len(suite.partitions) * len(suite.methods)
+                                   + len(suite.ablation_partitions) * len(suite.ablation_methods))
+    assert len(cells) == per_cell and len(set(cells)) == len(cells)
+    for s, p, m in cells:
+        cfg = suite.cell_config(p, s, m)
+        assert cfg.seed == s and cfg.num_clients >= 2
+    assert suite.name == path.stem and suite.title
+
+
+@pytest.mark.parametrize("name, expected", [("paper_resnet18_cifar10", "cifar-10-batches-py"),
+                                            ("paper_alexnet_cinic10", "no images under")])
+def test_paper_suite_without_its_data_fails_before_writing(name, expected, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the paper suites' data_root is relative: data/... here does not exist
+    out = tmp_path / "out"
+    assert ex.main(["run", str(ROOT / "experiments" / f"{name}.toml"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "data/" in err and expected in err
+    assert not out.exists()

