@@ -529,10 +529,11 @@ def _rel_diff(x, y) -> float | None:
 
 
 def _tally(diffs) -> tuple:
-    """Sort the differences of two runs' records: ``by_key`` (key -> first place, how many places,
-    largest relative difference), the keys only one run recorded (code changes), and the verdict
-    that verify and verify --against print: identical, identical in every number the report uses
-    (REPORT_KEYS; the other keys are diagnostics), or where the report's numbers differ."""
+    """Sort the differences of two runs' records into a check's row fields: ``identical`` (every
+    number), ``match`` (every number in REPORT_KEYS), the differing report keys, and per key (first
+    place, how many places, largest relative difference) the report numbers (``differences``) and
+    the diagnostics (``differing_other_keys``); plus the keys only one run recorded (code changes)
+    and the verdict that verify and verify --against print."""
     absent = sorted({_key_of(path) for path, x, y in diffs if _ABSENT in (x, y)})
     by_key = {}
     for path, x, y in diffs:
@@ -543,6 +544,8 @@ def _tally(diffs) -> tuple:
         e["count"] += 1
         e["max_rel"] = max(e["max_rel"], float("inf") if r is None else r)
     report = {k: v for k, v in by_key.items() if k in REPORT_KEYS}
+    fields = {"identical": not by_key, "match": not report, "differing_report_keys": sorted(report),
+              "differences": report, "differing_other_keys": {k: v for k, v in by_key.items() if k not in report}}
     if not by_key:
         verdict = "every recorded number identical"
     elif not report:
@@ -553,19 +556,16 @@ def _tally(diffs) -> tuple:
                                            for k, v in report.items())
     if absent:
         verdict += f"; keys in one run only (code changes): {', '.join(absent)}"
-    return by_key, absent, verdict
+    return fields, absent, verdict
 
 
 # What decides a run's floating-point rounding on a CPU (machine_info() keys), kept with each check.
 _CPU_KEYS = ("host_cpu", "cpu_simd", "torch_cpu_capability", "fedsq_fast_cpu_isa", "isa_env", "torch")
 
 
-def _split_keys(by_key: dict) -> dict:
-    """A check's row fields: ``identical`` (every number), ``match`` (every number in REPORT_KEYS),
-    the differing report keys, and the differences split into report keys and diagnostics."""
-    report = {k: v for k, v in by_key.items() if k in REPORT_KEYS}
-    return {"identical": not by_key, "match": not report, "differing_report_keys": sorted(report),
-            "differences": report, "differing_other_keys": {k: v for k, v in by_key.items() if k not in report}}
+def _run_info(run_dir: Path) -> dict:
+    f = run_dir / "run_info.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
 
 
 def verify_runs(root, cells: list | None = None, sample: int = 3, seed: int = 0, echo=print,
@@ -619,12 +619,12 @@ def verify_runs(root, cells: list | None = None, sample: int = 3, seed: int = 0,
             now = json.loads((Path(tmp) / rel / "metrics.json").read_text())
             diffs = _differences({k: rec[k] for k in ("summary", "history")},
                                  {k: now[k] for k in ("summary", "history")})
-            by_key, absent, verdict = _tally(diffs)
-            info = json.loads((root / rel / "run_info.json").read_text()) if (root / rel / "run_info.json").is_file() else {}
+            fields, absent, verdict = _tally(diffs)
+            info = _run_info(root / rel)
             now_cpu = machine_info()
             row = {"run": rel, "verified_at": _utc(), "code": _code_version(), "recorded_code": info.get("code"),
                    "recorded_cpu": {k: info.get(k) for k in _CPU_KEYS},
-                   "cpu": {k: now_cpu.get(k) for k in _CPU_KEYS}, **_split_keys(by_key),
+                   "cpu": {k: now_cpu.get(k) for k in _CPU_KEYS}, **fields,
                    "keys_in_one_run_only": absent,
                    "bva": res.summary["bva"], "wall_s": time.perf_counter() - t0}
             out.append(row)
@@ -654,15 +654,13 @@ def compare_prefix(root, other, echo=print, record: bool = True) -> list:
     for rel in both:
         a, b = (json.loads((d / rel / "metrics.json").read_text()) for d in (other, root))
         n = min(len(a["history"]), len(b["history"]))
-        by_key, _, verdict = _tally([d for d in _differences(a["history"][:n], b["history"][:n])
-                                     if _ABSENT not in d[1:]])
-        info = json.loads((root / rel / "run_info.json").read_text()) if (root / rel / "run_info.json").is_file() else {}
+        # keys one suite's code did not record are not differences here (rounds are compared as recorded)
+        fields, _, verdict = _tally([d for d in _differences(a["history"][:n], b["history"][:n]) if _ABSENT not in d[1:]])
+        info = _run_info(root / rel)
         verdict = f"rounds 0-{n - 1} vs {_rel(other)}: {verdict}"
         row = {"run": rel, "kind": "prefix", "against": _rel(other), "verified_at": _utc(), "code": info.get("code"),
-               "recorded_code": json.loads((other / rel / "run_info.json").read_text()).get("code")
-               if (other / rel / "run_info.json").is_file() else None,
-               "cpu": {k: info.get(k) for k in _CPU_KEYS}, "rounds_compared": n, **_split_keys(by_key),
-               "verdict": verdict}
+               "recorded_code": _run_info(other / rel).get("code"),
+               "cpu": {k: info.get(k) for k in _CPU_KEYS}, "rounds_compared": n, **fields, "verdict": verdict}
         rows.append(row)
         echo(f"{rel}: {verdict}")
     if record:  # the newest check against `other` replaces older ones
@@ -1560,14 +1558,10 @@ def run_from_args(ns) -> int:
                       echo=lambda *a: print(*a, flush=True))
         elif ns.suite_command == "summary":
             summarize_suites(ns.dir)
-        elif ns.suite_command == "verify" and ns.against:
-            rows = compare_prefix(ns.dir, ns.against, echo=lambda *a: print(*a, flush=True), record=not ns.no_record)
-            if ns.json:
-                Path(ns.json).write_text(json.dumps(_clean(rows), indent=1))
-            return 0 if all(r["match"] for r in rows) else 1
         elif ns.suite_command == "verify":
-            rows = verify_runs(ns.dir, ns.cell, ns.sample, ns.seed, echo=lambda *a: print(*a, flush=True),
-                               record=not ns.no_record)
+            echo = lambda *a: print(*a, flush=True)  # noqa: E731
+            rows = (compare_prefix(ns.dir, ns.against, echo=echo, record=not ns.no_record) if ns.against else
+                    verify_runs(ns.dir, ns.cell, ns.sample, ns.seed, echo=echo, record=not ns.no_record))
             if ns.json:
                 Path(ns.json).write_text(json.dumps(_clean(rows), indent=1))
             return 0 if all(r["match"] for r in rows) else 1
