@@ -21,3 +21,13 @@ __version__ = "0.1.0"
 from .layers import DualMap, GatedActivation, GatedConv2d, GatedLinear, GatedReLU  # noqa: F401,E402
 from . import models  # noqa: F401,E402
 from .models import DualCopyModel, MaskCache, dualcopy, load_dualcopy, save_dualcopy  # noqa: F401,E402
+
+
+def __getattr__(name):
+    # fedsq_fast.federate: the one-call entry point for your own model and data, imported on
+    # first use so that `import fedsq_fast` (the ops) stays light.
+    if name == "federate":
+        from .federation.runner import federate
+
+        return federate
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -37,6 +37,7 @@ from .federation import adapter
 from .federation.config import RunConfig, config_differences, from_mapping, parse_method, validate
 from .federation.data import load_dataset
 from .federation.partition import partition_table
+from .federation.plots import round_axis
 from .federation.runner import method_slug, parse_partition, partition_tag
 from .federation.server import Federation, prepare_data
 
@@ -1087,7 +1088,7 @@ def plot_all(docs, res, root: Path) -> list:
             if c is not None:
                 _band(ax, *c, m, ls="--" if ":" in m else "-")
         ax.set_title(p)
-        ax.set_xlabel("round")
+        round_axis(ax)
         ax.set_ylabel("validation accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -1106,7 +1107,7 @@ def plot_all(docs, res, root: Path) -> list:
                 _band(ax, x, 100 * a, m + (" (own gates)" if m.startswith("fedsq") else ""),
                       ls="--" if m.startswith("fedsq") else "-")
         ax.set_title(f"{p}: gates flipped vs pretrained")
-        ax.set_xlabel("round")
+        round_axis(ax)
         ax.set_ylabel("% of gates (probe batch)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
@@ -1123,7 +1124,7 @@ def plot_all(docs, res, root: Path) -> list:
                 _band(ax, x, a / ref, f"{m} {lab}", ls=ls, color=f"C{ci}")  # one colour per method
         ax.axhline(res["settle_threshold"], color="grey", lw=0.8, ls="--")
         ax.set_title(f"{p}: per-round change / round 1")
-        ax.set_xlabel("round")
+        round_axis(ax)
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:  # a partial suite may have no FedAvg/FedProx run here yet

@@ -8,7 +8,16 @@ FedSQ is the DualCopy model under any strategy (see :mod:`.adapter`).
 from .adapter import build_model, gate_stability, list_models, load_payload, payload_state  # noqa: F401
 from .client import LocalConfig, derive_seed, evaluate, local_train  # noqa: F401
 from .config import RunConfig, from_mapping, load_file, parse_method, validate  # noqa: F401
-from .data import DATASETS, DataBundle, TensorDataset, load_dataset  # noqa: F401
+from .data import DATASETS, DataBundle, InMemoryDataset, InputSpec, input_spec_of, load_dataset, make_bundle  # noqa: F401
+from .runner import federate  # noqa: F401
 from .partition import PARTITIONS, class_counts, make_partition  # noqa: F401
 from .server import Federation, FedData, RunResult, prepare_data, summarize  # noqa: F401
 from .strategy import STRATEGIES, AggregateStats, Strategy, check_update, make_strategy, stream_average  # noqa: F401
+
+
+def __getattr__(name):
+    if name == "TensorDataset":  # renamed: it shadowed torch.utils.data.TensorDataset
+        from . import data
+
+        return data.__getattr__(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -37,6 +37,75 @@ def state_bytes(state: dict) -> int:
     return int(sum(t.numel() * t.element_size() for t in state.values()))
 
 
+def method_model(model, method: str, dual: bool, *, quant_bn: str = "train", allow_ungated: bool = False,
+                 source: str = "model_fn") -> tuple[nn.Module, dict]:
+    """The model a method trains, and a record of what it is (for metrics.json).
+
+    The rule (no silent fallback): a fedsq method always trains a DualCopy model. A plain
+    model is converted with :func:`fedsq_fast.dualcopy` (``quant_bn``, ``allow_ungated``
+    from the config); one that cannot be converted is refused with the reason. A model
+    that already is a DualCopy model is used as is for fedsq methods and refused for the
+    others (it would train FedSQ under another method's name)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{source} must return a torch.nn.Module, got {type(model).__name__}")
+    converted = False
+    if dual and not is_dualcopy(model):
+        from ..models import dualcopy
+
+        try:
+            model = dualcopy(model, quant_bn=quant_bn, allow_ungated=allow_ungated)
+        except ValueError as e:  # dualcopy's refusals; internal errors keep their traceback
+            raise ValueError(
+                f"methods: {method!r} trains a DualCopy model, but {source}'s {type(model).__name__} could not be "
+                f"converted: {e} -- convert it yourself (fedsq_fast.dualcopy(model, leaf_modules=..., "
+                "allow_ungated=...)) and return that from model_fn, or run a method without fedsq") from e
+        converted = True
+    elif not dual and is_dualcopy(model):
+        raise ValueError(
+            f"methods: {method!r} is not a fedsq method, but {source} returned a DualCopy model: it would "
+            f"train FedSQ under the name {method!r}; use 'fedsq+{method}' (or 'fedsq' for FedAvg), or "
+            "return the plain model")
+    info = {"kind": "dualcopy" if dual else "plain", "source": source, "converted_by_engine": converted,
+            "arch": (model.config.get("arch") if dual else type(model).__name__),
+            "payload_bytes": state_bytes(payload_state(model)),
+            "full_model_bytes": state_bytes(model.state_dict())}
+    if dual:
+        info["gate_sites"] = sum(1 for s in model.sites if s.kind != "maxpool")
+        info["quant_bn"] = model.config.get("quant_bn")
+    return model, info
+
+
+@torch.no_grad()
+def check_model_io(model: nn.Module, x: torch.Tensor, transform, num_classes: int,
+                   source: str = "model_fn") -> None:
+    """Run ``model`` (eval mode, modes restored) on a couple of samples of the data, as the
+    engine will feed them, before any training: a model that cannot take the data's input
+    or whose output is not (batch, num_classes) is refused with what to change, instead of
+    crashing in the first evaluation or training on the wrong head."""
+    xb = x[:2]
+    if transform is not None:
+        xb = transform(xb)
+    was = model.training
+    model.eval()
+    try:
+        out = model(xb)
+    except Exception as e:  # the model's own error, whatever its type: say what it was fed
+        raise ValueError(
+            f"{source}: the model cannot take this data's input, batches of shape {tuple(xb.shape)} "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); pass input_spec= "
+            "(channels, size, mean, std) matching the model, or give the model an input_spec attribute") from e
+    finally:
+        model.train(was)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != xb.shape[0]:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{source}: the model must return logits of shape (batch, num_classes), got {shape} "
+                         f"for a batch of {xb.shape[0]}")
+    if out.shape[1] != num_classes:
+        raise ValueError(f"{source}: the model returns {out.shape[1]} logits, but the data has num_classes="
+                         f"{num_classes}; replace its head (fedsq_fast.models.replace_head(model, "
+                         f"{num_classes})) or fix num_classes")
+
+
 def models_module():
     """fedsq_fast.models, or None while it does not exist (it is written concurrently)."""
     try:

@@ -27,6 +27,9 @@ class RunConfig:
     # model
     model: str = "svhn_cnn"
     weights: str | None = "default"
+    # how fedsq methods convert a plain model with fedsq_fast.dualcopy (docs/models.md)
+    quant_bn: str = "train"
+    allow_ungated: bool = False
     # methods: strategy names, "fedsq" (= DualCopy + FedAvg) or "fedsq+<strategy>",
     # optionally ":refresh=R" / ":unfreeze=R" (structural-copy ablations)
     methods: list = field(default_factory=lambda: ["fedavg", "fedsq"])
@@ -216,9 +219,16 @@ def _check_device(spec) -> None:
             _fail("device", f"{spec!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
 
 
-def validate(cfg: RunConfig, model_names=None) -> RunConfig:
-    """Check every key (names, ranges, ablation support) before any work."""
-    if cfg.dataset not in DATASETS:
+# Keys that name where data and model come from: not used when the caller brings its own
+# data (federate(train=...)) and model (model_fn).
+DATA_KEYS = ("dataset", "data_root", "download")
+MODEL_KEYS = ("model", "weights")
+
+
+def validate(cfg: RunConfig, model_names=None, *, own_data: bool = False) -> RunConfig:
+    """Check every key (names, ranges, ablation support) before any work. ``own_data``:
+    the caller brings the data, so ``dataset`` is a free label."""
+    if not own_data and cfg.dataset not in DATASETS:
         _fail("dataset", f"must be one of {', '.join(DATASETS)}; got {cfg.dataset!r}")
     if model_names is not None and cfg.model not in model_names:
         _fail("model", f"must be one of {', '.join(model_names)}; got {cfg.model!r}")
@@ -249,7 +259,9 @@ def validate(cfg: RunConfig, model_names=None) -> RunConfig:
     for k in ("num_clients", "rounds", "local_epochs", "batch_size", "min_clients",
               "shards_per_client", "probe_size", "eval_batch_size"):
         _int(cfg, k, lo=1)
-    for k in ("download", "checkpoint", "mask_cache"):
+    if cfg.quant_bn not in ("train", "frozen"):
+        _fail("quant_bn", f"must be 'train' or 'frozen', got {cfg.quant_bn!r}")
+    for k in ("download", "checkpoint", "mask_cache", "allow_ungated"):
         if not isinstance(getattr(cfg, k), bool):
             _fail(k, f"must be true or false, got {getattr(cfg, k)!r}")
     for k in ("data_root", "weights"):

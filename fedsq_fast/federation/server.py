@@ -15,6 +15,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from torch import nn
 from . import adapter, checkpoint
 from .client import ClientTimeout, LocalConfig, derive_seed, evaluate, local_train
 from .config import RunConfig, config_differences, local_config, parse_method, resolve_device
-from .data import DataBundle, InputTransform, input_transform_for, load_dataset
+from .data import DataBundle, InputSpec, InputTransform, input_transform_for, load_dataset
 from .partition import class_counts, make_partition
 from .strategy import AggregateStats, make_strategy
 
@@ -87,35 +88,44 @@ def place_data(data: FedData, device) -> FedData:
     return data.to(device)
 
 
-def prepare_data(cfg: RunConfig, bundle: DataBundle | None = None, model_name: str | None = None
-                 ) -> FedData:
+def prepare_data(cfg: RunConfig, bundle: DataBundle | None = None, model_name: str | None = None,
+                 *, input_spec: InputSpec | None = None, model=None) -> FedData:
     """Load, split (server validation / client pool), subsample, resize and partition;
     the tensors end on ``cfg.device`` when they fit (:func:`place_data`), which saves a
-    host-to-device copy per batch."""
+    host-to-device copy per batch.
+
+    The model's input spec (channels, size, normalisation) is, in order: ``input_spec``,
+    what ``model`` states (:func:`~fedsq_fast.federation.data.input_spec_of`), the zoo spec
+    of ``model_name`` or ``cfg.model``. ``bundle``: your own data (:func:`make_bundle`);
+    default: ``cfg.dataset`` loaded from its source."""
     bundle = bundle if bundle is not None else load_dataset(cfg.dataset, cfg.data_root, cfg.download)
     tr = bundle.train
     n = len(tr)
     if cfg.val_size >= n:
-        raise ValueError(f"val_size ({cfg.val_size}) must be smaller than the training pool ({n})")
+        raise ValueError(f"val_size ({cfg.val_size}) must be smaller than the training data ({n} samples)")
     perm = np.random.default_rng(derive_seed(cfg.seed, _SPLIT)).permutation(n)
     val_idx = perm[:cfg.val_size]
     pool_idx = perm[cfg.val_size:]
     if cfg.max_train_samples is not None:
         pool_idx = pool_idx[:cfg.max_train_samples]
-    if cfg.num_clients > len(pool_idx):
-        raise ValueError(f"num_clients ({cfg.num_clients}) exceeds the samples in the client pool "
-                         f"({len(pool_idx)})")
+    need = cfg.num_clients * max(1, cfg.min_partition_size if cfg.partition in ("dirichlet", "quantity") else 1)
+    if need > len(pool_idx):
+        raise ValueError(f"num_clients: {cfg.num_clients} clients need at least {need} samples in the client pool, "
+                         f"which holds {len(pool_idx)} ({n} training samples - val_size {cfg.val_size}"
+                         + (f", capped by max_train_samples {cfg.max_train_samples}" if cfg.max_train_samples else "")
+                         + "); lower num_clients, min_partition_size or val_size")
     te = bundle.test
     te_idx = np.random.default_rng(derive_seed(cfg.seed, _SPLIT, 1)).permutation(len(te))
     if cfg.max_test_samples is not None:
         te_idx = te_idx[:cfg.max_test_samples]
-    tf = input_transform_for(model_name or cfg.model, image_size=cfg.image_size,
-                             data_channels=tr.x.shape[1])
+    tf = input_transform_for(model_name or cfg.model, model=model, image_size=cfg.image_size,
+                             data_channels=tr.x.shape[1], spec=input_spec)
     pool, val, test = tr.subset(pool_idx), tr.subset(val_idx), te.subset(te_idx)
     parts = make_partition(cfg.partition, pool.y.numpy(), cfg.num_clients, alpha=cfg.alpha,
                            min_partition_size=cfg.min_partition_size,
                            shards_per_client=cfg.shards_per_client,
                            seed=derive_seed(cfg.seed, _PART))
+    warn_little_data(cfg, n, [len(p) for p in parts])
     counts = class_counts(pool.y.numpy(), parts, tr.num_classes)
     # Store the pool client by client: a client's data is then a view (no gather per round).
     order = torch.from_numpy(np.concatenate(parts))
@@ -127,25 +137,49 @@ def prepare_data(cfg: RunConfig, bundle: DataBundle | None = None, model_name: s
     return place_data(data, resolve_device(cfg.device))
 
 
+def warn_little_data(cfg: RunConfig, n_train: int, sizes: list) -> list[str]:
+    """Warn (and return the messages) when the config leaves clients too little to learn
+    from: the median client gets less than one batch per round, or the server's validation
+    split takes most of the training data. Training still runs: small federations are
+    legitimate, silent ones that cannot learn are not."""
+    msgs = []
+    med = float(np.median(sizes)) if len(sizes) else 0.0
+    if med * cfg.local_epochs < cfg.batch_size:
+        msgs.append(f"the median client holds {med:g} samples: with batch_size={cfg.batch_size} and "
+                    f"local_epochs={cfg.local_epochs} that is about one optimizer step per client per round, "
+                    "too few to learn; lower batch_size or num_clients, raise local_epochs, or give the "
+                    "clients more data (val_size takes the server's validation split first)")
+    if cfg.val_size > n_train // 2:
+        msgs.append(f"val_size={cfg.val_size} takes {100 * cfg.val_size / n_train:.0f}% of the {n_train} training "
+                    "samples for the server's validation split; lower it so the clients keep most of the data")
+    for m in msgs:
+        warnings.warn(m, UserWarning, stacklevel=3)
+    return msgs
+
+
 def build_method_model(cfg: RunConfig, dual: bool, data: FedData) -> nn.Module:
-    """The same initial model (same head init) for every method; DualCopy for fedsq."""
+    """The zoo model of ``cfg.model``, the same initial model (same head init) for every
+    method; :func:`adapter.method_model` then converts it for fedsq methods."""
     torch.manual_seed(derive_seed(cfg.seed, _MODEL))
-    m = adapter.build_model(cfg.model, data.num_classes, cfg.weights,
-                            in_channels=data.transform.channels,
-                            image_size=int(data.x.shape[-1]))
-    if dual:
-        f = adapter.dualcopy_fn()
-        if f is None:
-            raise ValueError("methods: fedsq needs fedsq_fast.dualcopy (fedsq_fast.models), "
-                             "which is not importable in this install")
-        m = f(m)
-    return m
+    return adapter.build_model(cfg.model, data.num_classes, cfg.weights,
+                               in_channels=data.transform.channels,
+                               image_size=int(data.x.shape[-1]))
 
 
 def _progress(iterable=None, **kw):
+    """A tqdm bar on a terminal; disabled (no output) when quiet or when stderr is not a
+    terminal (there one line per round is logged instead: :meth:`Federation.run`)."""
     from tqdm.auto import tqdm
 
     return tqdm(iterable, disable=kw.pop("quiet", False) or not sys.stderr.isatty(), **kw)
+
+
+def _round_line(method: str, rec: dict, rounds: int, rounds_left: int, per_round_s: float) -> str:
+    """The per-round progress line written where no bar can be drawn (logs, CI, notebooks)."""
+    eta = per_round_s * rounds_left
+    return (f"[{method}] round {rec['round']}/{rounds}: val_acc {rec['val_acc']:.4f} (best "
+            f"{rec['best_val_acc']:.4f}), {rec['clients_ok']}/{rec['clients_sampled']} clients, "
+            f"{rec['time_round_s']:.1f} s, ETA {eta:.0f} s")
 
 
 @dataclass
@@ -194,7 +228,15 @@ class Federation:
         self.strategy = make_method_strategy(cfg, method)
         self.device = resolve_device(cfg.device)
         self.data = data = place_data(data, self.device)
-        self.model = (model_fn() if model_fn is not None else build_method_model(cfg, self.dual, data)).to(self.device)
+        # No silent fallback: a fedsq method always trains a DualCopy model (adapter.method_model).
+        source = "model_fn" if model_fn is not None else f"model {cfg.model!r}"
+        model = model_fn() if model_fn is not None else build_method_model(cfg, self.dual, data)
+        if model_fn is not None and isinstance(model, nn.Module) and not (self.dual and not adapter.is_dualcopy(model)):
+            model = copy.deepcopy(model)  # a model_fn that returns one shared object must not leak training across methods
+        model, self.model_info = adapter.method_model(model, method, self.dual, quant_bn=cfg.quant_bn,
+                                                      allow_ungated=cfg.allow_ungated, source=source)
+        self.model = model.to(self.device)
+        adapter.check_model_io(self.model, data.val_x, data.transform, data.num_classes, source)
         if self.ablation and not callable(getattr(self.model, "set_structural_from_quantitative", None)):
             raise ValueError(f"methods: {method!r} needs DualCopyModel.set_structural_from_quantitative(), "
                              "which this model does not have")
@@ -420,6 +462,8 @@ class Federation:
         last = self.cfg.rounds if stop_after is None else min(self.cfg.rounds, stop_after)
         rbar = _progress(total=self.cfg.rounds, initial=start - 1, desc=self.method, unit="round",
                          quiet=self.quiet, leave=False)
+        lines = not self.quiet and rbar.disable  # no bar drawn: one line per round instead
+        t_start = time.perf_counter()
         try:
             for rnd in range(start, last + 1):
                 with _progress(total=len(self.sample_clients(rnd)), desc=f"round {rnd}", unit="client",
@@ -432,11 +476,16 @@ class Federation:
                 rec["time_checkpoint_s"] = time.perf_counter() - t
                 rbar.update(1)
                 rbar.set_postfix(acc=f"{rec['val_acc']:.3f}")
+                if lines:
+                    per_round = (time.perf_counter() - t_start) / (rnd - start + 1)
+                    print(_round_line(self.method, rec, self.cfg.rounds, last - rnd, per_round),
+                          file=sys.stderr, flush=True)
         finally:
             rbar.close()
         summary = summarize(self.history, self.cfg.target_accuracy)
         summary.update(method=self.method, device=str(self.device), payload_bytes=self.payload_bytes,
-                       full_model_bytes=self.full_bytes, complete=last == self.cfg.rounds)
+                       full_model_bytes=self.full_bytes, complete=last == self.cfg.rounds,
+                       model=self.model_info)
         if last == self.cfg.rounds:
             _, summary["test_acc"] = self.evaluate(self.data.test_x, self.data.test_y)
         if self.out_dir is not None:
