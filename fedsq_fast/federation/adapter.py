@@ -37,6 +37,15 @@ def state_bytes(state: dict) -> int:
     return int(sum(t.numel() * t.element_size() for t in state.values()))
 
 
+def check_model_fn(model_fn) -> None:
+    """model_fn builds a model; a model itself (also callable) is refused with the fix."""
+    if isinstance(model_fn, nn.Module):
+        raise TypeError(f"model_fn must be a callable that builds the model, got a {type(model_fn).__name__} "
+                        "instance: pass `lambda: model` (each method then starts from a copy of it)")
+    if not callable(model_fn):
+        raise TypeError(f"model_fn must be a callable that builds the model, got {type(model_fn).__name__}")
+
+
 def method_model(model, method: str, dual: bool, *, quant_bn: str = "train", allow_ungated: bool = False,
                  source: str = "model_fn") -> tuple[nn.Module, dict]:
     """The model a method trains, and a record of what it is (for metrics.json).

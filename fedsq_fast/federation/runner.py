@@ -16,7 +16,7 @@ from . import adapter
 from .config import DATA_KEYS, MODEL_KEYS, RunConfig, from_mapping, parse_method, validate
 from .data import InputSpec, input_spec_of, make_bundle
 from .partition import PARTITIONS, partition_table, plot_partition
-from .server import Federation, prepare_data
+from .server import Federation, call_model_fn, prepare_data
 
 
 def method_slug(method: str) -> str:
@@ -78,6 +78,7 @@ def run_methods(cfg: RunConfig, out_dir=None, resume=False, quiet=False, echo=pr
     check_out_dir(out)
     t0 = time.perf_counter()
     data = prepare_data(cfg, bundle, input_spec=input_spec)
+    preflight_models(cfg, data, model_fn)
     out.mkdir(parents=True, exist_ok=True)
     table = partition_table(data.counts, data.classes)
     (out / "partition.txt").write_text(table + "\n")
@@ -96,7 +97,7 @@ def run_methods(cfg: RunConfig, out_dir=None, resume=False, quiet=False, echo=pr
                          quiet=quiet if progress is None else not progress)
         if not quiet:
             i = fed.model_info
-            what = (f"DualCopy({i['arch']}), {i['gate_sites']} gate sites"
+            what = (f"DualCopy({i['arch']}), {i['gate_sites']} gate site{'s' if i['gate_sites'] != 1 else ''}"
                     + (", converted by the engine" if i["converted_by_engine"] else "")
                     if i["kind"] == "dualcopy" else f"plain {i['arch']}")
             echo(f"{m}: trains {what}; sends {i['payload_bytes'] / 1e6:.2f} MB per client per round")
@@ -106,6 +107,21 @@ def run_methods(cfg: RunConfig, out_dir=None, resume=False, quiet=False, echo=pr
             echo(f"{m}: BVA {s['bva']:.4f} at round {s['rounds_to_best']}, final {s['final_val_acc']:.4f}, "
                  f"test {s.get('test_acc', float('nan')):.4f}, {s['time_total_s']:.1f} s")
     return results
+
+
+def preflight_models(cfg: RunConfig, data, model_fn=None) -> None:
+    """Build each kind of model the methods will train (plain, DualCopy) once and run it on
+    the data, so that a model that cannot be built, converted or fed, or has the wrong head,
+    is refused before any file is written (each Federation checks its own model again)."""
+    from .server import build_method_model, call_model_fn
+
+    for dual in sorted({parse_method(m)[1] for m in cfg.methods}):
+        method = next(m for m in cfg.methods if parse_method(m)[1] == dual)
+        source = "model_fn" if model_fn is not None else f"model {cfg.model!r}"
+        model = call_model_fn(model_fn, cfg.seed) if model_fn is not None else build_method_model(cfg, dual, data)
+        model, _ = adapter.method_model(model, method, dual, quant_bn=cfg.quant_bn,
+                                        allow_ungated=cfg.allow_ungated, source=source)
+        adapter.check_model_io(model.to(data.val_x.device), data.val_x, data.transform, data.num_classes, source)
 
 
 def check_out_dir(out: Path) -> None:
@@ -136,8 +152,7 @@ def federate(model_fn, train, test=None, *, config=None, methods=None, input_spe
     (``model.input_spec``, the zoo attributes, or its first conv's ``in_channels``), else
     the data as given. Every argument is checked before any training; returns
     ``{method: RunResult}``."""
-    if not callable(model_fn):
-        raise TypeError(f"model_fn must be a callable that builds the model, got {type(model_fn).__name__}")
+    adapter.check_model_fn(model_fn)
     config = dict(config or {})
     unused = sorted(k for k in config if k.replace("-", "_") in DATA_KEYS + MODEL_KEYS)
     if unused:
@@ -149,7 +164,7 @@ def federate(model_fn, train, test=None, *, config=None, methods=None, input_spe
         config["out_dir"] = str(out_dir)
     bundle = make_bundle(train, test, num_classes=num_classes, classes=classes)
     cfg = from_mapping(config)
-    probe = model_fn()
+    probe = call_model_fn(model_fn, cfg.seed)
     if not isinstance(probe, nn.Module):
         raise TypeError(f"model_fn must return a torch.nn.Module, got {type(probe).__name__}")
     if input_spec is not None and not isinstance(input_spec, InputSpec):

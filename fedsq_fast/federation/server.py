@@ -157,6 +157,13 @@ def warn_little_data(cfg: RunConfig, n_train: int, sizes: list) -> list[str]:
     return msgs
 
 
+def call_model_fn(model_fn, seed: int):
+    """``model_fn()`` with torch's RNG seeded from the run's seed: every method (and a resumed
+    run) starts from the same initial model even when model_fn draws a random init."""
+    torch.manual_seed(derive_seed(seed, _MODEL))
+    return model_fn()
+
+
 def build_method_model(cfg: RunConfig, dual: bool, data: FedData) -> nn.Module:
     """The zoo model of ``cfg.model``, the same initial model (same head init) for every
     method; :func:`adapter.method_model` then converts it for fedsq methods."""
@@ -230,7 +237,9 @@ class Federation:
         self.data = data = place_data(data, self.device)
         # No silent fallback: a fedsq method always trains a DualCopy model (adapter.method_model).
         source = "model_fn" if model_fn is not None else f"model {cfg.model!r}"
-        model = model_fn() if model_fn is not None else build_method_model(cfg, self.dual, data)
+        if model_fn is not None:
+            adapter.check_model_fn(model_fn)
+        model = call_model_fn(model_fn, cfg.seed) if model_fn is not None else build_method_model(cfg, self.dual, data)
         if model_fn is not None and isinstance(model, nn.Module) and not (self.dual and not adapter.is_dualcopy(model)):
             model = copy.deepcopy(model)  # a model_fn that returns one shared object must not leak training across methods
         model, self.model_info = adapter.method_model(model, method, self.dual, quant_bn=cfg.quant_bn,
