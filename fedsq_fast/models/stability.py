@@ -40,17 +40,19 @@ def _quant_codes(dc: DualCopyModel, x):
         hook(L._match(z_q, masks), kind, p1, p2)
         return orig(z_q, masks, kind, p1, p2)
 
-    # quant_site is called by the fx graph through its globals: swap it there.
-    g = dc.quantitative.forward.__globals__
-    key = next((k for k, v in g.items() if v is orig), None)
-    if key is None:
+    # quant_site is called by the compiled graph(s) through their globals (one
+    # dict per graph; a model whose forward depends on the mode has two): swap it there.
+    swaps = [(g, k) for g in dc.quantitative.code_globals() for k, v in list(g.items()) if v is orig]
+    if not swaps:
         raise RuntimeError("internal: quant_site not found in the quantitative graph")
-    g[key] = recording
+    for g, k in swaps:
+        g[k] = recording
     try:
         with torch.no_grad():
             dc.quantitative(x, s_masks)
     finally:
-        g[key] = orig
+        for g, k in swaps:
+            g[k] = orig
     gated = [m for s, m in zip(dc.sites, s_masks) if s.kind != "maxpool"]
     return gated, rec
 
