@@ -250,6 +250,9 @@ def test_in_process_flower_equals_embedded_engine(tmp_path, method):
     emb = Federation(cfg, method, data, out_dir=tmp_path / "emb", quiet=True).run()
     fl = A.FlowerFederation(cfg, method, data, InProcessGrid(3), out_dir=tmp_path / "fl", poll_s=0).run()
     _same_model(emb.model, fl.model)
+    # the same rule on Flower: what trained is recorded, a DualCopy model under fedsq
+    kind = json.loads((tmp_path / "fl" / "metrics.json").read_text())["summary"]["model"]["kind"]
+    assert kind == emb.summary["model"]["kind"] == ("dualcopy" if method == "fedsq" else "plain")
     for h1, h2 in zip(emb.history, fl.history):
         for k in ("val_acc", "val_loss", "clients_ok", "clients_dropped", "samples", "bytes_up", "bytes_down"):
             assert h1[k] == h2[k], k

@@ -101,8 +101,9 @@ def check_model_io(model: nn.Module, x: torch.Tensor, transform, num_classes: in
     except Exception as e:  # the model's own error, whatever its type: say what it was fed
         raise ValueError(
             f"{source}: the model cannot take this data's input, batches of shape {tuple(xb.shape)} "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); pass input_spec= "
-            "(channels, size, mean, std) matching the model, or give the model an input_spec attribute") from e
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); pass input_spec=InputSpec(channels, "
+            "size, mean, std) matching the model to federate() or prepare_data(), or give the model an "
+            "input_spec attribute") from e
     finally:
         model.train(was)
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != xb.shape[0]:

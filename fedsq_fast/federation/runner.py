@@ -184,6 +184,7 @@ def run_compare(cfg: RunConfig, seeds, partitions, out_dir=None, resume=False, q
                 echo=print) -> list[dict]:
     """methods x seeds x partitions; every configuration is validated before any training."""
     out = Path(out_dir or cfg.out_dir)
+    check_out_dir(out)
     if not seeds:
         raise ValueError("seeds: give at least one seed")
     grid = []
