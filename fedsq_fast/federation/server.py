@@ -431,17 +431,73 @@ class Federation:
         if self.ckpt_path is None or not self.cfg.checkpoint:
             return
         local = {f"{cid}/{k}": t for cid, d in self.local_states.items() for k, t in d.items()}
+        # the file being replaced becomes the fallback only when it is known to be good
         checkpoint.save(self.ckpt_path,
                         {"model": self.model.state_dict(), "server": self.strategy.state_dict(),
                          "local": local},
                         {"round": rnd, "method": self.method, "config": self.cfg.to_dict(),
-                         "history": self.history, "elapsed": self.elapsed})
+                         "history": self.history, "elapsed": self.elapsed},
+                        keep_previous=self._ckpt_good)
+        self._ckpt_good = True
+
+    _ckpt_good = False  # is the checkpoint file on disk one this run wrote or verified?
+
+    def _check_checkpoint(self, path, groups: dict, meta: dict) -> None:
+        """What a hash cannot vouch for (a file written by other code, or forged with a new
+        hash): the metadata's shape, the model's keys and finiteness, the server state."""
+        def bad(what):
+            raise checkpoint.CheckpointError(f"checkpoint {path}: {what}")
+
+        rnd, hist = meta.get("round"), meta.get("history")
+        if isinstance(rnd, bool) or not isinstance(rnd, int) or not 0 <= rnd <= self.cfg.rounds:
+            bad(f"round {rnd!r} is not a round of this run (0..{self.cfg.rounds})")
+        if not isinstance(hist, list) or len(hist) != rnd + 1 or any(
+                not isinstance(h, dict) or h.get("round") != i for i, h in enumerate(hist)):
+            bad(f"its history does not hold rounds 0..{rnd}")
+        if not isinstance(meta.get("elapsed"), (int, float)) or not isinstance(meta.get("config"), dict):
+            bad("metadata lacks elapsed/config")
+        own = self.model.state_dict()
+        model = groups.get("model", {})
+        if set(model) != set(own):
+            bad(f"model keys differ from this model's (missing {sorted(set(own) - set(model))[:3]}, "
+                f"unexpected {sorted(set(model) - set(own))[:3]})")
+        for k, t in model.items():
+            if t.shape != own[k].shape or t.dtype != own[k].dtype:
+                bad(f"model[{k!r}] is {t.dtype} {tuple(t.shape)}, this model has {own[k].dtype} {tuple(own[k].shape)}")
+            if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+                bad(f"model[{k!r}] holds NaN or Inf")
+        server = groups.get("server", {})
+        stepped = any(h.get("clients_ok", 0) > 0 for h in hist[1:])  # a server step ran at least once
+        expect = self.strategy.expected_state_keys(adapter.payload_state(self.model)) if stepped else set()
+        if expect is not None and set(server) != expect:
+            bad(f"the server optimizer state holds {len(server)} tensors, {self.strategy.name} needs {len(expect)} "
+                "after its first step")
 
     def load_checkpoint(self) -> int:
-        groups, meta = checkpoint.load(self.ckpt_path)
+        """Resume from the latest good checkpoint: the current file, else (with a warning)
+        the previous one; a damaged checkpoint with no good one is an error naming both."""
+        errors = []
+        for path in (self.ckpt_path, checkpoint.previous(self.ckpt_path)):
+            if not path.exists():
+                continue
+            try:
+                groups, meta = checkpoint.load(path)
+                self._check_checkpoint(path, groups, meta)
+            except checkpoint.CheckpointError as e:
+                errors.append(str(e))
+                continue
+            if path != self.ckpt_path:
+                why = errors[0] if errors else f"{self.ckpt_path} is missing (a save was interrupted?)"
+                msg = f"resume: {why}; resuming from the previous checkpoint {path} (round {meta['round']})"
+                log.warning(msg)
+                warnings.warn(msg, UserWarning, stacklevel=2)
+            return self._restore(path, groups, meta)
+        raise checkpoint.CheckpointError("resume: no usable checkpoint: " + "; ".join(errors))
+
+    def _restore(self, path, groups, meta) -> int:
         diff = config_differences(self.cfg, meta["config"], ignore=("rounds",))
-        if diff or meta["method"] != self.method:
-            raise ValueError(f"resume: the checkpoint {self.ckpt_path} was written with other settings "
+        if diff or meta.get("method") != self.method:
+            raise ValueError(f"resume: the checkpoint {path} was written with other settings "
                              f"(differing keys: {diff or ['method']})")
         self.model.load_state_dict(groups.get("model", {}))
         self._new_worker()
@@ -454,6 +510,7 @@ class Federation:
         self.elapsed = meta["elapsed"]
         rng_t = {"rng/torch": groups["rng"]["torch"]} if "rng" in groups else {}
         checkpoint.set_rng_state(rng_t, meta.get("rng", {}))
+        self._ckpt_good = path == self.ckpt_path  # a damaged latest file is overwritten, never kept
         return int(meta["round"])
 
     def run(self, resume: bool = False, stop_after: int | None = None) -> RunResult:
@@ -461,7 +518,8 @@ class Federation:
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         start = 1
-        if resume and self.ckpt_path is not None and self.ckpt_path.is_file():
+        if resume and self.ckpt_path is not None and (
+                self.ckpt_path.exists() or checkpoint.previous(self.ckpt_path).exists()):
             start = self.load_checkpoint() + 1
             log.info("%s: resumed after round %d", self.method, start - 1)
         if not self.history:

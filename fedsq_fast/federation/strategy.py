@@ -149,6 +149,11 @@ class Strategy:
     def server_update(self, global_state: dict, avg: dict) -> dict:
         return avg
 
+    def expected_state_keys(self, payload: dict) -> set | None:
+        """The keys :meth:`state_dict` holds after a round over ``payload`` (checkpoint
+        checks); None: not known."""
+        return set()
+
     def state_dict(self) -> dict:
         """Server optimizer state as tensors (checkpointed)."""
         return {}
@@ -200,6 +205,11 @@ class _ServerOpt(Strategy):
     def state_dict(self):
         return {k: v.clone() for k, v in self._state.items()}
 
+    _moments = ("m.",)
+
+    def expected_state_keys(self, payload):
+        return {p + k for k in self._opt_keys(payload) for p in self._moments}
+
     def load_state_dict(self, state):
         self._state = {k: v.clone() for k, v in state.items()}
 
@@ -224,6 +234,7 @@ class FedAdam(_ServerOpt):
     """Adaptive server optimizer (Reddi et al. 2021), no bias correction as in the paper."""
 
     name = "fedadam"
+    _moments = ("m.", "v.")
 
     def __init__(self, server_lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99,
                  tau: float = 1e-3, **_):
