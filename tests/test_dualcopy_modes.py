@@ -553,3 +553,26 @@ def test_forward_constants_keep_one_graph_and_their_names():
         assert list(dc.quantitative_state_dict()) == ["_tensor_constant0", "_tensor_constant1", "c.weight", "c.bias"]
         with torch.no_grad():
             _close(dc.eval()(x), model.eval()(x))
+
+
+class FrozenStemNet(DropoutNet):
+    """A train() override that keeps the first BatchNorm in eval (a frozen-BN backbone)."""
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.b1.eval()
+        return self
+
+
+def test_model_train_override_is_followed():
+    torch.manual_seed(10)
+    model = FrozenStemNet()
+    _randomize_bn(model)
+    dc, oracle = fs.dualcopy(model).train(), HookOracle(model).train()
+    assert not dc.quantitative.get_submodule("b1").training and dc.quantitative.get_submodule("b2").training
+    x = torch.randn(4, 3, 9, 9)
+    with torch.no_grad():
+        _close(_seeded(dc, x, 1), _seeded(oracle, x, 1))
+    assert torch.equal(dc.quantitative.get_submodule("b1").running_mean, model.b1.running_mean)  # not updated
+    c = copy.deepcopy(dc).eval().train()
+    assert not c.quantitative.get_submodule("b1").training

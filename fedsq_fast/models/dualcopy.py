@@ -497,7 +497,8 @@ def _rewrite_quant_graph(graph, found):
 
 
 def _set_modes(model, train, quant_bn):
-    """The modes DualCopyModel.train(train) gives the quantitative copy."""
+    """The modes DualCopyModel.train(train) gives the quantitative copy (the
+    model's own ``train()``, so an override that keeps e.g. BN frozen counts)."""
     model.train(train)
     if train and quant_bn == "frozen":
         for m in model.modules():
@@ -515,6 +516,10 @@ def _build_quantitative(model, sites, gate, gate_maxpool, allow_ungated, leaf_mo
     try:
         for train in (False, True):
             _set_modes(model, train, quant_bn)
+            if train:  # submodules the model's own train() leaves in eval (quant_bn aside)
+                model.train(True)
+                eval_in_train = [n for n, m in model.named_modules() if n and not m.training]
+                _set_modes(model, True, quant_bn)
             known = set(model.__dict__)
             graphs[train] = _trace_graph(model, leaf_modules, "train" if train else "eval", reuse=constants)
             # tensors the forward creates (torch.tensor(...)) are stored on the root
@@ -566,7 +571,7 @@ def _build_quantitative(model, sites, gate, gate_maxpool, allow_ungated, leaf_mo
     _rewrite_quant_graph(graphs[True], found[True])
     if graphs[True].python_code("self").src == graphs[False].python_code("self").src:
         graphs[True] = graphs[False]  # train-only logic lives in leaf modules (Dropout, BN)
-    return QuantGraphModule(model, graphs)
+    return QuantGraphModule(model, graphs, eval_in_train)
 
 
 class QuantGraphModule(nn.Module):
@@ -579,10 +584,12 @@ class QuantGraphModule(nn.Module):
     (``self.training``). Like fx.GraphModule it holds exactly the submodules,
     parameters and buffers the graphs reference, at their original paths, so
     ``state_dict()`` keys are the original model's. ``graph`` / ``code``: those
-    of the current mode (read-only: edits are not recompiled).
+    of the current mode (read-only: edits are not recompiled). ``train(True)``
+    leaves in eval the submodules (``eval_in_train``, paths) that the model's own
+    ``train()`` left in eval, as the model would.
     """
 
-    def __init__(self, root: nn.Module, graphs: dict):
+    def __init__(self, root: nn.Module, graphs: dict, eval_in_train=()):
         super().__init__()
         from torch.fx.graph_module import _copy_attr  # GraphModule's own copy semantics
 
@@ -593,7 +600,16 @@ class QuantGraphModule(nn.Module):
                     _copy_attr(root, self, node.target)
         self.training = root.training
         self._graphs = {False: graphs[False], True: graphs[True]}
+        own = dict(self.named_modules())
+        self._eval_in_train = [p for p in eval_in_train if p in own]
         self._compile()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:
+            for p in self._eval_in_train:
+                self.get_submodule(p).eval()
+        return self
 
     def _compile(self):
         from torch.fx.graph_module import _forward_from_src
