@@ -376,6 +376,8 @@ class Federation:
         for cid, reason in stats.rejected:
             dropped.append((cid, f"update rejected: {reason}"))
             log.warning("round %d: client %d update rejected: %s", rnd, cid, reason)
+        if stats.rolled_back:
+            log.error("round %d: aggregate discarded, global model kept: %s", rnd, stats.rolled_back)
         skipped = stats.num_clients < self.cfg.min_clients
         if skipped:
             log.warning("round %d: %d valid updates < min_clients (%d): global model kept",
@@ -391,6 +393,7 @@ class Federation:
             "train_loss": acc["loss"] / acc["n"] if acc["n"] else float("nan"),
             "clients_sampled": len(chosen), "clients_ok": stats.num_clients,
             "clients_dropped": [[int(c), r] for c, r in sorted(dropped)], "round_skipped": skipped,
+            "rolled_back": stats.rolled_back,
             "samples": stats.num_samples, "client_drift": stats.client_drift,
             "update_norm": stats.update_norm,
             "gate_change": float(np.mean(gates)) if gates else float("nan"),
@@ -411,6 +414,7 @@ class Federation:
         vloss, vacc = self.evaluate()
         return {"round": 0, "val_loss": vloss, "val_acc": vacc, "train_loss": float("nan"),
                 "clients_sampled": 0, "clients_ok": 0, "clients_dropped": [], "round_skipped": False,
+                "rolled_back": None,
                 "samples": 0, "client_drift": float("nan"), "update_norm": float("nan"),
                 "gate_change": 0.0, "gate_change_sites": [], "structural_refreshed": False,
                 "bytes_up": 0, "bytes_down": 0, "time_client_s": 0.0,
@@ -588,7 +592,7 @@ def summarize(history: list[dict], target: float | None = None) -> dict:
 CSV_FIELDS = ("round", "val_loss", "val_acc", "best_val_acc", "best_round", "train_loss",
               "clients_sampled", "clients_ok", "samples", "client_drift", "update_norm", "gate_change",
               "bytes_up", "bytes_down", "time_client_s", "time_eval_s", "time_engine_s",
-              "time_other_s", "time_round_s", "elapsed_s", "round_skipped", "structural_refreshed",
+              "time_other_s", "time_round_s", "elapsed_s", "round_skipped", "rolled_back", "structural_refreshed",
               "clients_dropped")
 
 

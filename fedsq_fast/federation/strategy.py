@@ -63,6 +63,47 @@ class AggregateStats:
     rejected: list = field(default_factory=list)  # (client id, reason)
     client_drift: float = float("nan")  # sqrt(weighted mean ||d_k - d_avg||^2)
     update_norm: float = float("nan")  # ||d_avg||
+    rolled_back: str | None = None  # why the aggregate was discarded (the global model kept)
+
+
+# How far one client's values may lie from the global model's, in magnitude: far beyond what
+# local training does (BatchNorm statistics move by a few times across domains), far below
+# what overflows a float32 accumulator summed over many clients (3.4e38).
+PLAUSIBLE_SCALE = 1e6
+INT_STEP_MAX = 2**31  # integer buffers (BN's num_batches_tracked) grow by local steps per round
+
+
+def implausible(reference: dict, update: dict) -> str | None:
+    """Why a well-formed, finite update is still not a model's (a negative variance, values
+    orders of magnitude beyond the global model's, integer counters out of range), or None."""
+    with torch.no_grad():
+        for k, ref in reference.items():
+            t = update[k]
+            if not t.numel():
+                continue
+            if t.dtype.is_floating_point:
+                if k.endswith("running_var") and bool((t < 0).any()):
+                    return f"{k}: negative variance"
+                big = float(t.abs().max())
+                bound = PLAUSIBLE_SCALE * (1.0 + float(ref.abs().max()))
+                if big > bound:
+                    return f"{k}: |value| up to {big:.3g}, implausible against the global model's (bound {bound:.3g})"
+            elif t.dtype != torch.bool:
+                lo, hi = int(t.min()), int(t.max())
+                span = int(ref.abs().max()) + INT_STEP_MAX
+                low = 0 if k.endswith("num_batches_tracked") else -span  # a count is never negative
+                if lo < low or hi > span:
+                    return f"{k}: integer values in [{lo}, {hi}], expected in [{low}, {span}]"
+    return None
+
+
+def nonfinite_key(state: dict) -> str | None:
+    """The first floating tensor of ``state`` with a NaN or Inf, or None."""
+    with torch.no_grad():
+        for k, t in state.items():
+            if t.dtype.is_floating_point and t.numel() and not bool(torch.isfinite(t).all()):
+                return k
+    return None
 
 
 def _sq_dist(state: dict, ref: dict, check: bool = False) -> float | str:
@@ -102,6 +143,8 @@ def stream_average(global_state: dict, replies: Iterable, stats: AggregateStats 
     sq_sum = 0.0
     for cid, state, n in replies:
         reason = check_update(global_state, state, finite=False)
+        if reason is None:
+            reason = implausible(global_state, state)
         if reason is None and not (isinstance(n, (int, float)) and math.isfinite(n) and n > 0):
             reason = f"num_samples must be > 0, got {n!r}"
         sq = _sq_dist(state, global_state, check=True) if reason is None else reason
@@ -141,10 +184,25 @@ class Strategy:
 
     # -- server side -------------------------------------------------------------
     def aggregate(self, global_state: dict, replies: Iterable, stats: AggregateStats | None = None):
+        """The new global state; the global state itself (a copy) when no reply was valid or
+        the aggregate is not finite (``stats.rolled_back`` says why; the server optimizer's
+        state is restored too), so no round can break the model for the rounds after it."""
+        stats = stats if stats is not None else AggregateStats()
         avg = stream_average(global_state, replies, stats)
         if avg is None:
             return {k: v.clone() for k, v in global_state.items()}
-        return self.server_update(global_state, avg)
+        bad = nonfinite_key(avg)
+        if bad is None:
+            before = self.state_dict()
+            new = self.server_update(global_state, avg)
+            bad = nonfinite_key(new)
+            if bad is None:
+                return new
+            self.load_state_dict(before)
+            stats.rolled_back = f"the server update of {bad} is not finite"
+        else:
+            stats.rolled_back = f"the average of {bad} is not finite"
+        return {k: v.clone() for k, v in global_state.items()}
 
     def server_update(self, global_state: dict, avg: dict) -> dict:
         return avg
