@@ -105,7 +105,7 @@ def test_arrays_malformed_are_refused_with_the_key(copy):
         arrays_to_state(bad)
     good = Array(np.arange(4, dtype=np.float32))
     short = Array(dtype="float32", shape=(4,), stype="numpy.ndarray", data=good.data[:-4])
-    with pytest.raises(ValueError, match=r"arrays\['x'\]: not a readable numpy array"):
+    with pytest.raises(ValueError, match=r"arrays\['x'\]: 12 data bytes, but the header claims shape \(4,\)"):
         arrays_to_state(ArrayRecord({"x": short}))
     lying = Array(dtype="float32", shape=(2, 2), stype="numpy.ndarray", data=good.data)
     with pytest.raises(ValueError, match=r"arrays\['x'\]: data has shape \(4,\), header says \(2, 2\)"):
@@ -532,3 +532,22 @@ def test_deployment_supernode_killed_mid_round_the_others_finish(deployment, tmp
     emb = Federation(cfg, "fedsq", data, quiet=True, client_hook=hook).run()
     model, _ = _final_model(Federation(cfg, "fedsq", data, quiet=True), out)
     _same_model(emb.model, model, exact=False)  # the survivors' updates, none lost
+
+
+def test_a_header_claiming_billions_of_floats_is_refused_before_allocating():
+    import io
+    import tracemalloc
+
+    from flwr.app import Array, ArrayRecord
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": (4_000_000_000,)})
+    data = buf.getvalue() + b"\0" * 64
+    rec = ArrayRecord({"w": Array(dtype="float32", shape=(4_000_000_000,), stype="numpy.ndarray", data=data)})
+    for copy in (True, False):
+        tracemalloc.start()
+        with pytest.raises(ValueError, match=r"'w'\]: 64 data bytes, but the header claims shape \(4000000000,\)"):
+            flower_arrays.arrays_to_state(rec, copy=copy)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 10 << 20  # nothing near the 16 GB the header claims

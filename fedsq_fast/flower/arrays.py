@@ -53,13 +53,9 @@ def state_to_arrays(state: dict, *, arg: str = "state", keep_input: bool = True)
     return rec
 
 
-def _npy_view(a: Array) -> torch.Tensor | None:
-    """A read-only tensor over the bytes of a plain .npy payload (C order, native byte
-    order, numeric dtype), or None where the copying path must handle it. The header is
-    parsed by numpy's safe parser (literal_eval, no pickle)."""
-    data = a.data
-    if not isinstance(data, bytes):
-        return None
+def _npy_header(data: bytes):
+    """(shape, fortran, dtype, data offset) of a .npy payload, parsed by numpy's safe
+    parser (literal_eval, no pickle); None when it is not one."""
     try:
         fp = io.BytesIO(data)
         major, _ = np.lib.format.read_magic(fp)
@@ -67,12 +63,23 @@ def _npy_view(a: Array) -> torch.Tensor | None:
         shape, fortran, dtype = read(fp)
     except Exception:  # noqa: BLE001 - the copying path reports what is wrong
         return None
+    return shape, fortran, dtype, fp.tell()
+
+
+def _npy_view(a: Array) -> torch.Tensor | None:
+    """A read-only tensor over the bytes of a plain .npy payload (C order, native byte
+    order, numeric dtype), or None where the copying path must handle it."""
+    data = a.data
+    head = _npy_header(data) if isinstance(data, bytes) else None
+    if head is None:
+        return None
+    shape, fortran, dtype, offset = head
     if fortran or not dtype.isnative or dtype.kind not in _NUMPY_KINDS or dtype.hasobject:
         return None
     n = math.prod(shape)
-    if len(data) - fp.tell() != n * dtype.itemsize or n == 0:
+    if len(data) - offset != n * dtype.itemsize or n == 0:
         return None
-    arr = np.frombuffer(data, dtype=dtype, count=n, offset=fp.tell()).reshape(shape)
+    arr = np.frombuffer(data, dtype=dtype, count=n, offset=offset).reshape(shape)
     with warnings.catch_warnings():  # read-only by contract (see arrays_to_state)
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(arr)
@@ -105,6 +112,13 @@ def _decode_one(key: str, a, arg: str, copy: bool = True) -> torch.Tensor:
             if tuple(t.shape) != shape:
                 raise ValueError(f"{arg}[{key!r}]: data has shape {tuple(t.shape)}, header says {shape}")
             return t
+    head = _npy_header(a.data) if isinstance(a.data, bytes) else None
+    if head is not None and not head[2].hasobject:
+        # np.load allocates the header's shape before it reads: check the length first
+        want = math.prod(head[0]) * head[2].itemsize
+        if len(a.data) - head[3] != want:
+            raise ValueError(f"{arg}[{key!r}]: {len(a.data) - head[3]} data bytes, but the header claims shape "
+                             f"{tuple(head[0])} of {head[2]} ({want} bytes)")
     try:
         arr = a.numpy()  # np.load(..., allow_pickle=False)
     except Exception as e:  # noqa: BLE001 - a malformed payload is a rejection, not a crash
