@@ -551,3 +551,19 @@ def test_a_header_claiming_billions_of_floats_is_refused_before_allocating():
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         assert peak < 10 << 20  # nothing near the 16 GB the header claims
+
+
+def test_auto_round_timeout_follows_the_config_then_the_rounds_seen(tmp_path):
+    cfg = _cfg(rounds=2, out_dir=str(tmp_path))
+    data = prepare_data(cfg)
+    fed = A.FlowerFederation(cfg, "fedavg", data, InProcessGrid(3), poll_s=0)
+    assert fed.round_timeout is None and fed.timeout_for_round() == A.FIRST_ROUND_S
+    fed.run()
+    assert 0 < fed._slowest < 60 and fed.timeout_for_round() == max(A.MIN_ROUND_S, 4 * fed._slowest)
+    cfg2 = from_mapping(dict(cfg.to_dict(), client_timeout_s=30.0))
+    assert A.first_round_timeout(cfg2) == 150.0
+    assert A.FlowerFederation(cfg2, "fedavg", data, InProcessGrid(3), round_timeout=7).timeout_for_round() == 7
+    conf_cfg, opts = A.config_from_run_config({"round-timeout": "auto"})
+    assert opts["round_timeout"] is None
+    with pytest.raises(ValueError, match="'auto' or a positive number"):
+        A.config_from_run_config({"round-timeout": "soon"})

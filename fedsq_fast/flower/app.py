@@ -44,7 +44,11 @@ from .strategy import (ARRAYS_KEY, C_FINGERPRINT, C_LOCAL, C_METHOD, C_PARTITION
 log = logging.getLogger("fedsq_fast.flower")
 
 # Run-config keys of the Flower app that are not RunConfig keys (name -> default).
-FLOWER_KEYS = {"config-file": "", "round-timeout": 3600.0, "aggregation-order": "sorted", "resume": False}
+FLOWER_KEYS = {"config-file": "", "round-timeout": "auto", "aggregation-order": "sorted", "resume": False}
+# round-timeout "auto": the first round (and the wait for nodes) gets client_timeout_s + 120 s when
+# the config bounds a client, else FIRST_ROUND_S; later rounds 4x the slowest round seen so far
+# (at least MIN_ROUND_S), so a live but silent node costs minutes, not the hour it used to.
+FIRST_ROUND_S, MIN_ROUND_S = 600.0, 60.0
 ORDERS = ("sorted", "arrival")
 LOCAL_STATE_KEY = "fedsq.local"  # Context.state record: a client's own layers (FedBN)
 
@@ -59,15 +63,17 @@ def config_from_run_config(run_config) -> tuple[RunConfig, dict]:
         v = rc.pop(k, default)
         opts[k] = default if v == "" else v
     rt = opts["round-timeout"]
-    if isinstance(rt, bool) or not isinstance(rt, (int, float)) or not rt > 0 or not math.isfinite(rt):
-        raise ValueError(f"round-timeout: must be a positive number of seconds, got {rt!r}")
+    if rt != "auto" and (isinstance(rt, bool) or not isinstance(rt, (int, float)) or not rt > 0
+                         or not math.isfinite(rt)):
+        raise ValueError(f"round-timeout: must be 'auto' or a positive number of seconds, got {rt!r}")
     if opts["aggregation-order"] not in ORDERS:
         raise ValueError(f"aggregation-order: must be one of {', '.join(ORDERS)}, got {opts['aggregation-order']!r}")
     if not isinstance(opts["resume"], bool):
         raise ValueError(f"resume: must be true or false, got {opts['resume']!r}")
     base = from_mapping(load_file(opts["config-file"])) if opts["config-file"] else RunConfig()
     over = {k: (None if v == "none" else v) for k, v in rc.items() if v != ""}
-    return from_mapping(over, base), {"round_timeout": float(rt), "order": opts["aggregation-order"],
+    return from_mapping(over, base), {"round_timeout": None if rt == "auto" else float(rt),
+                                      "order": opts["aggregation-order"],
                                       "resume": opts["resume"]}
 
 
@@ -82,6 +88,12 @@ def _reject_ablation(method: str) -> None:
         raise ValueError(f"methods: {method!r}: structural-copy ablations are not supported on Flower")
 
 
+def first_round_timeout(cfg: RunConfig) -> float:
+    """The auto round-timeout before any round has been timed (the nodes also load data and
+    build models then): client_timeout_s + 120 s when set, else FIRST_ROUND_S."""
+    return cfg.client_timeout_s + 120.0 if cfg.client_timeout_s else FIRST_ROUND_S
+
+
 # ---------------------------------------------------------------------------- server
 class FlowerFederation(Federation):
     """The engine's Federation whose clients are SuperNodes reached through ``grid``.
@@ -92,15 +104,27 @@ class FlowerFederation(Federation):
     whose partition is not in it answers at once without training).
     """
 
-    def __init__(self, cfg: RunConfig, method: str, data, grid: Grid, *, round_timeout: float = 3600.0,
+    def __init__(self, cfg: RunConfig, method: str, data, grid: Grid, *, round_timeout: float | None = None,
                  order: str = "sorted", poll_s: float = 0.5, **kw):
         _reject_ablation(method)
         if order not in ORDERS:
             raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
         super().__init__(cfg, method, data, quiet=True, **kw)
-        self.grid, self.round_timeout, self.order, self.poll_s = grid, float(round_timeout), order, poll_s
+        self.grid, self.order, self.poll_s = grid, order, poll_s
+        self.round_timeout = None if round_timeout is None else float(round_timeout)  # None: auto
+        self._slowest = 0.0  # seconds from sending a round to its last reply, the most seen
         self.node_of: dict[int, int] = {}  # partition id -> node id
         self.fingerprint = _fingerprint(self.model)
+
+    def timeout_for_round(self) -> float:
+        """Seconds to wait for this round's replies: the configured round-timeout, or (auto)
+        :func:`first_round_timeout` until a round has been seen, then 4x the slowest round so far
+        (at least MIN_ROUND_S)."""
+        if self.round_timeout is not None:
+            return self.round_timeout
+        if self._slowest == 0.0:
+            return first_round_timeout(self.cfg)
+        return max(MIN_ROUND_S, 4.0 * self._slowest)
 
     def _drop(self, rnd, dropped, pid, reason):
         dropped.append((pid, reason))
@@ -129,7 +153,9 @@ class FlowerFederation(Federation):
         pending = set(node_by_msg)
         wanted, resolved, buffer, arrived = set(targets), set(), {}, []
         queue = sorted(targets)
-        deadline = time.monotonic() + self.round_timeout
+        t_sent = time.monotonic()
+        timeout = self.timeout_for_round()
+        deadline = t_sent + timeout
         errors: dict[int, str] = {}  # node id -> error reason (node's partition not known yet)
 
         def ready():
@@ -183,6 +209,8 @@ class FlowerFederation(Federation):
                 arrived.append(pid)
             for pid in ready():
                 yield from self._fold(rnd, pid, *buffer.pop(pid), dropped, acc)
+            if got:
+                self._slowest = max(self._slowest, time.monotonic() - t_sent)
             if not pending or time.monotonic() > deadline:
                 break
             time.sleep(self.poll_s)
@@ -191,7 +219,7 @@ class FlowerFederation(Federation):
             if node is not None and node in errors:
                 reason = errors[node]
             elif pending:
-                reason = f"no reply within round-timeout ({self.round_timeout:g} s)"
+                reason = f"no reply within round-timeout ({timeout:g} s)"
             else:
                 reason = "no connected node holds this partition" + (
                     f" (node errors: {sorted(set(errors.values()))})" if errors else "")
@@ -225,7 +253,7 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float, poll_s: float = 1.0) -> i
     return have
 
 
-def run_federation(grid: Grid, cfg: RunConfig, *, round_timeout: float = 3600.0, order: str = "sorted",
+def run_federation(grid: Grid, cfg: RunConfig, *, round_timeout: float | None = None, order: str = "sorted",
                    resume: bool = False) -> dict:
     """Every method of ``cfg`` on the nodes behind ``grid``; the same files as ``fedsq-fast run``
     (OUT/partition.txt, partition.png, OUT/<method>/metrics.json, metrics.csv, checkpoint)."""
@@ -241,7 +269,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, round_timeout: float = 3600.0,
     (out / "partition.txt").write_text(partition_table(data.counts, data.classes) + "\n")
     plot_partition(data.counts, out / "partition.png", data.classes,
                    f"{cfg.dataset}, {partition_tag(cfg.to_dict())}, seed {cfg.seed}")
-    wait_for_nodes(grid, cfg.num_clients, round_timeout)
+    wait_for_nodes(grid, cfg.num_clients, round_timeout or first_round_timeout(cfg))
     results = {}
     for m in cfg.methods:
         fed = FlowerFederation(cfg, m, data, grid, round_timeout=round_timeout, order=order,
