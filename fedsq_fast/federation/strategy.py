@@ -130,6 +130,34 @@ def _sq_dist(state: dict, ref: dict, check: bool = False) -> float | str:
     return tot
 
 
+AGGREGATORS = ("mean", "median", "trimmed_mean")
+
+
+def _valid_replies(global_state: dict, replies: Iterable, stats: AggregateStats):
+    """``(state, num_samples, ||update||^2)`` of each valid reply, in arrival order; the
+    others land in ``stats.rejected`` with the reason (malformed, NaN/Inf, implausible,
+    a non-positive sample count)."""
+    for cid, state, n in replies:
+        reason = check_update(global_state, state, finite=False)
+        if reason is None:
+            reason = implausible(global_state, state)
+        if reason is None and not (isinstance(n, (int, float)) and math.isfinite(n) and n > 0):
+            reason = f"num_samples must be > 0, got {n!r}"
+        sq = _sq_dist(state, global_state, check=True) if reason is None else reason
+        if isinstance(sq, str):
+            stats.rejected.append((cid, sq))
+            continue
+        stats.num_clients += 1
+        stats.num_samples += int(n)
+        yield state, n, sq
+
+
+def _record_drift(stats: AggregateStats, result: dict, global_state: dict, sq_sum: float) -> None:
+    upd = _sq_dist(result, global_state)
+    stats.update_norm = math.sqrt(upd)
+    stats.client_drift = math.sqrt(max(sq_sum / stats.num_samples - upd, 0.0))
+
+
 def stream_average(global_state: dict, replies: Iterable, stats: AggregateStats | None = None):
     """Weighted (by sample count) average of the valid replies, one client in memory at a time.
 
@@ -141,34 +169,64 @@ def stream_average(global_state: dict, replies: Iterable, stats: AggregateStats 
     stats = stats if stats is not None else AggregateStats()
     avg = StreamingAverage()
     sq_sum = 0.0
-    for cid, state, n in replies:
-        reason = check_update(global_state, state, finite=False)
-        if reason is None:
-            reason = implausible(global_state, state)
-        if reason is None and not (isinstance(n, (int, float)) and math.isfinite(n) and n > 0):
-            reason = f"num_samples must be > 0, got {n!r}"
-        sq = _sq_dist(state, global_state, check=True) if reason is None else reason
-        if isinstance(sq, str):
-            stats.rejected.append((cid, sq))
-            continue
+    for state, n, sq in _valid_replies(global_state, replies, stats):
         sq_sum += n * sq
         avg.add(state, n)
         del state  # let the client's tensors go before the next reply is produced
-        stats.num_clients += 1
-        stats.num_samples += int(n)
     if avg.count == 0:
         return None
     result = avg.result(consume=True)  # the accumulator becomes the result: one buffer, not two
-    upd = _sq_dist(result, global_state)
-    stats.update_norm = math.sqrt(upd)
-    stats.client_drift = math.sqrt(max(sq_sum / stats.num_samples - upd, 0.0))
+    _record_drift(stats, result, global_state, sq_sum)
     return result
 
 
+def robust_average(global_state: dict, replies: Iterable, stats: AggregateStats | None = None,
+                   kind: str = "median", trim_fraction: float = 0.1):
+    """Coordinate-wise ``median`` or ``trimmed_mean`` of the valid replies (Yin et al. 2018):
+    unweighted (a client's sample count cannot buy influence), robust to a minority of
+    arbitrary updates. Holds all K valid replies (memory: K models, not one). Floating
+    tensors are computed in float64 and rounded to their dtype; the median of an even count
+    is the mean of the two middle values. Integer and bool tensors take the lower median /
+    the trimmed mean rounded half to even. ``trim_fraction``: the share cut at each end
+    (floor(trim_fraction K) values). Returns None when no reply was valid."""
+    if kind not in AGGREGATORS[1:]:
+        raise ValueError(f"kind must be 'median' or 'trimmed_mean', got {kind!r}")
+    stats = stats if stats is not None else AggregateStats()
+    kept, sq_sum = [], 0.0
+    for state, n, sq in _valid_replies(global_state, replies, stats):
+        kept.append(state)
+        sq_sum += n * sq
+    if not kept:
+        return None
+    k = len(kept)
+    cut = int(math.floor(trim_fraction * k)) if kind == "trimmed_mean" else 0
+    out = {}
+    with torch.no_grad():
+        for key, g in global_state.items():
+            x = torch.stack([s[key].to(g.device) for s in kept])
+            floating = g.dtype.is_floating_point
+            xs = (x.double() if floating else x.long()).sort(dim=0).values
+            if kind == "median":
+                if floating:
+                    v = xs[(k - 1) // 2] if k % 2 else (xs[k // 2 - 1] + xs[k // 2]) / 2
+                else:
+                    v = xs[(k - 1) // 2]  # lower median: stays an integer
+            else:
+                mid = xs[cut:k - cut]
+                v = mid.mean(0) if floating else torch.round(mid.double().mean(0)).long()
+            out[key] = v.to(g.dtype)
+    _record_drift(stats, out, global_state, sq_sum)
+    return out
+
+
 class Strategy:
-    """FedAvg: the new global state is the sample-weighted average of the replies."""
+    """FedAvg: the new global state is the sample-weighted average of the replies
+    (``aggregator='median'`` / ``'trimmed_mean'``: :func:`robust_average` instead, under
+    any strategy)."""
 
     name = "fedavg"
+    aggregator = "mean"
+    trim_fraction = 0.1
 
     def __init__(self, **_):
         pass
@@ -188,7 +246,10 @@ class Strategy:
         the aggregate is not finite (``stats.rolled_back`` says why; the server optimizer's
         state is restored too), so no round can break the model for the rounds after it."""
         stats = stats if stats is not None else AggregateStats()
-        avg = stream_average(global_state, replies, stats)
+        if self.aggregator == "mean":
+            avg = stream_average(global_state, replies, stats)
+        else:
+            avg = robust_average(global_state, replies, stats, self.aggregator, self.trim_fraction)
         if avg is None:
             return {k: v.clone() for k, v in global_state.items()}
         bad = nonfinite_key(avg)
@@ -325,11 +386,19 @@ class FedYogi(FedAdam):
 _CLASSES = {c.name: c for c in (Strategy, FedProx, FedAvgM, FedAdam, FedYogi, FedBN)}
 
 
-def make_strategy(name: str, **options) -> Strategy:
-    """Build a strategy by name; options not used by it are ignored."""
+def make_strategy(name: str, *, aggregator: str = "mean", trim_fraction: float = 0.1, **options) -> Strategy:
+    """Build a strategy by name; options not used by it are ignored. ``aggregator``: how
+    the replies are combined ('mean': sample-weighted, streamed; 'median' or
+    'trimmed_mean' with ``trim_fraction``: :func:`robust_average`)."""
     if name not in _CLASSES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {name!r}")
-    return _CLASSES[name](**options)
+    if aggregator not in AGGREGATORS:
+        raise ValueError(f"aggregator must be one of {', '.join(AGGREGATORS)}; got {aggregator!r}")
+    if isinstance(trim_fraction, bool) or not isinstance(trim_fraction, (int, float)) or not 0 <= trim_fraction < 0.5:
+        raise ValueError(f"trim_fraction must be a number in [0, 0.5), got {trim_fraction!r}")
+    strat = _CLASSES[name](**options)
+    strat.aggregator, strat.trim_fraction = aggregator, float(trim_fraction)
+    return strat
 
 
 def iter_replies(pairs: Iterable) -> Iterator:
