@@ -9,12 +9,72 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import sys
 import time
 import typing
 import warnings
+
+# What counts as the user's mistake (one line, exit 2) rather than a bug (traceback): the
+# library raises ValueError (config.ConfigError among them) for bad input, and these OSErrors
+# come from paths the user gave. Parse errors of config files, non-UTF-8 text and unloadable
+# weights files are turned into ValueErrors naming the file where they are read
+# (config.load_file, adapter.build_model). Everything else -- TypeError, RuntimeError, ... --
+# is an internal error and keeps its traceback, which a bug report needs.
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+               FileExistsError)
+# OSErrors about the user's disk rather than the code
+USER_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def is_user_error(e: BaseException) -> bool:
+    """Whether ``e`` is a user mistake to print as one line (see :data:`USER_ERRORS`)."""
+    return isinstance(e, USER_ERRORS) or (isinstance(e, OSError) and e.errno in USER_ERRNOS)
+
+
+def user_error_line(e: BaseException) -> str:
+    """``e`` as the one line ``fedsq-fast: error: ...`` (multi-line messages are joined)."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        msg = f"{e.filename}: {e.strerror}"
+    else:
+        msg = str(e) or type(e).__name__
+    return "fedsq-fast: error: " + "; ".join(ln.strip() for ln in msg.splitlines() if ln.strip())
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's mistakes (unknown flag, bad value) as the same one line as ours, exit 2."""
+
+    def error(self, message):
+        if message.startswith("unrecognized arguments:"):
+            import difflib
+
+            known = sorted(self._options())
+            for a in message.split(":", 1)[1].split():
+                near = difflib.get_close_matches(a.split("=")[0], known, n=2) if a.startswith("--") else []
+                if near:
+                    message += f" (did you mean {' or '.join(near)}?)"
+                    break
+        sys.stderr.write(f"fedsq-fast: error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
+
+    def _options(self) -> set:
+        opts = set()
+        for a in self._actions:
+            opts.update(o for o in a.option_strings if o.startswith("--"))
+            if isinstance(a, argparse._SubParsersAction):
+                for sp in a.choices.values():
+                    opts |= sp._options() if isinstance(sp, _Parser) else set()
+        return opts
+
+
+def _log_level(s: str) -> str:
+    v = s.strip().upper()
+    if v not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(LOG_LEVELS)} (any case), got {s!r}")
+    return v
 
 
 def _bool(s: str) -> bool:
@@ -56,13 +116,27 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _config_from_args(ns) -> "RunConfig":
-    from .federation.config import KEYS, RunConfig, from_mapping, load_file
+    """The config file (if any), then the flags over it, validated in full; a bad value read
+    from the file names the file."""
+    from .federation import adapter
+    from .federation.config import KEYS, ConfigError, RunConfig, check_sources, from_mapping, load_file, validate
 
-    cfg = RunConfig()
+    cfg, from_file = RunConfig(), set()
     if getattr(ns, "config", None):
-        cfg = from_mapping(load_file(ns.config), cfg)
+        d = load_file(ns.config)
+        try:
+            cfg = from_mapping(d, cfg)
+        except ConfigError as e:
+            raise e.with_source(ns.config) from None
+        from_file = {str(k).replace("-", "_") for k in d}
     flags = {k: getattr(ns, k) for k in KEYS if hasattr(ns, k)}
-    return from_mapping(flags, cfg)
+    cfg = from_mapping(flags, cfg)
+    try:  # before any data is loaded: the config, then the files it names
+        return check_sources(validate(cfg, adapter.list_models()), adapter.list_models())
+    except ConfigError as e:
+        if e.key in from_file - set(flags):
+            raise e.with_source(ns.config) from None
+        raise
 
 
 def _print_config(cfg, echo) -> None:
@@ -72,7 +146,7 @@ def _print_config(cfg, echo) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedsq-fast", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="fedsq-fast", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("run", "run the configured methods on one split (defaults: FedAvg vs FedSQ)"),
                         ("compare", "methods x seeds x partitions with a summary table and plots")):
@@ -80,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--config", help="TOML or YAML file of config keys (flags override it)")
         q.add_argument("--resume", action="store_true", help="continue from the last checkpoints")
         q.add_argument("--quiet", action="store_true", help="no progress bars or tables")
-        q.add_argument("--log-level", default="WARNING", help="python logging level (INFO: dropped clients)")
+        q.add_argument("--log-level", default="WARNING", type=_log_level,
+                       help="python logging level: " + ", ".join(LOG_LEVELS) + " (INFO: dropped clients)")
         if name == "compare":
             q.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
             q.add_argument("--partitions", nargs="+", default=["iid", "dirichlet:0.5"],
@@ -95,53 +170,62 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """The ``fedsq-fast`` entry point. A user's mistake prints one line ``fedsq-fast: error:
+    ...`` and returns 2, before any data is loaded or any file written where it can be
+    checked up front; internal errors propagate with their traceback."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:
         argv = ["run"]
     ns = build_parser().parse_args(argv)
-    echo = print
     warnings.filterwarnings("ignore", message="fedsq_fast is using its pure-PyTorch reference ops")
     if ns.command == "suite":
         from . import experiments
 
         return experiments.run_from_args(ns)
     try:
-        from .federation import runner
-
-        if ns.command == "report":
-            runner.report(ns.dir, echo=echo)
-            return 0
-        logging.basicConfig(level=getattr(logging, str(ns.log_level).upper(), logging.WARNING),
-                            format="%(levelname)s %(name)s: %(message)s")
-        cfg = _config_from_args(ns)
-        from .federation import adapter
-        from .federation.config import validate
-
-        validate(cfg, adapter.list_models())  # before any data is loaded
-        if not ns.quiet:
-            _print_config(cfg, echo)
-        t0 = time.perf_counter()
-        if ns.command == "run":
-            res = runner.run_methods(cfg, cfg.out_dir, resume=ns.resume, quiet=ns.quiet, echo=echo)
-            rows = runner.report(cfg.out_dir, echo=lambda *_: None)
-            if not ns.quiet:
-                echo("\nsummary")
-                echo(runner.format_table(rows))
-                for m, r in res.items():
-                    s = r.summary
-                    share = s["time_client_s"] / s["time_total_s"] if s["time_total_s"] else float("nan")
-                    echo(f"  {m}: sends {s['payload_bytes'] / 1e6:.2f} MB per client per round "
-                         f"(full model {s['full_model_bytes'] / 1e6:.2f} MB); client compute "
-                         f"{100 * share:.1f}% of {s['time_total_s']:.1f} s; dropped {s['dropped']}")
-        else:
-            runner.run_compare(cfg, ns.seeds, ns.partitions, cfg.out_dir, resume=ns.resume,
-                               quiet=ns.quiet, echo=echo)
-        if not ns.quiet:
-            echo(f"done in {time.perf_counter() - t0:.1f} s; results in {cfg.out_dir}/")
-        return 0
-    except (ValueError, FileNotFoundError) as e:
-        print(f"fedsq-fast: error: {e}", file=sys.stderr)
+        return _main(ns)
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        print(user_error_line(e), file=sys.stderr)
         return 2
+
+
+def _main(ns) -> int:
+    from pathlib import Path
+
+    from .federation import runner
+
+    echo = print
+    if ns.command == "report":
+        if not Path(ns.dir).is_dir():
+            raise ValueError(f"report: {ns.dir} is not a folder")
+        runner.report(ns.dir, echo=echo)
+        return 0
+    cfg = _config_from_args(ns)
+    runner.check_out_dir(Path(cfg.out_dir))  # a file, or under one, or read-only: before any data loads
+    logging.basicConfig(level=getattr(logging, ns.log_level), format="%(levelname)s %(name)s: %(message)s")
+    if not ns.quiet:
+        _print_config(cfg, echo)
+    t0 = time.perf_counter()
+    if ns.command == "run":
+        res = runner.run_methods(cfg, cfg.out_dir, resume=ns.resume, quiet=ns.quiet, echo=echo)
+        rows = runner.report(cfg.out_dir, echo=lambda *_: None)
+        if not ns.quiet:
+            echo("\nsummary")
+            echo(runner.format_table(rows))
+            for m, r in res.items():
+                s = r.summary
+                share = s["time_client_s"] / s["time_total_s"] if s["time_total_s"] else float("nan")
+                echo(f"  {m}: sends {s['payload_bytes'] / 1e6:.2f} MB per client per round "
+                     f"(full model {s['full_model_bytes'] / 1e6:.2f} MB); client compute "
+                     f"{100 * share:.1f}% of {s['time_total_s']:.1f} s; dropped {s['dropped']}")
+    else:
+        runner.run_compare(cfg, ns.seeds, ns.partitions, cfg.out_dir, resume=ns.resume,
+                           quiet=ns.quiet, echo=echo)
+    if not ns.quiet:
+        echo(f"done in {time.perf_counter() - t0:.1f} s; results in {cfg.out_dir}/")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1534,48 +1534,90 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(ns) -> int:
+    """``fedsq-fast suite ...``: a user's mistake (suite file missing, not UTF-8, malformed or
+    invalid; a results folder that cannot be one) is one line ``fedsq-fast: error: ...`` and
+    exit 2, checked before any data loads; internal errors keep their traceback."""
     import warnings
+
+    from .cli import is_user_error, user_error_line
 
     warnings.filterwarnings("ignore", message="fedsq_fast is using its pure-PyTorch reference ops")
     try:
-        if ns.suite_command == "run":
-            if ns.max_runs is not None and ns.max_runs < 1:
-                _fail("--max-runs", f"must be >= 1, got {ns.max_runs}")
-            deadline = None
-            if ns.deadline is not None:
-                try:
-                    deadline = _dt.datetime.fromisoformat(ns.deadline)
-                except ValueError:
-                    _fail("--deadline", f"not an ISO date-time: {ns.deadline!r}")
-                if deadline.tzinfo is None:
-                    deadline = deadline.replace(tzinfo=_dt.timezone.utc)
-            try:
-                shard = tuple(int(x) for x in ns.shard.split("/"))
-                if len(shard) != 2:
-                    raise ValueError
-            except ValueError:
-                _fail("--shard", f"must be K/N, e.g. 1/2, got {ns.shard!r}")
-            run_suite(ns.suite, ns.out, resume=ns.resume, max_runs=ns.max_runs, deadline=deadline, shard=shard,
-                      echo=lambda *a: print(*a, flush=True))
-        elif ns.suite_command == "summary":
-            summarize_suites(ns.dir)
-        elif ns.suite_command == "verify":
-            echo = lambda *a: print(*a, flush=True)  # noqa: E731
-            rows = (compare_prefix(ns.dir, ns.against, echo=echo, record=not ns.no_record) if ns.against else
-                    verify_runs(ns.dir, ns.cell, ns.sample, ns.seed, echo=echo, record=not ns.no_record))
-            if ns.json:
-                Path(ns.json).write_text(json.dumps(_clean(rows), indent=1))
-            return 0 if all(r["match"] for r in rows) else 1
-        else:
-            report(ns.dir)
-        return 0
-    except (ValueError, FileNotFoundError) as e:
-        print(f"fedsq-fast suite: error: {e}", file=sys.stderr)
+        return _run_from_args(ns)
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        print(user_error_line(e), file=sys.stderr)
         return 2
 
 
+def _need_dir(key, d) -> None:
+    if not Path(d).is_dir():
+        _fail(key, f"{d} is not a folder" if Path(d).exists() else f"{d} does not exist")
+
+
+def _run_from_args(ns) -> int:
+    from .federation.config import check_sources, read_toml
+    from .federation.runner import check_out_dir
+
+    if ns.suite_command == "run":
+        if ns.max_runs is not None and ns.max_runs < 1:
+            _fail("--max-runs", f"must be >= 1, got {ns.max_runs}")
+        deadline = None
+        if ns.deadline is not None:
+            try:
+                deadline = _dt.datetime.fromisoformat(ns.deadline)
+            except ValueError:
+                _fail("--deadline", f"not an ISO date-time: {ns.deadline!r}")
+            if deadline.tzinfo is None:
+                deadline = deadline.replace(tzinfo=_dt.timezone.utc)
+        try:
+            shard = tuple(int(x) for x in ns.shard.split("/"))
+            if len(shard) != 2:
+                raise ValueError
+        except ValueError:
+            _fail("--shard", f"must be K/N, e.g. 1/2, got {ns.shard!r}")
+        p = Path(ns.suite)
+        if p.is_file() and p.suffix == ".toml":
+            read_toml(p, "suite")  # names the line of a syntax error, and text that is not UTF-8
+        suite = load_suite(p)
+        s0, p0, m0 = suite.cells()[0]  # data and weights are [run] keys, the same in every cell
+        try:
+            check_sources(suite.cell_config(p0, s0, m0), adapter.list_models())
+        except ValueError as e:
+            raise ValueError(f"{p}: run.{e}") from None
+        out = Path(ns.out) if ns.out is not None else default_out(suite)
+        try:
+            check_out_dir(out)  # before any data loads
+        except ValueError as e:
+            raise ValueError(str(e).replace("out_dir:", "--out:", 1)) from None
+        run_suite(suite, out, resume=ns.resume, max_runs=ns.max_runs, deadline=deadline, shard=shard,
+                  echo=lambda *a: print(*a, flush=True))
+    elif ns.suite_command == "summary":
+        _need_dir("dir", ns.dir)
+        summarize_suites(ns.dir)
+    elif ns.suite_command == "verify":
+        _need_dir("dir", ns.dir)
+        if ns.against:
+            _need_dir("--against", ns.against)
+        if ns.json:
+            check_out_dir(Path(ns.json).resolve().parent)
+        echo = lambda *a: print(*a, flush=True)  # noqa: E731
+        rows = (compare_prefix(ns.dir, ns.against, echo=echo, record=not ns.no_record) if ns.against else
+                verify_runs(ns.dir, ns.cell, ns.sample, ns.seed, echo=echo, record=not ns.no_record))
+        if ns.json:
+            Path(ns.json).write_text(json.dumps(_clean(rows), indent=1))
+        return 0 if all(r["match"] for r in rows) else 1
+    else:
+        _need_dir("dir", ns.dir)
+        report(ns.dir)
+    return 0
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fedsq_fast.experiments", description=__doc__.split("\n\n")[0])
+    from .cli import _Parser
+
+    p = _Parser(prog="python -m fedsq_fast.experiments", description=__doc__.split("\n\n")[0])
     add_arguments(p)
     return run_from_args(p.parse_args(argv))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import os
 from pathlib import Path
 
 import torch
@@ -188,6 +189,57 @@ def _svhn_cnn_fallback(num_classes, weights):
 
 
 LOCAL_MODELS = ("tiny_cnn", "mlp")
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".safetensors")
+
+
+def _is_weights_path(weights) -> bool:
+    """The zoo's rule: a PathLike, or a string with a path separator or a weights-file suffix
+    (anything else is a weights name: 'offline', 'DEFAULT', a torchvision name)."""
+    return isinstance(weights, os.PathLike) or (isinstance(weights, str) and (
+        os.sep in weights or (os.altsep or os.sep) in weights or weights.endswith(WEIGHT_FILE_SUFFIXES)))
+
+
+def weights_problem(name: str, weights, *, check_files: bool = True) -> str | None:
+    """What is wrong with ``weights`` for the zoo/local model ``name``, or None. Cheap (stats
+    the file and reads its header only): runs before any data is loaded. The full load
+    happens in :func:`build_model`, whose errors name the file too. ``check_files=False``:
+    only what the config says, not whether the file is on this machine."""
+    if weights is None or weights == "default":
+        return None
+    if name in LOCAL_MODELS:
+        return (f"{name!r} is a local untrained model and loads no weights; got {weights!r} "
+                "(use weights=none, or a zoo model)")
+    if not _is_weights_path(weights):
+        if name == "svhn_cnn" and weights != "offline":
+            return f"for svhn_cnn must be 'default', 'offline', none or a .pth/.safetensors path; got {weights!r}"
+        return None  # a torchvision weights name: checked by the zoo, which knows them
+    if not check_files:
+        return None
+    p = Path(weights)
+    if not p.exists():
+        return f"file not found: {p}"
+    if not p.is_file():
+        return f"{p} is not a file"
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        return f"{p}: cannot be read ({e.strerror})"
+    if p.suffix == ".safetensors":
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(p), framework="pt"):  # parses the JSON header, no tensor data
+                pass
+        except Exception as e:  # safetensors' own error types vary across versions
+            return f"{p}: not a safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        return None
+    import zipfile
+
+    # torch.save writes a zip archive (torch >= 1.6) or, legacy, a pickle (protocol byte 0x80)
+    if not (zipfile.is_zipfile(p) or head[:1] == b"\x80"):
+        return f"{p}: not a PyTorch state dict file (torch.save zip or pickle) nor .safetensors"
+    return None
 
 
 def list_models() -> list[str]:
@@ -198,7 +250,53 @@ def list_models() -> list[str]:
 
 def build_model(name: str, num_classes: int | None = None, weights="default", *,
                 in_channels: int = 1, image_size: int = 8) -> nn.Module:
-    """fedsq_fast.models.build_model when it exists, plus two local toy models."""
+    """fedsq_fast.models.build_model when it exists, plus two local toy models (which take no
+    weights). A weights file that cannot be loaded, or whose tensors do not fit the model, is
+    a ValueError naming the file."""
+    problem = weights_problem(name, weights)
+    if problem is not None:
+        raise ValueError(f"weights: {problem}")
+    mm = models_module()
+    if _is_weights_path(weights) and mm is not None and hasattr(mm, "load_state_file"):
+        # a user's file: build without weights, then load it here so that only the loading's
+        # errors (not the model's) are reported as the file's, one line, naming it
+        m = _build_model(name, num_classes, None, in_channels=in_channels, image_size=image_size, _head=False)
+        try:
+            m.load_state_dict(mm.load_state_file(weights))
+        except _weights_load_errors() as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ValueError(f"weights: {weights}: cannot be loaded into {name} ({type(e).__name__}: {first})") from e
+        m.weights = str(weights)
+        _fit_head(mm, m, num_classes)
+        return m
+    return _build_model(name, num_classes, weights, in_channels=in_channels, image_size=image_size)
+
+
+def _weights_load_errors() -> tuple:
+    """What loading a user's weights file raises when the file is at fault: torch.load's
+    (pickle, zip, truncation), safetensors' and load_state_dict's (keys or shapes)."""
+    import pickle
+
+    errs = [OSError, RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError]
+    try:
+        from safetensors import SafetensorError
+
+        errs.append(SafetensorError)
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+def _fit_head(mm, m: nn.Module, num_classes) -> None:
+    # DEFAULT (ours): keep the pretrained head when its class count already matches
+    # (SVHN digits -> MNIST digits); otherwise a fresh head (seeded by the caller).
+    heads = [mod for mod in m.modules() if type(mod) is nn.Linear]
+    if num_classes is not None and (not heads or heads[-1].out_features != num_classes):
+        mm.replace_head(m, num_classes)
+
+
+def _build_model(name: str, num_classes: int | None, weights, *, in_channels: int, image_size: int,
+                 _head: bool = True) -> nn.Module:
     if name == "tiny_cnn":
         return TinyCNN(in_channels, num_classes or 10)
     if name == "mlp":
@@ -210,12 +308,17 @@ def build_model(name: str, num_classes: int | None = None, weights="default", *,
         if weights == "default":  # ours: offline weights where they exist, else torchvision's
             offline = getattr(importlib.import_module("fedsq_fast.models.zoo"), "OFFLINE_WEIGHTS", {})
             weights = "offline" if name in offline else "DEFAULT"
-        m = mm.build_model(name, num_classes=None, weights=weights)
-        # DEFAULT (ours): keep the pretrained head when its class count already matches
-        # (SVHN digits -> MNIST digits); otherwise a fresh head (seeded by the caller).
-        heads = [mod for mod in m.modules() if type(mod) is nn.Linear]
-        if num_classes is not None and (not heads or heads[-1].out_features != num_classes):
-            mm.replace_head(m, num_classes)
+        try:
+            m = mm.build_model(name, num_classes=None, weights=weights)
+        except RuntimeError as e:
+            # the zoo's two "not on this machine" errors (no internet for torchvision's weights, the
+            # offline-weights package missing) are the user's to fix: one line; other RuntimeErrors
+            # are bugs and keep their traceback
+            if str(e).startswith(("could not fetch torchvision weights", "offline weights for")):
+                raise ValueError(f"weights: {str(e).splitlines()[0]}") from e
+            raise
+        if _head:
+            _fit_head(mm, m, num_classes)
         return m
     if name == "svhn_cnn":
         return _svhn_cnn_fallback(num_classes, weights)

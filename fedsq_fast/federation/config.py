@@ -113,8 +113,23 @@ def resolve_device(spec: str | None = "auto"):
     return torch.device(spec)
 
 
+class ConfigError(ValueError):
+    """A user mistake in a config key, a config file or a path it names (a ValueError, so
+    ``except ValueError`` keeps working). ``key``: the config key (or ``config`` for the file
+    itself); ``source``: the file the value came from, when it came from one. The CLI prints
+    these as one line (exit 2), never with a traceback."""
+
+    def __init__(self, key, msg, source=None):
+        self.key, self.msg, self.source = key, msg, source
+        super().__init__((f"{source}: " if source else "") + f"{key}: {msg}")
+
+    def with_source(self, source) -> "ConfigError":
+        """The same error, naming the file the offending value was read from."""
+        return ConfigError(self.key, self.msg, source)
+
+
 def _fail(key, msg):
-    raise ValueError(f"{key}: {msg}")
+    raise ConfigError(key, msg)
 
 
 def parse_method(method: str) -> tuple[str, bool, str | None, int | None]:
@@ -143,8 +158,12 @@ def parse_method(method: str) -> tuple[str, bool, str | None, int | None]:
 
 def from_mapping(d: dict, base: RunConfig | None = None) -> RunConfig:
     """A config from a mapping; unknown keys are rejected with the closest valid ones."""
+    if not isinstance(d, dict):
+        _fail("config", f"must be a mapping of config keys, got {type(d).__name__}")
     cfg = dataclasses.replace(base) if base is not None else RunConfig()
     for k, v in d.items():
+        if not isinstance(k, str):  # YAML allows `1: 2`
+            _fail(repr(k), "config keys are names, not " + type(k).__name__)
         k2 = k.replace("-", "_")
         if k2 not in KEYS:
             near = difflib.get_close_matches(k2, KEYS, n=3)
@@ -156,34 +175,102 @@ def from_mapping(d: dict, base: RunConfig | None = None) -> RunConfig:
     return cfg
 
 
-def load_file(path) -> dict:
-    """TOML (.toml) or YAML (.yaml/.yml); a [run] table/section is unwrapped if present."""
-    p = Path(path)
-    if not p.is_file():
-        _fail("config", f"file not found: {p}")
-    if p.suffix == ".toml":
-        import tomllib
+def _read_text(p: Path, key: str = "config") -> str:
+    raw = p.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        _fail(key, f"{p}: line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                   "save the file as UTF-8")
 
-        d = tomllib.loads(p.read_text())
-    elif p.suffix in (".yaml", ".yml"):
+
+def read_toml(path, key: str = "config") -> dict:
+    """A TOML file as a dict; text that is not UTF-8 and syntax errors are a
+    :class:`ConfigError` naming ``key``, the file and the line."""
+    import re
+    import tomllib
+
+    p = Path(path)
+    text = _read_text(p, key)
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"\(at line (\d+), column (\d+)\)", str(e))
+        # python 3.11 reports an unterminated value "at end of document": the last line
+        where = f"line {m.group(1)}, column {m.group(2)}" if m else f"line {max(1, len(text.splitlines()))}"
+        msg = re.sub(r"\s*\(at [^)]*\)$", "", str(e))
+        _fail(key, f"{p}: {where}: TOML syntax error: {msg}")
+
+
+def load_file(path) -> dict:
+    """The config keys of a TOML (.toml) or YAML (.yaml/.yml) file. A ``[run]`` table (YAML:
+    ``run:`` mapping) holds them when present; keys beside it are an error (they would be
+    ignored otherwise). Syntax errors and text that is not UTF-8 name the file and line."""
+    p = Path(path)
+    if not p.exists():
+        _fail("config", f"file not found: {p}")
+    if not p.is_file():
+        _fail("config", f"{p} is not a file")
+    if p.suffix not in (".toml", ".yaml", ".yml"):
+        _fail("config", f"{p}: use a .toml, .yaml or .yml file")
+    if p.suffix == ".toml":
+        d = read_toml(p)
+    else:
         import yaml
 
-        d = yaml.safe_load(p.read_text()) or {}
-    else:
-        _fail("config", f"{p}: use a .toml, .yaml or .yml file")
+        text = _read_text(p)
+        try:
+            d = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            _fail("config", f"{p}: {where}YAML syntax error: {what}")
+        d = {} if d is None else d
     if not isinstance(d, dict):
-        _fail("config", f"{p}: top level must be a table/mapping")
-    return d.get("run", d) if isinstance(d.get("run"), dict) else d
+        _fail("config", f"{p}: top level must be a table/mapping of config keys, got {type(d).__name__}")
+    if "run" in d and isinstance(d["run"], dict):
+        beside = [str(k) for k in d if k != "run"]
+        if beside:  # an error, not a merge: which of the two values was meant is the user's call
+            _fail("config", f"{p}: {', '.join(beside)} {'is' if len(beside) == 1 else 'are'} outside the [run] "
+                            "table, where they would be ignored; move them into [run] (or drop the [run] header)")
+        return d["run"]
+    return d
 
 
-def _int(cfg, key, lo=None, allow_none=False):
+def load_config(path, base: RunConfig | None = None) -> RunConfig:
+    """:func:`load_file` + :func:`from_mapping`; key errors name the file."""
+    d = load_file(path)
+    try:
+        return from_mapping(d, base)
+    except ConfigError as e:
+        raise e.with_source(path) from None
+
+
+def _int(cfg, key, lo=None, allow_none=False, hi=None, why=""):
     v = getattr(cfg, key)
     if v is None and allow_none:
         return
     if isinstance(v, bool) or not isinstance(v, int):
         _fail(key, f"must be an integer, got {v!r}")
     if lo is not None and v < lo:
-        _fail(key, f"must be >= {lo}, got {v}")
+        _fail(key, f"must be >= {lo}, got {v}" + (f" ({why})" if why and hi is not None else ""))
+    if hi is not None and v > hi:
+        _fail(key, f"must be <= {hi}, got {v}" + (f" ({why})" if why else ""))
+
+
+# Size limits: beyond them a value is a typo, and would allocate absurd memory before any
+# useful error (the whole pool is resized once at load time: 3000 images at 20000 px are
+# 4.8 TB). 8 px is the smallest dataset's own size (digits, 8x8); below it an image has too
+# few pixels to classify. 1024 px is above any common training resolution (ImageNet models
+# train at 224-600) and already 12 GB for the default 3000 grey images.
+IMAGE_SIZE_RANGE = (8, 1024)
+# One process simulates every client (an index array and a row of the partition table each);
+# cross-device federations above 10^5 clients are out of this engine's scope.
+MAX_CLIENTS = 100_000
+MAX_SHARDS_PER_CLIENT = 10_000  # shards are sorted-label slices of at least one sample
+MAX_THREADS = 1024  # torch.set_num_threads would start that many threads
 
 
 def _num(cfg, key, lo=None, hi=None, lo_open=False, hi_open=False, allow_none=False):
@@ -274,8 +361,11 @@ def validate(cfg: RunConfig, model_names=None, *, own_data: bool = False) -> Run
     _int(cfg, "val_size", lo=1)
     _int(cfg, "max_train_samples", lo=1, allow_none=True)
     _int(cfg, "max_test_samples", lo=1, allow_none=True)
-    _int(cfg, "image_size", lo=1, allow_none=True)
-    _int(cfg, "threads", lo=1, allow_none=True)
+    _int(cfg, "image_size", lo=IMAGE_SIZE_RANGE[0], hi=IMAGE_SIZE_RANGE[1], allow_none=True,
+         why="image side in pixels; the data is resized to it in memory")
+    _int(cfg, "threads", lo=1, hi=MAX_THREADS, allow_none=True)
+    _int(cfg, "num_clients", lo=1, hi=MAX_CLIENTS, why="every client is simulated in this process")
+    _int(cfg, "shards_per_client", lo=1, hi=MAX_SHARDS_PER_CLIENT)
     _check_device(cfg.device)
     _int(cfg, "min_batch_size", lo=1)
     if cfg.min_batch_size > cfg.batch_size:
@@ -288,4 +378,32 @@ def validate(cfg: RunConfig, model_names=None, *, own_data: bool = False) -> Run
     if cfg.partition in ("dirichlet", "quantity") and cfg.max_train_samples is not None and \
             cfg.min_partition_size * cfg.num_clients > cfg.max_train_samples:
         _fail("min_partition_size", f"x num_clients exceeds max_train_samples ({cfg.max_train_samples})")
+    # what the config says about data and weights (a key the dataset or model would ignore);
+    # whether the files are on this machine is check_sources' job
+    _check_sources(cfg, model_names, own_data, check_files=False)
+    return cfg
+
+
+def _check_sources(cfg, model_names, own_data, check_files):
+    if not own_data:
+        from .data import data_source_problem
+
+        problem = data_source_problem(cfg.dataset, cfg.data_root, cfg.download, check_files=check_files)
+        if problem is not None:
+            _fail(*problem)
+    if model_names is not None:
+        from .adapter import weights_problem
+
+        problem = weights_problem(cfg.model, cfg.weights, check_files=check_files)
+        if problem is not None:
+            _fail("weights", problem)
+
+
+def check_sources(cfg: RunConfig, model_names=None, *, own_data: bool = False) -> RunConfig:
+    """The files a validated config will read, checked before anything is loaded (stats and
+    file headers only): ``data_root`` holds the dataset's files (an explicit one is never
+    replaced by another copy), a ``weights`` path is a readable state-dict file. Separate
+    from :func:`validate`, which checks the config itself (a suite file is valid on a
+    machine without its data)."""
+    _check_sources(cfg, model_names, own_data, check_files=True)
     return cfg
