@@ -152,3 +152,15 @@ def test_median_ignores_a_large_but_plausible_minority():
         make_strategy("fedavg", aggregator="krum")
     with pytest.raises(ValueError, match=r"trim_fraction must be a number in \[0, 0.5\)"):
         make_strategy("fedavg", aggregator="trimmed_mean", trim_fraction=0.5)
+
+
+def test_the_config_chooses_the_aggregator_on_every_path(bundle):
+    cfg = from_mapping(dict(dataset="digits", model="tiny_cnn", rounds=1, num_clients=4, val_size=200,
+                            max_test_samples=100, batch_size=32, probe_size=8, min_partition_size=5, threads=1,
+                            aggregator="trimmed_mean", trim_fraction=0.25, checkpoint=False))
+    fed = Federation(cfg, "fedsq+fedadam", prepare_data(cfg, bundle), quiet=True)
+    assert (fed.strategy.name, fed.strategy.aggregator, fed.strategy.trim_fraction) == ("fedadam", "trimmed_mean", 0.25)
+    assert fed.run().summary["complete"]
+    with pytest.raises(ValueError, match="aggregator: must be one of mean, median, trimmed_mean"):
+        from fedsq_fast.federation import validate
+        validate(from_mapping({"aggregator": "krum"}))

@@ -11,7 +11,7 @@ from pathlib import Path
 from .client import OPTIMIZERS
 from .data import DATASETS
 from .partition import PARTITIONS
-from .strategy import STRATEGIES
+from .strategy import AGGREGATORS, STRATEGIES
 
 
 @dataclass
@@ -58,6 +58,10 @@ class RunConfig:
     # blow-ups on 2-3 samples over 1x1 feature maps (MobileNetV2 at 32 px; experiments/README.md).
     min_batch_size: int = 2
     prox_mu: float = 0.01
+    # how the server combines the replies: "mean" (sample-weighted, streamed), "median" or
+    # "trimmed_mean" (coordinate-wise, unweighted; robust to a minority of hostile clients)
+    aggregator: str = "mean"
+    trim_fraction: float = 0.1  # trimmed_mean: share cut at each end
     # server optimizers
     server_lr: float | None = None  # None: 1.0 for fedavgm, 0.01 for fedadam/fedyogi
     server_momentum: float = 0.9
@@ -346,6 +350,9 @@ def validate(cfg: RunConfig, model_names=None, *, own_data: bool = False) -> Run
     for k in ("num_clients", "rounds", "local_epochs", "batch_size", "min_clients",
               "shards_per_client", "probe_size", "eval_batch_size"):
         _int(cfg, k, lo=1)
+    if cfg.aggregator not in AGGREGATORS:
+        _fail("aggregator", f"must be one of {', '.join(AGGREGATORS)}; got {cfg.aggregator!r}")
+    _num(cfg, "trim_fraction", lo=0, hi=0.5, hi_open=True)
     if cfg.quant_bn not in ("train", "frozen"):
         _fail("quant_bn", f"must be 'train' or 'frozen', got {cfg.quant_bn!r}")
     for k in ("download", "checkpoint", "mask_cache", "allow_ungated"):

@@ -13,7 +13,7 @@ import numpy as np
 from torch import nn
 
 from . import adapter
-from .config import DATA_KEYS, MODEL_KEYS, RunConfig, from_mapping, parse_method, validate
+from .config import DATA_KEYS, MODEL_KEYS, RunConfig, check_sources, from_mapping, parse_method, validate
 from .data import InputSpec, input_spec_of, make_bundle
 from .partition import PARTITIONS, partition_table, plot_partition
 from .server import Federation, call_model_fn, prepare_data
@@ -72,7 +72,9 @@ def run_methods(cfg: RunConfig, out_dir=None, resume=False, quiet=False, echo=pr
     ``bundle``/``model_fn``/``input_spec``: your own data and model (see :func:`federate`);
     default: ``cfg.dataset`` and the zoo model ``cfg.model``. ``progress``: bars on a
     terminal, else one line per round (default: not ``quiet``)."""
-    validate(cfg, None if model_fn is not None else adapter.list_models(), own_data=bundle is not None)
+    names = None if model_fn is not None else adapter.list_models()
+    validate(cfg, names, own_data=bundle is not None)
+    check_sources(cfg, names, own_data=bundle is not None)  # data_root and weights files, before loading
     check_methods_supported(cfg.methods)
     out = Path(out_dir or cfg.out_dir)
     check_out_dir(out)

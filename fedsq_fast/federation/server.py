@@ -203,7 +203,8 @@ def make_method_strategy(cfg: RunConfig, method: str):
     name = parse_method(method)[0]
     srv_lr = cfg.server_lr if cfg.server_lr is not None else (1.0 if name == "fedavgm" else 0.01)
     return make_strategy(name, prox_mu=cfg.prox_mu, server_lr=srv_lr, server_momentum=cfg.server_momentum,
-                         beta1=cfg.beta1, beta2=cfg.beta2, tau=cfg.tau)
+                         beta1=cfg.beta1, beta2=cfg.beta2, tau=cfg.tau, aggregator=cfg.aggregator,
+                         trim_fraction=cfg.trim_fraction)
 
 
 def client_seed(seed: int, rnd: int, cid: int) -> int:

@@ -358,8 +358,8 @@ def _client_train(msg: Message, context: Context) -> Message:
     if c is None:
         raise ValueError(f"message: no ConfigRecord {CONFIG_KEY!r}")
     cfg = from_mapping(json.loads(_get(c, C_RUN_CONFIG, str)))
-    if "data-root" in context.node_config:  # where this node keeps its data
-        cfg.data_root = str(context.node_config["data-root"])
+    if "data-root" in context.node_config and cfg.dataset != "digits":  # where this node keeps its data
+        cfg.data_root = str(context.node_config["data-root"])  # (digits ships with scikit-learn: no root)
     validate(cfg)
     method, rnd = _get(c, C_METHOD, str), _get(c, C_ROUND, int)
     pid = node_partition(context.node_config, cfg)
