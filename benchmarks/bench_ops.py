@@ -392,6 +392,9 @@ def test_interleaved_cross_check(benchmark, gate_inputs):
     out_mv = torch.empty(P)
 
     blobs = [[_to_bytes(t.numpy()) for t in c] for c in lists]
+    q1, q2 = z_q.clone().requires_grad_(), z_q.clone().requires_grad_()
+    y1, _ = ff.gate(q1, z_s)
+    y2 = q2 * (z_s > 0).float()
 
     def flower():
         nd = [[np.load(io.BytesIO(b), allow_pickle=False) for b in c] for c in blobs]
@@ -407,6 +410,9 @@ def test_interleaved_cross_check(benchmark, gate_inputs):
             "a": lambda: ff.gate(z_q, z_s), "b": lambda: z_q * (z_s > 0).float()},
         "gate fwd out=: copy_ / fedsq (>= 0.67 is within 1.5x of copy)": {
             "a": lambda: ff.gate(z_q, z_s, out=(y, bits)), "b": lambda: y.copy_(z_q)},
+        "gate bwd autograd: fedsq / eager (both allocate the gradient)": {
+            "a": lambda: torch.autograd.grad(y1, q1, g, retain_graph=True),
+            "b": lambda: torch.autograd.grad(y2, q2, g, retain_graph=True)},
         "gate bwd kernel: fedsq / eager (into buffers)": {
             "a": lambda: ff.apply_mask(g, bits, out=gout), "b": lambda: torch.mul(g, mf, out=gout)},
         "pack: fedsq / numpy.packbits": {
