@@ -295,11 +295,14 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> str:
     """How two dense tensors share memory: "no", "full" (the very same elements,
     in the same layout and dtype) or "partial" (anything else)."""
-    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device or a.device.type == "meta":
         return "no"
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+    try:
+        if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+            return "no"
+        a0, b0 = a.data_ptr(), b.data_ptr()
+    except (RuntimeError, NotImplementedError):  # fake tensors (tracing) have no memory: the op checks again
         return "no"
-    a0, b0 = a.data_ptr(), b.data_ptr()
     a1, b1 = a0 + a.numel() * a.element_size(), b0 + b.numel() * b.element_size()
     if a1 <= b0 or b1 <= a0:
         return "no"

@@ -273,3 +273,10 @@ def test_large_outputs_are_ordinary_tensors():
     h, hb = ff.struct_epilogue(z_s.view(1, -1, 1), None, None)
     h_ref, hb_ref = ref.struct_epilogue(z_s.view(1, -1, 1), None, None)
     assert torch.equal(h, h_ref) and torch.equal(hb, hb_ref)
+
+
+@pytest.mark.skipif(not hasattr(torch.library, "opcheck"), reason="torch.library.opcheck missing")
+def test_opcheck_integer_average():
+    xi, xb = torch.tensor([1, -2, 3, 7]), torch.tensor([True, False, True])
+    torch.library.opcheck(torch.ops.fedsq_fast.int_weighted_sum_list_out.default,
+                          ([xi, xb, xi * 2, xb], [1, 3], [torch.empty_like(xi), torch.empty_like(xb)]))
