@@ -23,6 +23,7 @@ LOG="$OUT_DIR/gpu-check-$STAMP.log"
 T0=$(date +%s)
 
 # Steps: name | time cap (s) | command. Caps sum to 440 s (+ 5 s grace each, + setup) < 8 min.
+CAP_BUILD=140 CAP_TESTS=120 CAP_TESTS_OTHER=40 CAP_SANITIZER=80 CAP_BENCH=60
 SANITIZE_K="equal_cpu or layouts or misaligned or list_ops or sq_dist or integer or streaming or backward"
 # pip first (it records the torch it built for, which the loader checks); no pip: setup.py in place.
 STEP_BUILD="export TORCH_CUDA_ARCH_LIST=\"\$ARCH\" FEDSQ_FAST_CUDA=1 MAX_JOBS=\$(nproc); $PY -m pip install --no-build-isolation --no-deps --no-index -q -e . || $PY setup.py build_ext --inplace"
@@ -32,8 +33,9 @@ STEP_SANITIZER="FEDSQ_CUDA_TEST_SMALL=1 FEDSQ_FAST_CUDA_SYNC=1 PYTORCH_NO_CUDA_M
 STEP_BENCH="FEDSQ_BENCH_OUT=gpu-bench-$STAMP.md $PY -m pytest benchmarks/ -q -p no:cacheprovider --benchmark-only -k 'gpu or cuda'"
 
 if [ "${GPU_CHECK_PLAN:-0}" = "1" ]; then
-  printf 'build|150|%s\ntests|100|%s\ntests-other|40|%s\nsanitizer|90|%s\nbench|60|%s\n' \
-    "$STEP_BUILD" "$STEP_TESTS" "$STEP_TESTS_OTHER" "$STEP_SANITIZER" "$STEP_BENCH"
+  printf 'build|%s|%s\ntests|%s|%s\ntests-other|%s|%s\nsanitizer|%s|%s\nbench|%s|%s\n' \
+    $CAP_BUILD "$STEP_BUILD" $CAP_TESTS "$STEP_TESTS" $CAP_TESTS_OTHER "$STEP_TESTS_OTHER" \
+    $CAP_SANITIZER "$STEP_SANITIZER" $CAP_BENCH "$STEP_BENCH"
   echo "sanitize-k|$SANITIZE_K"
   exit 0
 fi
@@ -85,22 +87,22 @@ run_step() {  # name cap command
   return $rc
 }
 
-if ! run_step build 150 "$STEP_BUILD"; then
+if ! run_step build $CAP_BUILD "$STEP_BUILD"; then
   say "build failed: no tests or benchmarks can run"
 else
   "$PY" -c "import fedsq_fast as ff; i = ff.backend_info(); print(i); assert i['cuda_kernels'], 'no CUDA kernels'" >> "$LOG" 2>&1 \
     || { say "the built library has no CUDA kernels"; FAILED=$((FAILED + 1)); }
-  run_step tests 100 "$STEP_TESTS"
-  run_step tests-other 40 "$STEP_TESTS_OTHER"
+  run_step tests $CAP_TESTS "$STEP_TESTS"
+  run_step tests-other $CAP_TESTS_OTHER "$STEP_TESTS_OTHER"
   if command -v compute-sanitizer > /dev/null; then
-    run_step sanitizer 90 "$STEP_SANITIZER"
+    run_step sanitizer $CAP_SANITIZER "$STEP_SANITIZER"
     ERRS=$(grep -o 'ERROR SUMMARY: [0-9]* error' "$OUT_DIR/.step.txt" | tail -1)
     say "compute-sanitizer: ${ERRS:-no summary line}"
     echo "compute-sanitizer memcheck: ${ERRS:-no summary line (see the log)}" >> "$RES"
   else
     say "compute-sanitizer not found: skipped"
   fi
-  run_step bench 60 "$STEP_BENCH"
+  run_step bench $CAP_BENCH "$STEP_BENCH"
   if [ -f "benchmarks/results/gpu-bench-$STAMP.md" ]; then
     section "Benchmark tables"
     cat "benchmarks/results/gpu-bench-$STAMP.md" >> "$RES"
