@@ -50,11 +50,11 @@ section() { printf '\n## %s\n\n' "$1" >> "$RES"; }
 } > "$RES"
 : > "$LOG"
 
-HAVE_GPU=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
-if [ "$HAVE_GPU" != "1" ]; then
+PROBE=$("$PY" -c "import torch; print(int(torch.cuda.is_available()), 'torch', torch.__version__)" 2>/dev/null || echo "0 no torch")
+if [ "${PROBE%% *}" != "1" ]; then
   say "no CUDA GPU visible to torch: skipped (nothing built, nothing run)"
   section "Result"
-  echo "skipped: no CUDA GPU visible to torch on $(hostname) ($("$PY" -c 'import torch; print("torch", torch.__version__)' 2>/dev/null || echo 'no torch'))" >> "$RES"
+  echo "skipped: no CUDA GPU visible to torch on $(hostname) (${PROBE#* })" >> "$RES"
   echo "results: $RES"
   exit 0
 fi
