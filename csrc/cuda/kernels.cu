@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "kernels.cuh"
+#include "tiles.h"
 
 namespace fedsq {
 namespace cuda {
@@ -86,18 +87,13 @@ __device__ __forceinline__ uint32_t or_group(uint32_t x) {
   return x;
 }
 
-// Warps stride over groups of U tiles; a tile is 32 vectors. Lane l of the warp
-// owns vector (tile * 32 + l), i.e. elements e0 .. e0 + V.
+// The grid's tile walk (tiles.h, replayed on the CPU by tests/emulated/tile_check.cpp).
 template <int V, int U>
-struct TileLoop {
-  int lane;
-  int64_t first, step, tiles;  // in tiles
+struct TileLoop : TileIdx {
   __device__ TileLoop(int64_t n)
-      : lane(threadIdx.x & 31),
-        first(((static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5) * U),
-        step(((static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5) * U),
-        tiles((n + 32 * V - 1) / (32 * V)) {}
-  __device__ int64_t e0(int64_t t, int u) const { return ((t + u) * 32 + lane) * V; }
+      : TileIdx(static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
+                static_cast<int64_t>(gridDim.x) * blockDim.x, n, V, U) {}
+  __device__ int64_t e0(int64_t t, int u) const { return TileIdx::e0(t, u, V); }
 };
 
 // ---------------------------------------------------------------------------
@@ -179,31 +175,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) gate_vec(const T* zq, co
   }
 }
 
-// Channel bookkeeping of the epilogue without per-element division: a lane
-// keeps (c, r) = ((e / inner) % C, e % inner) of its element e and advances it
-// by a fixed distance D with precomputed (D / inner) % C and D % inner.
-struct ChanStep {
-  int64_t dq, dr;  // (D / inner) % C, D % inner
-};
-struct ChanPos {
-  int64_t c, r;
-  __device__ __forceinline__ void advance(const ChanStep& s, int64_t C, int64_t inner) {
-    r += s.dr;
-    c += s.dq;
-    if (r >= inner) {
-      r -= inner;
-      ++c;
-    }
-    if (c >= C) c -= C;  // c < 2C here: dq < C, and the carry adds at most one
-  }
-  __device__ __forceinline__ void next(int64_t C, int64_t inner) {  // D = 1
-    if (++r == inner) {
-      r = 0;
-      if (++c == C) c = 0;
-    }
-  }
-};
-
 template <class T>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     epilogue_vec(const T* z, T* h, uint32_t* bits, const acc_t<T>* scale, const acc_t<T>* shift, int64_t C,
@@ -211,12 +182,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   constexpr int V = kVec<T>, G = 32 / V, U = kUnroll<T>;
   using A = acc_t<T>;
   TileLoop<V, U> L(n);
-  ChanPos pos;
-  {  // the only divisions: once per lane
-    const int64_t e = L.e0(L.first, 0);
-    pos.r = e % inner;
-    pos.c = (e / inner) % C;
-  }
+  ChanPos pos = ChanPos::at(L.e0(L.first, 0), C, inner);  // the only divisions: once per lane
   for (int64_t t = L.first; t < L.tiles; t += L.step) {
     Vec<T, V> x[U];
 #pragma unroll
@@ -552,10 +518,9 @@ cudaError_t epilogue(DType dt, const void* z, void* h, uint32_t* bits, const voi
     const A* sh = static_cast<const A*>(shift);
     if (aligned16(z) && aligned16(h)) {
       const unsigned grid = vec_grid<T>(n);
-      auto step_of = [&](int64_t D) { return ChanStep{(D / inner) % C, D % inner}; };
-      constexpr int64_t tile = 32 * kVec<T>;
-      const int64_t loop = static_cast<int64_t>(grid) * (kThreads / 32) * kUnroll<T> * tile;
-      epilogue_vec<T><<<grid, kThreads, 0, s>>>(zp, hp, bits, sc, sh, C, inner, n, step_of(tile), step_of(loop));
+      const int64_t tile = 32 * kVec<T>, loop = loop_elems(grid, kThreads, kVec<T>, kUnroll<T>);
+      epilogue_vec<T><<<grid, kThreads, 0, s>>>(zp, hp, bits, sc, sh, C, inner, n, chan_step(tile, C, inner),
+                                                chan_step(loop, C, inner));
     } else {
       epilogue_scalar<T><<<scalar_grid(n), kThreads, 0, s>>>(zp, hp, bits, sc, sh, C, inner, n);
     }
