@@ -55,8 +55,11 @@ template <class F>
 MtUpload upload(const std::vector<ListItem>& items, int64_t K, const double* wd, const long long* wi,
                 long long wi_total, c10::Device dev, F&& vec_ok) {
   const int64_t L = static_cast<int64_t>(items.size());
+  int64_t chunks = 0;
+  for (const ListItem& li : items) chunks += (li.n + cuda::kChunk - 1) / cuda::kChunk;
   const size_t o_items = 0, o_xs = round8(o_items + L * sizeof(cuda::MtItem)), o_wf = round8(o_xs + L * K * 8),
-               o_wd = round8(o_wf + K * 4), o_wi = round8(o_wd + K * 8), total = round8(o_wi + K * 8);
+               o_wd = round8(o_wf + K * 4), o_wi = round8(o_wd + K * 8), o_ci = round8(o_wi + K * 8),
+               total = round8(o_ci + chunks * 4);
   at::Tensor host = at::empty({static_cast<int64_t>(total)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   char* h = static_cast<char*>(host.data_ptr());
   auto* it = reinterpret_cast<cuda::MtItem*>(h + o_items);
@@ -64,6 +67,7 @@ MtUpload upload(const std::vector<ListItem>& items, int64_t K, const double* wd,
   auto* wf = reinterpret_cast<float*>(h + o_wf);
   auto* wdd = reinterpret_cast<double*>(h + o_wd);
   auto* wii = reinterpret_cast<long long*>(h + o_wi);
+  auto* ci = reinterpret_cast<int32_t*>(h + o_ci);
   int64_t chunk = 0;
   for (int64_t j = 0; j < L; ++j) {
     const ListItem& li = items[j];
@@ -74,7 +78,8 @@ MtUpload upload(const std::vector<ListItem>& items, int64_t K, const double* wd,
     it[j].dt = wi ? static_cast<int32_t>(li.it) : static_cast<int32_t>(li.dt);
     it[j].vec = wi ? 0 : static_cast<int32_t>(vec_ok(li));
     for (int64_t k = 0; k < K; ++k) xs[j * K + k] = li.xs[k];
-    chunk += (li.n + cuda::kChunk - 1) / cuda::kChunk;
+    const int64_t end = chunk + (li.n + cuda::kChunk - 1) / cuda::kChunk;
+    for (; chunk < end; ++chunk) ci[chunk] = static_cast<int32_t>(j);
   }
   for (int64_t k = 0; k < K; ++k) {
     wf[k] = wd ? static_cast<float>(wd[k]) : 0.0f;  // converted once, as the CPU kernels do per call
@@ -89,6 +94,7 @@ MtUpload upload(const std::vector<ListItem>& items, int64_t K, const double* wd,
   u.table.wf = reinterpret_cast<const float*>(d + o_wf);
   u.table.wd = reinterpret_cast<const double*>(d + o_wd);
   u.table.wi = reinterpret_cast<const long long*>(d + o_wi);
+  u.table.chunk_item = reinterpret_cast<const int32_t*>(d + o_ci);
   u.table.wi_total = wi_total;
   u.table.L = static_cast<int32_t>(L);
   u.table.K = static_cast<int32_t>(K);

@@ -15,6 +15,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "kernels.cuh"
 #include "tiles.h"
@@ -146,7 +149,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) apply_vec(const T* zq, c
 }
 
 template <class T>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) gate_vec(const T* zq, const T* zs, T* y, uint32_t* bits, int64_t n) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    gate_vec(const T* zq, const T* zs, T* y, uint32_t* bits, int64_t n) {
   constexpr int V = kVec<T>, G = 32 / V, U = kUnroll<T>;
   using A = acc_t<T>;
   TileLoop<V, U> L(n);
@@ -277,15 +281,9 @@ __global__ void epilogue_scalar(const T* z, T* h, uint32_t* bits, const acc_t<T>
 }
 
 // ---------------------------------------------------------------------------
-// Multi-tensor kernels: blocks take chunks; binary search for the chunk's item.
-__device__ __forceinline__ const MtItem& find_item(const MtTable& tb, int64_t chunk) {
-  int lo = 0, hi = tb.L - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (tb.items[mid].chunk0 <= chunk) lo = mid;
-    else hi = mid - 1;
-  }
-  return tb.items[lo];
+// Multi-tensor kernels: blocks stride over chunks; a table gives each chunk's item.
+__device__ __forceinline__ const MtItem& item_of(const MtTable& tb, int64_t chunk) {
+  return tb.items[tb.chunk_item[chunk]];
 }
 
 template <class A> __device__ __forceinline__ const A* weights(const MtTable& tb);
@@ -381,7 +379,7 @@ __device__ double sq_dist_chunk(const MtTable& tb, const MtItem& it, int64_t i0,
 
 __global__ void __launch_bounds__(kThreads) wsum_mt_kernel(const MtTable tb) {
   for (int64_t c = blockIdx.x; c < tb.chunks; c += gridDim.x) {
-    const MtItem& it = find_item(tb, c);
+    const MtItem& it = item_of(tb, c);
     const int64_t i0 = (c - it.chunk0) * kChunk, i1 = min(i0 + kChunk, it.n);
     FEDSQ_MT_DISPATCH(it.dt, wsum_chunk<T>(tb, it, i0, i1));
   }
@@ -389,7 +387,7 @@ __global__ void __launch_bounds__(kThreads) wsum_mt_kernel(const MtTable tb) {
 
 __global__ void __launch_bounds__(kThreads) accumulate_mt_kernel(const MtTable tb) {
   for (int64_t c = blockIdx.x; c < tb.chunks; c += gridDim.x) {
-    const MtItem& it = find_item(tb, c);
+    const MtItem& it = item_of(tb, c);
     const int64_t i0 = (c - it.chunk0) * kChunk, i1 = min(i0 + kChunk, it.n);
     FEDSQ_MT_DISPATCH(it.dt, accumulate_chunk<T>(tb, it, i0, i1));
   }
@@ -415,7 +413,7 @@ __device__ double block_sum(double v) {
 
 __global__ void __launch_bounds__(kThreads) sq_dist_mt_kernel(const MtTable tb, double* partials) {
   for (int64_t c = blockIdx.x; c < tb.chunks; c += gridDim.x) {
-    const MtItem& it = find_item(tb, c);
+    const MtItem& it = item_of(tb, c);
     const int64_t i0 = (c - it.chunk0) * kChunk, i1 = min(i0 + kChunk, it.n);
     double s = 0.0;
     FEDSQ_MT_DISPATCH(it.dt, s = sq_dist_chunk<T>(tb, it, i0, i1));
@@ -433,7 +431,7 @@ __global__ void __launch_bounds__(kThreads) sum_partials_kernel(const double* pa
 
 __global__ void __launch_bounds__(kThreads) int_average_mt_kernel(const MtTable tb) {
   for (int64_t c = blockIdx.x; c < tb.chunks; c += gridDim.x) {
-    const MtItem& it = find_item(tb, c);
+    const MtItem& it = item_of(tb, c);
     const int64_t i0 = (c - it.chunk0) * kChunk, i1 = min(i0 + kChunk, it.n);
     const IType t = static_cast<IType>(it.dt);
     for (int64_t i = i0 + threadIdx.x; i < i1; i += blockDim.x)
@@ -444,19 +442,41 @@ __global__ void __launch_bounds__(kThreads) int_average_mt_kernel(const MtTable 
 // ---------------------------------------------------------------------------
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-unsigned grid_for(int64_t work_items) {  // work_items: tile groups or chunks
-  const int64_t cap = static_cast<int64_t>(multiprocessors()) * (2048 / kThreads);  // one full wave
+template <class F> const void* kp(F* f) { return reinterpret_cast<const void*>(f); }
+
+// Blocks of `kernel` resident per SM (cached per kernel and device).
+int resident_blocks(const void* kernel) {
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, int> cache;
+  int dev = 0;
+  cudaGetDevice(&dev);
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find({kernel, dev});
+  if (it != cache.end()) return it->second;
+  int b = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, kernel, kThreads, 0) != cudaSuccess || b < 1) {
+    cudaGetLastError();  // clear it: the launch reports real errors
+    b = kMinBlocks;
+  }
+  cache[{kernel, dev}] = b;
+  return b;
+}
+
+// One wave: every block resident at once, so blocks that stride over equal
+// work finish together (a second, partial wave would idle most SMs).
+unsigned grid_for(const void* kernel, int64_t work_items) {  // work_items: tile groups or chunks
+  const int64_t cap = static_cast<int64_t>(multiprocessors()) * resident_blocks(kernel);
   const int64_t b = work_items < 1 ? 1 : (work_items < cap ? work_items : cap);
   return static_cast<unsigned>(b);
 }
 
 template <class T>
-unsigned vec_grid(int64_t n) {  // blocks of 8 warps, each warp kUnroll tiles per step
+unsigned vec_grid(const void* kernel, int64_t n) {  // blocks of 8 warps, each warp kUnroll tiles per step
   constexpr int64_t per_block = static_cast<int64_t>(kThreads / 32) * kUnroll<T> * 32 * kVec<T>;
-  return grid_for((n + per_block - 1) / per_block);
+  return grid_for(kernel, (n + per_block - 1) / per_block);
 }
 
-unsigned scalar_grid(int64_t n) { return grid_for((n + kThreads - 1) / kThreads); }
+unsigned scalar_grid(const void* kernel, int64_t n) { return grid_for(kernel, (n + kThreads - 1) / kThreads); }
 
 }  // namespace
 
@@ -484,8 +504,8 @@ int multiprocessors() {
 cudaError_t pack(DType dt, const void* zs, uint32_t* bits, int64_t n, cudaStream_t s) {
   FEDSQ_CUDA_DISPATCH(dt, {
     const T* p = static_cast<const T*>(zs);
-    if (aligned16(zs)) pack_vec<T><<<vec_grid<T>(n), kThreads, 0, s>>>(p, bits, n);
-    else pack_scalar<T><<<scalar_grid(n), kThreads, 0, s>>>(p, bits, n);
+    if (aligned16(zs)) pack_vec<T><<<vec_grid<T>(kp(&pack_vec<T>), n), kThreads, 0, s>>>(p, bits, n);
+    else pack_scalar<T><<<scalar_grid(kp(&pack_scalar<T>), n), kThreads, 0, s>>>(p, bits, n);
   });
 }
 
@@ -493,8 +513,9 @@ cudaError_t apply(DType dt, const void* zq, const uint32_t* bits, void* y, int64
   FEDSQ_CUDA_DISPATCH(dt, {
     const T* q = static_cast<const T*>(zq);
     T* o = static_cast<T*>(y);
-    if (aligned16(zq) && aligned16(y)) apply_vec<T><<<vec_grid<T>(n), kThreads, 0, s>>>(q, bits, o, n);
-    else apply_scalar<T><<<scalar_grid(n), kThreads, 0, s>>>(q, bits, o, n);
+    if (aligned16(zq) && aligned16(y))
+      apply_vec<T><<<vec_grid<T>(kp(&apply_vec<T>), n), kThreads, 0, s>>>(q, bits, o, n);
+    else apply_scalar<T><<<scalar_grid(kp(&apply_scalar<T>), n), kThreads, 0, s>>>(q, bits, o, n);
   });
 }
 
@@ -503,8 +524,9 @@ cudaError_t gate(DType dt, const void* zq, const void* zs, void* y, uint32_t* bi
     const T* q = static_cast<const T*>(zq);
     const T* z = static_cast<const T*>(zs);
     T* o = static_cast<T*>(y);
-    if (aligned16(zq) && aligned16(zs) && aligned16(y)) gate_vec<T><<<vec_grid<T>(n), kThreads, 0, s>>>(q, z, o, bits, n);
-    else gate_scalar<T><<<scalar_grid(n), kThreads, 0, s>>>(q, z, o, bits, n);
+    if (aligned16(zq) && aligned16(zs) && aligned16(y))
+      gate_vec<T><<<vec_grid<T>(kp(&gate_vec<T>), n), kThreads, 0, s>>>(q, z, o, bits, n);
+    else gate_scalar<T><<<scalar_grid(kp(&gate_scalar<T>), n), kThreads, 0, s>>>(q, z, o, bits, n);
   });
 }
 
@@ -517,32 +539,33 @@ cudaError_t epilogue(DType dt, const void* z, void* h, uint32_t* bits, const voi
     const A* sc = static_cast<const A*>(scale);
     const A* sh = static_cast<const A*>(shift);
     if (aligned16(z) && aligned16(h)) {
-      const unsigned grid = vec_grid<T>(n);
+      const unsigned grid = vec_grid<T>(kp(&epilogue_vec<T>), n);
       const int64_t tile = 32 * kVec<T>, loop = loop_elems(grid, kThreads, kVec<T>, kUnroll<T>);
       epilogue_vec<T><<<grid, kThreads, 0, s>>>(zp, hp, bits, sc, sh, C, inner, n, chan_step(tile, C, inner),
                                                 chan_step(loop, C, inner));
     } else {
-      epilogue_scalar<T><<<scalar_grid(n), kThreads, 0, s>>>(zp, hp, bits, sc, sh, C, inner, n);
+      epilogue_scalar<T><<<scalar_grid(kp(&epilogue_scalar<T>), n), kThreads, 0, s>>>(zp, hp, bits, sc, sh, C,
+                                                                                         inner, n);
     }
   });
 }
 #undef FEDSQ_CUDA_DISPATCH
 
 cudaError_t weighted_sum_mt(const MtTable& t, cudaStream_t s) {
-  wsum_mt_kernel<<<grid_for(t.chunks), kThreads, 0, s>>>(t);
+  wsum_mt_kernel<<<grid_for(kp(&wsum_mt_kernel), t.chunks), kThreads, 0, s>>>(t);
   return cudaGetLastError();
 }
 cudaError_t accumulate_mt(const MtTable& t, cudaStream_t s) {
-  accumulate_mt_kernel<<<grid_for(t.chunks), kThreads, 0, s>>>(t);
+  accumulate_mt_kernel<<<grid_for(kp(&accumulate_mt_kernel), t.chunks), kThreads, 0, s>>>(t);
   return cudaGetLastError();
 }
 cudaError_t sq_dist_mt(const MtTable& t, double* partials, double* result, cudaStream_t s) {
-  sq_dist_mt_kernel<<<grid_for(t.chunks), kThreads, 0, s>>>(t, partials);
+  sq_dist_mt_kernel<<<grid_for(kp(&sq_dist_mt_kernel), t.chunks), kThreads, 0, s>>>(t, partials);
   sum_partials_kernel<<<1, kThreads, 0, s>>>(partials, t.chunks, result);
   return cudaGetLastError();
 }
 cudaError_t int_average_mt(const MtTable& t, cudaStream_t s) {
-  int_average_mt_kernel<<<grid_for(t.chunks), kThreads, 0, s>>>(t);
+  int_average_mt_kernel<<<grid_for(kp(&int_average_mt_kernel), t.chunks), kThreads, 0, s>>>(t);
   return cudaGetLastError();
 }
 

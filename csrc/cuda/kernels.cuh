@@ -26,10 +26,11 @@ cudaError_t epilogue(DType dt, const void* z, void* h, uint32_t* bits, const voi
 
 // Multi-tensor ops: many tensors (a model's state) in one launch, like
 // PyTorch's multi_tensor_apply. Tensors are cut into chunks of kChunk elements;
-// each block takes chunks in turn and finds its tensor by binary search over
-// MtItem::chunk0. The table lives in device memory (one host-to-device copy per
-// call), so neither the number of tensors nor of clients is limited.
-constexpr int64_t kChunk = 16384;
+// one wave of blocks (as many as fit on the GPU at once) takes chunks in turn,
+// and MtTable::chunk_item says which tensor a chunk belongs to. The table lives
+// in device memory (one host-to-device copy per call), so neither the number of
+// tensors nor of clients is limited.
+constexpr int64_t kChunk = 4096;  // small enough that one wave ends evenly
 
 struct MtItem {
   int64_t n;       // elements (> 0)
@@ -46,6 +47,7 @@ struct MtTable {  // device pointers into one uploaded buffer
   const float* wf;           // K weights as float (f32/f16/bf16 accumulate in float)
   const double* wd;          // K weights as double (f64)
   const long long* wi;       // K integer weights (integer average)
+  const int32_t* chunk_item; // item of each chunk
   long long wi_total;        // their sum (> 0)
   int32_t L, K;
   int64_t chunks;            // total chunks over all items
