@@ -172,6 +172,38 @@ def test_weighted_average_equal_cpu(dtype, k):
         same(outs[j], want[j])
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_weighted_average_edge_values_equal_cpu(dtype):
+    """NaN, +-0, +-Inf and huge finite values (sums that overflow) give the CPU's bits."""
+    clients = [[rand(n, dtype, 100 * k + n) for n in (1, 33, 4099, 16385)] for k in range(3)]
+    for w in ([1, 2, 3], [0, 1, 0], [1e-30, 1, 1e30]):
+        want = ff.weighted_average(clients, w)
+        got = ff.weighted_average([[t.cuda() for t in c] for c in clients], w)
+        for a, b in zip(got, want):
+            same(a, b)
+    acc_c = [torch.zeros(t.shape, dtype=torch.float64 if dtype == torch.float64 else torch.float32) for t in clients[0]]
+    acc_g = [a.cuda() for a in acc_c]
+    for c in clients:
+        torch.ops.fedsq_fast.accumulate_list_(acc_c, c, 0.75)
+        torch.ops.fedsq_fast.accumulate_list_(acc_g, [t.cuda() for t in c], 0.75)
+    for a, b in zip(acc_g, acc_c):
+        same(a, b)
+
+
+def test_sync_mode_reports_in_the_op():
+    """FEDSQ_FAST_CUDA_SYNC=1 synchronises after each launch (a fresh process reads it once)."""
+    import subprocess
+    import sys
+
+    code = ("import torch, fedsq_fast as ff\n"
+            "z = torch.randn(1000, device='cuda')\n"
+            "y, b = ff.gate(z, z)\n"
+            "print(bool(torch.equal(y, z * (z > 0).float())), ff.weighted_average([z, z], [1, 1]).shape)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, FEDSQ_FAST_CUDA_SYNC="1"))
+    assert r.returncode == 0 and r.stdout.startswith("True torch.Size([1000])"), r.stderr[-2000:]
+
+
 def test_list_ops_mixed_dtypes_empty_and_unaligned():
     g = torch.Generator().manual_seed(3)
     sizes = [0, 1, 4095, 4096, 16385, 3, 70001, 0, 9]
