@@ -7,10 +7,15 @@
 // element must also match in strides; the functional ops arrange that, the
 // out= variants check it.
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
+#include <c10/core/CPUAllocator.h>
+#include <sys/mman.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -30,6 +35,19 @@ DType dtype_of(const at::Tensor& t, const char* name) {
   }
 }
 
+IType itype_of(const at::Tensor& t, const std::string& name) {
+  switch (t.scalar_type()) {
+    case at::kChar: return IType::i8;
+    case at::kByte: return IType::u8;
+    case at::kShort: return IType::i16;
+    case at::kInt: return IType::i32;
+    case at::kLong: return IType::i64;
+    case at::kBool: return IType::b8;
+    default:
+      TORCH_CHECK_TYPE(false, name, " must be int8, uint8, int16, int32, int64 or bool, got ", t.scalar_type());
+  }
+}
+
 int64_t bit_bytes(int64_t n) { return (n + 31) / 32 * 4; }
 
 at::Tensor dense(const at::Tensor& t) { return t.is_non_overlapping_and_dense() ? t : t.contiguous(); }
@@ -41,23 +59,62 @@ at::Tensor like_layout(const at::Tensor& t, const at::Tensor& like) {
   return out;
 }
 
-void check_same(const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn) {
-  TORCH_CHECK(a.sizes() == b.sizes(), bn, " must have the shape of ", an, " ", a.sizes(), ", got ", b.sizes());
+void check_same(const at::Tensor& a, const std::string& an, const at::Tensor& b, const std::string& bn) {
+  TORCH_CHECK_VALUE(a.sizes() == b.sizes(), bn, " must have the shape of ", an, " ", a.sizes(), ", got ", b.sizes());
   TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), bn, " must have the dtype of ", an, " (", a.scalar_type(),
                    "), got ", b.scalar_type());
-  TORCH_CHECK(a.device() == b.device(), bn, " must be on ", an, "'s device ", a.device(), ", got ", b.device());
-  TORCH_CHECK(a.numel() == 0 || a.strides() == b.strides(), bn, " must have the strides of ", an, " ", a.strides(),
-              ", got ", b.strides());
-  TORCH_CHECK(a.is_non_overlapping_and_dense(), an, " must be dense (contiguous, channels_last or permuted)");
+  TORCH_CHECK_VALUE(a.device() == b.device(), bn, " must be on ", an, "'s device ", a.device(), ", got ",
+                    b.device());
+  TORCH_CHECK_VALUE(a.numel() == 0 || a.strides() == b.strides(), bn, " must have the strides of ", an, " ",
+                    a.strides(), ", got ", b.strides());
+  TORCH_CHECK_VALUE(a.is_non_overlapping_and_dense(), an, " must be dense (contiguous, channels_last or permuted)");
 }
 
 void check_bits(const at::Tensor& bits, const at::Tensor& like, const char* name) {
   TORCH_CHECK_TYPE(bits.scalar_type() == at::kByte, name, " must be uint8, got ", bits.scalar_type());
-  TORCH_CHECK(bits.dim() == 1 && bits.numel() == bit_bytes(like.numel()), name, " must be 1-D with ",
-              bit_bytes(like.numel()), " bytes for ", like.numel(), " elements, got shape ", bits.sizes());
-  TORCH_CHECK(bits.is_contiguous() && reinterpret_cast<uintptr_t>(bits.data_ptr()) % 4 == 0, name,
-              " must be contiguous and 4-byte aligned");
-  TORCH_CHECK(bits.device() == like.device(), name, " must be on ", like.device(), ", got ", bits.device());
+  TORCH_CHECK_VALUE(bits.dim() == 1 && bits.numel() == bit_bytes(like.numel()), name, " must be 1-D with ",
+                    bit_bytes(like.numel()), " bytes for ", like.numel(), " elements, got shape ", bits.sizes());
+  TORCH_CHECK_VALUE(bits.is_contiguous() && reinterpret_cast<uintptr_t>(bits.data_ptr()) % 4 == 0, name,
+                    " must be contiguous and 4-byte aligned");
+  TORCH_CHECK_VALUE(bits.device() == like.device(), name, " must be on ", like.device(), ", got ", bits.device());
+}
+
+c10::Device common_device(at::TensorList ts, const char* name, c10::optional<c10::Device> want) {
+  const c10::Device dev = want.has_value() ? *want : ts[0].device();
+  for (size_t j = 0; j < ts.size(); ++j)
+    TORCH_CHECK_VALUE(ts[j].device() == dev, name, "[", j, "] is on ", ts[j].device(), ", but the other tensors of ",
+                      "this call are on ", dev, " (one call runs on one device)");
+  return dev;
+}
+
+Span span_of(const at::Tensor& t, int64_t slot, std::string name) {
+  Span s;
+  if (t.numel() > 0) {  // dense tensors (checked by the callers) fill exactly these bytes
+    s.lo = reinterpret_cast<uintptr_t>(t.data_ptr());
+    s.hi = s.lo + static_cast<uintptr_t>(t.numel()) * t.element_size();
+  }
+  s.slot = slot;
+  s.name = std::move(name);
+  return s;
+}
+
+void check_overlap(std::vector<Span> outs, const std::vector<Span>& ins) {
+  std::vector<Span> o;
+  for (auto& s : outs)
+    if (s.hi > s.lo) o.push_back(std::move(s));
+  std::sort(o.begin(), o.end(), [](const Span& a, const Span& b) { return a.lo < b.lo; });
+  for (size_t i = 1; i < o.size(); ++i)
+    TORCH_CHECK_VALUE(o[i].lo >= o[i - 1].hi, o[i - 1].name, " and ", o[i].name, " share memory: outputs must not overlap");
+  for (const Span& s : ins) {
+    if (s.hi <= s.lo) continue;
+    // outputs are disjoint and sorted, so their ends are sorted too: the first one ending after s.lo
+    auto it = std::upper_bound(o.begin(), o.end(), s.lo, [](uintptr_t v, const Span& b) { return v < b.hi; });
+    if (it == o.end() || it->lo >= s.hi) continue;  // no overlap
+    const bool exact = it->slot == s.slot && it->lo == s.lo && it->hi == s.hi;
+    TORCH_CHECK_VALUE(exact, s.name, " overlaps ", it->name,
+                      " in memory; an output may only be exactly its own input (same tensor), not a shifted or "
+                      "partial view of an input");
+  }
 }
 
 EpilogueLayout epilogue_layout(const at::Tensor& z) {
@@ -72,35 +129,30 @@ EpilogueLayout epilogue_layout(const at::Tensor& z) {
   return L;
 }
 
-std::pair<at::Tensor, at::Tensor> channel_tables(const at::Tensor& z, const c10::optional<at::Tensor>& scale,
-                                                  const c10::optional<at::Tensor>& shift, int64_t C) {
-  auto acc = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto opts = z.options().dtype(acc);
-  auto vec = [&](const c10::optional<at::Tensor>& v, double fill, const char* name) {
-    if (!v.has_value()) return at::full({C}, fill, opts);
-    TORCH_CHECK(v->dim() == 1 && v->numel() == C, name, " must be 1-D with one value per channel (", C, "), got ",
-                v->sizes());
-    TORCH_CHECK(v->device() == z.device(), name, " must be on ", z.device());
-    return v->to(acc).contiguous();
-  };
-  // Entry i holds channel i % C: a word of 32 channel-innermost lanes reads them directly.
-  auto idx = at::arange(C + 32, z.options().dtype(at::kLong)).remainder(C);
-  return {vec(scale, 1.0, "scale").index_select(0, idx).contiguous(),
-          vec(shift, 0.0, "shift").index_select(0, idx).contiguous()};
+c10::optional<at::Tensor> channel_vec(const at::Tensor& z, const c10::optional<at::Tensor>& v, int64_t C,
+                                      const char* name) {
+  if (!v.has_value()) return c10::nullopt;
+  TORCH_CHECK_VALUE(v->dim() == 1 && v->numel() == C, name, " must be 1-D with one value per channel (", C,
+                    "), got ", v->sizes());
+  TORCH_CHECK_VALUE(v->device() == z.device(), name, " must be on ", z.device(), ", got ", v->device());
+  const auto acc = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return v->to(acc).contiguous();  // no copy when it already is (ops.py converts once)
 }
 
 bool epilogue_ready(const at::Tensor& z) {
   return z.is_contiguous() || (z.dim() >= 2 && z.stride(1) == 1 && z.is_non_overlapping_and_dense());
 }
 
-void check_accumulate(const at::Tensor& acc, const at::Tensor& x) {
+void check_accumulate(const at::Tensor& acc, const at::Tensor& x, const std::string& an, const std::string& xn) {
   const auto want = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK_TYPE(acc.scalar_type() == want, "acc must be ", want, " for x of ", x.scalar_type(), ", got ",
+  TORCH_CHECK_TYPE(acc.scalar_type() == want, an, " must be ", want, " for ", xn, " of ", x.scalar_type(), ", got ",
                    acc.scalar_type());
-  TORCH_CHECK(acc.sizes() == x.sizes(), "acc must have the shape of x ", x.sizes(), ", got ", acc.sizes());
-  TORCH_CHECK(acc.device() == x.device(), "acc must be on x's device ", x.device(), ", got ", acc.device());
-  TORCH_CHECK(x.numel() == 0 || (acc.strides() == x.strides() && acc.is_non_overlapping_and_dense()),
-              "acc and x must share one dense layout");
+  TORCH_CHECK_VALUE(acc.sizes() == x.sizes(), an, " must have the shape of ", xn, " ", x.sizes(), ", got ",
+                    acc.sizes());
+  TORCH_CHECK_VALUE(acc.device() == x.device(), an, " must be on ", xn, "'s device ", x.device(), ", got ",
+                    acc.device());
+  TORCH_CHECK_VALUE(x.numel() == 0 || (acc.strides() == x.strides() && acc.is_non_overlapping_and_dense()), an,
+                    " and ", xn, " must share one dense layout");
 }
 
 namespace {
@@ -110,9 +162,39 @@ constexpr int64_t kTile = 4096;       // weighted_sum tile (the kernel's)
 
 uint32_t* words(const at::Tensor& bits) { return reinterpret_cast<uint32_t*>(bits.data_ptr()); }
 
+// Large CPU outputs on transparent huge pages. A fresh multi-megabyte buffer
+// is mmap'ed by malloc and faulted in 4 KB pages on first touch; on these VMs
+// that costs more than the kernel (16 Mi fp32: ~30 ms of faults against ~4 ms
+// of work), and it is what eager pays too. With MADV_HUGEPAGE the same buffer
+// faults in 2 MB pages. Small outputs keep torch's allocator.
+struct HugePageAllocator final : c10::Allocator {
+  static constexpr size_t kHuge = size_t(2) << 20;
+  static constexpr size_t kMin = size_t(4) << 20;  // below this, faults are cheap
+  static void release(void* p) { std::free(p); }
+  c10::DataPtr allocate(size_t n) override {
+    if (n < kMin) return c10::GetDefaultCPUAllocator()->allocate(n);
+    const size_t bytes = (n + kHuge - 1) / kHuge * kHuge;
+    void* p = nullptr;
+    if (posix_memalign(&p, kHuge, bytes) != 0 || p == nullptr) return c10::GetDefaultCPUAllocator()->allocate(n);
+#ifdef MADV_HUGEPAGE
+    madvise(p, bytes, MADV_HUGEPAGE);  // advice only: without THP it is a plain allocation
+#endif
+    return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+};
+
+HugePageAllocator g_huge;
+
 // Raw CPU launches: at::parallel_for (torch's OpenMP pool, torch.set_num_threads
 // applies) over 32-element words, so no two threads share a mask word.
 struct CpuBackend {
+  static at::Tensor empty_like(const at::Tensor& t) {
+    return at::detail::empty_strided_generic(t.sizes(), t.strides(), &g_huge,
+                                             c10::DispatchKeySet(c10::DispatchKey::CPU), t.scalar_type());
+  }
   static void pack(DType dt, const at::Tensor& zs, const at::Tensor& bits) {
     const int64_t n = zs.numel();
     const void* p = zs.data_ptr();
@@ -140,26 +222,39 @@ struct CpuBackend {
     at::parallel_for(0, (n + 31) / 32, kWordGrain,
                      [&](int64_t w0, int64_t w1) { K.gate(dt, q, s, out, b, n, w0, w1); });
   }
-  static void epilogue(DType dt, const at::Tensor& z, const at::Tensor& sc, const at::Tensor& sh,
-                       const EpilogueLayout& L, const at::Tensor& h, const at::Tensor& bits) {
+  // The CPU kernels read C + 32 entries, entry i = channel i % C (a word of 32
+  // channel-innermost lanes loads them directly): built here in one host loop,
+  // not with tensor ops (a handful of small allocations and kernels per call).
+  template <class A>
+  static const A* ext_table(std::vector<A>& buf, const c10::optional<at::Tensor>& v, int64_t C, A fill) {
+    buf.resize(static_cast<size_t>(C + 32));
+    const A* src = v.has_value() ? v->data_ptr<A>() : nullptr;
+    for (int64_t i = 0, c = 0; i < C + 32; ++i) {
+      buf[i] = src ? src[c] : fill;
+      if (++c == C) c = 0;
+    }
+    return buf.data();
+  }
+  static void epilogue(DType dt, const at::Tensor& z, const c10::optional<at::Tensor>& sc,
+                       const c10::optional<at::Tensor>& sh, const EpilogueLayout& L, const at::Tensor& h,
+                       const at::Tensor& bits) {
+    thread_local std::vector<float> fsc, fsh;
+    thread_local std::vector<double> dsc, dsh;
+    const void *scp, *shp;
+    if (dt == DType::f64) {
+      scp = ext_table<double>(dsc, sc, L.C, 1.0);
+      shp = ext_table<double>(dsh, sh, L.C, 0.0);
+    } else {
+      scp = ext_table<float>(fsc, sc, L.C, 1.0f);
+      shp = ext_table<float>(fsh, sh, L.C, 0.0f);
+    }
     const int64_t n = z.numel();
     const void* zp = z.data_ptr();
     void* hp = h.data_ptr();
-    const void* scp = sc.data_ptr();
-    const void* shp = sh.data_ptr();
     uint32_t* b = words(bits);
     const KernelTable& K = cpu_kernels();
     at::parallel_for(0, (n + 31) / 32, kWordGrain, [&](int64_t w0, int64_t w1) {
       K.epilogue(dt, zp, hp, b, scp, shp, L.C, L.inner, n, w0, w1);
-    });
-  }
-  static void weighted_sum(DType dt, const std::vector<const void*>& ptrs, at::ArrayRef<double> w,
-                           const at::Tensor& out) {
-    const int64_t n = out.numel(), K = static_cast<int64_t>(ptrs.size());
-    void* o = out.data_ptr();
-    const KernelTable& T = cpu_kernels();
-    at::parallel_for(0, (n + kTile - 1) / kTile, 32, [&](int64_t t0, int64_t t1) {
-      T.weighted_sum(dt, ptrs.data(), w.data(), K, o, t0 * kTile, std::min(t1 * kTile, n));
     });
   }
   // One parallel region over the tiles of all tensors (not one per tensor):
@@ -185,6 +280,13 @@ struct CpuBackend {
       T.weighted_sum(it.dt, it.xs.data(), w.data(), K, it.out, i0, i1);
     });
   }
+  static void int_average_list(const std::vector<ListItem>& items, const std::vector<long long>& q,
+                               long long total, c10::Device) {
+    const int64_t K = static_cast<int64_t>(q.size());
+    over_tiles(items, [&](const ListItem& it, int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) int_store(it.out, i, it.it, int_average_at(it.xs.data(), q.data(), K, total, i, it.it));
+    });
+  }
   static void accumulate_list(const std::vector<ListItem>& items, double w, c10::Device) {
     const KernelTable& T = cpu_kernels();
     over_tiles(items, [&](const ListItem& it, int64_t i0, int64_t i1) {
@@ -205,13 +307,6 @@ struct CpuBackend {
     double total = 0.0;
     for (double p : part) total += p;
     return total;
-  }
-  static void accumulate(DType dt, const at::Tensor& acc, const at::Tensor& x, double w) {
-    void* a = acc.data_ptr();
-    const void* p = x.data_ptr();
-    const KernelTable& T = cpu_kernels();
-    at::parallel_for(0, x.numel(), int64_t(32) * 1024,
-                     [&](int64_t i0, int64_t i1) { T.accumulate(dt, a, p, w, i0, i1); });
   }
 };
 
@@ -238,6 +333,7 @@ TORCH_LIBRARY(fedsq_fast, m) {
   m.def("weighted_sum_out(Tensor[] xs, float[] weights, Tensor(a!) out) -> ()");
   m.def("accumulate_(Tensor(a!) acc, Tensor x, float weight) -> ()");
   m.def("weighted_sum_list_out(Tensor[] xs, float[] weights, Tensor(a!)[] outs) -> ()");
+  m.def("int_weighted_sum_list_out(Tensor[] xs, int[] weights, Tensor(a!)[] outs) -> ()");
   m.def("accumulate_list_(Tensor(a!)[] acc, Tensor[] x, float weight) -> ()");
   m.def("sq_dist_list(Tensor[] xs, Tensor[] refs) -> float");
   // Not a tensor op: selects the CPU kernel variant (tests run every ISA the CPU has).

@@ -49,6 +49,8 @@ SCHEMAS = {
     "accumulate_": "accumulate_(Tensor(a!) acc, Tensor x, float weight) -> ()",
     # Many tensors per client in one dispatch (xs client-major: xs[k*L + j]).
     "weighted_sum_list_out": "weighted_sum_list_out(Tensor[] xs, float[] weights, Tensor(a!)[] outs) -> ()",
+    # Integer and bool tensors, exactly: round_half_even(sum_k q_k x_k / sum_k q_k), integer q_k.
+    "int_weighted_sum_list_out": "int_weighted_sum_list_out(Tensor[] xs, int[] weights, Tensor(a!)[] outs) -> ()",
     "accumulate_list_": "accumulate_list_(Tensor(a!)[] acc, Tensor[] x, float weight) -> ()",
     # sum_j ||xs[j] - refs[j]||^2 in one pass, no temporaries (drift metrics).
     "sq_dist_list": "sq_dist_list(Tensor[] xs, Tensor[] refs) -> float",
@@ -108,6 +110,30 @@ def _ref_weighted_sum_list_out(xs, weights, outs):
         _ref_weighted_sum_out([xs[k * n_out + j] for k in range(len(weights))], weights, out)
 
 
+def _ref_int_weighted_sum_list_out(xs, weights, outs):
+    n_out, total = len(outs), sum(weights)
+    for j, out in enumerate(outs):
+        tensors = [xs[k * n_out + j].to(torch.int64) for k in range(len(weights))]
+        big = max((int(t.abs().max()) for t in tensors if t.numel()), default=0)
+        if big * total < 2**63:  # int64 cannot overflow: torch arithmetic
+            s = torch.zeros(out.shape, dtype=torch.int64, device=out.device)
+            for q, t in zip(weights, tensors):
+                if q:
+                    s.add_(t, alpha=q)
+            out.copy_(_round_div(s, total))
+        else:  # Python integers (the reference is allowed to be slow)
+            flat = [t.reshape(-1).tolist() for t in tensors]
+            vals = [_round_div_int(sum(q * col[i] for q, col in zip(weights, flat)), total)
+                    for i in range(out.numel())]
+            out.copy_(torch.tensor(vals, dtype=torch.int64, device=out.device).reshape(out.shape))
+
+
+def _round_div_int(s: int, q: int) -> int:
+    """round-half-to-even(s / q) for Python ints, q > 0."""
+    quot, rem = divmod(s, q)
+    return quot + (2 * rem > q or (2 * rem == q and quot % 2 == 1))
+
+
 def _ref_accumulate_list_(accs, xs, weight):
     for acc, x in zip(accs, xs):
         _ref_accumulate_(acc, x, weight)
@@ -132,6 +158,7 @@ _REF_IMPLS = {
     "weighted_sum_out": _ref_weighted_sum_out,
     "accumulate_": _ref_accumulate_,
     "weighted_sum_list_out": _ref_weighted_sum_list_out,
+    "int_weighted_sum_list_out": _ref_int_weighted_sum_list_out,
     "accumulate_list_": _ref_accumulate_list_,
     "sq_dist_list": _ref_sq_dist_list,
 }
@@ -144,8 +171,7 @@ if not _COMPILED:
 elif not _loader.BACKEND_INFO["cuda_kernels"]:
     _LIB = torch.library.Library("fedsq_fast", "IMPL")
     for _name in SCHEMAS:
-        if _name != "sq_dist_list":  # CUDA tensors take sq_dist's torch path
-            _LIB.impl(_name, _REF_IMPLS[_name], "CUDA")
+        _LIB.impl(_name, _REF_IMPLS[_name], "CUDA")
 
 
 # --------------------------------------------------------------------------
@@ -168,6 +194,7 @@ torch.library.register_fake("fedsq_fast::struct_epilogue_")(lambda z_s, scale, s
 torch.library.register_fake("fedsq_fast::weighted_sum_out")(lambda xs, weights, out: None)
 torch.library.register_fake("fedsq_fast::accumulate_")(lambda acc, x, weight: None)
 torch.library.register_fake("fedsq_fast::weighted_sum_list_out")(lambda xs, weights, outs: None)
+torch.library.register_fake("fedsq_fast::int_weighted_sum_list_out")(lambda xs, weights, outs: None)
 torch.library.register_fake("fedsq_fast::accumulate_list_")(lambda acc, x, weight: None)
 
 
@@ -196,9 +223,14 @@ def _gate_setup(ctx, inputs, output):
     _, bits = output
     ctx.save_for_backward(bits)  # not z_s, not a float/bool mask
     ctx.stride = tuple(z_q.stride())
+    # The bits output has no gradient: without this autograd would allocate
+    # and zero-fill one for it on every backward (n/8 bytes and a kernel).
+    ctx.set_materialize_grads(False)
 
 
 def _gate_backward(ctx, grad_y, grad_bits):
+    if grad_y is None:  # y did not reach the loss
+        return None, None
     (bits,) = ctx.saved_tensors
     return torch.ops.fedsq_fast.apply_mask(_in_layout(grad_y, ctx.stride), bits), None
 
@@ -260,6 +292,37 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return t if ref.is_dense(t) else t.contiguous()
 
 
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> str:
+    """How two dense tensors share memory: "no", "full" (the very same elements,
+    in the same layout and dtype) or "partial" (anything else)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device or a.device.type == "meta":
+        return "no"
+    try:
+        if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+            return "no"
+        a0, b0 = a.data_ptr(), b.data_ptr()
+    except (RuntimeError, NotImplementedError):  # fake tensors (tracing) have no memory: the op checks again
+        return "no"
+    a1, b1 = a0 + a.numel() * a.element_size(), b0 + b.numel() * b.element_size()
+    if a1 <= b0 or b1 <= a0:
+        return "no"
+    if (a0, a1, a.dtype, tuple(a.stride())) == (b0, b1, b.dtype, tuple(b.stride())):
+        return "full"
+    return "partial"
+
+
+def _check_out_overlap(out_name, out, inputs, allow_full=True) -> None:
+    """An output may be exactly its input (each element is read before it is
+    written); a shifted or partial view of an input would race."""
+    for name, t in inputs:
+        o = _overlap(out, t)
+        if o == "partial" or (o == "full" and not allow_full):
+            raise ValueError(
+                f"{out_name} overlaps {name} in memory; an output may only be exactly its own input "
+                "(the same tensor), not a shifted or partial view of it"
+            )
+
+
 def _check_out_not_differentiable(name, *tensors) -> None:
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         raise ValueError(f"{name}: out= is not differentiable; call it under torch.no_grad()")
@@ -292,7 +355,10 @@ def apply_mask(z_q: torch.Tensor, bits: torch.Tensor, *, out: torch.Tensor | Non
     _check_float_tensor("out", out)
     _check_pair("z_q", z_q, "out", out)
     _check_out_not_differentiable("apply_mask", z_q)
-    torch.ops.fedsq_fast.apply_mask_out(z_q, bits, _require_layout("out", out, z_q))
+    _require_layout("out", out, z_q)
+    _check_out_overlap("out", out, [("z_q", z_q)])
+    _check_out_overlap("out", out, [("bits", bits)], allow_full=False)
+    torch.ops.fedsq_fast.apply_mask_out(z_q, bits, out)
     return out
 
 
@@ -326,7 +392,10 @@ def gate(z_q: torch.Tensor, z_s: torch.Tensor, *, out=None):
     _check_pair("z_q", z_q, "out[0]", y)
     _check_bits(bits, z_q, "out[1]")
     _check_out_not_differentiable("gate", z_q)
-    torch.ops.fedsq_fast.gate_out(z_q, z_s, _require_layout("out[0]", y, z_q), bits)
+    _require_layout("out[0]", y, z_q)
+    _check_out_overlap("out[0]", y, [("z_q", z_q), ("z_s", z_s)])
+    _check_out_overlap("out[1]", bits, [("z_q", z_q), ("z_s", z_s), ("out[0]", y)], allow_full=False)
+    torch.ops.fedsq_fast.gate_out(z_q, z_s, y, bits)
     return y, bits
 
 
@@ -469,24 +538,7 @@ def _round_div(s: torch.Tensor, q: int) -> torch.Tensor:
     return quot + up.to(quot.dtype)
 
 
-def _integer_average(tensors, qs, out):
-    total = sum(qs)
-    if total <= 0:
-        raise ValueError("weights too small to average integer tensors exactly (all round to 0)")
-    big = max((int(t.abs().max()) if t.numel() else 0) for t in tensors)
-    if big * total >= 2**63:
-        raise ValueError(
-            f"integer tensors too large to average exactly in int64 (max |x| {big}, weight sum {total})"
-        )
-    s = torch.zeros(tensors[0].shape, dtype=torch.int64, device=tensors[0].device)
-    for q, t in zip(qs, tensors):
-        if q:
-            s.add_(t.to(torch.int64), alpha=q)
-    res = _round_div(s, total)
-    if out is None:
-        return res.to(tensors[0].dtype)
-    out.copy_(res)
-    return out
+_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool)
 
 
 def _check_out(out_list, ref_list, names):
@@ -511,7 +563,8 @@ def weighted_average(clients, weights, out=None):
     non-negative numbers (e.g. sample counts; need not sum to 1).
     Floating tensors accumulate in float32 (float64 for float64) in client
     order, so the result does not depend on the thread count. Integer and
-    bool tensors are averaged exactly in integers (round half to even).
+    bool tensors are averaged exactly in integers (round half to even; for
+    bool that is the weighted majority, an exact tie giving False).
     ``out`` (same structure as one client) is written in place and returned.
     """
     lists, names, rebuild = _as_client_lists(clients)
@@ -522,35 +575,42 @@ def weighted_average(clients, weights, out=None):
         out_list, _, _ = _as_client_lists([out])
         out_list = out_list[0]
         _check_out(out_list, lists[0], names)
+    for j, t0 in enumerate(lists[0]):
+        if not (t0.dtype.is_floating_point or t0.dtype in _INT_DTYPES):
+            raise TypeError(
+                f"clients[0][{names[j]!r}] has dtype {t0.dtype}; averaged are floating, "
+                "int8/uint8/int16/int32/int64 and bool tensors"
+            )
     total = sum(ws)
     norm = [w / total for w in ws]
+    qs = _integer_weights(ws)
+    if any(not t.dtype.is_floating_point for t in lists[0]) and sum(qs) <= 0:
+        raise ValueError("weights too small to average integer tensors exactly (all round to 0)")
     results = [None] * len(lists[0])
-    targets, inputs, copy_back = [], [], []  # float tensors: one fused call for all
+    # One call per (kind, device): a state dict may be split across devices,
+    # and a launch only ever sees pointers of its own device.
+    groups: dict = {}
+    copy_back = []
     with torch.no_grad():
         for j in range(len(lists[0])):
             tensors = [lst[j] for lst in lists]
             o = None if out_list is None else out_list[j]
-            if tensors[0].dtype.is_floating_point:
-                if o is None:
-                    o = torch.empty_like(tensors[0])  # dense layouts are kept
-                # The kernel walks memory linearly: inputs take the target's layout.
-                tgt = o if ref.is_dense(o) else torch.empty_like(o, memory_format=torch.contiguous_format)
-                if tgt is not o:
-                    copy_back.append((tgt, o))
-                targets.append(tgt)
-                inputs.append([_in_layout(x, tgt.stride()) for x in tensors])
-                results[j] = o
-            elif tensors[0].dtype.is_complex:
-                raise TypeError(f"clients[0][{names[j]!r}] is complex; not supported")
-            else:
-                results[j] = _integer_average(tensors, _integer_weights(ws), o)
-        if targets:
-            if targets[0].device.type == "cuda" and len(ws) > 32:  # launch-parameter limit per call
-                for tgt, xs in zip(targets, inputs):
-                    torch.ops.fedsq_fast.weighted_sum_out(xs, norm, tgt)
-            else:
-                flat = [xs[k] for k in range(len(ws)) for xs in inputs]  # client-major
+            if o is None:
+                o = torch.empty_like(tensors[0])  # dense layouts are kept
+            # The kernels walk memory linearly: inputs take the target's layout.
+            tgt = o if ref.is_dense(o) else torch.empty_like(o, memory_format=torch.contiguous_format)
+            if tgt is not o:
+                copy_back.append((tgt, o))
+            g = groups.setdefault((tensors[0].dtype.is_floating_point, tgt.device), ([], []))
+            g[0].append(tgt)
+            g[1].append([_in_layout(x, tgt.stride()) for x in tensors])
+            results[j] = o
+        for (is_float, _), (targets, inputs) in groups.items():
+            flat = [xs[k] for k in range(len(ws)) for xs in inputs]  # client-major
+            if is_float:
                 torch.ops.fedsq_fast.weighted_sum_list_out(flat, norm, targets)
+            else:
+                torch.ops.fedsq_fast.int_weighted_sum_list_out(flat, qs, targets)
         for tgt, o in copy_back:
             o.copy_(tgt)
     return rebuild(results)
@@ -569,12 +629,15 @@ def sq_dist(xs, refs) -> float:
         _check_pair(f"refs[{j}]", r, f"xs[{j}]", x)
     if not xs:
         return 0.0
+    by_device: dict = {}  # one call (one sync on a GPU) per device, not per tensor
     with torch.no_grad():
-        if xs[0].device.type != "cpu":
-            return _ref_sq_dist_list(xs, refs)
-        pairs = [(x, r) if (x.stride() == r.stride() and ref.is_dense(x)) else (x.contiguous(), r.contiguous())
-                 for x, r in zip(xs, refs)]
-        return float(torch.ops.fedsq_fast.sq_dist_list([p[0] for p in pairs], [p[1] for p in pairs]))
+        for x, r in zip(xs, refs):
+            if not (x.stride() == r.stride() and ref.is_dense(x)):
+                x, r = x.contiguous(), r.contiguous()
+            g = by_device.setdefault(x.device, ([], []))
+            g[0].append(x)
+            g[1].append(r)
+        return float(sum(torch.ops.fedsq_fast.sq_dist_list(a, b) for a, b in by_device.values()))
 
 
 class StreamingAverage:

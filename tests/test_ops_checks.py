@@ -1,0 +1,282 @@
+"""Host-side behaviour of the ops that the CUDA review (issue 18) touched, checked
+on the CPU: the C == 0 epilogue, memory-overlap rules of out= and in-place
+calls, exact integer and bool averaging against a Python-integer oracle, any
+number of clients in one list call, and the gate's backward (nothing but the
+gradient is allocated). CUDA twins of these live in test_ops_cuda.py."""
+import math
+import random
+from fractions import Fraction
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fedsq_fast as ff
+from fedsq_fast import ops, reference as ref
+
+COMPILED = ff.backend() == "compiled"
+compiled_only = pytest.mark.skipif(not COMPILED, reason="compiled library not loaded")
+
+
+# ---------------------------------------------------------------------------
+# struct_epilogue with no channels / no elements (was a remainder by zero)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 0, 3, 4), (3, 0), (0, 5, 2, 2), (0,)])
+def test_epilogue_without_elements(dtype, shape):
+    z = torch.empty(shape, dtype=dtype)
+    C = shape[1] if len(shape) >= 2 else None
+    for sc, sh in ((None, None), (torch.ones(C), torch.zeros(C)) if C is not None else (None, None)):
+        h, bits = ff.struct_epilogue(z, sc, sh)
+        assert h.shape == z.shape and h.dtype == dtype and bits.numel() == 0
+        h2, bits2 = ff.struct_epilogue(z.clone(), sc, sh, inplace=True)
+        assert h2.shape == z.shape and bits2.numel() == 0
+    if len(shape) == 4:
+        cl = z.contiguous(memory_format=torch.channels_last)
+        h, bits = torch.ops.fedsq_fast.struct_epilogue(cl, None, None)
+        assert h.shape == z.shape and bits.numel() == 0
+
+
+@pytest.mark.parametrize("C", [1, 3, 31, 32, 33, 100])
+def test_epilogue_channel_tables_wrap(C):
+    """Channel tables are built on the host now: every C, both layouts, vs the reference."""
+    g = torch.Generator().manual_seed(C)
+    z = torch.randn(3, C, 5, 7, generator=g)
+    sc, sh = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g)
+    for zz in (z, z.contiguous(memory_format=torch.channels_last), z[:, :, 0, 0].contiguous()):
+        h, bits = ff.struct_epilogue(zz, sc, sh)
+        h_ref, bits_ref = ref.struct_epilogue(zz, sc, sh)
+        assert torch.equal(bits, bits_ref) and torch.equal(h, h_ref)
+        h, bits = ff.struct_epilogue(zz, None, sh)  # scale None: 1, shift only
+        h_ref, bits_ref = ref.struct_epilogue(zz, None, sh)
+        assert torch.equal(bits, bits_ref) and torch.equal(h, h_ref)
+
+
+# ---------------------------------------------------------------------------
+# Memory overlap: an output may be exactly its input, nothing else.
+def _eager(zq, zs):
+    return zq * (zs > 0).to(zq.dtype)
+
+
+def test_in_place_outputs_equal_their_input():
+    g = torch.Generator().manual_seed(1)
+    z_q, z_s = torch.randn(4099, generator=g), torch.randn(4099, generator=g)
+    want = _eager(z_q, z_s)
+    q = z_q.clone()
+    assert ff.apply_mask(q, ff.pack_mask(z_s), out=q) is q
+    assert torch.equal(q, want)
+    q = z_q.clone()
+    bits = torch.empty_like(ff.pack_mask(z_s))
+    y, b = ff.gate(q, z_s, out=(q, bits))
+    assert y is q and torch.equal(q, want) and torch.equal(b, ff.pack_mask(z_s))
+    s = z_s.clone()  # the output may also be z_s itself
+    ff.gate(z_q, s, out=(s, bits))
+    assert torch.equal(s, want)
+
+
+def test_partial_overlap_is_refused():
+    base = torch.randn(4200)
+    z_q, z_s = base[:4096], torch.randn(4096)
+    bits = ff.pack_mask(z_s)
+    with pytest.raises(ValueError, match="out overlaps z_q"):
+        ff.apply_mask(z_q, bits, out=base[4:4100])  # shifted by 4 elements
+    with pytest.raises(ValueError, match=r"out\[0\] overlaps z_s"):
+        ff.gate(torch.randn(4096), base[100:4196], out=(base[101:4197], bits))
+    raw = torch.empty(4096 * 4 + 512, dtype=torch.uint8)
+    zf = raw[:4096 * 4].view(torch.float32)
+    zf.copy_(z_q)
+    with pytest.raises(ValueError, match=r"out\[1\] overlaps z_q"):
+        ff.gate(zf, z_s, out=(torch.empty(4096), raw[:512]))
+    if COMPILED:  # the raw ops check too (they are public through torch.ops)
+        with pytest.raises(ValueError, match="overlaps"):
+            torch.ops.fedsq_fast.apply_mask_out(z_q, bits, base[4:4100])
+        with pytest.raises(ValueError, match="overlaps"):
+            torch.ops.fedsq_fast.gate_out(zf, z_s, torch.empty(4096), raw[:512])
+
+
+@compiled_only
+def test_list_op_overlap_rules():
+    g = torch.Generator().manual_seed(2)
+    a, b, c = (torch.randn(1000, generator=g) for _ in range(3))
+    w = [0.25, 0.75]
+    # out is client 0's tensor itself: allowed, same bits as into a fresh buffer
+    fresh = torch.empty(1000)
+    torch.ops.fedsq_fast.weighted_sum_out([a, b], w, fresh)
+    a2 = a.clone()
+    torch.ops.fedsq_fast.weighted_sum_out([a2, b], w, a2)
+    assert torch.equal(a2, fresh)
+    # an output that is another position's input races in one launch
+    with pytest.raises(ValueError, match="overlaps"):
+        torch.ops.fedsq_fast.weighted_sum_list_out([a, b, c, a], w, [b.clone().zero_(), a])
+    big = torch.randn(3000)
+    with pytest.raises(ValueError, match="outputs must not overlap"):
+        torch.ops.fedsq_fast.weighted_sum_list_out([a, a, b, b], w, [big[:1000], big[500:1500]])
+    with pytest.raises(ValueError, match="overlaps"):
+        torch.ops.fedsq_fast.weighted_sum_out([big[1:1001], b], w, big[:1000])
+    # accumulate into x itself: acc = acc + w * acc, computed per element
+    acc = torch.randn(777, generator=g)
+    got = acc.clone()
+    torch.ops.fedsq_fast.accumulate_(got, got, 0.5)
+    oracle = (acc.double() * 0.5 + acc.double()).float()  # exact in float64, then one rounding: the fma
+    assert torch.equal(got, oracle)
+    with pytest.raises(ValueError, match="overlaps"):
+        torch.ops.fedsq_fast.accumulate_(big[:1000], big[10:1010], 0.5)
+
+
+# ---------------------------------------------------------------------------
+# Exact integer and bool averaging: Python-integer oracle (the README's rule).
+def _spec_weights(ws):
+    if all(float(w).is_integer() for w in ws) and sum(ws) < 2**53:
+        return [int(w) for w in ws]
+    total = sum(ws)
+    return [round(w / total * 2**30) for w in ws]
+
+
+def _round_half_even(fr: Fraction) -> int:
+    fl = fr.numerator // fr.denominator
+    rem = fr - fl
+    if rem > Fraction(1, 2) or (rem == Fraction(1, 2) and fl % 2 == 1):
+        fl += 1
+    return fl
+
+
+def _oracle(tensors, ws):
+    qs = _spec_weights(ws)
+    cols = [[int(v) for v in t.reshape(-1).tolist()] for t in tensors]
+    n = tensors[0].numel()
+    return [_round_half_even(Fraction(sum(q * c[i] for q, c in zip(qs, cols)), sum(qs))) for i in range(n)]
+
+
+INT_RANGES = {
+    torch.int8: (-128, 127), torch.uint8: (0, 255), torch.int16: (-2**15, 2**15 - 1),
+    torch.int32: (-2**31, 2**31 - 1), torch.int64: (-2**63, 2**63 - 1), torch.bool: (0, 1),
+}
+
+
+def _rand_int(n, dtype, rng):
+    lo, hi = INT_RANGES[dtype]
+    vals = [rng.choice([lo, hi, 0, 1, -1 if lo < 0 else 2, rng.randint(lo, hi)]) for _ in range(n)]
+    return torch.tensor(vals, dtype=torch.int64).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", list(INT_RANGES))
+@pytest.mark.parametrize("k", [1, 2, 3, 33])
+def test_integer_average_matches_python_integers(dtype, k):
+    rng = random.Random(k * 31 + len(str(dtype)))
+    sizes = [0, 1, 37, 4097]
+    clients = [[_rand_int(n, dtype, rng) for n in sizes] for _ in range(k)]
+    for ws in ([rng.randint(0, 50) for _ in range(k)], [rng.random() * 3 for _ in range(k)]):
+        if sum(ws) == 0:
+            ws[0] = 1
+        got = ff.weighted_average(clients, ws)
+        for j, n in enumerate(sizes):
+            assert got[j].dtype == dtype and got[j].shape == (n,)
+            assert [int(v) for v in got[j].tolist()] == _oracle([c[j] for c in clients], ws), (dtype, k, n, ws)
+
+
+def test_bool_average_is_weighted_majority_ties_false():
+    t, f = torch.tensor([True, True, False, False]), torch.tensor([True, False, True, False])
+    assert ff.weighted_average([t, f], [1, 1]).tolist() == [True, False, False, False]  # 0.5 -> False
+    assert ff.weighted_average([t, f], [2, 1]).tolist() == [True, True, False, False]
+    assert ff.weighted_average([t, f], [1, 2]).tolist() == [True, False, True, False]
+    assert ff.weighted_average([t, f, f], [1, 1, 1]).tolist() == [True, False, True, False]
+    # a bool buffer inside a state dict beside floats and ints
+    states = [{"w": torch.full((3,), float(i)), "flag": torch.tensor([i % 2 == 0] * 3),
+               "n": torch.tensor(i, dtype=torch.int64)} for i in range(3)]
+    avg = ff.weighted_average(states, [1, 1, 1])
+    assert avg["flag"].dtype == torch.bool and avg["flag"].tolist() == [True] * 3
+    assert avg["n"].item() == 1 and torch.equal(avg["w"], torch.full((3,), 1.0))
+
+
+def test_integer_average_beyond_int64_intermediates():
+    """sum_k q_k x_k exceeds int64 (a float or int64 path would be wrong or refuse)."""
+    big = 2**63 - 1
+    a = torch.tensor([big, -big - 1, big, 5], dtype=torch.int64)
+    b = torch.tensor([big - 1, -big, -big, 6], dtype=torch.int64)
+    for ws in ([3, 5], [1000, 1], [0.3, 0.7]):
+        got = ff.weighted_average([a, b], ws)
+        assert got.tolist() == _oracle([a, b], ws), ws
+        ref_out = torch.empty_like(a)
+        ops._ref_int_weighted_sum_list_out([a, b], _spec_weights(ws), [ref_out])  # the fallback agrees
+        assert ref_out.tolist() == got.tolist()
+
+
+def test_integer_average_errors_are_named():
+    x = torch.tensor([1, 2], dtype=torch.int32)
+    with pytest.raises(TypeError, match=r"clients\[0\]\['0'\] has dtype torch.complex64"):
+        ff.weighted_average([[torch.zeros(2, dtype=torch.complex64)]] * 2, [1, 1])
+    if COMPILED:
+        with pytest.raises(ValueError, match=r"weights\[1\] must be >= 0"):
+            torch.ops.fedsq_fast.int_weighted_sum_list_out([x, x], [1, -1], [torch.empty_like(x)])
+        with pytest.raises(TypeError, match=r"outs\[0\] must be int8, uint8, int16, int32, int64 or bool"):
+            f = torch.zeros(2)
+            torch.ops.fedsq_fast.int_weighted_sum_list_out([f, f], [1, 1], [torch.empty_like(f)])
+        with pytest.raises(ValueError, match="sum to less than 2\\^63"):
+            torch.ops.fedsq_fast.int_weighted_sum_list_out([x, x], [2**62, 2**62], [torch.empty_like(x)])
+
+
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [32, 33, 64, 65])
+def test_any_number_of_clients_in_one_list_call(k):
+    g = torch.Generator().manual_seed(k)
+    sizes, dtypes = [5, 4099, 0, 130], [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+    clients = [[torch.randn(n, generator=g, dtype=torch.float64).to(dt) for n, dt in zip(sizes, dtypes)]
+               for _ in range(k)]
+    w = (torch.rand(k, generator=g) + 0.1).tolist()
+    got = ff.weighted_average(clients, w)
+    for j in range(len(sizes)):
+        one = torch.empty_like(clients[0][j])
+        torch.ops.fedsq_fast.weighted_sum_out([c[j] for c in clients], [x / sum(w) for x in w], one)
+        assert torch.equal(got[j], one)
+        want = ref.weighted_average_tensors([c[j] for c in clients], w)
+        tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float64: 1e-12}[dtypes[j]]
+        torch.testing.assert_close(got[j].double(), want, atol=tol, rtol=tol)
+
+
+# ---------------------------------------------------------------------------
+class _Record(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gate_backward_runs_one_kernel(dtype):
+    """The backward is one apply_mask: no zero-filled gradient for the bits
+    output (autograd used to materialise one per call), no copies."""
+    z_s = torch.randn(3, 4099).to(dtype)
+    z_q = torch.randn(3, 4099).to(dtype).requires_grad_()
+    y, _ = ff.gate(z_q, z_s)
+    g = torch.randn(3, 4099).to(dtype)
+    with _Record() as rec:
+        (gq,) = torch.autograd.grad(y, z_q, g)
+    assert torch.equal(gq, g * (z_s > 0).to(dtype))
+    assert [o for o in rec.ops if "detach" not in o] == ["fedsq_fast.apply_mask.default"], rec.ops
+
+
+@compiled_only
+def test_large_outputs_are_ordinary_tensors():
+    """Large CPU outputs come from the huge-page allocator: they must behave like
+    any tensor (values, resize_, views, numpy, freed without leaks)."""
+    n = (4 << 20) // 4 + 7  # just past the 4 MB threshold
+    z_q, z_s = torch.randn(n), torch.randn(n)
+    y, bits = ff.gate(z_q, z_s)
+    assert torch.equal(y, _eager(z_q, z_s))
+    assert y.untyped_storage().data_ptr() % (2 << 20) == 0  # the huge-page path was taken
+    y2 = y.clone()
+    y.resize_(2 * n)
+    assert torch.equal(y[:n], y2)
+    assert y.numpy()[: n].tolist()[:5] == y2[:5].tolist()
+    h, hb = ff.struct_epilogue(z_s.view(1, -1, 1), None, None)
+    h_ref, hb_ref = ref.struct_epilogue(z_s.view(1, -1, 1), None, None)
+    assert torch.equal(h, h_ref) and torch.equal(hb, hb_ref)
+
+
+@pytest.mark.skipif(not hasattr(torch.library, "opcheck"), reason="torch.library.opcheck missing")
+def test_opcheck_integer_average():
+    xi, xb = torch.tensor([1, -2, 3, 7]), torch.tensor([True, False, True])
+    torch.library.opcheck(torch.ops.fedsq_fast.int_weighted_sum_list_out.default,
+                          ([xi, xb, xi * 2, xb], [1, 3], [torch.empty_like(xi), torch.empty_like(xb)]))
