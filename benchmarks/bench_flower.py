@@ -46,6 +46,9 @@ def make(k_clients=K):
     torch.manual_seed(0)
     shapes = {k: (v.shape, v.dtype) for k, v in torchvision.models.resnet18().state_dict().items()}
     glob = {k: torch.randn(s) if d.is_floating_point else torch.tensor(7, dtype=d) for k, (s, d) in shapes.items()}
+    for k in glob:  # BatchNorm variances are positive (replies with a negative one are rejected)
+        if k.endswith("running_var"):
+            glob[k] = glob[k].abs() + 0.5
     arrays = state_to_arrays(glob)
 
     class G:

@@ -82,26 +82,36 @@ def implausible(reference: dict, update: dict) -> str | None:
             if not t.numel():
                 continue
             if t.dtype.is_floating_point:
-                if k.endswith("running_var") and bool((t < 0).any()):
+                lo, hi = (float(v) for v in torch.aminmax(t))  # no model-sized temporary (unlike abs)
+                if k.endswith("running_var") and lo < 0:
                     return f"{k}: negative variance"
-                big = float(t.abs().max())
-                bound = PLAUSIBLE_SCALE * (1.0 + float(ref.abs().max()))
+                big = max(-lo, hi)
+                bound = PLAUSIBLE_SCALE * (1.0 + _max_abs(ref))
                 if big > bound:
                     return f"{k}: |value| up to {big:.3g}, implausible against the global model's (bound {bound:.3g})"
             elif t.dtype != torch.bool:
-                lo, hi = int(t.min()), int(t.max())
-                span = int(ref.abs().max()) + INT_STEP_MAX
+                lo, hi = (int(v) for v in torch.aminmax(t))
+                span = int(_max_abs(ref)) + INT_STEP_MAX
                 low = 0 if k.endswith("num_batches_tracked") else -span  # a count is never negative
                 if lo < low or hi > span:
                     return f"{k}: integer values in [{lo}, {hi}], expected in [{low}, {span}]"
     return None
 
 
+def _max_abs(t: torch.Tensor):
+    """max |t| from min and max (NaN propagates): no temporary the size of t."""
+    if not t.numel():
+        return 0
+    lo, hi = torch.aminmax(t)
+    return max(-lo.item(), hi.item())
+
+
 def nonfinite_key(state: dict) -> str | None:
-    """The first floating tensor of ``state`` with a NaN or Inf, or None."""
+    """The first floating tensor of ``state`` with a NaN or Inf, or None (min and max carry
+    a NaN or an Inf, so no model-sized temporary is needed)."""
     with torch.no_grad():
         for k, t in state.items():
-            if t.dtype.is_floating_point and t.numel() and not bool(torch.isfinite(t).all()):
+            if t.dtype.is_floating_point and t.numel() and not math.isfinite(_max_abs(t)):
                 return k
     return None
 
@@ -150,6 +160,7 @@ def _valid_replies(global_state: dict, replies: Iterable, stats: AggregateStats)
         stats.num_clients += 1
         stats.num_samples += int(n)
         yield state, n, sq
+        del state  # else this frame keeps the reply alive while the next one is produced
 
 
 def _record_drift(stats: AggregateStats, result: dict, global_state: dict, sq_sum: float) -> None:
