@@ -182,8 +182,14 @@ def main(argv=None) -> int:
         from . import experiments
 
         return experiments.run_from_args(ns)
+    return guarded(_main, ns)
+
+
+def guarded(fn, *args) -> int:
+    """``fn(*args)``; a user error becomes its one line on stderr and exit code 2, anything
+    else (a bug) keeps its traceback."""
     try:
-        return _main(ns)
+        return fn(*args)
     except Exception as e:
         if not is_user_error(e):
             raise

@@ -1539,16 +1539,10 @@ def run_from_args(ns) -> int:
     exit 2, checked before any data loads; internal errors keep their traceback."""
     import warnings
 
-    from .cli import is_user_error, user_error_line
+    from .cli import guarded
 
     warnings.filterwarnings("ignore", message="fedsq_fast is using its pure-PyTorch reference ops")
-    try:
-        return _run_from_args(ns)
-    except Exception as e:
-        if not is_user_error(e):
-            raise
-        print(user_error_line(e), file=sys.stderr)
-        return 2
+    return guarded(_run_from_args, ns)
 
 
 def _need_dir(key, d) -> None:
