@@ -12,8 +12,10 @@ TypeError/ValueError naming the argument.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from . import _loader
@@ -447,13 +449,22 @@ def struct_epilogue(z_s: torch.Tensor, scale=None, shift=None, *, inplace: bool 
 
 # --------------------------------------------------------------------------
 # Weighted average of client tensors.
+def _real(w, arg: str) -> float:
+    """A weight as a float: real numbers only (a str such as "3" or a bool is refused, not
+    read as a number)."""
+    if isinstance(w, torch.Tensor) and w.numel() == 1 and not w.dtype.is_complex and w.dtype != torch.bool:
+        return float(w)
+    if isinstance(w, (bool, np.bool_)) or not isinstance(w, numbers.Real):
+        raise TypeError(f"{arg} must be a real number, got {w!r}")
+    return float(w)
+
+
 def _check_weights(weights, k: int) -> list[float]:
     if isinstance(weights, torch.Tensor):
         weights = weights.detach().cpu().reshape(-1).tolist()
-    try:
-        ws = [float(w) for w in weights]
-    except (TypeError, ValueError):
-        raise TypeError(f"weights must be a sequence of {k} numbers, got {weights!r}") from None
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Iterable):
+        raise TypeError(f"weights must be a sequence of {k} numbers, got {weights!r}")
+    ws = [_real(w, f"weights[{i}]") for i, w in enumerate(weights)]
     if len(ws) != k:
         raise ValueError(f"weights must have one entry per client ({k}), got {len(ws)}")
     for i, w in enumerate(ws):
@@ -482,12 +493,12 @@ def _as_client_lists(clients):
         keys = list(first.keys())
         lists = []
         for i, c in enumerate(clients):
-            if not isinstance(c, Mapping) or list(c.keys()) != keys:
-                missing = set(keys) ^ set(c.keys()) if isinstance(c, Mapping) else None
-                raise ValueError(
-                    f"clients[{i}] must be a mapping with the keys of clients[0]"
-                    + (f"; differing keys: {sorted(missing)[:5]}" if missing else "")
-                )
+            if not isinstance(c, Mapping):
+                raise TypeError(f"clients[{i}] must be a mapping like clients[0], got {type(c).__name__}")
+            if c.keys() != first.keys():  # compared as sets: the order of the keys does not matter
+                missing, extra = sorted(set(keys) - set(c.keys())), sorted(set(c.keys()) - set(keys))
+                raise ValueError(f"clients[{i}] must have the keys of clients[0]: missing {missing[:5]}, "
+                                 f"unexpected {extra[:5]}")
             lists.append([c[k] for k in keys])
         return lists, keys, lambda res: dict(zip(keys, res))
     lists = []
@@ -538,6 +549,8 @@ def _round_div(s: torch.Tensor, q: int) -> torch.Tensor:
     return quot + up.to(quot.dtype)
 
 
+_F32_MAX = float(torch.finfo(torch.float32).max)
+_F32_TINY = float(torch.finfo(torch.float32).tiny)
 _INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool)
 
 
@@ -582,6 +595,10 @@ def weighted_average(clients, weights, out=None):
                 "int8/uint8/int16/int32/int64 and bool tensors"
             )
     total = sum(ws)
+    if not math.isfinite(total):  # finite weights whose sum overflows (e.g. 1e308 x 3): same ratios
+        top = max(ws)
+        ws = [w / top for w in ws]
+        total = sum(ws)
     norm = [w / total for w in ws]
     qs = _integer_weights(ws)
     if any(not t.dtype.is_floating_point for t in lists[0]) and sum(qs) <= 0:
@@ -672,12 +689,13 @@ class StreamingAverage:
         self._check_live()
         lists, names, rebuild = _as_client_lists([client])
         (lst,) = lists
-        try:
-            w = float(weight)
-        except (TypeError, ValueError):
-            raise TypeError(f"weight must be a number, got {weight!r}") from None
+        w = _real(weight, "weight")
         if not math.isfinite(w) or w < 0:
             raise ValueError(f"weight must be finite and >= 0, got {w}")
+        if w > _F32_MAX or 0 < w < _F32_TINY:
+            # the accumulators fold w in float32: outside its range w becomes Inf or 0
+            raise ValueError(f"weight {w:g} is outside float32's range [{_F32_TINY:g}, {_F32_MAX:g}] that "
+                             "StreamingAverage folds weights in; scale the weights (only their ratios matter)")
         if self._template is None:
             for j, t in enumerate(lst):
                 if not isinstance(t, torch.Tensor):
@@ -718,11 +736,17 @@ class StreamingAverage:
         q = round(w * self._int_scale) if self._int_scale != 1 else int(w)
         with torch.no_grad():
             accs, xs = [], []
-            for a, t in zip(self._acc, lst):
+            for j, (a, t) in enumerate(zip(self._acc, lst)):
                 if a.dtype.is_floating_point:
                     accs.append(a)
                     xs.append(_in_layout(t, a.stride()))
-                elif q:
+                elif q and t.numel():
+                    # int64 accumulation must not wrap: refuse, naming the tensor, before adding
+                    lo, hi = (int(v) for v in torch.aminmax(t.to(torch.int64)))
+                    alo, ahi = (int(v) for v in torch.aminmax(a))
+                    if max(abs(lo), abs(hi)) * q + max(abs(alo), abs(ahi)) >= 2**63:
+                        raise ValueError(f"client #{self.count}[{names[j]!r}]: integer values up to "
+                                         f"{max(abs(lo), abs(hi))} x weight {q} overflow the int64 accumulator")
                     a.add_(t.to(torch.int64), alpha=q)
             if accs:
                 torch.ops.fedsq_fast.accumulate_list_(accs, xs, w)
@@ -746,6 +770,9 @@ class StreamingAverage:
             raise ValueError("the weights added so far sum to zero")
         out_list = None
         if out is not None:
+            if isinstance(out, (str, bytes)) or not isinstance(out, (torch.Tensor, Sequence, Mapping)):
+                raise TypeError(f"out must have the structure of a client (tensor, tensor sequence or state "
+                                f"dict), got {type(out).__name__}")
             out_lists, _, _ = _as_client_lists([out])
             out_list = out_lists[0]
             fake_ref = [torch.empty(s, dtype=d, device="meta") for s, d, _ in self._template]

@@ -164,3 +164,52 @@ def test_the_config_chooses_the_aggregator_on_every_path(bundle):
     with pytest.raises(ValueError, match="aggregator: must be one of mean, median, trimmed_mean"):
         from fedsq_fast.federation import validate
         validate(from_mapping({"aggregator": "krum"}))
+
+
+# ------------------------------------------------------------ averaging ops: inputs (issue 16, part)
+def test_weighted_average_weights_are_real_numbers_and_may_be_huge():
+    from fedsq_fast import weighted_average
+
+    gen = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    xs = [torch.randn(37, generator=gen) for _ in range(3)]
+    ref = (xs[0].double() + xs[1].double() + xs[2].double()) / 3
+    torch.testing.assert_close(weighted_average(xs, [1e308] * 3).double(), ref, rtol=1e-6, atol=1e-6)
+    for bad, match in (("123", "weights must be a sequence of 3 numbers"), ([True, 1, 1], r"weights\[0\] must be a real"),
+                       (["1", 2, 3], r"weights\[0\] must be a real"), (3, "weights must be a sequence")):
+        with pytest.raises(TypeError, match=match):
+            weighted_average(xs, bad)
+    for ok in (np.array([1, 2, 3]), torch.tensor([1.0, 2.0, 3.0]), [np.float32(1), np.int64(2), 3]):
+        torch.testing.assert_close(weighted_average(xs, ok).double(),
+                                   (xs[0].double() + 2 * xs[1].double() + 3 * xs[2].double()) / 6, rtol=1e-6, atol=1e-6)
+
+
+def test_state_dicts_match_by_key_set_not_order():
+    from fedsq_fast import weighted_average
+
+    a = {"w": torch.ones(3), "b": torch.zeros(2)}
+    b = {"b": torch.ones(2), "w": torch.full((3,), 3.0)}
+    out = weighted_average([a, b], [1, 3])
+    assert list(out) == ["w", "b"] and torch.equal(out["w"], torch.full((3,), 2.5)) and torch.equal(out["b"], torch.full((2,), 0.75))
+    with pytest.raises(ValueError, match=r"clients\[1\] must have the keys of clients\[0\]: missing \['b'\], unexpected \['c'\]"):
+        weighted_average([a, {"w": torch.ones(3), "c": torch.ones(2)}], [1, 1])
+
+
+def test_streaming_average_refuses_what_it_cannot_fold_exactly():
+    from fedsq_fast import StreamingAverage
+
+    for w in (1e39, 1e-46):
+        with pytest.raises(ValueError, match="outside float32's range"):
+            StreamingAverage().add(torch.ones(2), w)
+    with pytest.raises(TypeError, match="weight must be a real number"):
+        StreamingAverage().add(torch.ones(2), "3")
+    for vals, ws in (([2**62], [3, 1]), ([-2**63], [1, 1])):
+        sa = StreamingAverage()
+        with pytest.raises(ValueError, match=r"client #0\['tensor'\]: integer values up to .* overflow the int64"):
+            for w in ws:
+                sa.add(torch.tensor(vals), w)
+    sa = StreamingAverage()
+    sa.add(torch.tensor([7, 8]), 3)
+    sa.add(torch.tensor([9, 10]), 1)
+    assert sa.result().tolist() == [8, 8]  # 7.5 and 8.5, rounded half to even
+    with pytest.raises(TypeError, match="out must have the structure of a client"):
+        sa.result(out="x")
