@@ -27,9 +27,9 @@ CAP_BUILD=140 CAP_TESTS=120 CAP_TESTS_OTHER=40 CAP_SANITIZER=80 CAP_BENCH=60
 SANITIZE_K="equal_cpu or layouts or misaligned or list_ops or sq_dist or integer or streaming or backward"
 # pip first (it records the torch it built for, which the loader checks); no pip: setup.py in place.
 STEP_BUILD="export TORCH_CUDA_ARCH_LIST=\"\$ARCH\" FEDSQ_FAST_CUDA=1 MAX_JOBS=\$(nproc); $PY -m pip install --no-build-isolation --no-deps --no-index -q -e . || $PY setup.py build_ext --inplace"
-STEP_TESTS="$PY -m pytest tests/test_ops_cuda.py -q -p no:cacheprovider -rs"
-STEP_TESTS_OTHER="$PY -m pytest tests/ -q -p no:cacheprovider -rs -k 'cuda or gpu' --ignore=tests/test_ops_cuda.py"
-STEP_SANITIZER="FEDSQ_CUDA_TEST_SMALL=1 FEDSQ_FAST_CUDA_SYNC=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 99 $PY -m pytest tests/test_ops_cuda.py -q -p no:cacheprovider -x -k '$SANITIZE_K'"
+STEP_TESTS="$PY -m pytest tests/ops/test_ops_cuda.py -q -p no:cacheprovider -rs"
+STEP_TESTS_OTHER="$PY -m pytest tests/ -q -p no:cacheprovider -rs -k 'cuda or gpu' --ignore=tests/ops/test_ops_cuda.py"
+STEP_SANITIZER="FEDSQ_CUDA_TEST_SMALL=1 FEDSQ_FAST_CUDA_SYNC=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 99 $PY -m pytest tests/ops/test_ops_cuda.py -q -p no:cacheprovider -x -k '$SANITIZE_K'"
 STEP_BENCH="FEDSQ_BENCH_OUT=gpu-bench-$STAMP.md $PY -m pytest benchmarks/ -q -p no:cacheprovider --benchmark-only -k 'gpu or cuda'"
 
 if [ "${GPU_CHECK_PLAN:-0}" = "1" ]; then

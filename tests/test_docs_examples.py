@@ -10,7 +10,7 @@ Extracted from the Markdown, not copied here, so the text users copy is what is 
 - a block after ``<!-- file: NAME -->`` is written to NAME first (e.g. my.toml).
 Not run here, and why: the install and test commands (CI runs them: `.ci/run` executes the
 README's test command), `pytest benchmarks/ --benchmark-only` (its collection is tested in
-test_user_paths.py), and docs/flower.md's multi-machine deployment commands (tests/test_flower.py
+test_user_paths.py), and docs/flower.md's multi-machine deployment commands (tests/flower/test_flower.py
 runs the Flower apps on loopback). Any other command line fails this test until it is
 classified, so a new example cannot go untested by accident."""
 import os
@@ -26,7 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-NOT_RUN_DOCS = {"flower.md": "multi-machine Flower deployment: tests/test_flower.py runs the apps on loopback"}
+NOT_RUN_DOCS = {"flower.md": "multi-machine Flower deployment: tests/flower/test_flower.py runs the apps on loopback"}
 # Setup and test commands, run by CI itself (.ci/run) rather than here.
 SKIP_PREFIXES = ("python3 -m venv", ". .venv/bin/activate", "pip install", "python -m pytest tests/",
                  "pytest benchmarks/")

@@ -18,7 +18,7 @@
 #include "kernels.h"
 
 #if FEDSQ_ISA > 0 && !defined(FEDSQ_EMULATED_SIMD)
-#include <immintrin.h>  // (tests/emulated/ compiles this file against SIMDe instead)
+#include <immintrin.h>  // (tests/ops/emulated/ compiles this file against SIMDe instead)
 #endif
 
 struct f16_t { uint16_t x; };

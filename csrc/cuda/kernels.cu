@@ -90,7 +90,7 @@ __device__ __forceinline__ uint32_t or_group(uint32_t x) {
   return x;
 }
 
-// The grid's tile walk (tiles.h, replayed on the CPU by tests/emulated/tile_check.cpp).
+// The grid's tile walk (tiles.h, replayed on the CPU by tests/ops/emulated/tile_check.cpp).
 template <int V, int U>
 struct TileLoop : TileIdx {
   __device__ TileLoop(int64_t n)

@@ -1,5 +1,5 @@
 // Index arithmetic of the CUDA vector kernels, host- and device-callable so
-// that tests/emulated/tile_check.cpp can replay every (block, thread, step) of
+// that tests/ops/emulated/tile_check.cpp can replay every (block, thread, step) of
 // a launch on the CPU and check coverage, mask words and channels exactly.
 #pragma once
 #include <cstdint>

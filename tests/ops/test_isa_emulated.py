@@ -1,4 +1,4 @@
-"""The AVX-512 and AVX2 kernels on any x86 CPU: tests/emulated/isa_check.cpp
+"""The AVX-512 and AVX2 kernels on any x86 CPU: tests/ops/emulated/isa_check.cpp
 compiles the kernel source against SIMDe (portable implementations of the
 intrinsics) and compares every kernel, bit for bit, with the scalar variant.
 This is what checks the AVX-512 path on CPUs without AVX-512 (such as CI's).
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SIMDE = Path("/usr/include/simde/x86/avx512.h")
 
 
@@ -18,7 +18,7 @@ def test_vector_kernels_match_scalar_under_emulation(tmp_path):
     exe = tmp_path / "isa_check"
     build = subprocess.run(
         ["g++", "-std=c++17", "-O1", "-ffp-contract=off", f"-I{ROOT / 'csrc'}", "-Wno-deprecated-declarations",
-         str(ROOT / "tests" / "emulated" / "isa_check.cpp"), "-o", str(exe)],
+         str(ROOT / "tests" / "ops" / "emulated" / "isa_check.cpp"), "-o", str(exe)],
         capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-3000:]
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)

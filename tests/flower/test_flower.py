@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import small_config, draw_seed
 
 pytest.importorskip("flwr")
 
@@ -27,16 +28,12 @@ from fedsq_fast.flower import FedSQStrategy, arrays_to_state, state_to_arrays  #
 from fedsq_fast.flower import app as A  # noqa: E402
 from fedsq_fast.flower import arrays as flower_arrays  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 torch.set_num_threads(1)
 
 
 def _cfg(**kw):
-    base = dict(dataset="digits", model="tiny_cnn", rounds=2, num_clients=3, max_train_samples=None,
-                val_size=200, max_test_samples=200, lr=0.05, methods=["fedsq"], probe_size=16,
-                min_partition_size=5, threads=1, seed=int(np.random.default_rng().integers(1000)))
-    base.update(kw)
-    return from_mapping(base)
+    return small_config(**{**dict(rounds=2, num_clients=3, methods=['fedsq']), **kw})
 
 
 def _state(gen):
@@ -58,7 +55,7 @@ def task_identity():
 
 @pytest.fixture
 def gen():
-    return torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    return torch.Generator().manual_seed(draw_seed(2**31))
 
 
 # ---------------------------------------------------------------- arrays

@@ -2,7 +2,7 @@
 // compiled with FEDSQ_ISA=2 against SIMDe's portable implementations of the
 // _mm512_* intrinsics and compared, bit for bit, with the scalar variant on
 // random inputs with edge values, odd sizes and every dtype.
-// Built and run by tests/test_isa_emulated.py (skipped when SIMDe is absent).
+// Built and run by tests/ops/test_isa_emulated.py (skipped when SIMDe is absent).
 #define SIMDE_ENABLE_NATIVE_ALIASES
 #include <simde/x86/avx512.h>
 #include <simde/x86/fma.h>

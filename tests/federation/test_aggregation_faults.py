@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import small_config, draw_seed
 
 from fedsq_fast.federation import Federation, from_mapping, make_strategy, prepare_data
 from fedsq_fast.federation import data as D
@@ -43,7 +44,7 @@ def _bn_state(gen, n=6):
     (("bn.num_batches_tracked", -5), r"integer values in \[-5"),
 ])
 def test_one_absurd_finite_reply_is_rejected_and_the_others_averaged(poison, match):
-    gen = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    gen = torch.Generator().manual_seed(int(np.random.default_rng(draw_seed(2**31)).integers(1 << 30)))
     g = _bn_state(gen)
     clients = [_bn_state(gen) for _ in range(4)]
     key, val = poison
@@ -85,9 +86,8 @@ def test_a_non_finite_aggregate_is_rolled_back_with_the_server_state(name):
 
 
 def test_a_poisoned_client_never_sinks_the_run(tmp_path, bundle):
-    cfg = from_mapping(dict(dataset="digits", model="tiny_cnn", rounds=3, num_clients=4, val_size=200,
-                            max_test_samples=100, batch_size=32, lr=0.05, probe_size=8, min_partition_size=5,
-                            threads=1, seed=int(np.random.default_rng().integers(1000))))
+    cfg = small_config(rounds=3, num_clients=4, max_test_samples=100, batch_size=32, probe_size=8,
+                       methods=["fedavg"])
     data = prepare_data(cfg, bundle)
 
     def hook(rnd, cid, state):  # client 1 sends an absurd but finite BatchNorm variance every round
@@ -112,7 +112,7 @@ def test_a_poisoned_client_never_sinks_the_run(tmp_path, bundle):
 def test_robust_aggregators_equal_numpy_and_scipy(kind, k):
     from scipy import stats as sps
 
-    gen = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    gen = torch.Generator().manual_seed(int(np.random.default_rng(draw_seed(2**31)).integers(1 << 30)))
     g = _bn_state(gen)
     g["half"] = torch.randn(7, generator=gen).half()
     clients = []
@@ -170,7 +170,7 @@ def test_the_config_chooses_the_aggregator_on_every_path(bundle):
 def test_weighted_average_weights_are_real_numbers_and_may_be_huge():
     from fedsq_fast import weighted_average
 
-    gen = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    gen = torch.Generator().manual_seed(int(np.random.default_rng(draw_seed(2**31)).integers(1 << 30)))
     xs = [torch.randn(37, generator=gen) for _ in range(3)]
     ref = (xs[0].double() + xs[1].double() + xs[2].double()) / 3
     torch.testing.assert_close(weighted_average(xs, [1e308] * 3).double(), ref, rtol=1e-6, atol=1e-6)

@@ -16,7 +16,7 @@ import torch
 import fedsq_fast as ff
 from fedsq_fast import ops, reference as ref
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPILED = ff.backend() == "compiled"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SIZES = [0, 1, 7, 8, 31, 32, 33, 63, 64, 65, 1000, 4099, 70001]

@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import small_config
 
 from fedsq_fast.federation import Federation, from_mapping, prepare_data, validate
 from fedsq_fast.federation import data as D
@@ -15,11 +16,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
 
 def _cfg(**kw):
-    base = dict(dataset="digits", model="tiny_cnn", rounds=3, num_clients=5, max_train_samples=None,
-                val_size=200, max_test_samples=200, lr=0.05, methods=["fedavg"], probe_size=16,
-                min_partition_size=5, threads=1, seed=int(np.random.default_rng().integers(1000)))
-    base.update(kw)
-    return from_mapping(base)
+    return small_config(**kw)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 
 from fedsq_fast import experiments as ex
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "experiments" / "smoke.toml"
 
 

@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import small_config, draw_seed
 
 from fedsq_fast.federation import Federation, from_mapping, prepare_data
 from fedsq_fast.federation import checkpoint as C
@@ -17,11 +18,7 @@ torch.set_num_threads(1)
 
 
 def _cfg(**kw):
-    base = dict(dataset="digits", model="tiny_cnn", rounds=4, num_clients=4, val_size=200, max_test_samples=100,
-                batch_size=32, lr=0.05, methods=["fedadam"], probe_size=8, min_partition_size=5, threads=1,
-                seed=int(np.random.default_rng().integers(1000)))
-    base.update(kw)
-    return from_mapping(base)
+    return small_config(**{**dict(rounds=4, num_clients=4, max_train_samples=None, val_size=200, max_test_samples=100, batch_size=32, methods=['fedadam'], probe_size=8), **kw})
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +73,7 @@ def test_damaged_latest_falls_back_to_previous_and_ends_bit_exact(tmp_path, unin
     cfg, data, full = uninterrupted
     ck = _interrupted(tmp_path, cfg, data, "fedadam", stop=2)
     assert C.load(C.previous(ck))[1]["round"] == 1
-    _damage(ck, how, np.random.default_rng())
+    _damage(ck, how, np.random.default_rng(draw_seed(2**31)))
     with pytest.warns(UserWarning, match="resuming from the previous checkpoint .*round 1"):
         res = _resume(tmp_path, cfg, data, "fedadam")
     _equal(_flat(full.model), _flat(res.model))
@@ -90,7 +87,7 @@ def test_no_good_checkpoint_is_an_error_naming_the_files(tmp_path, bundle):
     data = prepare_data(cfg, bundle)
     ck = _interrupted(tmp_path, cfg, data, "fedadam", stop=1)
     assert not C.previous(ck).exists()  # round 1 is the first file
-    _damage(ck, "bitflip", np.random.default_rng())
+    _damage(ck, "bitflip", np.random.default_rng(draw_seed(2**31)))
     with pytest.raises(C.CheckpointError, match=rf"no usable checkpoint: checkpoint {ck}: content does not match its sha256"):
         _resume(tmp_path, cfg, data, "fedadam")
     ck.unlink()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import draw_seed
 import torch.nn.functional as F
 from torch import nn
 
@@ -18,11 +19,11 @@ from fedsq_fast.federation import (Federation, InputSpec, federate, from_mapping
 from fedsq_fast.federation import data as D
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _seed():
-    return int(np.random.default_rng().integers(1000))
+    return draw_seed()
 
 
 class UserCNN(nn.Module):

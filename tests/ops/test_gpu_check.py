@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 
 
@@ -59,7 +59,7 @@ def test_plan_fits_the_budget_and_selects_real_tests():
     from _pytest.mark.expression import Expression
 
     env = dict(os.environ, FEDSQ_CUDA_TEST_SMALL="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "tests/test_ops_cuda.py", "benchmarks/bench_ops.py",
+    r = subprocess.run([sys.executable, "-m", "pytest", "tests/ops/test_ops_cuda.py", "benchmarks/bench_ops.py",
                         "--collect-only", "-q", "-p", "no:cacheprovider"],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     ids = [line for line in r.stdout.splitlines() if "::" in line]
@@ -68,7 +68,7 @@ def test_plan_fits_the_budget_and_selects_real_tests():
         ex = Expression.compile(expr)
         return [i for i in ids if i.startswith(prefix) and ex.evaluate(lambda name: name in i)]
 
-    sanitized = selected(steps["sanitize-k"], "tests/test_ops_cuda.py")
+    sanitized = selected(steps["sanitize-k"], "tests/ops/test_ops_cuda.py")
     assert 50 <= len(sanitized) <= 150, len(sanitized)
     bench_k = shlex.split(steps["bench"][1])
     gpu_bench = selected(bench_k[bench_k.index("-k") + 1], "benchmarks/bench_ops.py")
