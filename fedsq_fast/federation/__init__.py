@@ -6,6 +6,7 @@ training is a pure function (a Flower ClientApp can call ``local_train``), and
 FedSQ is the DualCopy model under any strategy (see :mod:`.adapter`).
 """
 from .adapter import build_model, gate_stability, list_models, load_payload, payload_state  # noqa: F401
+from .callbacks import Callback  # noqa: F401
 from .client import LocalConfig, derive_seed, evaluate, local_train  # noqa: F401
 from .config import RunConfig, from_mapping, load_file, parse_method, validate  # noqa: F401
 from .data import DATASETS, DataBundle, InMemoryDataset, InputSpec, input_spec_of, load_dataset, make_bundle  # noqa: F401

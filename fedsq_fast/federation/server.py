@@ -225,7 +225,8 @@ class Federation:
     """
 
     def __init__(self, cfg: RunConfig, method: str, data: FedData, model_fn=None,
-                 out_dir=None, client_hook=None, quiet: bool = False):
+                 out_dir=None, client_hook=None, quiet: bool = False, callbacks=()):
+        self.callbacks = list(callbacks)
         self.cfg = cfg
         self.method = method
         self.strategy_name, self.dual, self.ablation, self.every = parse_method(method)
@@ -536,12 +537,18 @@ class Federation:
                          quiet=self.quiet, leave=False)
         lines = not self.quiet and rbar.disable  # no bar drawn: one line per round instead
         t_start = time.perf_counter()
+        for cb in self.callbacks:
+            cb.on_run_start(self, start)
         try:
             for rnd in range(start, last + 1):
+                for cb in self.callbacks:
+                    cb.on_round_start(self, rnd)
                 with _progress(total=len(self.sample_clients(rnd)), desc=f"round {rnd}", unit="client",
                                quiet=self.quiet, leave=False) as cbar:
                     rec = self.run_round(rnd, cbar)
                 self._annotate(rec)
+                for cb in self.callbacks:
+                    cb.on_round_end(self, rec)
                 self.history.append(rec)
                 t = time.perf_counter()
                 self.save_checkpoint(rnd)
@@ -562,7 +569,10 @@ class Federation:
             _, summary["test_acc"] = self.evaluate(self.data.test_x, self.data.test_y)
         if self.out_dir is not None:
             write_metrics(self.out_dir, self.method, self.cfg, self.history, summary)
-        return RunResult(self.method, self.history, summary, self.out_dir, self.model)
+        result = RunResult(self.method, self.history, summary, self.out_dir, self.model)
+        for cb in self.callbacks:
+            cb.on_run_end(self, result)
+        return result
 
 
 # ---------------------------------------------------------------- metrics
