@@ -303,18 +303,18 @@ class SuiteFederation(Federation):
                 self.model.mask_cache = cache
         return m
 
-    def run_round(self, rnd, bar=None):
+    def run_round(self, rnd):
         # a full copy every round (small next to a round): after a structural refresh the
         # previous model keeps its own structural copy, so each model is compared by its own gates
         self._prev = self._snapshot()
         prev_w = {k: v.detach().clone() for k, v in adapter.payload_state(self._prev).items() if k in self._keys}
-        rec = super().run_round(rnd, bar)
+        rec = super().run_round(rnd)
         t = time.perf_counter()
         w = adapter.payload_state(self.model)
         rec["weight_step_rel"] = _dist(w, prev_w, self._keys) / self._w0_norm
         rec["weight_dist_rel"] = _dist(w, self._w0, self._keys) / self._w0_norm
         try:
-            g = adapter.gate_stability(self._prev, self.model, self.data.transform(self.data.probe))
+            g = adapter.gate_change_sites(self._prev, self.model, self.data.transform(self.data.probe))
             rec["gate_flip_prev"] = float(np.mean(g)) if g else float("nan")
         except Exception as e:  # a metric must not stop the suite
             rec["gate_flip_prev"] = float("nan")

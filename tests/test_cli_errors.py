@@ -12,7 +12,7 @@ import pytest
 from fedsq_fast import cli
 from fedsq_fast.federation import config as cfgmod
 from fedsq_fast.federation import data as datamod
-from fedsq_fast.federation import server
+from fedsq_fast.federation import prepare
 
 # a run that would start quickly if nothing were wrong (digits + tiny_cnn, one round)
 TINY = ["--dataset", "digits", "--model", "tiny_cnn", "--weights", "none", "--num-clients", "2",
@@ -26,7 +26,7 @@ def no_data(monkeypatch):
     def trip(*a, **k):
         raise AssertionError("data was loaded before the mistake was reported")
 
-    monkeypatch.setattr(server, "load_dataset", trip)
+    monkeypatch.setattr(prepare, "load_dataset", trip)
     monkeypatch.setattr(datamod, "load_dataset", trip)
 
 
@@ -252,7 +252,7 @@ def test_internal_errors_keep_their_traceback(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise TypeError("internal bug")
 
-    monkeypatch.setattr(server, "load_dataset", boom)
+    monkeypatch.setattr(prepare, "load_dataset", boom)
     with pytest.raises(TypeError, match="internal bug"):
         cli.main(["run", *TINY, *_out(tmp_path)])
 

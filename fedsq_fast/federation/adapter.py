@@ -356,9 +356,11 @@ def _regime_codes(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return codes
 
 
-def gate_stability(model_a: nn.Module, model_b: nn.Module, probe: torch.Tensor) -> list[float]:
-    """Per gate site, the fraction of gates that differ between two models on ``probe``.
-    Uses fedsq_fast.models.gate_stability when it exists (DualCopy models)."""
+def gate_change_sites(model_a: nn.Module, model_b: nn.Module, probe: torch.Tensor) -> list[float]:
+    """Per gate site, in site order, the fraction of gates that differ between two versions
+    of a network on ``probe`` (the engine's ``gate_change_sites``): DualCopy models through
+    :func:`fedsq_fast.models.gate_stability` (which returns {site: fraction}); plain modules
+    through forward hooks (no conversion per call)."""
     mm = models_module()
     f = getattr(mm, "gate_stability", None) if mm is not None else None
     if f is not None and is_dualcopy(model_a):  # plain models: hooks, no re-tracing per call

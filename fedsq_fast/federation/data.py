@@ -1,10 +1,10 @@
-"""Real datasets, preloaded into tensors, and the input transform for pretrained backbones.
+"""Datasets: the offline sources of the real datasets, preloaded into tensors, and your
+own data (:func:`make_bundle`).
 
 Small datasets are held in memory as float tensors in [0, 1] with their native
 channel count (N, C, H, W): on a 2-core CPU, DataLoader workers cost more than
-they save. Channel expansion (grey -> RGB) and normalisation are applied per
-batch by :class:`InputTransform` (both are cheap elementwise ops), resizing
-once at load time.
+they save. What the model expects of them (channels, size, normalisation) is
+:mod:`.inputs`' business.
 """
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from .inputs import (IMAGENET_MEAN, IMAGENET_STD, MODEL_INPUT, SVHN_MEAN, SVHN_STD, InputSpec,  # noqa: F401 (API)
+                     InputTransform, input_spec_of, input_transform_for)
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cinic10")
 CIFAR10_DIR = "cifar-10-batches-py"  # what torchvision's CIFAR10 reads under its root
@@ -369,154 +371,7 @@ def load_dataset(name: str, root: str | None = None, download: bool = False) -> 
     return load_image_folder(root, "cinic10")
 
 
-# ---------------------------------------------------------------- model input
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-SVHN_MEAN = (0.4377, 0.4438, 0.4728)
-SVHN_STD = (0.1980, 0.2010, 0.1970)
 
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What a model expects as input: ``channels``, square ``size`` in px (None: the data's
-    own size, no resize) and per-channel ``mean``/``std`` (None: no normalisation, the data
-    is fed as given)."""
-
-    channels: int
-    size: int | None = None
-    mean: tuple | None = None
-    std: tuple | None = None
-
-    def __post_init__(self):
-        if isinstance(self.channels, bool) or not isinstance(self.channels, int) or self.channels < 1:
-            raise ValueError(f"input_spec.channels must be a positive int, got {self.channels!r}")
-        if self.size is not None and (isinstance(self.size, bool) or not isinstance(self.size, int)
-                                      or not 1 <= self.size <= 4096):
-            raise ValueError(f"input_spec.size must be None or an int in [1, 4096], got {self.size!r}")
-        if (self.mean is None) != (self.std is None):
-            raise ValueError("input_spec: give both mean and std, or neither")
-        for k in ("mean", "std"):
-            v = getattr(self, k)
-            if v is None:
-                continue
-            v = tuple(float(t) for t in v)
-            if len(v) != self.channels or not all(math.isfinite(t) for t in v):
-                raise ValueError(f"input_spec.{k} must hold {self.channels} finite numbers, got {getattr(self, k)!r}")
-            if k == "std" and not all(t > 0 for t in v):
-                raise ValueError(f"input_spec.std must be positive, got {v!r}")
-            object.__setattr__(self, k, v)
-
-
-# The zoo models' specs by name, for configs that name a zoo model (the CLI, suites). DEFAULT
-# sizes for ImageNet backbones are ours (32/64 px instead of 224) so that CPU runs stay short;
-# override with image_size. A model passed as model_fn states its own spec (input_spec_of).
-MODEL_INPUT = {
-    "svhn_cnn": (3, 32, SVHN_MEAN, SVHN_STD),
-    "mobilenet_v2": (3, 32, IMAGENET_MEAN, IMAGENET_STD),
-    "resnet18": (3, 32, IMAGENET_MEAN, IMAGENET_STD),
-    "alexnet": (3, 64, IMAGENET_MEAN, IMAGENET_STD),
-}
-
-
-def input_spec_of(model) -> InputSpec | None:
-    """The input spec a model states: ``model.input_spec`` (an InputSpec or a (channels,
-    size, mean, std) tuple), else the zoo attributes ``input_channels`` / ``input_size`` /
-    ``input_mean`` / ``input_std`` (a DualCopy model keeps them in ``config``), else the
-    ``in_channels`` of its first Conv2d (size and normalisation then stay the data's own).
-    None when the model states nothing (e.g. an MLP)."""
-    from torch import nn
-
-    spec = getattr(model, "input_spec", None)
-    if isinstance(spec, InputSpec):
-        return spec
-    if isinstance(spec, (tuple, list)) and len(spec) == 4:
-        return InputSpec(int(spec[0]), spec[1], spec[2], spec[3])
-    attrs = dict(getattr(model, "config", None) or {}) if isinstance(getattr(model, "config", None), dict) else {}
-    for k in ("input_channels", "input_size", "input_mean", "input_std"):
-        if hasattr(model, k):
-            attrs[k] = getattr(model, k)
-    if "input_channels" in attrs:
-        return InputSpec(int(attrs["input_channels"]), attrs.get("input_size"),
-                         attrs.get("input_mean"), attrs.get("input_std"))
-    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    if first is not None:
-        return InputSpec(int(first.in_channels))
-    return None
-
-
-@dataclass
-class InputTransform:
-    """Per-batch: grey -> `channels` by repetition, then (x - mean) / std (identity when
-    mean/std are None)."""
-
-    channels: int
-    size: int | None
-    mean: tuple | None
-    std: tuple | None
-
-    def __post_init__(self):
-        mean = self.mean if self.mean is not None else (0.0,) * self.channels
-        std = self.std if self.std is not None else (1.0,) * self.channels
-        self._mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self._std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        self._identity = self.mean is None
-
-    def resize(self, x: torch.Tensor, batch: int = 2048) -> torch.Tensor:
-        """Resize once at load time (bilinear, antialiased when shrinking)."""
-        if self.size is None or tuple(x.shape[-2:]) == (self.size, self.size):
-            return x
-        out = [F.interpolate(x[i:i + batch], size=(self.size, self.size), mode="bilinear",
-                             align_corners=False, antialias=x.shape[-1] > self.size)
-               for i in range(0, len(x), batch)]
-        out = torch.cat(out)
-        # images in [0, 1] stay there (bilinear overshoot); other value ranges are the user's
-        return out.clamp_(0.0, 1.0) if bool(x.min() >= 0) and bool(x.max() <= 1) else out
-
-    def check_channels(self, data_channels: int) -> None:
-        """Refuse, before any work, data whose channel count cannot be mapped to the model's."""
-        if data_channels != self.channels and data_channels != 1 and self.channels != 1:
-            raise ValueError(f"input channels: the data has {data_channels}, the model takes {self.channels}; "
-                             "only grey -> RGB (repeated) and RGB -> grey (mean) are converted: pass "
-                             "input_spec=InputSpec(channels=...) matching your model, or convert the data")
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] != self.channels:
-            if x.shape[1] == 1:
-                x = x.expand(-1, self.channels, -1, -1)
-            elif self.channels == 1:
-                x = x.mean(1, keepdim=True)  # RGB -> grey for grey models
-            else:
-                raise ValueError(f"cannot map {x.shape[1]} input channels to {self.channels}")
-        if self._identity:
-            return x
-        if self._mean.device != x.device:
-            self.to(x.device)
-        return (x - self._mean) / self._std
-
-    def to(self, device) -> "InputTransform":
-        """Keep the normalisation constants on the data's device (in place; returns self)."""
-        self._mean, self._std = self._mean.to(device), self._std.to(device)
-        return self
-
-
-def input_transform_for(model_name: str | None, model=None, image_size: int | None = None,
-                        data_channels: int = 1, spec: InputSpec | None = None) -> InputTransform:
-    """The input transform: ``spec`` if given, else what ``model`` states
-    (:func:`input_spec_of`), else the zoo spec of ``model_name`` (:data:`MODEL_INPUT`), else
-    the data's own shape with mean 0.5 / std 0.5 (the built-in toy models)."""
-    if spec is None and model is not None:
-        spec = input_spec_of(model)
-    if spec is None and model_name in MODEL_INPUT:
-        spec = InputSpec(*MODEL_INPUT[model_name])
-    if spec is None:
-        spec = InputSpec(data_channels, None, (0.5,) * data_channels, (0.5,) * data_channels)
-    size = int(image_size) if image_size is not None else spec.size
-    tf = InputTransform(spec.channels, size, spec.mean, spec.std)
-    tf.check_channels(data_channels)
-    return tf
-
-
-# ---------------------------------------------------------------- your own data
 def _to_float_images(x, arg: str) -> torch.Tensor:
     """(N, C, H, W) float32 from a tensor/array: uint8 is scaled to [0, 1]; (N, H, W) gets C = 1."""
     if isinstance(x, np.ndarray):

@@ -4,9 +4,116 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import MutableMapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
+
+_NAN = float("nan")
+
+
+def _col(default=_NAN, csv=True, **kw):
+    return field(default=default, metadata={"csv": csv}, **kw)
+
+
+@dataclass(eq=False)
+class RoundRecord(MutableMapping):
+    """One round of a run, as metrics.json (``history``), metrics.csv and checkpoints hold it.
+
+    Declared fields are the engine's (in CSV column order); callbacks add their own keys
+    (``record["gate_flip_prev"] = x``), kept in ``extra`` and written to JSON after the
+    declared ones. It is a mapping, so ``rec["val_acc"]`` and ``dict(rec)`` work on
+    records and on their JSON form alike. Round 0 is the initial model.
+    """
+
+    round: int
+    val_loss: float = _col()
+    val_acc: float = _col()
+    best_val_acc: float = _col()
+    best_round: int = _col(0)
+    train_loss: float = _col()
+    clients_sampled: int = _col(0)
+    clients_ok: int = _col(0)
+    samples: int = _col(0)
+    client_drift: float = _col()
+    update_norm: float = _col()
+    gate_change: float = _col()  # mean fraction of gates flipped since round 0 (GateStability)
+    bytes_up: int = _col(0)
+    bytes_down: int = _col(0)
+    time_client_s: float = _col(0.0)
+    time_eval_s: float = _col(0.0)
+    time_engine_s: float = _col(0.0)
+    time_other_s: float = _col(0.0)
+    time_round_s: float = _col(0.0)
+    elapsed_s: float = _col(0.0)
+    round_skipped: bool = _col(False)
+    rolled_back: str | None = _col(None)  # why the aggregate was discarded, when it was
+    structural_refreshed: bool = _col(False)
+    clients_dropped: list = _col(csv=True, default=None)  # [[client, reason], ...]
+    gate_change_sites: list = _col(csv=False, default=None)
+    time_checkpoint_s: float | None = _col(csv=False, default=None)
+    extra: dict = field(default_factory=dict, metadata={"csv": False})
+
+    def __post_init__(self):
+        if self.clients_dropped is None:
+            self.clients_dropped = []
+        if self.gate_change_sites is None:
+            self.gate_change_sites = []
+
+    # -- mapping view: declared fields, then extra keys (time_checkpoint_s only once set)
+    def _declared(self, key) -> bool:
+        return key in _FIELDS and (key != "time_checkpoint_s" or self.time_checkpoint_s is not None)
+
+    def __getitem__(self, key):
+        if self._declared(key):
+            return getattr(self, key)
+        return self.extra[key]
+
+    def __setitem__(self, key, value) -> None:
+        if key in _FIELDS:
+            setattr(self, key, value)
+        else:
+            self.extra[key] = value
+
+    def __delitem__(self, key) -> None:
+        if key in _FIELDS:
+            raise KeyError(f"{key} is a field of every round record; it cannot be removed")
+        del self.extra[key]
+
+    def __iter__(self):
+        yield from (k for k in _FIELDS if self._declared(k))
+        yield from self.extra
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, (RoundRecord, dict)) and dict(self) == dict(other)
+
+    def to_dict(self) -> dict:
+        """The record as one flat dict (JSON form, before :func:`jsonable`)."""
+        return {k: self[k] for k in self}
+
+    @classmethod
+    def from_dict(cls, d) -> "RoundRecord":
+        """A record from its JSON form (keys not declared go to ``extra``)."""
+        if isinstance(d, RoundRecord):
+            return d
+        rec = cls(round=d["round"])
+        for k, v in d.items():
+            rec[k] = v
+        return rec
+
+    def csv_row(self) -> dict:
+        """The record's CSV row (``clients_dropped`` as JSON text)."""
+        row = {k: getattr(self, k) for k in CSV_FIELDS}
+        row["clients_dropped"] = json.dumps(self.clients_dropped)
+        return row
+
+
+_FIELDS = tuple(f.name for f in fields(RoundRecord) if f.name != "extra")
+CSV_FIELDS = tuple(f.name for f in fields(RoundRecord) if f.metadata.get("csv"))
 
 
 def summarize(history: list[dict], target: float | None = None) -> dict:
@@ -33,18 +140,11 @@ def summarize(history: list[dict], target: float | None = None) -> dict:
     }
 
 
-CSV_FIELDS = ("round", "val_loss", "val_acc", "best_val_acc", "best_round", "train_loss",
-              "clients_sampled", "clients_ok", "samples", "client_drift", "update_norm", "gate_change",
-              "bytes_up", "bytes_down", "time_client_s", "time_eval_s", "time_engine_s",
-              "time_other_s", "time_round_s", "elapsed_s", "round_skipped", "rolled_back", "structural_refreshed",
-              "clients_dropped")
-
-
 def jsonable(o):
     """``o`` with non-finite floats as None and numpy scalars as Python numbers (strict JSON)."""
     if isinstance(o, float) and not math.isfinite(o):
         return None
-    if isinstance(o, dict):
+    if isinstance(o, (dict, RoundRecord)):
         return {k: jsonable(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
         return [jsonable(v) for v in o]
@@ -66,6 +166,4 @@ def write_metrics(out_dir: Path, method: str, cfg, history: list, summary: dict)
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
         for h in history:
-            row = dict(h)
-            row["clients_dropped"] = json.dumps(h["clients_dropped"])
-            w.writerow(row)
+            w.writerow(RoundRecord.from_dict(h).csv_row())

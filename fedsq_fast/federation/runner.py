@@ -66,12 +66,18 @@ def check_methods_supported(methods) -> None:
 
 
 def run_methods(cfg: RunConfig, out_dir=None, resume=False, quiet=False, echo=print, *, bundle=None,
-                model_fn=None, input_spec=None, progress: bool | None = None) -> dict:
-    """All of ``cfg.methods`` on one data split; returns {method: RunResult}.
+                model_fn=None, input_spec=None, progress: bool | None = None, transport_fn=None,
+                callbacks_fn=None, before_methods=None) -> dict:
+    """All of ``cfg.methods`` on one data split; returns {method: RunResult}. The one driver
+    of every runtime: validate, check files, prepare data, write the partition, run each
+    method's round loop.
 
     ``bundle``/``model_fn``/``input_spec``: your own data and model (see :func:`federate`);
     default: ``cfg.dataset`` and the zoo model ``cfg.model``. ``progress``: bars on a
-    terminal, else one line per round (default: not ``quiet``)."""
+    terminal, else one line per round (default: not ``quiet``). ``transport_fn(method)``:
+    how clients are reached (default in process; Flower passes a GridTransport);
+    ``callbacks_fn(method)``: extra callbacks per method; ``before_methods(data)``: called
+    once the data is ready (Flower waits for its nodes there)."""
     names = None if model_fn is not None else adapter.list_models()
     validate(cfg, names, own_data=bundle is not None)
     check_sources(cfg, names, own_data=bundle is not None)  # data_root and weights files, before loading
@@ -93,10 +99,14 @@ def run_methods(cfg: RunConfig, out_dir=None, resume=False, quiet=False, echo=pr
              f"{'no normalisation' if tf.mean is None else 'normalised'} "
              f"({time.perf_counter() - t0:.1f} s)")
         echo(table)
+    if before_methods is not None:
+        before_methods(data)
     results = {}
     for m in cfg.methods:
         fed = Federation(cfg, m, data, model_fn=model_fn, out_dir=out / method_slug(m),
-                         quiet=quiet if progress is None else not progress)
+                         quiet=quiet if progress is None else not progress,
+                         transport=transport_fn(m) if transport_fn is not None else None,
+                         callbacks=callbacks_fn(m) if callbacks_fn is not None else ())
         if not quiet:
             i = fed.model_info
             what = (f"DualCopy({i['arch']}), {i['gate_sites']} gate site{'s' if i['gate_sites'] != 1 else ''}"

@@ -1,191 +1,37 @@
-"""The simulation engine: rounds of sampled clients trained in process, one at a time.
+"""The federation's round loop: sample, send the task, fold the replies, evaluate, save.
 
-Memory: the global model, one worker model (the client being trained) and the
-StreamingAverage accumulator; replies are folded as they arrive, never held.
-Every random choice is drawn from a seed derived from (seed, round, client), so
-a run resumed from a checkpoint computes the same model, bit for bit.
+One loop for every runtime. Where clients run is the transport's business
+(:mod:`.transport`: in process, or Flower SuperNodes through a Grid); what is recorded
+beside the engine's own numbers is the callbacks' (:mod:`.callbacks`). Memory: the global
+model and the StreamingAverage accumulator; replies are folded as they arrive, never held.
+Every random choice is drawn from a seed derived from (seed, round, client) (:mod:`.seeds`),
+so a run resumed from a checkpoint computes the same model, bit for bit.
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
-import math
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from . import adapter, checkpoint
-from .client import ClientTimeout, LocalConfig, derive_seed, evaluate, local_train
+from .callbacks import GateStability, Progress
+from .client import LocalConfig, evaluate
 from .config import RunConfig, config_differences, local_config, parse_method, resolve_device
-from .data import DataBundle, InputSpec, InputTransform, input_transform_for, load_dataset
-from .partition import class_counts, make_partition
-from .metrics import CSV_FIELDS, jsonable, summarize, write_metrics  # noqa: F401
+from .metrics import RoundRecord, summarize, write_metrics
+from .prepare import (FedData, build_method_model, call_model_fn, place_data,  # noqa: F401 (API)
+                      prepare_data, warn_little_data)
+from .seeds import client_seed, failure_draws, sample_clients  # noqa: F401 (API)
 from .strategy import AggregateStats, make_strategy
+from .transport import FoldTotals, InProcessTransport, RoundTask, Transport, fold
+from .trainer import new_mask_cache
 
 log = logging.getLogger("fedsq_fast.federation")
-
-# Stream ids for derive_seed: one independent stream per kind of random choice.
-_SPLIT, _PART, _MODEL, _SAMPLE, _FAIL, _CLIENT = 1, 2, 3, 4, 5, 6
-
-
-@dataclass
-class FedData:
-    """Everything data-related that all methods of one (dataset, seed, partition) share."""
-
-    x: torch.Tensor  # client pool, resized
-    y: torch.Tensor
-    parts: list  # per client: contiguous index ranges into x, y (the pool is stored client by client)
-    val_x: torch.Tensor
-    val_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    probe: torch.Tensor  # fixed batch for gate stability
-    transform: InputTransform
-    num_classes: int
-    classes: tuple = ()
-    counts: np.ndarray | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return self.x.device
-
-    _TENSORS = ("x", "y", "val_x", "val_y", "test_x", "test_y", "probe")
-
-    @property
-    def nbytes(self) -> int:
-        return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in self._TENSORS)
-
-    def to(self, device) -> "FedData":
-        """A copy with every tensor on ``device`` (the same object when already there)."""
-        device = torch.device(device)
-        if self.device == device:
-            return self
-        mv = {f: getattr(self, f).to(device) for f in self._TENSORS}
-        return dataclasses.replace(self, **mv, transform=copy.deepcopy(self.transform).to(device))
-
-
-def place_data(data: FedData, device) -> FedData:
-    """``data`` on ``device`` when it takes at most half the GPU's free memory; otherwise
-    the splits stay in host memory and each batch is copied as it is used (only the probe
-    batch moves)."""
-    device = torch.device(device)
-    if data.device == device or data.probe.device == device:
-        return data
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-        if data.nbytes > free // 2:
-            log.warning("data (%.1f GB) kept in host memory: more than half of %s's free %.1f GB; "
-                        "batches are copied as used", data.nbytes / 1e9, device, free / 1e9)
-            return dataclasses.replace(data, probe=data.probe.to(device))
-    return data.to(device)
-
-
-def prepare_data(cfg: RunConfig, bundle: DataBundle | None = None, model_name: str | None = None,
-                 *, input_spec: InputSpec | None = None, model=None) -> FedData:
-    """Load, split (server validation / client pool), subsample, resize and partition;
-    the tensors end on ``cfg.device`` when they fit (:func:`place_data`), which saves a
-    host-to-device copy per batch.
-
-    The model's input spec (channels, size, normalisation) is, in order: ``input_spec``,
-    what ``model`` states (:func:`~fedsq_fast.federation.data.input_spec_of`), the zoo spec
-    of ``model_name`` or ``cfg.model``. ``bundle``: your own data (:func:`make_bundle`);
-    default: ``cfg.dataset`` loaded from its source."""
-    bundle = bundle if bundle is not None else load_dataset(cfg.dataset, cfg.data_root, cfg.download)
-    tr = bundle.train
-    n = len(tr)
-    if cfg.val_size >= n:
-        raise ValueError(f"val_size ({cfg.val_size}) must be smaller than the training data ({n} samples)")
-    perm = np.random.default_rng(derive_seed(cfg.seed, _SPLIT)).permutation(n)
-    val_idx = perm[:cfg.val_size]
-    pool_idx = perm[cfg.val_size:]
-    if cfg.max_train_samples is not None:
-        pool_idx = pool_idx[:cfg.max_train_samples]
-    need = cfg.num_clients * max(1, cfg.min_partition_size if cfg.partition in ("dirichlet", "quantity") else 1)
-    if need > len(pool_idx):
-        raise ValueError(f"num_clients: {cfg.num_clients} clients need at least {need} samples in the client pool, "
-                         f"which holds {len(pool_idx)} ({n} training samples - val_size {cfg.val_size}"
-                         + (f", capped by max_train_samples {cfg.max_train_samples}" if cfg.max_train_samples else "")
-                         + "); lower num_clients, min_partition_size or val_size")
-    te = bundle.test
-    te_idx = np.random.default_rng(derive_seed(cfg.seed, _SPLIT, 1)).permutation(len(te))
-    if cfg.max_test_samples is not None:
-        te_idx = te_idx[:cfg.max_test_samples]
-    tf = input_transform_for(model_name or cfg.model, model=model, image_size=cfg.image_size,
-                             data_channels=tr.x.shape[1], spec=input_spec)
-    pool, val, test = tr.subset(pool_idx), tr.subset(val_idx), te.subset(te_idx)
-    parts = make_partition(cfg.partition, pool.y.numpy(), cfg.num_clients, alpha=cfg.alpha,
-                           min_partition_size=cfg.min_partition_size,
-                           shards_per_client=cfg.shards_per_client,
-                           seed=derive_seed(cfg.seed, _PART))
-    warn_little_data(cfg, n, [len(p) for p in parts])
-    counts = class_counts(pool.y.numpy(), parts, tr.num_classes)
-    # Store the pool client by client: a client's data is then a view (no gather per round).
-    order = torch.from_numpy(np.concatenate(parts))
-    ends = np.cumsum([len(p) for p in parts])
-    parts = [np.arange(e - len(p), e) for p, e in zip(parts, ends)]
-    vx = tf.resize(val.x)
-    data = FedData(tf.resize(pool.x[order]), pool.y[order], parts, vx, val.y, tf.resize(test.x), test.y,
-                   vx[:cfg.probe_size], tf, tr.num_classes, tr.classes, counts)
-    return place_data(data, resolve_device(cfg.device))
-
-
-def warn_little_data(cfg: RunConfig, n_train: int, sizes: list) -> list[str]:
-    """Warn (and return the messages) when the config leaves clients too little to learn
-    from: the median client gets less than one batch per round, or the server's validation
-    split takes most of the training data. Training still runs: small federations are
-    legitimate, silent ones that cannot learn are not."""
-    msgs = []
-    med = float(np.median(sizes)) if len(sizes) else 0.0
-    if med * cfg.local_epochs < cfg.batch_size:
-        msgs.append(f"the median client holds {med:g} samples: with batch_size={cfg.batch_size} and "
-                    f"local_epochs={cfg.local_epochs} that is about one optimizer step per client per round, "
-                    "too few to learn; lower batch_size or num_clients, raise local_epochs, or give the "
-                    "clients more data (val_size takes the server's validation split first)")
-    if cfg.val_size > n_train // 2:
-        msgs.append(f"val_size={cfg.val_size} takes {100 * cfg.val_size / n_train:.0f}% of the {n_train} training "
-                    "samples for the server's validation split; lower it so the clients keep most of the data")
-    for m in msgs:
-        warnings.warn(m, UserWarning, stacklevel=3)
-    return msgs
-
-
-def call_model_fn(model_fn, seed: int):
-    """``model_fn()`` with torch's RNG seeded from the run's seed: every method (and a resumed
-    run) starts from the same initial model even when model_fn draws a random init."""
-    torch.manual_seed(derive_seed(seed, _MODEL))
-    return model_fn()
-
-
-def build_method_model(cfg: RunConfig, dual: bool, data: FedData) -> nn.Module:
-    """The zoo model of ``cfg.model``, the same initial model (same head init) for every
-    method; :func:`adapter.method_model` then converts it for fedsq methods."""
-    torch.manual_seed(derive_seed(cfg.seed, _MODEL))
-    return adapter.build_model(cfg.model, data.num_classes, cfg.weights,
-                               in_channels=data.transform.channels,
-                               image_size=int(data.x.shape[-1]))
-
-
-def _progress(iterable=None, **kw):
-    """A tqdm bar on a terminal; disabled (no output) when quiet or when stderr is not a
-    terminal (there one line per round is logged instead: :meth:`Federation.run`)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, disable=kw.pop("quiet", False) or not sys.stderr.isatty(), **kw)
-
-
-def _round_line(method: str, rec: dict, rounds: int, rounds_left: int, per_round_s: float) -> str:
-    """The per-round progress line written where no bar can be drawn (logs, CI, notebooks)."""
-    eta = per_round_s * rounds_left
-    return (f"[{method}] round {rec['round']}/{rounds}: val_acc {rec['val_acc']:.4f} (best "
-            f"{rec['best_val_acc']:.4f}), {rec['clients_ok']}/{rec['clients_sampled']} clients, "
-            f"{rec['time_round_s']:.1f} s, ETA {eta:.0f} s")
 
 
 @dataclass
@@ -206,32 +52,23 @@ def make_method_strategy(cfg: RunConfig, method: str):
                          trim_fraction=cfg.trim_fraction)
 
 
-def client_seed(seed: int, rnd: int, cid: int) -> int:
-    """Seed of client ``cid``'s local training in round ``rnd`` (same on every runtime)."""
-    return derive_seed(seed, rnd, _CLIENT, cid)
-
-
-def failure_draws(seed: int, rnd: int, n: int) -> np.ndarray:
-    """Uniform draws deciding the simulated failures of a round's n sampled clients."""
-    return np.random.default_rng(derive_seed(seed, rnd, _FAIL)).random(n)
-
-
 class Federation:
     """One method (strategy, DualCopy or not, structural schedule) on one FedData.
 
-    ``model_fn()`` builds the initial model (default: :func:`build_method_model`);
-    ``client_hook(round, client, state) -> state`` lets tests corrupt a reply.
+    ``model_fn()`` builds the initial model (default: the zoo model ``cfg.model``);
+    ``transport`` reaches the clients (default: :class:`~.transport.InProcessTransport`);
+    ``callbacks`` add per-round records and side effects (:class:`~.callbacks.Callback`);
+    gate stability and, unless ``quiet``, progress are installed first.
+    ``client_hook(round, client, state) -> state`` (in process) lets tests corrupt a reply.
     """
 
     def __init__(self, cfg: RunConfig, method: str, data: FedData, model_fn=None,
-                 out_dir=None, client_hook=None, quiet: bool = False, callbacks=()):
-        self.callbacks = list(callbacks)
+                 out_dir=None, client_hook=None, quiet: bool = False, callbacks=(),
+                 transport: Transport | None = None):
         self.cfg = cfg
         self.method = method
         self.strategy_name, self.dual, self.ablation, self.every = parse_method(method)
-        self.data = data
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.client_hook = client_hook
         self.quiet = quiet
         self.strategy = make_method_strategy(cfg, method)
         self.device = resolve_device(cfg.device)
@@ -251,28 +88,37 @@ class Federation:
             raise ValueError(f"methods: {method!r} needs DualCopyModel.set_structural_from_quantitative(), "
                              "which this model does not have")
         self.initial = copy.deepcopy(self.model)  # gate-stability reference (round 0)
-        self._new_worker()
-        self.local_states: dict[int, dict] = {}
-        self.history: list[dict] = []
+        self._new_val_cache()
+        if transport is not None and client_hook is not None:
+            raise ValueError("client_hook: only the in-process transport calls it; pass it to that transport")
+        self.transport = transport if transport is not None else InProcessTransport(client_hook)
+        self.transport.bind(self)
+        self.callbacks = [GateStability()] + ([] if quiet else [Progress()]) + list(callbacks)
+        self.history: list[RoundRecord] = []
         self.elapsed = 0.0
+        self.last_round = cfg.rounds
         self.payload_bytes = adapter.state_bytes(adapter.payload_state(self.model))
         self.full_bytes = adapter.state_bytes(self.model.state_dict())
 
     # ------------------------------------------------------------------ pieces
-    def _new_worker(self) -> None:
-        """The model clients train in, and fresh mask caches (FedSQ) for the current
-        structural copy: one over the client pool (worker), one over the validation
-        split (global model; validation is then one quantitative forward)."""
-        if getattr(self.model, "mask_cache", None) is not None:
-            self.model.attach_cache(None)  # not deep-copied into the worker
-        self.worker = copy.deepcopy(self.model)
-        self.cache = None
-        if self.cfg.mask_cache and callable(getattr(self.worker, "attach_cache", None)):
-            mm = adapter.models_module()
-            # 'partial': samples beyond the 1 GiB budget are recomputed, never an error
-            self.cache = mm.MaskCache(len(self.data.y), max_bytes=1 << 30, policy="partial")
-            self.worker.attach_cache(self.cache)
-            self.model.attach_cache(mm.MaskCache(len(self.data.val_y), max_bytes=1 << 30, policy="partial"))
+    def _new_val_cache(self) -> None:
+        """A fresh mask cache over the validation split for the global model (FedSQ): its
+        structural copy is fixed, so validation is then one quantitative forward."""
+        if self.cfg.mask_cache:
+            new_mask_cache(self.model, len(self.data.val_y))
+
+    @property
+    def trainer(self):
+        """The in-process client trainer (worker model, mask cache, FedBN layers)."""
+        return getattr(self.transport, "trainer", None)
+
+    @property
+    def worker(self):
+        return self.trainer.worker if self.trainer is not None else None
+
+    @property
+    def cache(self):
+        return self.trainer.cache if self.trainer is not None else None
 
     @property
     def ckpt_path(self):
@@ -282,10 +128,11 @@ class Federation:
         return local_config(self.cfg, self.strategy.client_config(rnd).get("prox_mu", 0.0))
 
     def sample_clients(self, rnd: int) -> list[int]:
-        k = self.cfg.num_clients
-        m = min(k, max(self.cfg.min_clients, math.ceil(self.cfg.fraction * k - 1e-9)))
-        rng = np.random.default_rng(derive_seed(self.cfg.seed, rnd, _SAMPLE))
-        return sorted(int(i) for i in rng.choice(k, m, replace=False))  # fixed client order
+        return sample_clients(self.cfg, rnd)
+
+    def train_client(self, rnd: int, cid: int, glob: dict, lcfg: LocalConfig | None = None) -> tuple[dict, dict]:
+        """One client's local step in this process (tools and tests): (payload state, info)."""
+        return self.trainer.train(rnd, cid, glob, lcfg or self.local_config(rnd))
 
     def _structural_update(self, rnd: int) -> bool:
         """Ablations: replace the structural copy by the global quantitative copy."""
@@ -294,7 +141,8 @@ class Federation:
         due = (rnd > self.every) if self.ablation == "unfreeze" else (rnd > 1 and (rnd - 1) % self.every == 0)
         if due:
             self.model.set_structural_from_quantitative()
-            self._new_worker()
+            self._new_val_cache()
+            self.transport.refresh()
         return due
 
     def evaluate(self, x=None, y=None):
@@ -306,74 +154,29 @@ class Federation:
                 idx = torch.arange(len(y))
         return evaluate(self.model, x, y, self.data.transform, self.cfg.eval_batch_size, idx)
 
-    def _gates(self) -> list[float]:
-        try:
-            return adapter.gate_stability(self.initial, self.model, self.data.transform(self.data.probe))
-        except Exception as e:  # a metric must not stop training
-            log.warning("gate stability failed: %s", e)
-            return []
-
     # ------------------------------------------------------------------ round
-    def train_client(self, rnd: int, cid: int, glob: dict, lcfg: LocalConfig | None = None) -> tuple[dict, dict]:
-        """One client's local step (worker model, mask cache, data slice, seed derived
-        from (seed, round, client)): returns (payload state, local_train info).
-        ``lcfg``: the local options (default: this round's, from the run config)."""
-        start = glob if cid not in self.local_states else {**glob, **self.local_states[cid]}
-        adapter.load_payload(self.worker, start)
-        part = self.data.parts[cid]
-        idx = torch.from_numpy(part)
-        sl = slice(int(part[0]), int(part[-1]) + 1) if len(part) else slice(0, 0)
-        info = local_train(self.worker, self.data.x[sl], self.data.y[sl], lcfg or self.local_config(rnd),
-                           client_seed(self.cfg.seed, rnd, cid), self.data.transform,
-                           idx if self.cache is not None else None)
-        return adapter.payload_state(self.worker), info
-
-    def client_replies(self, rnd: int, glob: dict, targets: list, dropped: list, acc: dict, bar=None):
-        """Yield ``(client id, state, num_samples)`` for the round's clients: here by
-        training them in process; the Flower path overrides this to ask SuperNodes.
-        Failures go to ``dropped`` with the reason; ``acc`` collects compute time,
-        bytes and losses."""
-        local_keys = self.strategy.local_keys(glob)
-        for cid in targets:
-            try:
-                state, info = self.train_client(rnd, cid, glob)
-                if self.client_hook is not None:  # tests: a client that crashes or corrupts
-                    state = self.client_hook(rnd, cid, state)
-            except ClientTimeout as e:
-                dropped.append((cid, str(e)))
-                log.info("round %d: client %d dropped: %s", rnd, cid, e)
-                continue
-            except Exception as e:  # a failing client leaves the round, not the run
-                dropped.append((cid, f"error: {type(e).__name__}: {e}"))
-                log.warning("round %d: client %d dropped: %r", rnd, cid, e)
-                continue
-            finally:
-                if bar is not None:
-                    bar.update(1)
-            acc["client_s"] += info["seconds"]
-            acc["up"] += adapter.state_bytes(state) if isinstance(state, dict) else 0
-            acc["loss"] += info["loss"] * info["num_samples"]
-            acc["n"] += info["num_samples"]
-            if local_keys:
-                self.local_states[cid] = {k: state[k].detach().clone() for k in local_keys}
-            yield cid, state, info["num_samples"]
-
-    def run_round(self, rnd: int, bar=None) -> dict:
+    def run_round(self, rnd: int) -> RoundRecord:
         t0 = time.perf_counter()
         refreshed = self._structural_update(rnd)
         glob = adapter.payload_state(self.model)
         chosen = self.sample_clients(rnd)
         fails = failure_draws(self.cfg.seed, rnd, len(chosen)) < self.cfg.failure_rate
-        dropped, targets = [], []
-        for cid, fail in zip(chosen, fails):
-            if fail:
-                dropped.append((cid, "simulated failure (failure_rate)"))
-                log.info("round %d: client %d dropped: simulated failure", rnd, cid)
-            else:
-                targets.append(cid)
-        acc = {"client_s": 0.0, "up": 0, "loss": 0.0, "n": 0, "sent": len(chosen)}
+        dropped = [(cid, "simulated failure (failure_rate)") for cid, f in zip(chosen, fails) if f]
+        for cid, _ in dropped:
+            log.info("round %d: client %d dropped: simulated failure", rnd, cid)
+        task = RoundTask(rnd, glob, [cid for cid, f in zip(chosen, fails) if not f], self.local_config(rnd))
+        totals = FoldTotals()
+
+        def drop(r):
+            dropped.append((r.cid, r.error))
+            log.warning("round %d: client %d dropped: %s", rnd, r.cid, r.error)
+
+        def seen(r):
+            for cb in self.callbacks:
+                cb.on_reply(self, r)
+
         stats = AggregateStats()
-        new = self.strategy.aggregate(glob, self.client_replies(rnd, glob, targets, dropped, acc, bar), stats)
+        new = self.strategy.aggregate(glob, fold(self.transport.replies(task), totals, drop, seen), stats)
         for cid, reason in stats.rejected:
             dropped.append((cid, f"update rejected: {reason}"))
             log.warning("round %d: client %d update rejected: %s", rnd, cid, reason)
@@ -387,61 +190,54 @@ class Federation:
             adapter.load_payload(self.model, new)
         t_eval = time.perf_counter()
         vloss, vacc = self.evaluate()
-        gates = self._gates()
-        t_end = time.perf_counter()
-        rec = {
-            "round": rnd, "val_loss": vloss, "val_acc": vacc,
-            "train_loss": acc["loss"] / acc["n"] if acc["n"] else float("nan"),
-            "clients_sampled": len(chosen), "clients_ok": stats.num_clients,
-            "clients_dropped": [[int(c), r] for c, r in sorted(dropped)], "round_skipped": skipped,
-            "rolled_back": stats.rolled_back,
-            "samples": stats.num_samples, "client_drift": stats.client_drift,
-            "update_norm": stats.update_norm,
-            "gate_change": float(np.mean(gates)) if gates else float("nan"),
-            "gate_change_sites": gates, "structural_refreshed": refreshed,
-            "bytes_up": acc["up"], "bytes_down": acc["sent"] * self.payload_bytes,
-            "time_client_s": acc["client_s"], "time_eval_s": t_end - t_eval,
-            "time_round_s": t_end - t0,
-        }
-        rec["time_other_s"] = rec["time_round_s"] - rec["time_client_s"]
-        rec["time_engine_s"] = rec["time_other_s"] - rec["time_eval_s"]
+        rec = RoundRecord(
+            round=rnd, val_loss=vloss, val_acc=vacc,
+            train_loss=totals.train_loss,
+            clients_sampled=len(chosen), clients_ok=stats.num_clients,
+            clients_dropped=[[int(c), r] for c, r in sorted(dropped)], round_skipped=skipped,
+            rolled_back=stats.rolled_back, samples=stats.num_samples, client_drift=stats.client_drift,
+            update_norm=stats.update_norm, structural_refreshed=refreshed, bytes_up=totals.bytes_up,
+            bytes_down=(len(chosen) if task.sent is None else task.sent) * self.payload_bytes,
+            time_client_s=totals.client_s)
         log.info("round %d: val_acc %.4f, %d/%d clients, dropped %s", rnd, vacc, stats.num_clients,
-                 len(chosen), rec["clients_dropped"])
+                 len(chosen), rec.clients_dropped)
+        return self._finish(rec, t0, t_eval)
+
+    def _finish(self, rec: RoundRecord, t0: float, t_eval: float, callbacks: bool = True) -> RoundRecord:
+        """Best-so-far, the callbacks' additions, timings and elapsed time of a round's record."""
+        prev = self.history[-1] if self.history else None
+        if prev is None or rec.val_acc > prev["best_val_acc"]:
+            rec.best_val_acc, rec.best_round = rec.val_acc, rec.round
+        else:
+            rec.best_val_acc, rec.best_round = prev["best_val_acc"], prev["best_round"]
+        for cb in self.callbacks if callbacks else ():
+            cb.on_round_end(self, rec)
+        t_end = time.perf_counter()
+        rec.time_eval_s = t_end - t_eval  # evaluation and the callbacks' metrics
+        rec.time_round_s = t_end - t0
+        rec.time_other_s = rec.time_round_s - rec.time_client_s
+        rec.time_engine_s = rec.time_other_s - rec.time_eval_s
+        self.elapsed += rec.time_round_s
+        rec.elapsed_s = self.elapsed
         return rec
 
-    # ------------------------------------------------------------------ run
-    def _round0(self) -> dict:
+    def _round0(self) -> RoundRecord:
+        """The initial model's record (no clients; gates unchanged by definition)."""
         t0 = time.perf_counter()
         vloss, vacc = self.evaluate()
-        return {"round": 0, "val_loss": vloss, "val_acc": vacc, "train_loss": float("nan"),
-                "clients_sampled": 0, "clients_ok": 0, "clients_dropped": [], "round_skipped": False,
-                "rolled_back": None,
-                "samples": 0, "client_drift": float("nan"), "update_norm": float("nan"),
-                "gate_change": 0.0, "gate_change_sites": [], "structural_refreshed": False,
-                "bytes_up": 0, "bytes_down": 0, "time_client_s": 0.0,
-                "time_eval_s": time.perf_counter() - t0, "time_round_s": time.perf_counter() - t0,
-                "time_other_s": time.perf_counter() - t0, "time_engine_s": 0.0}
+        return self._finish(RoundRecord(round=0, val_loss=vloss, val_acc=vacc, gate_change=0.0), t0, t0,
+                            callbacks=False)
 
-    def _annotate(self, rec):
-        prev = self.history[-1] if self.history else None
-        best = prev["best_val_acc"] if prev else -1.0
-        if rec["val_acc"] > best:
-            rec["best_val_acc"], rec["best_round"] = rec["val_acc"], rec["round"]
-        else:
-            rec["best_val_acc"], rec["best_round"] = best, prev["best_round"]
-        self.elapsed += rec["time_round_s"]
-        rec["elapsed_s"] = self.elapsed
-
+    # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, rnd: int) -> None:
         if self.ckpt_path is None or not self.cfg.checkpoint:
             return
-        local = {f"{cid}/{k}": t for cid, d in self.local_states.items() for k, t in d.items()}
         # the file being replaced becomes the fallback only when it is known to be good
         checkpoint.save(self.ckpt_path,
                         {"model": self.model.state_dict(), "server": self.strategy.state_dict(),
-                         "local": local},
+                         "local": self.transport.state_dict()},
                         {"round": rnd, "method": self.method, "config": self.cfg.to_dict(),
-                         "history": self.history, "elapsed": self.elapsed},
+                         "history": [h.to_dict() for h in self.history], "elapsed": self.elapsed},
                         keep_previous=self._ckpt_good)
         self._ckpt_good = True
 
@@ -505,19 +301,19 @@ class Federation:
             raise ValueError(f"resume: the checkpoint {path} was written with other settings "
                              f"(differing keys: {diff or ['method']})")
         self.model.load_state_dict(groups.get("model", {}))
-        self._new_worker()
+        self._new_val_cache()
+        self.transport.refresh()
         self.strategy.load_state_dict({k: t.to(self.device) for k, t in groups.get("server", {}).items()})
-        self.local_states = {}
-        for k, t in groups.get("local", {}).items():
-            cid, _, key = k.partition("/")
-            self.local_states.setdefault(int(cid), {})[key] = t.to(self.device)
-        self.history = meta["history"]
+        self.transport.load_state_dict(groups.get("local", {}))
+        self.history = [RoundRecord.from_dict(h) for h in meta["history"]]
         self.elapsed = meta["elapsed"]
         rng_t = {"rng/torch": groups["rng"]["torch"]} if "rng" in groups else {}
         checkpoint.set_rng_state(rng_t, meta.get("rng", {}))
         self._ckpt_good = path == self.ckpt_path  # a damaged latest file is overwritten, never kept
         return int(meta["round"])
 
+
+    # ------------------------------------------------------------------ run
     def run(self, resume: bool = False, stop_after: int | None = None) -> RunResult:
         """Run all rounds (``stop_after``: stop early, as if interrupted; for tests)."""
         if self.cfg.threads:
@@ -528,38 +324,27 @@ class Federation:
             start = self.load_checkpoint() + 1
             log.info("%s: resumed after round %d", self.method, start - 1)
         if not self.history:
-            rec = self._round0()
-            self._annotate(rec)
-            self.history.append(rec)
-        last = self.cfg.rounds if stop_after is None else min(self.cfg.rounds, stop_after)
-        rbar = _progress(total=self.cfg.rounds, initial=start - 1, desc=self.method, unit="round",
-                         quiet=self.quiet, leave=False)
-        lines = not self.quiet and rbar.disable  # no bar drawn: one line per round instead
-        t_start = time.perf_counter()
+            self.history.append(self._round0())
+        self.last_round = last = self.cfg.rounds if stop_after is None else min(self.cfg.rounds, stop_after)
+        result = None
         for cb in self.callbacks:
             cb.on_run_start(self, start)
         try:
             for rnd in range(start, last + 1):
                 for cb in self.callbacks:
                     cb.on_round_start(self, rnd)
-                with _progress(total=len(self.sample_clients(rnd)), desc=f"round {rnd}", unit="client",
-                               quiet=self.quiet, leave=False) as cbar:
-                    rec = self.run_round(rnd, cbar)
-                self._annotate(rec)
-                for cb in self.callbacks:
-                    cb.on_round_end(self, rec)
+                rec = self.run_round(rnd)
                 self.history.append(rec)
                 t = time.perf_counter()
                 self.save_checkpoint(rnd)
-                rec["time_checkpoint_s"] = time.perf_counter() - t
-                rbar.update(1)
-                rbar.set_postfix(acc=f"{rec['val_acc']:.3f}")
-                if lines:
-                    per_round = (time.perf_counter() - t_start) / (rnd - start + 1)
-                    print(_round_line(self.method, rec, self.cfg.rounds, last - rnd, per_round),
-                          file=sys.stderr, flush=True)
+                rec.time_checkpoint_s = time.perf_counter() - t
+            result = self._result(last)
         finally:
-            rbar.close()
+            for cb in self.callbacks:
+                cb.on_run_end(self, result)
+        return result
+
+    def _result(self, last: int) -> RunResult:
         summary = summarize(self.history, self.cfg.target_accuracy)
         summary.update(method=self.method, device=str(self.device), payload_bytes=self.payload_bytes,
                        full_model_bytes=self.full_bytes, complete=last == self.cfg.rounds,
@@ -568,7 +353,4 @@ class Federation:
             _, summary["test_acc"] = self.evaluate(self.data.test_x, self.data.test_y)
         if self.out_dir is not None:
             write_metrics(self.out_dir, self.method, self.cfg, self.history, summary)
-        result = RunResult(self.method, self.history, summary, self.out_dir, self.model)
-        for cb in self.callbacks:
-            cb.on_run_end(self, result)
-        return result
+        return RunResult(self.method, self.history, summary, self.out_dir, self.model)

@@ -8,3 +8,4 @@ except ImportError as e:  # pragma: no cover - depends on the install
 
 from .arrays import RAW_STYPE, arrays_to_state, record_bytes, state_to_arrays  # noqa: F401,E402
 from .strategy import FedSQStrategy, ReplyRejected, engine_strategy, reply_info, reply_state  # noqa: F401,E402
+from .transport import GridTransport  # noqa: F401,E402

@@ -25,6 +25,7 @@ from ..federation.server import make_method_strategy
 from ..federation.client import LocalConfig
 from ..federation.config import RunConfig, local_config, parse_method
 from ..federation.strategy import AggregateStats, Strategy
+from ..federation.transport import FoldTotals, Reply, fold
 from .arrays import arrays_to_state, state_to_arrays
 
 log = logging.getLogger("fedsq_fast.flower")
@@ -41,6 +42,13 @@ C_METHOD = "fedsq.method"
 C_LOCAL = "fedsq.local-config"  # JSON of LocalConfig (Strategy.client_config folded in)
 C_PARTITIONS = "fedsq.partitions"  # partition ids that train this round (absent: every receiver)
 C_FINGERPRINT = "fedsq.structural-fingerprint"
+
+
+def reject_ablation(method: str) -> None:
+    """Structural-copy ablations cannot run on Flower: a refreshed structural copy would have
+    to travel (or be replayed per client)."""
+    if parse_method(method)[2]:
+        raise ValueError(f"methods: {method!r}: structural-copy ablations are not supported on Flower")
 
 
 class ReplyRejected(ValueError):
@@ -139,9 +147,7 @@ class FedSQStrategy(FlowerStrategy):
                  fingerprint: str | None = None) -> None:
         if not isinstance(cfg, RunConfig):
             raise TypeError(f"cfg must be a RunConfig, got {type(cfg).__name__}")
-        _, _, ablation, _ = parse_method(method)
-        if ablation:
-            raise ValueError(f"method: {method!r}: structural-copy ablations are not supported on Flower")
+        reject_ablation(method)
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train!r}")
         self.cfg, self.method = cfg, method
@@ -178,7 +184,7 @@ class FedSQStrategy(FlowerStrategy):
             raise RuntimeError("aggregate_train before configure_train: no global state to check replies against")
         stats = AggregateStats()
         self.last_stats = stats
-        valid, loss = [], [0.0, 0]
+        valid = []
         for msg in replies:
             node = msg.metadata.src_node_id
             try:
@@ -191,27 +197,26 @@ class FedSQStrategy(FlowerStrategy):
             valid.append((client_label(info, node), node, msg, info))
         valid.sort(key=lambda v: (v[0], v[1]))
 
-        def triples():
+        def decoded():
             for cid, _, msg, info in valid:
                 try:
                     state = reply_state(msg, self.arrayrecord_key)
                 except ReplyRejected as e:
-                    stats.rejected.append((cid, str(e)))
+                    yield Reply(cid, error=str(e))
                     continue
-                if "train-loss" in info:
-                    loss[0] += float(info["train-loss"]) * float(info[WEIGHT_KEY])
-                    loss[1] += float(info[WEIGHT_KEY])
-                yield cid, state, info[WEIGHT_KEY]
+                yield Reply(cid, state, info[WEIGHT_KEY], loss=float(info.get("train-loss", math.nan)))
                 del state  # before the next reply is decoded: one client in memory, not two
 
-        new = self.engine.aggregate(self._reference, triples(), stats)
+        totals = FoldTotals()
+        new = self.engine.aggregate(self._reference, fold(decoded(), totals,
+                                                          lambda r: stats.rejected.append((r.cid, r.error))), stats)
         log_rejected(server_round, stats)
         if stats.num_clients == 0:
             log.warning("round %d: no valid update: global model kept", server_round)
             return None, None
         metrics = {WEIGHT_KEY: int(stats.num_samples), "clients-ok": stats.num_clients,
                    "clients-rejected": len(stats.rejected)}
-        for k, v in (("train-loss", loss[0] / loss[1] if loss[1] else float("nan")),
+        for k, v in (("train-loss", totals.train_loss),
                      ("client-drift", stats.client_drift), ("update-norm", stats.update_norm)):
             if math.isfinite(v):
                 metrics[k] = float(v)

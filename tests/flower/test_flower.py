@@ -24,7 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from fedsq_fast.federation import Federation, from_mapping, prepare_data, stream_average  # noqa: E402
 from fedsq_fast.federation import checkpoint as ckpt  # noqa: E402
 from fedsq_fast.federation.config import KEYS  # noqa: E402
-from fedsq_fast.flower import FedSQStrategy, arrays_to_state, state_to_arrays  # noqa: E402
+from fedsq_fast.flower import FedSQStrategy, GridTransport, arrays_to_state, state_to_arrays  # noqa: E402
 from fedsq_fast.flower import app as A  # noqa: E402
 from fedsq_fast.flower import arrays as flower_arrays  # noqa: E402
 
@@ -245,7 +245,8 @@ def test_in_process_flower_equals_embedded_engine(tmp_path, method):
     cfg = _cfg(methods=[method], out_dir=str(tmp_path / "flower"))
     data = prepare_data(cfg)
     emb = Federation(cfg, method, data, out_dir=tmp_path / "emb", quiet=True).run()
-    fl = A.FlowerFederation(cfg, method, data, InProcessGrid(3), out_dir=tmp_path / "fl", poll_s=0).run()
+    fl = Federation(cfg, method, data, out_dir=tmp_path / "fl", quiet=True,
+                    transport=GridTransport(InProcessGrid(3), poll_s=0)).run()
     _same_model(emb.model, fl.model)
     # the same rule on Flower: what trained is recorded, a DualCopy model under fedsq
     kind = json.loads((tmp_path / "fl" / "metrics.json").read_text())["summary"]["model"]["kind"]
@@ -269,7 +270,8 @@ def test_in_process_dead_node_and_nan_reply_leave_the_others(tmp_path):
         return rep
 
     grid = InProcessGrid(3, dead=[1000 + 17], mangle=mangle)
-    res = A.FlowerFederation(cfg, "fedsq", data, grid, round_timeout=0.2, poll_s=0.05).run()
+    res = Federation(cfg, "fedsq", data, quiet=True,
+                     transport=GridTransport(grid, round_timeout=0.2, poll_s=0.05)).run()
 
     def hook(rnd, cid, state):
         if cid == 1:
@@ -553,13 +555,19 @@ def test_a_header_claiming_billions_of_floats_is_refused_before_allocating():
 def test_auto_round_timeout_follows_the_config_then_the_rounds_seen(tmp_path):
     cfg = _cfg(rounds=2, out_dir=str(tmp_path))
     data = prepare_data(cfg)
-    fed = A.FlowerFederation(cfg, "fedavg", data, InProcessGrid(3), poll_s=0)
-    assert fed.round_timeout is None and fed.timeout_for_round() == A.FIRST_ROUND_S
+    t = GridTransport(InProcessGrid(3), poll_s=0)
+    Federation(cfg, "fedavg", data, quiet=True, transport=t)
+    assert t.round_timeout is None and t.timeout_for_round() == A.FIRST_ROUND_S
+    with pytest.warns(DeprecationWarning, match="GridTransport"):  # the old name still runs
+        fed = A.FlowerFederation(cfg, "fedavg", data, InProcessGrid(3), poll_s=0)
     fed.run()
-    assert 0 < fed._slowest < 60 and fed.timeout_for_round() == max(A.MIN_ROUND_S, 4 * fed._slowest)
+    t = fed.transport
+    assert 0 < t._slowest < 60 and t.timeout_for_round() == max(A.MIN_ROUND_S, 4 * t._slowest)
     cfg2 = from_mapping(dict(cfg.to_dict(), client_timeout_s=30.0))
     assert A.first_round_timeout(cfg2) == 150.0
-    assert A.FlowerFederation(cfg2, "fedavg", data, InProcessGrid(3), round_timeout=7).timeout_for_round() == 7
+    t2 = GridTransport(InProcessGrid(3), round_timeout=7)
+    Federation(cfg2, "fedavg", data, quiet=True, transport=t2)
+    assert t2.timeout_for_round() == 7
     conf_cfg, opts = A.config_from_run_config({"round-timeout": "auto"})
     assert opts["round_timeout"] is None
     with pytest.raises(ValueError, match="'auto' or a positive number"):

@@ -1,0 +1,159 @@
+"""Data and initial model of a run: load, split (server validation / client pool),
+subsample, resize and partition once for all methods; build the initial model."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import adapter, seeds
+from .client import derive_seed
+from .config import RunConfig, resolve_device
+from .data import DataBundle, load_dataset
+from .inputs import InputSpec, InputTransform, input_transform_for
+from .partition import class_counts, make_partition
+
+log = logging.getLogger("fedsq_fast.federation")
+
+
+@dataclass
+class FedData:
+    """Everything data-related that all methods of one (dataset, seed, partition) share."""
+
+    x: torch.Tensor  # client pool, resized
+    y: torch.Tensor
+    parts: list  # per client: contiguous index ranges into x, y (the pool is stored client by client)
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    probe: torch.Tensor  # fixed batch for gate stability
+    transform: InputTransform
+    num_classes: int
+    classes: tuple = ()
+    counts: np.ndarray | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    _TENSORS = ("x", "y", "val_x", "val_y", "test_x", "test_y", "probe")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in self._TENSORS)
+
+    def to(self, device) -> "FedData":
+        """A copy with every tensor on ``device`` (the same object when already there)."""
+        device = torch.device(device)
+        if self.device == device:
+            return self
+        mv = {f: getattr(self, f).to(device) for f in self._TENSORS}
+        return dataclasses.replace(self, **mv, transform=copy.deepcopy(self.transform).to(device))
+
+
+def place_data(data: FedData, device) -> FedData:
+    """``data`` on ``device`` when it takes at most half the GPU's free memory; otherwise
+    the splits stay in host memory and each batch is copied as it is used (only the probe
+    batch moves)."""
+    device = torch.device(device)
+    if data.device == device or data.probe.device == device:
+        return data
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        if data.nbytes > free // 2:
+            log.warning("data (%.1f GB) kept in host memory: more than half of %s's free %.1f GB; "
+                        "batches are copied as used", data.nbytes / 1e9, device, free / 1e9)
+            return dataclasses.replace(data, probe=data.probe.to(device))
+    return data.to(device)
+
+
+def prepare_data(cfg: RunConfig, bundle: DataBundle | None = None, model_name: str | None = None,
+                 *, input_spec: InputSpec | None = None, model=None) -> FedData:
+    """Load, split (server validation / client pool), subsample, resize and partition;
+    the tensors end on ``cfg.device`` when they fit (:func:`place_data`), which saves a
+    host-to-device copy per batch.
+
+    The model's input spec (channels, size, normalisation) is, in order: ``input_spec``,
+    what ``model`` states (:func:`~fedsq_fast.federation.data.input_spec_of`), the zoo spec
+    of ``model_name`` or ``cfg.model``. ``bundle``: your own data (:func:`make_bundle`);
+    default: ``cfg.dataset`` loaded from its source."""
+    bundle = bundle if bundle is not None else load_dataset(cfg.dataset, cfg.data_root, cfg.download)
+    tr = bundle.train
+    n = len(tr)
+    if cfg.val_size >= n:
+        raise ValueError(f"val_size ({cfg.val_size}) must be smaller than the training data ({n} samples)")
+    perm = np.random.default_rng(derive_seed(cfg.seed, seeds.SPLIT)).permutation(n)
+    val_idx = perm[:cfg.val_size]
+    pool_idx = perm[cfg.val_size:]
+    if cfg.max_train_samples is not None:
+        pool_idx = pool_idx[:cfg.max_train_samples]
+    need = cfg.num_clients * max(1, cfg.min_partition_size if cfg.partition in ("dirichlet", "quantity") else 1)
+    if need > len(pool_idx):
+        raise ValueError(f"num_clients: {cfg.num_clients} clients need at least {need} samples in the client pool, "
+                         f"which holds {len(pool_idx)} ({n} training samples - val_size {cfg.val_size}"
+                         + (f", capped by max_train_samples {cfg.max_train_samples}" if cfg.max_train_samples else "")
+                         + "); lower num_clients, min_partition_size or val_size")
+    te = bundle.test
+    te_idx = np.random.default_rng(derive_seed(cfg.seed, seeds.SPLIT, 1)).permutation(len(te))
+    if cfg.max_test_samples is not None:
+        te_idx = te_idx[:cfg.max_test_samples]
+    tf = input_transform_for(model_name or cfg.model, model=model, image_size=cfg.image_size,
+                             data_channels=tr.x.shape[1], spec=input_spec)
+    pool, val, test = tr.subset(pool_idx), tr.subset(val_idx), te.subset(te_idx)
+    parts = make_partition(cfg.partition, pool.y.numpy(), cfg.num_clients, alpha=cfg.alpha,
+                           min_partition_size=cfg.min_partition_size,
+                           shards_per_client=cfg.shards_per_client,
+                           seed=derive_seed(cfg.seed, seeds.PART))
+    warn_little_data(cfg, n, [len(p) for p in parts])
+    counts = class_counts(pool.y.numpy(), parts, tr.num_classes)
+    # Store the pool client by client: a client's data is then a view (no gather per round).
+    order = torch.from_numpy(np.concatenate(parts))
+    ends = np.cumsum([len(p) for p in parts])
+    parts = [np.arange(e - len(p), e) for p, e in zip(parts, ends)]
+    vx = tf.resize(val.x)
+    data = FedData(tf.resize(pool.x[order]), pool.y[order], parts, vx, val.y, tf.resize(test.x), test.y,
+                   vx[:cfg.probe_size], tf, tr.num_classes, tr.classes, counts)
+    return place_data(data, resolve_device(cfg.device))
+
+
+def warn_little_data(cfg: RunConfig, n_train: int, sizes: list) -> list[str]:
+    """Warn (and return the messages) when the config leaves clients too little to learn
+    from: the median client gets less than one batch per round, or the server's validation
+    split takes most of the training data. Training still runs: small federations are
+    legitimate, silent ones that cannot learn are not."""
+    msgs = []
+    med = float(np.median(sizes)) if len(sizes) else 0.0
+    if med * cfg.local_epochs < cfg.batch_size:
+        msgs.append(f"the median client holds {med:g} samples: with batch_size={cfg.batch_size} and "
+                    f"local_epochs={cfg.local_epochs} that is about one optimizer step per client per round, "
+                    "too few to learn; lower batch_size or num_clients, raise local_epochs, or give the "
+                    "clients more data (val_size takes the server's validation split first)")
+    if cfg.val_size > n_train // 2:
+        msgs.append(f"val_size={cfg.val_size} takes {100 * cfg.val_size / n_train:.0f}% of the {n_train} training "
+                    "samples for the server's validation split; lower it so the clients keep most of the data")
+    for m in msgs:
+        warnings.warn(m, UserWarning, stacklevel=3)
+    return msgs
+
+
+def call_model_fn(model_fn, seed: int):
+    """``model_fn()`` with torch's RNG seeded from the run's seed: every method (and a resumed
+    run) starts from the same initial model even when model_fn draws a random init."""
+    torch.manual_seed(derive_seed(seed, seeds.MODEL))
+    return model_fn()
+
+
+def build_method_model(cfg: RunConfig, dual: bool, data: FedData) -> nn.Module:
+    """The zoo model of ``cfg.model``, the same initial model (same head init) for every
+    method; :func:`adapter.method_model` then converts it for fedsq methods."""
+    torch.manual_seed(derive_seed(cfg.seed, seeds.MODEL))
+    return adapter.build_model(cfg.model, data.num_classes, cfg.weights,
+                               in_channels=data.transform.channels,
+                               image_size=int(data.x.shape[-1]))

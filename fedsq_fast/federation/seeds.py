@@ -1,0 +1,35 @@
+"""Every random choice of a run, drawn from a seed derived from (seed, stream, ...).
+
+One independent stream per kind of choice, so a run resumed from a checkpoint, a run on
+Flower and a run in process draw the same numbers: the same split, partition, initial
+model, sampled clients, simulated failures and client shuffles.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .client import derive_seed
+
+# Stream ids (recorded runs depend on them: never renumber)
+SPLIT, PART, MODEL, SAMPLE, FAIL, CLIENT = 1, 2, 3, 4, 5, 6
+
+
+def client_seed(seed: int, rnd: int, cid: int) -> int:
+    """Seed of client ``cid``'s local training in round ``rnd`` (same on every runtime)."""
+    return derive_seed(seed, rnd, CLIENT, cid)
+
+
+def failure_draws(seed: int, rnd: int, n: int) -> np.ndarray:
+    """Uniform draws deciding the simulated failures of a round's n sampled clients."""
+    return np.random.default_rng(derive_seed(seed, rnd, FAIL)).random(n)
+
+
+def sample_clients(cfg, rnd: int) -> list[int]:
+    """The clients of round ``rnd``: ``fraction`` of ``num_clients`` (at least ``min_clients``),
+    in increasing id order (the order replies are folded in)."""
+    k = cfg.num_clients
+    m = min(k, max(cfg.min_clients, math.ceil(cfg.fraction * k - 1e-9)))
+    rng = np.random.default_rng(derive_seed(cfg.seed, rnd, SAMPLE))
+    return sorted(int(i) for i in rng.choice(k, m, replace=False))

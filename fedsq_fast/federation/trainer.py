@@ -1,0 +1,114 @@
+"""The client side of a federation: what a client holds and does, nothing of the server.
+
+A :class:`ClientTrainer` holds the clients' data (the whole pool in process, or one
+partition on a Flower SuperNode), one worker model (for FedSQ the DualCopy model: its
+frozen structural copy and, with ``mask_cache``, the per-sample gate masks), FedBN's
+personal layers, and runs :func:`~fedsq_fast.federation.client.local_train` with the seed
+derived from (seed, round, client). The same trainer serves every transport, so a client
+computes the same update wherever it runs.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import adapter
+from .client import LocalConfig, local_train
+from .seeds import client_seed
+
+# 'partial': samples beyond the budget are recomputed each time, never an error
+MASK_CACHE_BYTES = 1 << 30
+
+
+def detached_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` without its mask cache (a cache belongs to one model)."""
+    cache = getattr(model, "mask_cache", None)
+    if cache is not None:
+        model.attach_cache(None)
+    try:
+        return copy.deepcopy(model)
+    finally:
+        if cache is not None:
+            model.attach_cache(cache)
+
+
+def new_mask_cache(model: nn.Module, num_samples: int):
+    """A fresh per-sample mask cache attached to ``model`` when it takes one (DualCopy)."""
+    if not callable(getattr(model, "attach_cache", None)):
+        return None
+    from ..models import MaskCache
+
+    cache = MaskCache(num_samples, max_bytes=MASK_CACHE_BYTES, policy="partial")
+    model.attach_cache(cache)
+    return cache
+
+
+class ClientTrainer:
+    """Local training for the clients whose data it holds.
+
+    ``model``: the method's initial model (copied unless ``own_model``); ``x``, ``y``: the
+    clients' samples stored client by client; ``parts``: client id -> contiguous index range
+    into x (a list indexed by id in process, a one-entry dict on a SuperNode); ``seed``: the
+    run's seed; ``local_keys(state)``: the payload keys a client keeps (FedBN's layers).
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, parts, transform, *,
+                 seed: int, mask_cache: bool = True, local_keys=None, own_model: bool = False):
+        self.x, self.y, self.parts, self.transform, self.seed = x, y, parts, transform, seed
+        self.use_cache = mask_cache
+        self.local_keys = local_keys or (lambda state: set())
+        self.local_states: dict[int, dict] = {}
+        self.reset(model, own_model)
+
+    def reset(self, model: nn.Module, own_model: bool = False) -> None:
+        """Train from ``model``'s structural copy from now on (a refreshed structural copy
+        invalidates every cached mask)."""
+        self.worker = model if own_model else detached_copy(model)
+        self.cache = new_mask_cache(self.worker, len(self.y)) if self.use_cache else None
+
+    def train(self, rnd: int, cid: int, glob: dict, lcfg: LocalConfig) -> tuple[dict, dict]:
+        """Client ``cid``'s local step from the global payload ``glob`` (with its own layers,
+        FedBN): returns (payload state, local_train info)."""
+        start = glob if cid not in self.local_states else {**glob, **self.local_states[cid]}
+        adapter.load_payload(self.worker, start)
+        part = self.parts[cid]
+        sl = slice(int(part[0]), int(part[-1]) + 1) if len(part) else slice(0, 0)
+        idx = torch.from_numpy(np.asarray(part)) if self.cache is not None else None
+        info = local_train(self.worker, self.x[sl], self.y[sl], lcfg, client_seed(self.seed, rnd, cid),
+                           self.transform, idx)
+        return adapter.payload_state(self.worker), info
+
+    def keep_local(self, cid: int, glob: dict, state) -> None:
+        """Store client ``cid``'s own layers (FedBN: the payload's normalisation layers) from
+        the state it sent (a state without them keeps the previous ones)."""
+        keys = self.local_keys(glob)
+        if keys and isinstance(state, dict) and all(k in state for k in keys):
+            self.local_states[cid] = {k: state[k].detach().clone() for k in keys}
+
+
+def client_trainer(cfg, method: str, cid: int, data=None) -> ClientTrainer:
+    """The trainer of one client, built from the run's config alone (a Flower SuperNode): the
+    data split and partitioned as the server does it (same seeds), then only this client's
+    samples kept; the method's initial model (pretrained weights; for FedSQ its DualCopy
+    model and structural copy) built once and trained in place."""
+    from .config import parse_method, resolve_device
+    from .prepare import build_method_model, prepare_data
+    from .server import make_method_strategy
+
+    dual = parse_method(method)[1]
+    data = prepare_data(cfg) if data is None else data
+    if not 0 <= cid < len(data.parts):
+        raise ValueError(f"client {cid} is not a client of this run (num_clients {len(data.parts)})")
+    part = data.parts[cid]
+    sl = slice(int(part[0]), int(part[-1]) + 1) if len(part) else slice(0, 0)
+    x, y = data.x[sl].clone(), data.y[sl].clone()  # the pool itself is dropped with ``data``
+    model = build_method_model(cfg, dual, data)
+    model, _ = adapter.method_model(model, method, dual, quant_bn=cfg.quant_bn, allow_ungated=cfg.allow_ungated,
+                                    source=f"model {cfg.model!r}")
+    device = resolve_device(cfg.device)
+    return ClientTrainer(model.to(device), x.to(device), y.to(device), {cid: np.arange(len(y))}, data.transform.to(device),
+                         seed=cfg.seed, mask_cache=cfg.mask_cache,
+                         local_keys=make_method_strategy(cfg, method).local_keys, own_model=True)

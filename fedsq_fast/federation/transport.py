@@ -1,0 +1,140 @@
+"""How a round's task reaches the sampled clients and their replies come back.
+
+The round loop (:class:`~fedsq_fast.federation.Federation`) never knows where clients run:
+it hands a :class:`RoundTask` to a :class:`Transport` and folds the :class:`Reply` objects it
+yields, in the order yielded. :class:`InProcessTransport` trains the clients one after
+another in this process; ``fedsq_fast.flower.GridTransport`` sends the task to Flower
+SuperNodes through a Grid (simulation is just another transport, as in Flower).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from .client import ClientTimeout, LocalConfig
+from .trainer import ClientTrainer
+
+
+@dataclass
+class RoundTask:
+    """One round's work: train ``clients`` from ``payload`` with ``local_config``."""
+
+    round: int
+    payload: dict
+    clients: list
+    local_config: LocalConfig
+    sent: int | None = None  # copies of the payload sent (set by the transport; default len(clients))
+
+
+@dataclass
+class Reply:
+    """A client's answer: its state and sample count, or ``error`` (why it is dropped)."""
+
+    cid: int
+    state: dict | None = field(default=None, repr=False)
+    num_samples: int = 0
+    seconds: float = 0.0
+    loss: float = math.nan
+    error: str | None = None
+
+
+@dataclass
+class FoldTotals:
+    """What the folded replies add up to: compute seconds, bytes up, sample-weighted loss."""
+
+    client_s: float = 0.0
+    bytes_up: int = 0
+    loss_sum: float = 0.0
+    samples: int = 0
+
+    @property
+    def train_loss(self) -> float:
+        return self.loss_sum / self.samples if self.samples else math.nan
+
+
+def fold(replies, totals: FoldTotals, on_error, on_reply=None):
+    """``(client, state, n)`` for a strategy's aggregation from Reply objects, one in memory
+    at a time; a reply with ``error`` goes to ``on_error(reply)`` instead. Every runtime's
+    replies are counted here (the engine's round loop and Flower's own strategy loop)."""
+    from .adapter import state_bytes
+
+    for r in replies:
+        if on_reply is not None:
+            on_reply(r)
+        if r.error is not None:
+            on_error(r)
+            continue
+        totals.client_s += r.seconds
+        totals.bytes_up += state_bytes(r.state) if isinstance(r.state, dict) else 0
+        totals.loss_sum += r.loss * r.num_samples  # a NaN loss makes the round's NaN, as it should
+        totals.samples += r.num_samples
+        yield r.cid, r.state, r.num_samples
+        r.state = None  # released before the next reply is decoded
+
+
+class Transport:
+    """Base class. ``bind(fed)`` once before the first round; ``replies(task)`` per round
+    yields one Reply per client of the task (those that cannot be reached as errors)."""
+
+    def bind(self, fed) -> None:
+        self.fed = fed
+
+    def replies(self, task: RoundTask) -> Iterator[Reply]:
+        raise NotImplementedError
+
+    def refresh(self) -> None:
+        """The global model's structural copy was replaced (ablations)."""
+
+    def state_dict(self) -> dict:
+        """Client state the server keeps for resume (FedBN layers in process); flat tensors."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class InProcessTransport(Transport):
+    """The sampled clients trained one after another in this process, on one worker model.
+
+    ``client_hook(round, client, state) -> state`` replaces a reply (tests: a client that
+    crashes or corrupts its update). A client that raises is dropped with the error."""
+
+    def __init__(self, client_hook=None):
+        self.client_hook = client_hook
+
+    def bind(self, fed) -> None:
+        super().bind(fed)
+        d = fed.data
+        self.trainer = ClientTrainer(fed.model, d.x, d.y, d.parts, d.transform, seed=fed.cfg.seed,
+                                     mask_cache=fed.cfg.mask_cache, local_keys=fed.strategy.local_keys)
+
+    def replies(self, task: RoundTask) -> Iterator[Reply]:
+        for cid in task.clients:
+            try:
+                state, info = self.trainer.train(task.round, cid, task.payload, task.local_config)
+                if self.client_hook is not None:
+                    state = self.client_hook(task.round, cid, state)
+            except ClientTimeout as e:
+                yield Reply(cid, error=str(e))
+                continue
+            except Exception as e:  # a failing client leaves the round, not the run
+                yield Reply(cid, error=f"error: {type(e).__name__}: {e}")
+                continue
+            self.trainer.keep_local(cid, task.payload, state)
+            yield Reply(cid, state, info["num_samples"], info["seconds"], info["loss"])
+
+    def refresh(self) -> None:
+        self.trainer.reset(self.fed.model)
+
+    def state_dict(self) -> dict:
+        return {f"{cid}/{k}": t for cid, d in self.trainer.local_states.items() for k, t in d.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trainer.local_states = {}
+        for k, t in state.items():
+            cid, _, key = k.partition("/")
+            self.trainer.local_states.setdefault(int(cid), {})[key] = t.to(self.fed.device)
