@@ -19,6 +19,10 @@ Two torch.fx graphs are built from the model:
 What cannot be converted faithfully is refused at conversion, naming the site:
 a gate site that runs in one mode only (a train-only auxiliary head), a random
 number drawn at trace time, data-dependent control flow.
+
+Layout: :mod:`.trace` finds the gate sites (tracing, classification, refusals),
+:mod:`.quant` builds the quantitative copy, this module the structural copy, the
+:class:`DualCopyModel` and its files.
 """
 from __future__ import annotations
 
@@ -27,15 +31,16 @@ import json
 import operator
 import os
 import tempfile
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from ..layers import SiteMasks, activation_kind, quant_site, struct_site
+from ..layers import struct_site
+from .quant import QuantGraphModule, _build_quantitative
+from .trace import (GATEABLE, UNSUPPORTED_ACTIVATIONS, GateSite, _maxpool_args, _sites, _struct_maxpool,
+                    _trace)
 
 __all__ = [
     "dualcopy",
@@ -47,290 +52,6 @@ __all__ = [
     "QuantGraphModule",
     "UNSUPPORTED_ACTIVATIONS",
 ]
-
-GATEABLE = ("relu", "relu6", "hardtanh", "leaky_relu")
-
-# Smooth or learnable activations: no finite regime code, so no FedSQ gate.
-_UNSUPPORTED_MODULES = (
-    nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Mish,
-    nn.Hardswish, nn.Hardsigmoid, nn.PReLU, nn.RReLU, nn.Softsign, nn.Tanhshrink,
-    nn.LogSigmoid, nn.Threshold, nn.GLU,
-)
-_UNSUPPORTED_FUNCS = {
-    F.gelu, F.silu, torch.tanh, torch.sigmoid, F.elu, F.selu, F.celu, F.softplus, F.mish,
-    F.hardswish, F.hardsigmoid, F.prelu, F.rrelu, F.softsign, F.tanhshrink, F.logsigmoid,
-    F.threshold, F.glu, torch.nn.functional.tanh, torch.nn.functional.sigmoid,
-}
-_UNSUPPORTED_METHODS = {"tanh", "sigmoid", "tanh_", "sigmoid_"}
-UNSUPPORTED_ACTIVATIONS = tuple(m.__name__ for m in _UNSUPPORTED_MODULES)
-
-
-@dataclass(frozen=True)
-class GateSite:
-    """One gate site: ``name`` (module path, ``#k`` for the k-th reuse, or the
-    fx node name), ``kind`` ('relu' | 'leaky_relu' | 'hardtanh' | 'maxpool'),
-    ``p1``/``p2`` (slope, or min/max)."""
-
-    name: str
-    kind: str
-    p1: float = 0.0
-    p2: float = 0.0
-
-
-# ---------------------------------------------------------------------------
-# Recognising activation nodes.
-def _arg(node, pos, key, default):
-    if len(node.args) > pos:
-        return node.args[pos]
-    return node.kwargs.get(key, default)
-
-
-def _classify(node, modules):
-    """(kind, p1, p2, label) for an activation node, ('unsupported', .., label), or None."""
-    if node.op == "call_module":
-        m = modules[node.target]
-        k = activation_kind(m)
-        if k is not None:
-            return (*k, type(m).__name__)
-        if isinstance(m, _UNSUPPORTED_MODULES):
-            return ("unsupported", 0.0, 0.0, type(m).__name__)
-        return None
-    if node.op == "call_function":
-        f = node.target
-        if f in (F.relu, torch.relu, torch.relu_, F.relu_):
-            return ("relu", 0.0, 0.0, "relu")
-        if f is F.relu6:
-            return ("hardtanh", 0.0, 6.0, "relu6")
-        if f in (F.hardtanh, F.hardtanh_):
-            return ("hardtanh", float(_arg(node, 1, "min_val", -1.0)),
-                    float(_arg(node, 2, "max_val", 1.0)), "hardtanh")
-        if f in (F.leaky_relu, F.leaky_relu_):
-            return ("leaky_relu", float(_arg(node, 1, "negative_slope", 0.01)), 0.0, "leaky_relu")
-        if f in _UNSUPPORTED_FUNCS:
-            return ("unsupported", 0.0, 0.0, getattr(f, "__name__", str(f)))
-        return None
-    if node.op == "call_method":
-        if node.target in ("relu", "relu_"):
-            return ("relu", 0.0, 0.0, "relu")
-        if node.target in _UNSUPPORTED_METHODS:
-            return ("unsupported", 0.0, 0.0, node.target)
-    return None
-
-
-def _option_name(kind, p1, p2):
-    if kind == "hardtanh":
-        return "relu6" if (p1, p2) == (0.0, 6.0) else "hardtanh"
-    return kind
-
-
-def _is_maxpool(node, modules):
-    if node.op == "call_module":
-        return type(modules[node.target]) is nn.MaxPool2d
-    return node.op == "call_function" and node.target is F.max_pool2d
-
-
-def _maxpool_args(node, modules):
-    if node.op == "call_module":
-        m = modules[node.target]
-        return (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
-    ks = _arg(node, 1, "kernel_size", None)
-    return (ks, _arg(node, 2, "stride", None) or ks, _arg(node, 3, "padding", 0),
-            _arg(node, 4, "dilation", 1), _arg(node, 5, "ceil_mode", False))
-
-
-@torch.no_grad()
-def _struct_maxpool(x, k, s, p, d, ceil):
-    y, idx = F.max_pool2d(x, k, s, p, d, ceil, return_indices=True)
-    return y, SiteMasks((idx,), False)
-
-
-def _quant_maxpool(z, m: SiteMasks):
-    """Pool z at the positions the structural copy chose."""
-    idx = m.bits[0]
-    n, c = idx.shape[:2]
-    return z.reshape(n, c, -1).gather(2, idx.reshape(n, c, -1)).view(idx.shape)
-
-
-class _LeafTracer(fx.Tracer):
-    """fx tracer that does not enter ``leaf_types`` (module level: graphs pickle).
-
-    ``reuse``: [(name, tensor)] constants an earlier trace of the same root stored
-    (``_tensor_constant0``, ...). A constant the forward creates again with the
-    same value takes the earlier name instead of a fresh one, so a second trace of
-    a forward that does not depend on the mode gives the same code."""
-
-    def __init__(self, leaf_types=(), reuse=()):
-        super().__init__()
-        self.leaf_types = tuple(leaf_types)
-        self._reuse = list(reuse)
-
-    def is_leaf_module(self, m, qualname):
-        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
-
-    def create_arg(self, a):
-        if (self._reuse and isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter)
-                and self.tensor_attrs.get(a) is None):
-            name, old = self._reuse[0]
-            if (type(old) is type(a) and old.dtype == a.dtype and old.shape == a.shape
-                    and old.device == a.device and torch.equal(old, a)):
-                self._reuse.pop(0)
-                self.tensor_attrs[a] = name
-        return super().create_arg(a)
-
-
-_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
-_THIS_FILE = os.path.abspath(__file__)
-
-
-def _is_user_file(filename):
-    f = os.path.abspath(filename)
-    return not f.startswith(_TORCH_DIR) and f != _THIS_FILE and not filename.startswith("<eval_with_key")
-
-
-def _user_frame_of_tb(tb):
-    """'file:line (source)' of the innermost traceback frame outside torch and this file."""
-    import traceback
-
-    frames = [f for f in traceback.extract_tb(tb) if _is_user_file(f.filename)]
-    if not frames:
-        return None
-    f = frames[-1]
-    return f"{f.filename}:{f.lineno}" + (f" ({f.line.strip()})" if f.line else "")
-
-
-def _rng_states():
-    import random
-
-    st = [torch.default_generator.get_state(), random.getstate()]
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        st.append(torch.cuda.get_rng_state())
-    return st
-
-
-def _set_rng_states(st):
-    import random
-
-    torch.default_generator.set_state(st[0])
-    random.setstate(st[1])
-    if len(st) > 2:
-        torch.cuda.set_rng_state(st[2])
-
-
-def _rng_changed(a, b):
-    return any((not torch.equal(x, y)) if isinstance(x, torch.Tensor) else x != y for x, y in zip(a, b))
-
-
-def _locate_rng_draw(run):
-    """Re-run ``run()`` under a profile hook; 'file:line (source)' of the first
-    C call (torch.rand, random.random, ...) that advanced an RNG, or None."""
-    import linecache
-    import sys
-
-    hits, stack = [], []
-
-    def prof(frame, event, arg):
-        if hits:
-            return
-        if event == "c_call":
-            stack.append(_rng_states())
-        elif event in ("c_return", "c_exception") and stack:
-            before = stack.pop()
-            if _rng_changed(before, _rng_states()):
-                f = frame
-                while f is not None and not _is_user_file(f.f_code.co_filename):
-                    f = f.f_back
-                if f is not None:
-                    line = linecache.getline(f.f_code.co_filename, f.f_lineno).strip()
-                    hits.append(f"{f.f_code.co_filename}:{f.f_lineno}" + (f" ({line})" if line else "")
-                                + f", calling {getattr(arg, '__name__', arg)}()")
-
-    old = sys.getprofile()
-    sys.setprofile(prof)
-    try:
-        run()
-    except Exception:
-        pass
-    finally:
-        sys.setprofile(old)
-    return hits[0] if hits else None
-
-
-_TRACE_HINT = ("Data-dependent control flow (if on a tensor value, .item(), a random draw at trace "
-               "time) is not traceable: draw randomness as tensor ops whose shape/device come from the "
-               "input (e.g. keep = torch.rand(x.shape[0], 1, 1, 1, device=x.device) >= p; x = x * keep / "
-               "(1 - p)), build the model from fedsq_fast.GatedConv2d / GatedLinear / GatedActivation, or "
-               "pass leaf_modules=(...) for submodules fx should not enter (they then run as they are, ungated).")
-
-
-def _trace_graph(model, leaf_modules, mode="eval", reuse=()):
-    """Trace ``model`` (in the mode it is in; ``mode`` is for messages) into an fx Graph.
-
-    Refuses what fx would silently freeze into the graph: a random number drawn at
-    trace time (e.g. ``if self.training and torch.rand(1).item() < p``) makes the
-    graph take one fixed branch / constant forever."""
-    tracer = _LeafTracer(leaf_modules, reuse)
-    before = _rng_states()
-    try:
-        graph = tracer.trace(model)
-    except Exception as e:  # fx raises many types; name the user's line and say what to do
-        _set_rng_states(before)
-        where = _user_frame_of_tb(e.__traceback__)
-        mods = [k for k in tracer.module_stack] if getattr(tracer, "module_stack", None) else []
-        raise ValueError(
-            f"dualcopy: model ({type(model).__name__}) could not be traced by torch.fx in {mode} mode"
-            + (f" at {where}" if where else "")
-            + (f" (module {mods[-1]!r})" if mods else "")
-            + f": {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. " + _TRACE_HINT
-        ) from e
-    after = _rng_states()
-    if _rng_changed(before, after):
-        # the trace consumed random numbers: restore the caller's streams, find the line
-        _set_rng_states(before)
-        where = _locate_rng_draw(lambda: _LeafTracer(leaf_modules).trace(model))
-        _set_rng_states(before)
-        raise ValueError(
-            f"dualcopy: model ({type(model).__name__}) draws a random number at trace time in {mode} mode"
-            + (f" at {where}" if where else "")
-            + ": torch.fx would freeze that one draw into the graph (the same branch or noise on "
-            "every call), so the converted model would differ from the original. " + _TRACE_HINT
-        )
-    return graph
-
-
-def _trace(model, leaf_modules, mode="eval"):
-    return fx.GraphModule(model, _trace_graph(model, leaf_modules, mode))
-
-
-def _sites(graph, modules, gate, gate_maxpool, allow_ungated):
-    """The gate-site nodes of a traced graph, in order, with GateSite records
-    (``modules``: the traced root's ``dict(named_modules())``)."""
-    out, bad, seen = [], [], {}
-    for node in graph.nodes:
-        c = _classify(node, modules)
-        if c is not None:
-            kind, p1, p2, label = c
-            if kind == "unsupported" or _option_name(kind, p1, p2) not in gate:
-                if kind == "unsupported" and not allow_ungated:
-                    where = node.target if node.op == "call_module" else node.name
-                    bad.append(f"{label} at {where!r}")
-                continue
-        elif gate_maxpool and _is_maxpool(node, modules):
-            kind, p1, p2 = "maxpool", 0.0, 0.0
-        else:
-            continue
-        base = node.target if node.op == "call_module" else node.name
-        k = seen.get(base, 0)
-        seen[base] = k + 1
-        out.append((node, GateSite(base if k == 0 else f"{base}#{k}", kind, p1, p2)))
-    if bad:
-        raise ValueError(
-            "dualcopy: unsupported activation(s) with no piecewise-linear regime code: "
-            + ", ".join(bad)
-            + ". FedSQ gates ReLU, ReLU6/Hardtanh and LeakyReLU; pass allow_ungated=True to keep "
-            "these as ordinary (ungated) activations in both copies."
-        )
-    return out
-
 
 # ---------------------------------------------------------------------------
 def replace_head(model: nn.Module, num_classes: int, head: str | None = None) -> str:
@@ -363,6 +84,31 @@ def _params_to_buffers(module: nn.Module) -> None:
 
 _FRESH_FUNCS = {operator.add, operator.iadd, torch.add}
 _AFFINE = (nn.Conv2d, nn.Linear, nn.Conv1d)
+
+
+def _const(gm, graph, name, value):
+    gm.register_buffer(name, value)
+    return graph.get_attr(name)
+
+
+def _fold_conv_bn(gm):
+    modules = dict(gm.named_modules())
+    calls = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
+    for n in list(gm.graph.nodes):
+        if n.op != "call_module" or type(modules[n.target]) is not nn.BatchNorm2d:
+            continue
+        bn = modules[n.target]
+        c = n.args[0]
+        if (c.op == "call_module" and type(modules[c.target]) is nn.Conv2d and len(c.users) == 1
+                and calls[c.target] == 1 and calls[n.target] == 1 and bn.running_var is not None):
+            fused = fuse_conv_bn_eval(modules[c.target].eval(), bn.eval())
+            parent, _, attr = c.target.rpartition(".")
+            setattr(gm.get_submodule(parent) if parent else gm, attr, fused)
+            n.replace_all_uses_with(c)
+            gm.graph.erase_node(n)
 
 
 def _build_structural(model, gate, gate_maxpool, allow_ungated, leaf_modules):
@@ -436,241 +182,6 @@ def _build_structural(model, gate, gate_maxpool, allow_ungated, leaf_modules):
     _params_to_buffers(gm)
     gm.eval()
     return gm, [s for _, s in sites]
-
-
-def _const(gm, graph, name, value):
-    gm.register_buffer(name, value)
-    return graph.get_attr(name)
-
-
-def _fold_conv_bn(gm):
-    modules = dict(gm.named_modules())
-    calls = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            calls[n.target] = calls.get(n.target, 0) + 1
-    for n in list(gm.graph.nodes):
-        if n.op != "call_module" or type(modules[n.target]) is not nn.BatchNorm2d:
-            continue
-        bn = modules[n.target]
-        c = n.args[0]
-        if (c.op == "call_module" and type(modules[c.target]) is nn.Conv2d and len(c.users) == 1
-                and calls[c.target] == 1 and calls[n.target] == 1 and bn.running_var is not None):
-            fused = fuse_conv_bn_eval(modules[c.target].eval(), bn.eval())
-            parent, _, attr = c.target.rpartition(".")
-            setattr(gm.get_submodule(parent) if parent else gm, attr, fused)
-            n.replace_all_uses_with(c)
-            gm.graph.erase_node(n)
-
-
-def _site_module(node):
-    """Path of the module whose forward made ``node`` ('' for the root)."""
-    if node.op == "call_module":
-        return node.target
-    stack = node.meta.get("nn_module_stack") or {}
-    return next(reversed(stack.values()))[0] if stack else ""
-
-
-def _site_label(node):
-    """A gate site's name for messages: module path, or node name with its module."""
-    if node.op == "call_module":
-        return repr(node.target)
-    path = _site_module(node)
-    return repr(node.name) + (f" (in module {path!r})" if path else "")
-
-
-def _rewrite_quant_graph(graph, found):
-    """Replace each gate-site node by quant_site / _quant_maxpool with that site's masks."""
-    last_ph = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    with graph.inserting_after(last_ph):
-        masks = graph.placeholder("fedsq_masks")
-    for i, (node, site) in enumerate(found):
-        with graph.inserting_before(node):
-            m = graph.call_function(operator.getitem, (masks, i))
-            if site.kind == "maxpool":
-                y = graph.call_function(_quant_maxpool, (node.args[0], m))
-            else:
-                y = graph.call_function(quant_site, (node.args[0], m, site.kind, site.p1, site.p2))
-        node.replace_all_uses_with(y)
-        graph.erase_node(node)
-    graph.lint()
-
-
-def _set_modes(model, train, quant_bn):
-    """The modes DualCopyModel.train(train) gives the quantitative copy (the
-    model's own ``train()``, so an override that keeps e.g. BN frozen counts)."""
-    model.train(train)
-    if train and quant_bn == "frozen":
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
-
-
-def _build_quantitative(model, sites, gate, gate_maxpool, allow_ungated, leaf_modules, quant_bn="train"):
-    """Trace ``model`` in eval and in train mode (fx freezes every ``self.training``
-    test into the graph) and rewrite its gate sites; one graph when both traces
-    give the same code, else both, picked by ``training`` at call time."""
-    modules = dict(model.named_modules())
-    saved = [(m, m.training) for m in model.modules()]
-    graphs, found, constants = {}, {}, []
-    try:
-        for train in (False, True):
-            _set_modes(model, train, quant_bn)
-            if train:  # submodules the model's own train() leaves in eval (quant_bn aside)
-                model.train(True)
-                eval_in_train = [n for n, m in model.named_modules() if n and not m.training]
-                _set_modes(model, True, quant_bn)
-            known = set(model.__dict__)
-            graphs[train] = _trace_graph(model, leaf_modules, "train" if train else "eval", reuse=constants)
-            # tensors the forward creates (torch.tensor(...)) are stored on the root
-            constants = [(k, v) for k, v in model.__dict__.items()
-                         if k not in known and k.startswith("_tensor_constant")]
-            found[train] = _sites(graphs[train], modules, gate, gate_maxpool, allow_ungated)
-    finally:
-        for m, t in saved:  # the caller's modes, module by module
-            m.training = t
-    if [s for _, s in found[False]] != sites:
-        raise RuntimeError("internal: structural and quantitative gate sites differ")
-    train_sites = [s for _, s in found[True]]
-    if train_sites != sites:
-        # Masks come from the structural copy, traced in eval mode: a gate that
-        # only exists in train mode has no structural gate to follow. Align the two
-        # site lists by module path and kind (fx numbers functional nodes per graph,
-        # so node names shift after a train-only relu).
-        import difflib
-
-        def key(node, site):
-            return (_site_label(node) if node.op == "call_module" else _site_module(node), site.kind)
-
-        ev, tr = found[False], found[True]
-        sm = difflib.SequenceMatcher(None, [key(*e) for e in ev], [key(*t) for t in tr], autojunk=False)
-        only_train, only_eval = [], []
-        for op, i1, i2, j1, j2 in sm.get_opcodes():
-            if op in ("replace", "delete"):
-                only_eval += [_site_label(n) for n, _ in ev[i1:i2]]
-            if op in ("replace", "insert"):
-                only_train += [_site_label(n) for n, _ in tr[j1:j2]]
-        detail = []
-        if only_train:
-            more = f" (+{len(only_train) - 5} more)" if len(only_train) > 5 else ""
-            detail.append(f"gate site(s) {', '.join(only_train[:5])}{more} run only in train mode")
-        if only_eval:
-            more = f" (+{len(only_eval) - 5} more)" if len(only_eval) > 5 else ""
-            detail.append(f"gate site(s) {', '.join(only_eval[:5])}{more} run only in eval mode")
-        if not detail:  # same modules and kinds, other parameters (e.g. a mode-dependent slope)
-            i = next(i for i, (x, y) in enumerate(zip(train_sites, sites)) if x != y)
-            detail.append(f"gate site {i} is {train_sites[i]} in train mode but {sites[i]} in eval mode")
-        detail = "; ".join(detail)
-        raise ValueError(
-            f"dualcopy: the model's gated activations differ between train and eval mode ({detail}): "
-            "a train-only branch (e.g. an auxiliary head) has no gate in the structural copy, which is "
-            "traced in eval mode. Disable that branch before converting (e.g. aux_logits=False), or pass "
-            "its module type in leaf_modules=(...) so it runs as an ordinary, ungated submodule."
-        )
-    _rewrite_quant_graph(graphs[False], found[False])
-    _rewrite_quant_graph(graphs[True], found[True])
-    if graphs[True].python_code("self").src == graphs[False].python_code("self").src:
-        graphs[True] = graphs[False]  # train-only logic lives in leaf modules (Dropout, BN)
-    return QuantGraphModule(model, graphs, eval_in_train)
-
-
-class QuantGraphModule(nn.Module):
-    """The quantitative copy: ``model``'s fx graph(s) with gate sites rewritten.
-
-    One graph when the model's forward traces the same in train and eval mode
-    (train-only logic only in leaf modules such as nn.Dropout / nn.BatchNorm2d,
-    which follow ``.train()`` at run time), otherwise two graphs sharing every
-    submodule and parameter, and ``forward`` runs the one of the current mode
-    (``self.training``). Like fx.GraphModule it holds exactly the submodules,
-    parameters and buffers the graphs reference, at their original paths, so
-    ``state_dict()`` keys are the original model's. ``graph`` / ``code``: those
-    of the current mode (read-only: edits are not recompiled). ``train(True)``
-    leaves in eval the submodules (``eval_in_train``, paths) that the model's own
-    ``train()`` left in eval, as the model would.
-    """
-
-    def __init__(self, root: nn.Module, graphs: dict, eval_in_train=()):
-        super().__init__()
-        from torch.fx.graph_module import _copy_attr  # GraphModule's own copy semantics
-
-        uniq = [graphs[False]] + ([graphs[True]] if graphs[True] is not graphs[False] else [])
-        for g in uniq:
-            for node in g.nodes:
-                if node.op in ("get_attr", "call_module"):
-                    _copy_attr(root, self, node.target)
-        self.training = root.training
-        self._graphs = {False: graphs[False], True: graphs[True]}
-        own = dict(self.named_modules())
-        self._eval_in_train = [p for p in eval_in_train if p in own]
-        self._compile()
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if mode:
-            for p in self._eval_in_train:
-                self.get_submodule(p).eval()
-        return self
-
-    def _compile(self):
-        from torch.fx.graph_module import _forward_from_src
-
-        fns = {}
-        for mode, g in self._graphs.items():
-            if mode and g is self._graphs[False]:
-                fns[mode] = fns[False]
-                continue
-            code = g.python_code(root_module="self")
-            fns[mode] = (_forward_from_src(code.src, code.globals), code.src)
-        self._fns = {k: v[0] for k, v in fns.items()}
-        self._srcs = {k: v[1] for k, v in fns.items()}
-
-    @property
-    def mode_dependent(self) -> bool:
-        """True when train and eval mode run different graphs."""
-        return self._graphs[True] is not self._graphs[False]
-
-    @property
-    def graph(self) -> fx.Graph:
-        return self._graphs[self.training]
-
-    @property
-    def code(self) -> str:
-        return self._srcs[self.training]
-
-    def code_globals(self) -> list:
-        """The globals dict of each compiled forward (to swap a function such as
-        quant_site for instrumentation, as gate_stability does)."""
-        out = []
-        for f in self._fns.values():
-            if not any(f.__globals__ is g for g in out):
-                out.append(f.__globals__)
-        return out
-
-    def forward(self, *args, **kwargs):
-        return self._fns[self.training](self, *args, **kwargs)
-
-    # Graphs and compiled functions are never mutated: copies share them (fast,
-    # and the functions take the module as an argument).
-    _SHARED = ("_graphs", "_fns", "_srcs")
-
-    def __deepcopy__(self, memo):
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        for k, v in self.__dict__.items():
-            new.__dict__[k] = v if k in self._SHARED else copy.deepcopy(v, memo)
-        return new
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        del state["_fns"], state["_srcs"]  # exec'd functions do not pickle: recompiled on load
-        return state
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self._compile()
-
-    def extra_repr(self) -> str:
-        return "graphs: train+eval (mode-dependent forward)" if self.mode_dependent else "graphs: 1"
 
 
 # ---------------------------------------------------------------------------

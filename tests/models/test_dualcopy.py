@@ -204,7 +204,7 @@ def test_head_replacement_and_maxpool_option():
     # the quantitative pool takes the structural argmax: check one site against gather
     q = torch.randn(2, 4, 6, 6)
     s = torch.randn(2, 4, 6, 6)
-    from fedsq_fast.models.dualcopy import _quant_maxpool, _struct_maxpool
+    from fedsq_fast.models.trace import _quant_maxpool, _struct_maxpool
     _, m = _struct_maxpool(s, 2, 2, 0, 1, False)
     win = lambda t: t.unfold(2, 2, 2).unfold(3, 2, 2).reshape(2, 4, 3, 3, 4)
     arg = win(s).argmax(-1, keepdim=True)

@@ -308,7 +308,8 @@ def test_quant_bn_frozen_reaches_traced_batchnorm_subclasses():
 # --------------------------------------------------------------------------
 # Zoo models: one graph, as before.
 def test_zoo_models_keep_a_single_graph():
-    from fedsq_fast.models.dualcopy import GATEABLE, _LeafTracer, _rewrite_quant_graph, _sites
+    from fedsq_fast.models.quant import _rewrite_quant_graph
+    from fedsq_fast.models.trace import GATEABLE, _LeafTracer, _sites
 
     import importlib.util
 

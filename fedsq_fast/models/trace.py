@@ -1,0 +1,298 @@
+"""Finding the gate sites of a network: torch.fx tracing (eval and train mode), the
+activation classifier, and the refusals with file:line (random draws at trace time,
+untraceable branches) that make a conversion faithful or impossible."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import SiteMasks, activation_kind
+
+
+GATEABLE = ("relu", "relu6", "hardtanh", "leaky_relu")
+
+# Smooth or learnable activations: no finite regime code, so no FedSQ gate.
+_UNSUPPORTED_MODULES = (
+    nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Mish,
+    nn.Hardswish, nn.Hardsigmoid, nn.PReLU, nn.RReLU, nn.Softsign, nn.Tanhshrink,
+    nn.LogSigmoid, nn.Threshold, nn.GLU,
+)
+_UNSUPPORTED_FUNCS = {
+    F.gelu, F.silu, torch.tanh, torch.sigmoid, F.elu, F.selu, F.celu, F.softplus, F.mish,
+    F.hardswish, F.hardsigmoid, F.prelu, F.rrelu, F.softsign, F.tanhshrink, F.logsigmoid,
+    F.threshold, F.glu, torch.nn.functional.tanh, torch.nn.functional.sigmoid,
+}
+_UNSUPPORTED_METHODS = {"tanh", "sigmoid", "tanh_", "sigmoid_"}
+UNSUPPORTED_ACTIVATIONS = tuple(m.__name__ for m in _UNSUPPORTED_MODULES)
+
+
+@dataclass(frozen=True)
+class GateSite:
+    """One gate site: ``name`` (module path, ``#k`` for the k-th reuse, or the
+    fx node name), ``kind`` ('relu' | 'leaky_relu' | 'hardtanh' | 'maxpool'),
+    ``p1``/``p2`` (slope, or min/max)."""
+
+    name: str
+    kind: str
+    p1: float = 0.0
+    p2: float = 0.0
+
+
+# ---------------------------------------------------------------------------
+# Recognising activation nodes.
+def _arg(node, pos, key, default):
+    if len(node.args) > pos:
+        return node.args[pos]
+    return node.kwargs.get(key, default)
+
+
+def _classify(node, modules):
+    """(kind, p1, p2, label) for an activation node, ('unsupported', .., label), or None."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        k = activation_kind(m)
+        if k is not None:
+            return (*k, type(m).__name__)
+        if isinstance(m, _UNSUPPORTED_MODULES):
+            return ("unsupported", 0.0, 0.0, type(m).__name__)
+        return None
+    if node.op == "call_function":
+        f = node.target
+        if f in (F.relu, torch.relu, torch.relu_, F.relu_):
+            return ("relu", 0.0, 0.0, "relu")
+        if f is F.relu6:
+            return ("hardtanh", 0.0, 6.0, "relu6")
+        if f in (F.hardtanh, F.hardtanh_):
+            return ("hardtanh", float(_arg(node, 1, "min_val", -1.0)),
+                    float(_arg(node, 2, "max_val", 1.0)), "hardtanh")
+        if f in (F.leaky_relu, F.leaky_relu_):
+            return ("leaky_relu", float(_arg(node, 1, "negative_slope", 0.01)), 0.0, "leaky_relu")
+        if f in _UNSUPPORTED_FUNCS:
+            return ("unsupported", 0.0, 0.0, getattr(f, "__name__", str(f)))
+        return None
+    if node.op == "call_method":
+        if node.target in ("relu", "relu_"):
+            return ("relu", 0.0, 0.0, "relu")
+        if node.target in _UNSUPPORTED_METHODS:
+            return ("unsupported", 0.0, 0.0, node.target)
+    return None
+
+
+def _option_name(kind, p1, p2):
+    if kind == "hardtanh":
+        return "relu6" if (p1, p2) == (0.0, 6.0) else "hardtanh"
+    return kind
+
+
+def _is_maxpool(node, modules):
+    if node.op == "call_module":
+        return type(modules[node.target]) is nn.MaxPool2d
+    return node.op == "call_function" and node.target is F.max_pool2d
+
+
+def _maxpool_args(node, modules):
+    if node.op == "call_module":
+        m = modules[node.target]
+        return (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+    ks = _arg(node, 1, "kernel_size", None)
+    return (ks, _arg(node, 2, "stride", None) or ks, _arg(node, 3, "padding", 0),
+            _arg(node, 4, "dilation", 1), _arg(node, 5, "ceil_mode", False))
+
+
+@torch.no_grad()
+def _struct_maxpool(x, k, s, p, d, ceil):
+    y, idx = F.max_pool2d(x, k, s, p, d, ceil, return_indices=True)
+    return y, SiteMasks((idx,), False)
+
+
+def _quant_maxpool(z, m: SiteMasks):
+    """Pool z at the positions the structural copy chose."""
+    idx = m.bits[0]
+    n, c = idx.shape[:2]
+    return z.reshape(n, c, -1).gather(2, idx.reshape(n, c, -1)).view(idx.shape)
+
+
+class _LeafTracer(fx.Tracer):
+    """fx tracer that does not enter ``leaf_types`` (module level: graphs pickle).
+
+    ``reuse``: [(name, tensor)] constants an earlier trace of the same root stored
+    (``_tensor_constant0``, ...). A constant the forward creates again with the
+    same value takes the earlier name instead of a fresh one, so a second trace of
+    a forward that does not depend on the mode gives the same code."""
+
+    def __init__(self, leaf_types=(), reuse=()):
+        super().__init__()
+        self.leaf_types = tuple(leaf_types)
+        self._reuse = list(reuse)
+
+    def is_leaf_module(self, m, qualname):
+        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
+
+    def create_arg(self, a):
+        if (self._reuse and isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter)
+                and self.tensor_attrs.get(a) is None):
+            name, old = self._reuse[0]
+            if (type(old) is type(a) and old.dtype == a.dtype and old.shape == a.shape
+                    and old.device == a.device and torch.equal(old, a)):
+                self._reuse.pop(0)
+                self.tensor_attrs[a] = name
+        return super().create_arg(a)
+
+
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+_THIS_FILE = os.path.abspath(__file__)
+
+
+def _is_user_file(filename):
+    f = os.path.abspath(filename)
+    return not f.startswith(_TORCH_DIR) and f != _THIS_FILE and not filename.startswith("<eval_with_key")
+
+
+def _user_frame_of_tb(tb):
+    """'file:line (source)' of the innermost traceback frame outside torch and this file."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(tb) if _is_user_file(f.filename)]
+    if not frames:
+        return None
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno}" + (f" ({f.line.strip()})" if f.line else "")
+
+
+def _rng_states():
+    import random
+
+    st = [torch.default_generator.get_state(), random.getstate()]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st.append(torch.cuda.get_rng_state())
+    return st
+
+
+def _set_rng_states(st):
+    import random
+
+    torch.default_generator.set_state(st[0])
+    random.setstate(st[1])
+    if len(st) > 2:
+        torch.cuda.set_rng_state(st[2])
+
+
+def _rng_changed(a, b):
+    return any((not torch.equal(x, y)) if isinstance(x, torch.Tensor) else x != y for x, y in zip(a, b))
+
+
+def _locate_rng_draw(run):
+    """Re-run ``run()`` under a profile hook; 'file:line (source)' of the first
+    C call (torch.rand, random.random, ...) that advanced an RNG, or None."""
+    import linecache
+    import sys
+
+    hits, stack = [], []
+
+    def prof(frame, event, arg):
+        if hits:
+            return
+        if event == "c_call":
+            stack.append(_rng_states())
+        elif event in ("c_return", "c_exception") and stack:
+            before = stack.pop()
+            if _rng_changed(before, _rng_states()):
+                f = frame
+                while f is not None and not _is_user_file(f.f_code.co_filename):
+                    f = f.f_back
+                if f is not None:
+                    line = linecache.getline(f.f_code.co_filename, f.f_lineno).strip()
+                    hits.append(f"{f.f_code.co_filename}:{f.f_lineno}" + (f" ({line})" if line else "")
+                                + f", calling {getattr(arg, '__name__', arg)}()")
+
+    old = sys.getprofile()
+    sys.setprofile(prof)
+    try:
+        run()
+    except Exception:
+        pass
+    finally:
+        sys.setprofile(old)
+    return hits[0] if hits else None
+
+
+_TRACE_HINT = ("Data-dependent control flow (if on a tensor value, .item(), a random draw at trace "
+               "time) is not traceable: draw randomness as tensor ops whose shape/device come from the "
+               "input (e.g. keep = torch.rand(x.shape[0], 1, 1, 1, device=x.device) >= p; x = x * keep / "
+               "(1 - p)), build the model from fedsq_fast.GatedConv2d / GatedLinear / GatedActivation, or "
+               "pass leaf_modules=(...) for submodules fx should not enter (they then run as they are, ungated).")
+
+
+def _trace_graph(model, leaf_modules, mode="eval", reuse=()):
+    """Trace ``model`` (in the mode it is in; ``mode`` is for messages) into an fx Graph.
+
+    Refuses what fx would silently freeze into the graph: a random number drawn at
+    trace time (e.g. ``if self.training and torch.rand(1).item() < p``) makes the
+    graph take one fixed branch / constant forever."""
+    tracer = _LeafTracer(leaf_modules, reuse)
+    before = _rng_states()
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:  # fx raises many types; name the user's line and say what to do
+        _set_rng_states(before)
+        where = _user_frame_of_tb(e.__traceback__)
+        mods = [k for k in tracer.module_stack] if getattr(tracer, "module_stack", None) else []
+        raise ValueError(
+            f"dualcopy: model ({type(model).__name__}) could not be traced by torch.fx in {mode} mode"
+            + (f" at {where}" if where else "")
+            + (f" (module {mods[-1]!r})" if mods else "")
+            + f": {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. " + _TRACE_HINT
+        ) from e
+    after = _rng_states()
+    if _rng_changed(before, after):
+        # the trace consumed random numbers: restore the caller's streams, find the line
+        _set_rng_states(before)
+        where = _locate_rng_draw(lambda: _LeafTracer(leaf_modules).trace(model))
+        _set_rng_states(before)
+        raise ValueError(
+            f"dualcopy: model ({type(model).__name__}) draws a random number at trace time in {mode} mode"
+            + (f" at {where}" if where else "")
+            + ": torch.fx would freeze that one draw into the graph (the same branch or noise on "
+            "every call), so the converted model would differ from the original. " + _TRACE_HINT
+        )
+    return graph
+
+
+def _trace(model, leaf_modules, mode="eval"):
+    return fx.GraphModule(model, _trace_graph(model, leaf_modules, mode))
+
+
+def _sites(graph, modules, gate, gate_maxpool, allow_ungated):
+    """The gate-site nodes of a traced graph, in order, with GateSite records
+    (``modules``: the traced root's ``dict(named_modules())``)."""
+    out, bad, seen = [], [], {}
+    for node in graph.nodes:
+        c = _classify(node, modules)
+        if c is not None:
+            kind, p1, p2, label = c
+            if kind == "unsupported" or _option_name(kind, p1, p2) not in gate:
+                if kind == "unsupported" and not allow_ungated:
+                    where = node.target if node.op == "call_module" else node.name
+                    bad.append(f"{label} at {where!r}")
+                continue
+        elif gate_maxpool and _is_maxpool(node, modules):
+            kind, p1, p2 = "maxpool", 0.0, 0.0
+        else:
+            continue
+        base = node.target if node.op == "call_module" else node.name
+        k = seen.get(base, 0)
+        seen[base] = k + 1
+        out.append((node, GateSite(base if k == 0 else f"{base}#{k}", kind, p1, p2)))
+    if bad:
+        raise ValueError(
+            "dualcopy: unsupported activation(s) with no piecewise-linear regime code: "
+            + ", ".join(bad)
+            + ". FedSQ gates ReLU, ReLU6/Hardtanh and LeakyReLU; pass allow_ungated=True to keep "
+            "these as ordinary (ungated) activations in both copies."
+        )
+    return out
