@@ -29,7 +29,10 @@ class RoundTask:
 
 @dataclass
 class Reply:
-    """A client's answer: its state and sample count, or ``error`` (why it is dropped)."""
+    """A client's answer: its state and sample count, or ``error`` (why it is dropped).
+
+    ``state`` may alias the client's model (in process: the worker's tensors), so it is valid
+    until the next reply is asked for; code that holds replies longer must copy them."""
 
     cid: int
     state: dict | None = field(default=None, repr=False)
