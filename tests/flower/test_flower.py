@@ -366,12 +366,58 @@ def _kill_tree(proc, sig=signal.SIGKILL) -> None:
             pass
 
 
-class Deployment:
-    """One flower-superlink and N flower-supernode processes (insecure, loopback, ports
-    chosen now), each in its own process group, logs in ``root``."""
+def make_tls_and_node_keys(d: Path, nodes: int) -> dict:
+    """docs/flower.md's TLS and node-authentication material, generated: a CA, a SuperLink
+    certificate for 127.0.0.1/localhost signed by it, and one ECDSA key pair per SuperNode
+    (OpenSSH format, as ``ssh-keygen -t ecdsa -b 384`` writes)."""
+    import datetime as dt
+    import ipaddress
 
-    def __init__(self, root: Path):
-        self.root = root
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca = (x509.CertificateBuilder().subject_name(name("fedsq test CA")).issuer_name(name("fedsq test CA"))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP384R1())
+    san = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    cert = (x509.CertificateBuilder().subject_name(name("localhost")).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(san, critical=False).sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    files = {"ca": d / "ca.crt", "cert": d / "server.pem", "key": d / "server.key"}
+    files["ca"].write_bytes(ca.public_bytes(pem))
+    files["cert"].write_bytes(cert.public_bytes(pem))
+    files["key"].write_bytes(key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL,
+                                               serialization.NoEncryption()))
+    for i in range(nodes):
+        k = ec.generate_private_key(ec.SECP384R1())
+        (d / f"node{i}").write_bytes(k.private_bytes(pem, serialization.PrivateFormat.OpenSSH,
+                                                     serialization.NoEncryption()))
+        (d / f"node{i}.pub").write_bytes(k.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                                     serialization.PublicFormat.OpenSSH))
+        os.chmod(d / f"node{i}", 0o600)
+    return files
+
+
+class Deployment:
+    """One flower-superlink and N flower-supernode processes (loopback, ports chosen now),
+    each in its own process group, logs in ``root``. Insecure by default; with ``tls`` (the
+    files of :func:`make_tls_and_node_keys`) every connection is TLS, and with ``auth`` only
+    registered SuperNodes may connect."""
+
+    def __init__(self, root: Path, tls: dict | None = None, auth: bool = False):
+        self.root, self.tls, self.auth = root, tls, auth
         self.procs, self.logs, self.nodes = [], [], {}
         self.env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_HOME=str(root / "flwr-home"),
                         PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -388,9 +434,11 @@ class Deployment:
 
     def start_superlink(self, timeout=60):
         self.port = _free_port()
+        sec = (["--ssl-ca-certfile", str(self.tls["ca"]), "--ssl-certfile", str(self.tls["cert"]),
+                "--ssl-keyfile", str(self.tls["key"])] if self.tls else ["--insecure"])
         self.superlink = self._start("superlink", [
-            str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
-            "--disable-runtime-dependency-installation"])
+            str(BIN / "flower-superlink"), *sec, *(["--enable-supernode-auth"] if self.auth else []),
+            "--host", "127.0.0.1", "--port", str(self.port), "--disable-runtime-dependency-installation"])
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             assert self.superlink.poll() is None, self.tail()
@@ -404,13 +452,25 @@ class Deployment:
         (self.root / "flwr-home").mkdir(exist_ok=True)
         (self.root / "flwr-home" / "config.toml").write_text(
             f'[superlink]\ndefault = "fedsq-test"\n\n[superlink.fedsq-test]\n'
-            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+            f'address = "127.0.0.1:{self.port}"\n'
+            + (f'root-certificates = "{self.tls["ca"]}"\n' if self.tls else "insecure = true\n"))
 
-    def start_supernode(self, pid, num):
-        self.nodes[pid] = self._start(f"supernode{pid}", [
-            str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+    def start_supernode(self, pid, num, *, secure: bool | None = None, key: Path | None = None, name=None,
+                        retries: int | None = None):
+        """``secure``: TLS with the CA (default: as the SuperLink); ``key``: node-auth key;
+        ``retries``: give up connecting after that many tries (default: Flower's, unlimited)."""
+        secure = bool(self.tls) if secure is None else secure
+        sec = ["--root-certificates", str(self.tls["ca"])] if secure else ["--insecure"]
+        self.nodes[name or pid] = self._start(f"supernode{name or pid}", [
+            str(BIN / "flower-supernode"), *sec, *(["--auth-supernode-private-key", str(key)] if key else []),
+            "--superlink", f"127.0.0.1:{self.port}",
+            *(["--max-retries", str(retries), "--max-wait-time", "30"] if retries is not None else []),
             "--host", "127.0.0.1", "--port", str(_free_port()),
             "--node-config", f"partition-id={pid} num-partitions={num}"])
+
+    def flwr(self, *args, timeout=60) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=self.root, capture_output=True,
+                              text=True, timeout=timeout)
 
     def flwr_run(self, run_config: dict, timeout: float):
         app = self.root / "app"
@@ -531,6 +591,50 @@ def test_deployment_supernode_killed_mid_round_the_others_finish(deployment, tmp
     emb = Federation(cfg, "fedsq", data, quiet=True, client_hook=hook).run()
     model, _ = _final_model(Federation(cfg, "fedsq", data, quiet=True), out)
     _same_model(emb.model, model, exact=False)  # the survivors' updates, none lost
+
+
+@pytest.mark.slow
+def test_deployment_with_tls_and_node_authentication_as_documented(tmp_path):
+    """docs/flower.md's TLS + node-authentication setup, run: certificates and node keys
+    generated here, keys registered with `flwr supernode register`; the registered nodes train
+    over TLS, a plaintext node and an unregistered one never join."""
+    cfg = _cfg(out_dir=str(tmp_path / "out"), rounds=1, num_clients=2, val_size=150, max_test_samples=100)
+    files = make_tls_and_node_keys(tmp_path, nodes=3)  # node2: a key nobody registered
+    dep = Deployment(tmp_path, tls=files, auth=True)
+    try:
+        dep.start_superlink()
+        for i in range(cfg.num_clients):
+            r = dep.flwr("supernode", "register", str(tmp_path / f"node{i}.pub"), "fedsq-test")
+            assert r.returncode == 0, r.stdout + r.stderr + dep.tail()
+        listed = dep.flwr("supernode", "list", "fedsq-test", "--format", "json")
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        for i in range(cfg.num_clients):
+            dep.start_supernode(i, cfg.num_clients, key=tmp_path / f"node{i}")
+        dep.start_supernode(0, cfg.num_clients, secure=False, name="plaintext", retries=2)  # no TLS
+        dep.start_supernode(1, cfg.num_clients, key=tmp_path / "node2", name="unregistered", retries=2)
+        run = dep.flwr_run(_run_config(cfg, **{"round-timeout": 150.0}), timeout=200)
+        _wait(run, 200, dep)
+        out = tmp_path / "out" / "fedsq"
+        assert (out / "metrics.json").is_file(), dep.tail()
+        doc = json.loads((out / "metrics.json").read_text())
+        assert doc["summary"]["complete"] and doc["history"][1]["clients_ok"] == cfg.num_clients, doc["history"]
+        assert doc["history"][1]["clients_dropped"] == []
+        # the intruders: they exit (retries spent) without ever having run a ClientApp
+        for name in ("plaintext", "unregistered"):
+            proc = dep.nodes[name]
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the {name} SuperNode is still running\n{dep.tail()}")
+            log = (tmp_path / f"supernode{name}.log").read_text(errors="replace")
+            assert proc.returncode != 0 and "flwr-clientapp" not in log, log[-2000:]
+            assert "could not establish a connection to the SuperLink" in log, log[-2000:]
+    finally:
+        dep.stop()
+    data = prepare_data(cfg)
+    emb = Federation(cfg, "fedsq", data, quiet=True).run()
+    model, _ = _final_model(Federation(cfg, "fedsq", data, quiet=True), out)
+    _same_model(emb.model, model, exact=False)
 
 
 def test_a_header_claiming_billions_of_floats_is_refused_before_allocating():
