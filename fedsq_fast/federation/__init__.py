@@ -9,11 +9,14 @@ from .adapter import build_model, gate_stability, list_models, load_payload, pay
 from .callbacks import Callback  # noqa: F401
 from .client import LocalConfig, derive_seed, evaluate, local_train  # noqa: F401
 from .config import RunConfig, from_mapping, load_file, parse_method, validate  # noqa: F401
+from .config import (ClientConfig, DataConfig, MethodSpec, ModelConfig, RunSection, StrategyConfig,  # noqa: F401
+                     load_config, strategy_from_config)
 from .data import DATASETS, DataBundle, InMemoryDataset, InputSpec, input_spec_of, load_dataset, make_bundle  # noqa: F401
 from .runner import federate  # noqa: F401
 from .partition import PARTITIONS, class_counts, make_partition  # noqa: F401
 from .server import Federation, FedData, RunResult, prepare_data, summarize  # noqa: F401
 from .strategy import STRATEGIES, AggregateStats, Strategy, check_update, make_strategy, stream_average  # noqa: F401
+from .strategy import StrategyOptionError, strategy_options  # noqa: F401
 
 
 def __getattr__(name):

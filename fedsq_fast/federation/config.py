@@ -1,94 +1,185 @@
-"""Run configuration: one flat dataclass, loaded from flags or a TOML/YAML file, validated
-in full before any data is loaded or any training starts (errors name the key)."""
+"""Run configuration in sections, loaded from flags or a TOML/YAML file, validated in full
+before any data is loaded or any training starts (errors name the key).
+
+A :class:`RunConfig` is made of five section dataclasses, each key declared once:
+``data`` (:class:`DataConfig`: dataset, split, partition), ``model`` (:class:`ModelConfig`),
+``client`` (:class:`ClientConfig`: local training, shared with :class:`LocalConfig`),
+``strategy`` (:class:`StrategyConfig`: methods and the strategies' options) and ``run``
+(:class:`RunSection`: rounds, seed, output, placement). RunConfig inherits their fields, so
+the flat interface (``cfg.lr``, ``RunConfig(lr=...)``, ``dataclasses.replace``,
+``to_dict()``) is the one every recorded config uses; ``cfg.section("client")`` gives one
+section. Config files are flat, a legacy ``[run]`` table of flat keys, or sectioned
+(``[data]`` ... ``[run]``): see :func:`flatten` and docs/federation.md.
+"""
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .client import OPTIMIZERS
+from .client import OPTIMIZERS, ClientConfig, LocalConfig
 from .data import DATASETS
 from .partition import PARTITIONS
-from .strategy import AGGREGATORS, STRATEGIES
+from .strategy import AGGREGATORS, STRATEGIES, make_strategy, strategy_options
+
+
+def _key(default, help_: str, factory=None):
+    """A config key: its default and the one-line help the CLI shows."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help_})
+    return field(default=default, metadata={"help": help_})
+
+
+# DEFAULTs ours: a small real federation that runs in minutes on 2 CPU cores
+@dataclass
+class DataConfig:
+    """``[data]``: which data, how much of it, and how it is split among the clients."""
+
+    dataset: str = _key("mnist", "dataset: " + ", ".join(DATASETS))
+    data_root: str | None = _key(None, "folder holding the dataset's files (torchvision layout)")
+    download: bool = _key(False, "fetch the dataset into data_root")
+    max_train_samples: int | None = _key(3000, "seeded subset of the training pool; none: all")
+    val_size: int = _key(1000, "server validation split, taken from the training pool")
+    max_test_samples: int | None = _key(2000, "test subset for the final evaluation; none: all")
+    image_size: int | None = _key(None, "resize images to this side; none: the model's input size")
+    num_clients: int = _key(10, "number of clients the pool is split among")
+    partition: str = _key("dirichlet", "how the pool is split: " + ", ".join(PARTITIONS))
+    alpha: float = _key(0.5, "Dirichlet concentration (dirichlet, quantity)")
+    min_partition_size: int = _key(10, "smallest client share (dirichlet, quantity)")
+    shards_per_client: int = _key(2, "label shards per client (shards)")
 
 
 @dataclass
-class RunConfig:
-    # data (DEFAULTs ours: a small real federation that runs in minutes on 2 CPU cores)
-    dataset: str = "mnist"
-    data_root: str | None = None
-    download: bool = False
-    max_train_samples: int | None = 3000  # subset of the training pool (seeded); None: all
-    val_size: int = 1000  # held-out server validation split, taken from the training pool
-    max_test_samples: int | None = 2000
-    image_size: int | None = None  # None: the model's own input size
-    # model
-    model: str = "svhn_cnn"
-    weights: str | None = "default"
-    # how fedsq methods convert a plain model with fedsq_fast.dualcopy (docs/models.md)
-    quant_bn: str = "train"
-    allow_ungated: bool = False
-    # methods: strategy names, "fedsq" (= DualCopy + FedAvg) or "fedsq+<strategy>",
+class ModelConfig:
+    """``[model]``: the model and how fedsq methods convert it (docs/models.md)."""
+
+    model: str = _key("svhn_cnn", "zoo model name (fedsq_fast.models.list_models()), tiny_cnn or mlp")
+    weights: str | None = _key("default", "default, none, or a weights file")
+    quant_bn: str = _key("train", "fedsq conversion: BatchNorm of the quantitative copy, train or frozen")
+    allow_ungated: bool = _key(False, "fedsq conversion: accept a model without gate sites")
+    mask_cache: bool = _key(True, "FedSQ: cache structural masks per sample (no augmentation here)")
+
+
+@dataclass
+class StrategyConfig:
+    """``[strategy]``: the methods and the server strategies' options. Each strategy reads
+    only its own options (``strategy.strategy_options``); every strategy reads
+    ``aggregator`` and ``trim_fraction``."""
+
+    # strategy names, "fedsq" (= DualCopy + FedAvg) or "fedsq+<strategy>",
     # optionally ":refresh=R" / ":unfreeze=R" (structural-copy ablations)
-    methods: list = field(default_factory=lambda: ["fedavg", "fedsq"])
-    # partition
-    num_clients: int = 10
-    partition: str = "dirichlet"
-    alpha: float = 0.5
-    min_partition_size: int = 10
-    shards_per_client: int = 2
-    # rounds
-    rounds: int = 6
-    fraction: float = 1.0
-    min_clients: int = 2
-    failure_rate: float = 0.0
-    client_timeout_s: float | None = None
-    # local training
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    local_epochs: int = 1
-    batch_size: int = 64
-    # Local batches smaller than this are skipped (the last of an epoch when a client's sample
-    # count is not a multiple of batch_size; reshuffled each round, so no sample is lost for
-    # good). 2 keeps BatchNorm's training statistics defined; a few more avoid BatchNorm's
-    # blow-ups on 2-3 samples over 1x1 feature maps (MobileNetV2 at 32 px; experiments/README.md).
-    min_batch_size: int = 2
-    prox_mu: float = 0.01
-    # how the server combines the replies: "mean" (sample-weighted, streamed), "median" or
-    # "trimmed_mean" (coordinate-wise, unweighted; robust to a minority of hostile clients)
-    aggregator: str = "mean"
-    trim_fraction: float = 0.1  # trimmed_mean: share cut at each end
-    # server optimizers
-    server_lr: float | None = None  # None: 1.0 for fedavgm, 0.01 for fedadam/fedyogi
-    server_momentum: float = 0.9
-    beta1: float = 0.9
-    beta2: float = 0.99
-    tau: float = 1e-3
-    mask_cache: bool = True  # FedSQ: cache structural masks per sample (no augmentation here)
-    # metrics, output
-    seed: int = 0
-    target_accuracy: float | None = None
-    probe_size: int = 64
-    eval_batch_size: int = 512
-    out_dir: str = "runs/default"
-    checkpoint: bool = True
-    threads: int | None = None
+    methods: list = _key(None, "fedavg fedprox fedavgm fedadam fedyogi fedbn fedsq fedsq+<strategy>"
+                               "[:refresh=R|:unfreeze=R]", factory=lambda: ["fedavg", "fedsq"])
+    # "mean" (sample-weighted, streamed), "median" or "trimmed_mean" (coordinate-wise,
+    # unweighted; robust to a minority of hostile clients)
+    aggregator: str = _key("mean", "how the server combines replies: " + ", ".join(AGGREGATORS))
+    trim_fraction: float = _key(0.1, "trimmed_mean: share cut at each end")
+    prox_mu: float = _key(0.01, "fedprox: proximal term mu")
+    server_lr: float | None = _key(None, "fedavgm, fedadam, fedyogi: server learning rate; "
+                                         "none: 1.0 for fedavgm, 0.01 for fedadam/fedyogi")
+    server_momentum: float = _key(0.9, "fedavgm: server momentum")
+    beta1: float = _key(0.9, "fedadam, fedyogi: first-moment decay")
+    beta2: float = _key(0.99, "fedadam, fedyogi: second-moment decay")
+    tau: float = _key(1e-3, "fedadam, fedyogi: adaptivity tau")
+
+
+@dataclass
+class RunSection:
+    """``[run]``: rounds and client sampling, seed, metrics, output and placement."""
+
+    rounds: int = _key(6, "federated rounds")
+    fraction: float = _key(1.0, "clients sampled per round: max(min_clients, ceil(fraction K))")
+    min_clients: int = _key(2, "fewest clients sampled; fewer valid replies keep the global model")
+    failure_rate: float = _key(0.0, "simulated probability that a sampled client fails")
+    seed: int = _key(0, "everything derives from it")
+    target_accuracy: float | None = _key(None, "for rounds/seconds-to-target")
+    probe_size: int = _key(64, "gate-stability probe batch (first validation images)")
+    eval_batch_size: int = _key(512, "evaluation batch size")
+    out_dir: str = _key("runs/default", "output folder")
+    checkpoint: bool = _key(True, "checkpoint every round")
+    threads: int | None = _key(None, "torch.set_num_threads; none: torch's default")
     # "auto": the first CUDA GPU when torch sees one, else the CPU; or "cpu", "cuda", "cuda:N".
     # Models, data splits and server aggregation live there; checkpoints are always CPU files.
-    device: str = "auto"
+    device: str = _key("auto", "auto, cpu, cuda or cuda:N")
+
+
+# name in a config file -> section dataclass, in the order files and --help list them
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "client": ClientConfig, "strategy": StrategyConfig,
+            "run": RunSection}
+SECTION_OF = {f.name: name for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+
+
+@dataclass
+class RunConfig(RunSection, StrategyConfig, ClientConfig, ModelConfig, DataConfig):
+    """A whole run's config: the fields of every section (data, model, client, strategy,
+    run), flat. ``explicit_keys``: the keys a user set (see :func:`from_mapping`); the
+    strategy-option check of :func:`validate` reads it."""
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The flat dict of every key, in the order recorded configs have always had."""
+        d = dataclasses.asdict(self)
+        return {k: d[k] for k in KEYS}
+
+    def section(self, name: str):
+        """A copy of section ``name`` (``data``, ``model``, ``client``, ``strategy``, ``run``)."""
+        if name not in SECTIONS:
+            raise ValueError(f"section must be one of {', '.join(SECTIONS)}; got {name!r}")
+        cls = SECTIONS[name]
+        d = dataclasses.asdict(self)
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+
+    def to_sections(self) -> dict:
+        """``{section: {key: value}}``, the sectioned form (as a sectioned config file)."""
+        d = self.to_dict()
+        return {name: {f.name: d[f.name] for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()}
+
+    @classmethod
+    def from_sections(cls, *sections) -> "RunConfig":
+        """A config from section objects (defaults for the sections not given); e.g.
+        ``RunConfig.from_sections(DataConfig(dataset="digits"), ClientConfig(lr=0.1))``."""
+        kw = {}
+        for sec in sections:
+            name = next((n for n, c in SECTIONS.items() if type(sec) is c), None)
+            if name is None:
+                raise TypeError(f"from_sections takes {', '.join(c.__name__ for c in SECTIONS.values())}, "
+                                f"got {type(sec).__name__}")
+            if any(k in kw for k in (f.name for f in dataclasses.fields(sec))):
+                raise TypeError(f"from_sections: two {type(sec).__name__} given")
+            kw.update(dataclasses.asdict(sec))
+        return cls(**kw)
+
+    def replace(self, **changes) -> "RunConfig":
+        """``dataclasses.replace`` that keeps :attr:`explicit_keys` (minus the changed keys,
+        which the calling code set, not the user); ``dataclasses.replace`` forgets them all."""
+        new = dataclasses.replace(self, **changes)
+        new.__dict__["_explicit"] = self.explicit_keys - set(changes)
+        return new
+
+    @property
+    def explicit_keys(self) -> frozenset:
+        """Keys a user set (a file, flags, a mapping given to :func:`from_mapping`), as
+        opposed to defaults or a recorded config; ``dataclasses.replace`` forgets them."""
+        return self.__dict__.get("_explicit", frozenset())
 
 
-KEYS = tuple(f.name for f in dataclasses.fields(RunConfig))
+# The flat order of recorded configs (metrics.json, checkpoints, suites), kept as it was
+# before the sections existed.
+KEYS = ("dataset", "data_root", "download", "max_train_samples", "val_size", "max_test_samples", "image_size",
+        "model", "weights", "quant_bn", "allow_ungated", "methods", "num_clients", "partition", "alpha",
+        "min_partition_size", "shards_per_client", "rounds", "fraction", "min_clients", "failure_rate",
+        "client_timeout_s", "optimizer", "lr", "momentum", "weight_decay", "local_epochs", "batch_size",
+        "min_batch_size", "prox_mu", "aggregator", "trim_fraction", "server_lr", "server_momentum", "beta1",
+        "beta2", "tau", "mask_cache", "seed", "target_accuracy", "probe_size", "eval_batch_size", "out_dir",
+        "checkpoint", "threads", "device")
+assert set(KEYS) == set(SECTION_OF) and len(KEYS) == len(SECTION_OF), "KEYS must list every section key once"
 # Where and how fast a run computes, not what: ignored when a checkpoint or a finished
 # run's metrics are matched against the current config (resume on another machine).
 PLACEMENT_KEYS = ("out_dir", "threads", "device")
+# Keys some strategies read and others do not (make_strategy refuses them where not read).
+STRATEGY_OPTION_KEYS = tuple(k for k in KEYS if any(k in strategy_options(s) for s in STRATEGIES))
 
 
 def config_differences(mine: RunConfig, theirs: dict, ignore=()) -> list:
@@ -100,12 +191,10 @@ def config_differences(mine: RunConfig, theirs: dict, ignore=()) -> list:
             if k not in PLACEMENT_KEYS + tuple(ignore) and v != theirs.get(k, defaults[k])]
 
 
-def local_config(cfg: RunConfig, prox_mu: float):
-    """The client's training options for one round (``prox_mu`` from the strategy)."""
-    from .client import LocalConfig
-
-    return LocalConfig(cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.local_epochs, cfg.batch_size,
-                       prox_mu, cfg.client_timeout_s, cfg.min_batch_size)
+def local_config(cfg: RunConfig, prox_mu: float) -> LocalConfig:
+    """The client's training options for one round: the client section of ``cfg`` and
+    ``prox_mu`` from the strategy."""
+    return LocalConfig(**dataclasses.asdict(cfg.section("client")), prox_mu=prox_mu)
 
 
 def resolve_device(spec: str | None = "auto"):
@@ -136,46 +225,179 @@ def _fail(key, msg):
     raise ConfigError(key, msg)
 
 
+ABLATIONS = ("refresh", "unfreeze")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One entry of ``methods``, parsed: ``MethodSpec.parse("fedsq+fedprox:refresh=3") ==
+    MethodSpec("fedprox", dual=True, ablation="refresh", every=3, text="fedsq+fedprox:refresh=3")``.
+    ``dual``: a fedsq method (DualCopy model); ``ablation``/``every``: the structural-copy
+    ablation and its period R, or None."""
+
+    strategy: str
+    dual: bool = False
+    ablation: str | None = None
+    every: int | None = None
+    text: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> "MethodSpec":
+        """Parse a method: a strategy name, ``fedsq``, ``fedsq+<strategy>``, optionally
+        ``:refresh=R`` / ``:unfreeze=R`` (fedsq methods, R >= 1); anything else is a
+        :class:`ConfigError` on ``methods``."""
+        if not isinstance(text, str) or not text:
+            _fail("methods", f"each method must be a non-empty string, got {text!r}")
+        body, _, ablation = text.partition(":")
+        dual = False
+        if body == "fedsq":
+            body, dual = "fedavg", True
+        elif body.startswith("fedsq+"):
+            body, dual = body[len("fedsq+"):], True
+        if body not in STRATEGIES:
+            _fail("methods", f"unknown strategy {body!r} in {text!r}; valid: {', '.join(STRATEGIES)}, "
+                             "fedsq, fedsq+<strategy>")
+        kind, every = None, None
+        if ablation:
+            kind, _, val = ablation.partition("=")
+            # isascii: str.isdigit also accepts other scripts' digits and superscripts ("²")
+            if kind not in ABLATIONS or not (val.isascii() and val.isdigit()) or int(val) < 1:
+                _fail("methods", f"ablation in {text!r} must be ':refresh=R' or ':unfreeze=R' with R >= 1")
+            if not dual:
+                _fail("methods", f"{text!r}: structural-copy ablations need a fedsq method")
+            every = int(val)
+        return cls(body, dual, kind, every, text)
+
+    def as_tuple(self) -> tuple:
+        """``(strategy, dual, ablation, every)``, what :func:`parse_method` returned."""
+        return self.strategy, self.dual, self.ablation, self.every
+
+
 def parse_method(method: str) -> tuple[str, bool, str | None, int | None]:
-    """'fedsq+fedprox:refresh=3' -> ('fedprox', True, 'refresh', 3)."""
-    if not isinstance(method, str) or not method:
-        _fail("methods", f"each method must be a non-empty string, got {method!r}")
-    body, _, ablation = method.partition(":")
-    dual = False
-    if body == "fedsq":
-        body, dual = "fedavg", True
-    elif body.startswith("fedsq+"):
-        body, dual = body[len("fedsq+"):], True
-    if body not in STRATEGIES:
-        _fail("methods", f"unknown strategy {body!r} in {method!r}; valid: {', '.join(STRATEGIES)}, "
-                         "fedsq, fedsq+<strategy>")
-    kind, every = None, None
-    if ablation:
-        kind, _, val = ablation.partition("=")
-        if kind not in ("refresh", "unfreeze") or not val.isdigit() or int(val) < 1:
-            _fail("methods", f"ablation in {method!r} must be ':refresh=R' or ':unfreeze=R' with R >= 1")
-        if not dual:
-            _fail("methods", f"{method!r}: structural-copy ablations need a fedsq method")
-        every = int(val)
-    return body, dual, kind, every
+    """Deprecated: ``MethodSpec.parse(method).as_tuple()``; 'fedsq+fedprox:refresh=3' ->
+    ('fedprox', True, 'refresh', 3)."""
+    warnings.warn("parse_method is deprecated; use MethodSpec.parse(method) (fields strategy, dual, "
+                  "ablation, every)", DeprecationWarning, stacklevel=2)
+    return MethodSpec.parse(method).as_tuple()
 
 
-def from_mapping(d: dict, base: RunConfig | None = None) -> RunConfig:
-    """A config from a mapping; unknown keys are rejected with the closest valid ones."""
+def strategy_from_config(cfg: RunConfig, method) -> "Strategy":  # noqa: F821
+    """The server strategy of ``method`` (a string or :class:`MethodSpec`), given only the
+    options it takes from ``cfg`` (plus ``aggregator``, ``trim_fraction``); an option left
+    None (``server_lr``) takes the strategy's own default (1.0 for fedavgm, 0.01 for
+    fedadam/fedyogi)."""
+    spec = method if isinstance(method, MethodSpec) else MethodSpec.parse(method)
+    opts = {k: getattr(cfg, k) for k in strategy_options(spec.strategy) if getattr(cfg, k) is not None}
+    return make_strategy(spec.strategy, aggregator=cfg.aggregator, trim_fraction=cfg.trim_fraction, **opts)
+
+
+def _norm_key(k, where=""):
+    if not isinstance(k, str):  # YAML allows `1: 2`
+        _fail(repr(k), "config keys are names, not " + type(k).__name__)
+    k2 = k.replace("-", "_")
+    if k2 not in SECTION_OF:
+        near = difflib.get_close_matches(k2, KEYS, n=3)
+        _fail(k, f"unknown config key{where}" + (f" (did you mean {', '.join(near)}?)" if near else
+                                                 f"; valid keys: {', '.join(KEYS)}"))
+    return k2
+
+
+def _line_of(text: str | None, section: str, key: str) -> int | None:
+    """The line of ``key`` under ``[section]`` (TOML) or ``section:`` (YAML) in ``text``, or
+    None (a plain scan: good enough to point at the key, not a parser)."""
+    import re
+
+    if not text:
+        return None
+    head = re.compile(rf"^\s*(\[\s*{re.escape(section)}\s*\]|{re.escape(section)}\s*:)\s*(#.*)?$")
+    other = re.compile(r"^\s*\[|^\S[^:]*:\s*(#.*)?$")
+    names = {key, key.replace("_", "-")}
+    pat = re.compile(r"^\s*[\"']?(" + "|".join(map(re.escape, names)) + r")[\"']?\s*[=:]")
+    inside = False
+    for i, ln in enumerate(text.splitlines(), 1):
+        if head.match(ln):
+            inside = True
+        elif inside and other.match(ln):
+            inside = False
+        elif inside and pat.match(ln):
+            return i
+    return None
+
+
+def flatten(d: dict, source=None, text: str | None = None) -> dict:
+    """The flat config keys of a mapping in any of the three forms:
+
+    - flat: ``{"lr": 0.1, "rounds": 3}``;
+    - legacy ``run`` table, its only table: ``{"run": {"lr": 0.1, "rounds": 3}}``;
+    - sectioned: tables named after the sections, each holding its own keys,
+      ``{"client": {"lr": 0.1}, "run": {"rounds": 3}}`` (with any table besides ``run``,
+      ``run`` holds the run section only).
+
+    Keys beside the tables, a table that is not a section, a key under a section that does
+    not read it (naming the section that does, and the line of ``text`` when given) and
+    unknown keys are :class:`ConfigError` s naming ``source``."""
+    def fail(key, msg):
+        raise ConfigError(key, msg, source)
+
+    tables = [k for k, v in d.items() if isinstance(v, dict)]
+    if not tables:
+        return d
+    beside = [str(k) for k in d if k not in tables]
+    not_sections = [str(t) for t in tables if t not in SECTIONS]
+    if not_sections:
+        t = not_sections[0]
+        fail(t, f"is a table, but config tables are the sections {', '.join(f'[{s}]' for s in SECTIONS)}")
+    if tables == ["run"]:  # the legacy form: every key in [run]
+        if beside:  # an error, not a merge: which of the two values was meant is the user's call
+            fail("config", f"{', '.join(beside)} {'is' if len(beside) == 1 else 'are'} outside the [run] "
+                           "table, where they would be ignored; move them into [run] (or drop the [run] header)")
+        return dict(d["run"])
+    if beside:
+        where = "; ".join(f"{k} -> [{SECTION_OF[k.replace('-', '_')]}]" for k in beside
+                          if k.replace("-", "_") in SECTION_OF)
+        fail("config", f"{', '.join(beside)} {'is' if len(beside) == 1 else 'are'} outside the sections "
+                       f"{', '.join(f'[{t}]' for t in tables)}; in a sectioned file every key goes in its "
+                       f"section" + (f" ({where})" if where else ""))
+    out = {}
+    for sec in tables:
+        for k, v in d[sec].items():
+            try:
+                k2 = _norm_key(k, f" in [{sec}]")
+            except ConfigError as e:
+                raise e.with_source(source) from None
+            home = SECTION_OF[k2]
+            if home != sec:
+                line = _line_of(text, sec, k2)
+                fail(k, f"in [{sec}]{f' (line {line})' if line else ''}, but {k2} is read from the [{home}] "
+                        f"section; move it there")
+            out[k] = v
+    return out
+
+
+def from_mapping(d: dict, base: RunConfig | None = None, *, recorded: bool | None = None) -> RunConfig:
+    """A config from a mapping of config keys (flat, or sectioned: :func:`flatten`) over
+    ``base`` (default: the defaults); unknown keys are rejected with the closest valid ones.
+
+    The keys of ``d`` count as set by the user (``explicit_keys``: an option that none of
+    the methods reads is then an error in :func:`validate`), unless ``d`` is a recorded
+    config: ``recorded=None`` (default) takes a mapping that holds every key (what
+    ``to_dict()`` writes: metrics.json, checkpoints, suites) as recorded; True/False force it."""
     if not isinstance(d, dict):
         _fail("config", f"must be a mapping of config keys, got {type(d).__name__}")
+    d = flatten(d)
     cfg = dataclasses.replace(base) if base is not None else RunConfig()
+    names = []
     for k, v in d.items():
-        if not isinstance(k, str):  # YAML allows `1: 2`
-            _fail(repr(k), "config keys are names, not " + type(k).__name__)
-        k2 = k.replace("-", "_")
-        if k2 not in KEYS:
-            near = difflib.get_close_matches(k2, KEYS, n=3)
-            _fail(k, "unknown config key" + (f" (did you mean {', '.join(near)}?)" if near else
-                                             f"; valid keys: {', '.join(KEYS)}"))
+        k2 = _norm_key(k)
         setattr(cfg, k2, v)
+        names.append(k2)
     if isinstance(cfg.methods, str):
         cfg.methods = [m.strip() for m in cfg.methods.split(",") if m.strip()]
+    if recorded is None:
+        recorded = set(names) == set(KEYS)
+    kept = base.explicit_keys if base is not None else frozenset()
+    # a recorded value replaces what the user had set for that key
+    cfg.__dict__["_explicit"] = kept - set(names) if recorded else kept | set(names)
     return cfg
 
 
@@ -208,9 +430,12 @@ def read_toml(path, key: str = "config") -> dict:
 
 
 def load_file(path) -> dict:
-    """The config keys of a TOML (.toml) or YAML (.yaml/.yml) file. A ``[run]`` table (YAML:
-    ``run:`` mapping) holds them when present; keys beside it are an error (they would be
-    ignored otherwise). Syntax errors and text that is not UTF-8 name the file and line."""
+    """The flat config keys of a TOML (.toml) or YAML (.yaml/.yml) file, in any of the forms
+    :func:`flatten` reads: flat keys, a legacy ``[run]`` table (YAML: ``run:`` mapping) of
+    flat keys, or sections ``[data]``, ``[model]``, ``[client]``, ``[strategy]``, ``[run]``.
+    Keys beside the tables are an error (they would be ignored otherwise), and so is a key
+    in a section that does not read it (naming the key, the section it belongs to, the
+    file and the line). Syntax errors and text that is not UTF-8 name the file and line."""
     p = Path(path)
     if not p.exists():
         _fail("config", f"file not found: {p}")
@@ -220,6 +445,7 @@ def load_file(path) -> dict:
         _fail("config", f"{p}: use a .toml, .yaml or .yml file")
     if p.suffix == ".toml":
         d = read_toml(p)
+        text = _read_text(p)
     else:
         import yaml
 
@@ -234,17 +460,12 @@ def load_file(path) -> dict:
         d = {} if d is None else d
     if not isinstance(d, dict):
         _fail("config", f"{p}: top level must be a table/mapping of config keys, got {type(d).__name__}")
-    if "run" in d and isinstance(d["run"], dict):
-        beside = [str(k) for k in d if k != "run"]
-        if beside:  # an error, not a merge: which of the two values was meant is the user's call
-            _fail("config", f"{p}: {', '.join(beside)} {'is' if len(beside) == 1 else 'are'} outside the [run] "
-                            "table, where they would be ignored; move them into [run] (or drop the [run] header)")
-        return d["run"]
-    return d
+    return flatten(d, source=p, text=text)
 
 
 def load_config(path, base: RunConfig | None = None) -> RunConfig:
-    """:func:`load_file` + :func:`from_mapping`; key errors name the file."""
+    """:func:`load_file` + :func:`from_mapping` (the file's keys count as set by the user,
+    unless it holds every key: a recorded config); key errors name the file."""
     d = load_file(path)
     try:
         return from_mapping(d, base)
@@ -316,9 +537,29 @@ DATA_KEYS = ("dataset", "data_root", "download")
 MODEL_KEYS = ("model", "weights")
 
 
+def check_options_used(cfg: RunConfig) -> RunConfig:
+    """A strategy option the user set (``cfg.explicit_keys``) that none of ``cfg.methods``
+    reads, e.g. ``prox_mu`` with methods fedavg and fedsq, is a :class:`ConfigError` naming
+    it and the strategies that read it; so is ``trim_fraction`` set with an aggregator other
+    than trimmed_mean. Defaults and recorded configs (no explicit keys) always pass."""
+    explicit = cfg.explicit_keys
+    used = {MethodSpec.parse(m).strategy for m in cfg.methods}
+    for k in STRATEGY_OPTION_KEYS:
+        if k in explicit and not any(k in strategy_options(s) for s in used):
+            takers = [s for s in STRATEGIES if k in strategy_options(s)]
+            _fail(k, f"set to {getattr(cfg, k)!r}, but none of the methods ({', '.join(cfg.methods)}) reads it: "
+                     f"it is an option of {', '.join(takers)} (e.g. methods {takers[0]} or fedsq+{takers[0]}); "
+                     "remove it or add such a method")
+    if "trim_fraction" in explicit and cfg.aggregator != "trimmed_mean":
+        _fail("trim_fraction", f"set to {cfg.trim_fraction!r}, but aggregator is {cfg.aggregator!r}; only "
+                               "aggregator = 'trimmed_mean' reads it")
+    return cfg
+
+
 def validate(cfg: RunConfig, model_names=None, *, own_data: bool = False) -> RunConfig:
-    """Check every key (names, ranges, ablation support) before any work. ``own_data``:
-    the caller brings the data, so ``dataset`` is a free label."""
+    """Check every key (names, ranges, ablation support, strategy options the methods do
+    not read: :func:`check_options_used`) before any work. ``own_data``: the caller brings
+    the data, so ``dataset`` is a free label."""
     if not own_data and cfg.dataset not in DATASETS:
         _fail("dataset", f"must be one of {', '.join(DATASETS)}; got {cfg.dataset!r}")
     if model_names is not None and cfg.model not in model_names:
@@ -330,7 +571,7 @@ def validate(cfg: RunConfig, model_names=None, *, own_data: bool = False) -> Run
     if not isinstance(cfg.methods, (list, tuple)) or not cfg.methods:
         _fail("methods", f"must be a non-empty list, got {cfg.methods!r}")
     for m in cfg.methods:
-        parse_method(m)
+        MethodSpec.parse(m)
     if len(set(cfg.methods)) != len(cfg.methods):
         _fail("methods", f"duplicate entries in {cfg.methods}")
     _num(cfg, "alpha", lo=0, lo_open=True)
@@ -353,6 +594,7 @@ def validate(cfg: RunConfig, model_names=None, *, own_data: bool = False) -> Run
     if cfg.aggregator not in AGGREGATORS:
         _fail("aggregator", f"must be one of {', '.join(AGGREGATORS)}; got {cfg.aggregator!r}")
     _num(cfg, "trim_fraction", lo=0, hi=0.5, hi_open=True)
+    check_options_used(cfg)
     if cfg.quant_bn not in ("train", "frozen"):
         _fail("quant_bn", f"must be 'train' or 'frozen', got {cfg.quant_bn!r}")
     for k in ("download", "checkpoint", "mask_cache", "allow_ungated"):
