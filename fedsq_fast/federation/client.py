@@ -7,7 +7,7 @@ what ran before it in the process.
 from __future__ import annotations
 
 import time
-from dataclasses import InitVar, dataclass, field
+from dataclasses import KW_ONLY, InitVar, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,9 @@ class ClientConfig:
     weight_decay: float = field(default=0.0, metadata=_opt("local weight decay"))
     local_epochs: int = field(default=1, metadata=_opt("passes over a client's data per round"))
     batch_size: int = field(default=64, metadata=_opt("local batch size"))
+    # keyword-only from here: LocalConfig's positional order stays what it was before this
+    # section existed (..., batch_size, prox_mu, timeout_s)
+    _: KW_ONLY
     # Local batches smaller than this are skipped (the last of an epoch when a client's sample
     # count is not a multiple of batch_size; reshuffled each round, so no sample is lost for
     # good). 2 keeps BatchNorm's training statistics defined; a few more avoid BatchNorm's

@@ -112,11 +112,32 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "client": ClientConfig, "s
 SECTION_OF = {f.name: name for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
 
 
-@dataclass
+@dataclass(init=False)
 class RunConfig(RunSection, StrategyConfig, ClientConfig, ModelConfig, DataConfig):
     """A whole run's config: the fields of every section (data, model, client, strategy,
     run), flat. ``explicit_keys``: the keys a user set (see :func:`from_mapping`); the
     strategy-option check of :func:`validate` reads it."""
+
+    def __init__(self, *args, **kw):
+        """Keywords as before the sections (``RunConfig(lr=0.1)``); positional arguments in
+        the flat order of :data:`KEYS`, as the single flat dataclass took them (the sections'
+        field order differs, so the generated ``__init__`` would misplace them)."""
+        if len(args) > len(KEYS):
+            raise TypeError(f"RunConfig() takes at most {len(KEYS)} positional arguments ({len(args)} given)")
+        for k, v in zip(KEYS, args):
+            if k in kw:
+                raise TypeError(f"RunConfig() got multiple values for argument {k!r}")
+            kw[k] = v
+        for f in dataclasses.fields(self):
+            if f.name in kw:
+                v = kw.pop(f.name)
+            elif f.default_factory is not dataclasses.MISSING:
+                v = f.default_factory()
+            else:
+                v = f.default
+            setattr(self, f.name, v)
+        if kw:
+            raise TypeError(f"RunConfig() got an unexpected keyword argument {next(iter(kw))!r}")
 
     def to_dict(self) -> dict:
         """The flat dict of every key, in the order recorded configs have always had."""

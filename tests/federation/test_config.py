@@ -420,3 +420,22 @@ def test_local_config_is_the_client_section(rng):
     with pytest.warns(DeprecationWarning, match="client_timeout_s"):
         old = LocalConfig(timeout_s=2.5)
     assert old.client_timeout_s == 2.5 and old.timeout_s == 2.5 and not math.isnan(old.lr)
+
+
+def test_old_positional_call_forms(rng):
+    """Positional arguments mean what they meant before the sections: RunConfig in the old
+    flat order, LocalConfig as (optimizer, lr, momentum, weight_decay, local_epochs,
+    batch_size, prox_mu, timeout_s)."""
+    d = random_flat(rng)
+    assert C.RunConfig(*(d[k] for k in OLD_DEFAULTS)).to_dict() == d
+    with pytest.raises(TypeError, match="multiple values"):
+        C.RunConfig("digits", dataset="mnist")
+    with pytest.raises(TypeError, match="learning_rate"):
+        C.RunConfig(learning_rate=0.1)
+    args = ("adam", 0.3, 0.5, 0.01, 2, 16, 0.25)
+    lc = LocalConfig(*args)
+    assert (lc.optimizer, lc.lr, lc.momentum, lc.weight_decay, lc.local_epochs, lc.batch_size, lc.prox_mu) == args
+    with pytest.warns(DeprecationWarning):
+        assert LocalConfig(*args, 4.0).client_timeout_s == 4.0
+    with pytest.raises(TypeError):
+        LocalConfig(*args, None, 3)  # min_batch_size was never positional-safe: keyword-only now
