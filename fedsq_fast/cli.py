@@ -95,24 +95,30 @@ def _optional(conv):
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    from .federation.config import RunConfig
+    """Every config key as a flag (dashes for underscores), one argument group per config
+    section, with the key's help and default."""
+    from .federation.config import SECTIONS, RunConfig
 
     hints = typing.get_type_hints(RunConfig)
-    g = p.add_argument_group("config keys (see docs/federation.md)")
-    for f in dataclasses.fields(RunConfig):
-        flag = "--" + f.name.replace("_", "-")
-        t = hints[f.name]
-        args = typing.get_args(t)
-        base = next((a for a in args if a is not type(None)), t) if args else t
-        opt = type(None) in args
-        kw = dict(dest=f.name, default=argparse.SUPPRESS)
-        if f.name == "methods":
-            g.add_argument(flag, nargs="+", metavar="METHOD", **kw,
-                           help="fedavg fedprox fedavgm fedadam fedyogi fedbn fedsq fedsq+<strategy>"
-                                "[:refresh=R|:unfreeze=R]")
-            continue
-        conv = {bool: _bool, int: int, float: float}.get(base, str)
-        g.add_argument(flag, type=_optional(conv) if opt else conv, metavar=base.__name__.upper(), **kw)
+    defaults = RunConfig().to_dict()
+    for name, cls in SECTIONS.items():
+        g = p.add_argument_group(f"{name} section ([{name}] in a config file; docs/federation.md)")
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            t = hints[f.name]
+            args = typing.get_args(t)
+            base = next((a for a in args if a is not type(None)), t) if args else t
+            opt = type(None) in args
+            d = defaults[f.name]
+            shown = " ".join(d) if isinstance(d, list) else ("none" if d is None else str(d).lower()
+                                                               if isinstance(d, bool) else d)
+            kw = dict(dest=f.name, default=argparse.SUPPRESS,
+                      help=f"{f.metadata.get('help', '')} (default: {shown})".replace("%", "%%"))
+            if f.name == "methods":
+                g.add_argument(flag, nargs="+", metavar="METHOD", **kw)
+                continue
+            conv = {bool: _bool, int: int, float: float}.get(base, str)
+            g.add_argument(flag, type=_optional(conv) if opt else conv, metavar=base.__name__.upper(), **kw)
 
 
 def _config_from_args(ns) -> "RunConfig":
@@ -150,8 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("run", "run the configured methods on one split (defaults: FedAvg vs FedSQ)"),
                         ("compare", "methods x seeds x partitions with a summary table and plots")):
-        q = sub.add_parser(name, help=help_)
-        q.add_argument("--config", help="TOML or YAML file of config keys (flags override it)")
+        extra = " [--seeds S ...] [--partitions P ...]" if name == "compare" else ""
+        # the 46 key flags are listed by section below; spelled out here they would bury the usage line
+        q = sub.add_parser(name, help=help_, usage=f"%(prog)s [--config FILE] [--resume] [--quiet] "
+                                                   f"[--log-level LEVEL]{extra}\n{' ' * 7}[--KEY VALUE ...]  (config keys, by section below)")
+        q.add_argument("--config", metavar="FILE", help="TOML or YAML file of config keys, flat or in sections "
+                                                          "[data] [model] [client] [strategy] [run] "
+                                                          "(flags override it)")
         q.add_argument("--resume", action="store_true", help="continue from the last checkpoints")
         q.add_argument("--quiet", action="store_true", help="no progress bars or tables")
         q.add_argument("--log-level", default="WARNING", type=_log_level,

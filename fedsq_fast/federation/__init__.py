@@ -9,6 +9,8 @@ from .adapter import build_model, gate_change_sites, list_models, load_payload, 
 from .callbacks import Callback, GateStability, Progress  # noqa: F401
 from .client import LocalConfig, derive_seed, evaluate, local_train  # noqa: F401
 from .config import RunConfig, from_mapping, load_file, parse_method, validate  # noqa: F401
+from .config import (ClientConfig, DataConfig, MethodSpec, ModelConfig, RunSection, StrategyConfig,  # noqa: F401
+                     load_config, strategy_from_config)
 from .data import DATASETS, DataBundle, InMemoryDataset, InputSpec, input_spec_of, load_dataset, make_bundle  # noqa: F401
 from .runner import federate  # noqa: F401
 from .partition import PARTITIONS, class_counts, make_partition  # noqa: F401
@@ -18,6 +20,7 @@ from .server import Federation, RunResult  # noqa: F401
 from .transport import InProcessTransport, Reply, RoundTask, Transport  # noqa: F401
 from .trainer import ClientTrainer  # noqa: F401
 from .strategy import STRATEGIES, AggregateStats, Strategy, check_update, make_strategy, stream_average  # noqa: F401
+from .strategy import StrategyOptionError, strategy_options  # noqa: F401
 
 
 def __getattr__(name):

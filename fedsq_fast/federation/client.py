@@ -7,7 +7,7 @@ what ran before it in the process.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, InitVar, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -20,17 +20,59 @@ class ClientTimeout(RuntimeError):
     pass
 
 
+def _opt(help_: str) -> dict:
+    return {"help": help_}
+
+
 @dataclass
-class LocalConfig:
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    local_epochs: int = 1
-    batch_size: int = 64
+class ClientConfig:
+    """The client section of a run config (``[client]`` in a config file): how each client
+    trains locally. :class:`LocalConfig` adds the strategy's per-round ``prox_mu``; RunConfig
+    is made of this section and the others (``federation.config``)."""
+
+    optimizer: str = field(default="sgd", metadata=_opt("local optimizer: " + ", ".join(OPTIMIZERS)))
+    lr: float = field(default=0.01, metadata=_opt("local learning rate"))
+    momentum: float = field(default=0.9, metadata=_opt("sgd momentum, in [0, 1)"))
+    weight_decay: float = field(default=0.0, metadata=_opt("local weight decay"))
+    local_epochs: int = field(default=1, metadata=_opt("passes over a client's data per round"))
+    batch_size: int = field(default=64, metadata=_opt("local batch size"))
+    # keyword-only from here: LocalConfig's positional order stays what it was before this
+    # section existed (..., batch_size, prox_mu, timeout_s)
+    _: KW_ONLY
+    # Local batches smaller than this are skipped (the last of an epoch when a client's sample
+    # count is not a multiple of batch_size; reshuffled each round, so no sample is lost for
+    # good). 2 keeps BatchNorm's training statistics defined; a few more avoid BatchNorm's
+    # blow-ups on 2-3 samples over 1x1 feature maps (MobileNetV2 at 32 px; experiments/README.md).
+    min_batch_size: int = field(default=2, metadata=_opt("smaller local batches are skipped"))
+    client_timeout_s: float | None = field(default=None, metadata=_opt(
+        "a client past it is dropped (checked between batches); none: no limit"))
+
+
+@dataclass
+class LocalConfig(ClientConfig):
+    """One client's options for one round: the client section plus the strategy's
+    ``prox_mu`` (FedProx; 0 otherwise). ``LocalConfig(**dataclasses.asdict(c))`` rebuilds it
+    (the Flower path sends it as JSON). ``timeout_s``: the old name of ``client_timeout_s``
+    (still accepted, with a DeprecationWarning)."""
+
     prox_mu: float = 0.0
-    timeout_s: float | None = None
-    min_batch_size: int = 2  # smaller batches are skipped (RunConfig.min_batch_size)
+    timeout_s: InitVar[float | None] = None
+
+    def __post_init__(self, timeout_s):
+        if timeout_s is not None:
+            import warnings
+
+            warnings.warn("LocalConfig(timeout_s=...) is deprecated; use client_timeout_s=", DeprecationWarning,
+                          stacklevel=3)
+            if self.client_timeout_s is not None and self.client_timeout_s != timeout_s:
+                raise TypeError(f"LocalConfig: timeout_s={timeout_s!r} and client_timeout_s="
+                                f"{self.client_timeout_s!r} disagree; give client_timeout_s only")
+            self.client_timeout_s = timeout_s
+
+
+# read access under the old name (the InitVar above only covers construction)
+LocalConfig.timeout_s = property(lambda self: self.client_timeout_s,
+                                 doc="Deprecated alias of ``client_timeout_s``.")
 
 
 def derive_seed(*parts: int) -> int:
@@ -63,7 +105,7 @@ def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalCo
     """Train ``model`` in place on (x, y); returns {num_samples, loss, steps, seconds}.
 
     FedProx: the gradient of (mu/2)||w - w0||^2, mu (w - w0), is added after
-    backward (w0: the weights received). A client past ``timeout_s`` raises
+    backward (w0: the weights received). A client past ``client_timeout_s`` raises
     :class:`ClientTimeout` at the next batch. ``sample_idx`` (one dataset index
     per row of x) goes to the model's forward: a DualCopy model with a MaskCache
     then reuses each sample's structural masks.
@@ -81,9 +123,9 @@ def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalCo
     for _ in range(cfg.local_epochs):
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n, cfg.batch_size):
-            if cfg.timeout_s is not None and time.perf_counter() - t0 > cfg.timeout_s:
+            if cfg.client_timeout_s is not None and time.perf_counter() - t0 > cfg.client_timeout_s:
                 raise ClientTimeout(f"timed out after {time.perf_counter() - t0:.2f} s "
-                                    f"(client_timeout_s={cfg.timeout_s})")
+                                    f"(client_timeout_s={cfg.client_timeout_s})")
             idx = perm[i:i + cfg.batch_size]
             if idx.numel() < cfg.min_batch_size and n >= cfg.min_batch_size:
                 continue  # a batch of one breaks BatchNorm's training statistics; of 2-3, it can blow up

@@ -13,7 +13,7 @@ import numpy as np
 from torch import nn
 
 from . import adapter
-from .config import DATA_KEYS, MODEL_KEYS, RunConfig, check_sources, from_mapping, parse_method, validate
+from .config import DATA_KEYS, MODEL_KEYS, MethodSpec, RunConfig, check_sources, from_mapping, validate
 from .data import InputSpec, input_spec_of, make_bundle
 from .partition import PARTITIONS, partition_table, plot_partition
 from .server import Federation, call_model_fn, prepare_data
@@ -54,7 +54,8 @@ def parse_partition(spec: str) -> dict:
 def check_methods_supported(methods) -> None:
     """FedSQ needs the DualCopy models; the ablations need a structural refresh method."""
     for m in methods:
-        _, dual, ablation, _ = parse_method(m)
+        spec = MethodSpec.parse(m)
+        dual, ablation = spec.dual, spec.ablation
         if dual and adapter.dualcopy_fn() is None:
             raise ValueError(f"methods: {m!r} needs fedsq_fast.dualcopy, which is not importable")
         if ablation:
@@ -127,8 +128,8 @@ def preflight_models(cfg: RunConfig, data, model_fn=None) -> None:
     is refused before any file is written (each Federation checks its own model again)."""
     from .server import build_method_model, call_model_fn
 
-    for dual in sorted({parse_method(m)[1] for m in cfg.methods}):
-        method = next(m for m in cfg.methods if parse_method(m)[1] == dual)
+    for dual in sorted({MethodSpec.parse(m).dual for m in cfg.methods}):
+        method = next(m for m in cfg.methods if MethodSpec.parse(m).dual == dual)
         source = "model_fn" if model_fn is not None else f"model {cfg.model!r}"
         model = call_model_fn(model_fn, cfg.seed) if model_fn is not None else build_method_model(cfg, dual, data)
         model, _ = adapter.method_model(model, method, dual, quant_bn=cfg.quant_bn,
@@ -187,7 +188,7 @@ def federate(model_fn, train, test=None, *, config=None, methods=None, input_spe
     spec = input_spec or input_spec_of(probe) or InputSpec(int(bundle.train.x.shape[1]))
     del probe
     arch = "model_fn"
-    cfg = dataclasses.replace(cfg, dataset=bundle.name, model=arch, weights=None)
+    cfg = cfg.replace(dataset=bundle.name, model=arch, weights=None)  # keeps the user's keys for validate
     return run_methods(cfg, cfg.out_dir, resume=resume, quiet=quiet, echo=echo, bundle=bundle,
                        model_fn=model_fn, input_spec=spec)
 

@@ -44,12 +44,11 @@ class RunResult:
 
 
 def make_method_strategy(cfg: RunConfig, method: str):
-    """The server strategy of ``method`` with the run's options (shared with the Flower path)."""
-    name = parse_method(method)[0]
-    srv_lr = cfg.server_lr if cfg.server_lr is not None else (1.0 if name == "fedavgm" else 0.01)
-    return make_strategy(name, prox_mu=cfg.prox_mu, server_lr=srv_lr, server_momentum=cfg.server_momentum,
-                         beta1=cfg.beta1, beta2=cfg.beta2, tau=cfg.tau, aggregator=cfg.aggregator,
-                         trim_fraction=cfg.trim_fraction)
+    """The server strategy of ``method`` with the run's options (shared with the Flower path):
+    :func:`config.strategy_from_config`."""
+    from .config import strategy_from_config
+
+    return strategy_from_config(cfg, method)
 
 
 class Federation:

@@ -239,8 +239,8 @@ class Strategy:
     aggregator = "mean"
     trim_fraction = 0.1
 
-    def __init__(self, **_):
-        pass
+    def __init__(self):
+        pass  # FedAvg takes no options of its own (only make_strategy's aggregator, trim_fraction)
 
     # -- client side -------------------------------------------------------------
     def client_config(self, rnd: int) -> dict:
@@ -297,7 +297,7 @@ class FedProx(Strategy):
 
     name = "fedprox"
 
-    def __init__(self, prox_mu: float = 0.01, **_):
+    def __init__(self, prox_mu: float = 0.01):
         self.prox_mu = float(prox_mu)
 
     def client_config(self, rnd):
@@ -316,7 +316,7 @@ class FedBN(Strategy):
 
 
 class _ServerOpt(Strategy):
-    def __init__(self, server_lr: float = 1.0, **_):
+    def __init__(self, server_lr: float = 1.0):
         self.server_lr = float(server_lr)
         self._state: dict[str, torch.Tensor] = {}
 
@@ -349,7 +349,7 @@ class FedAvgM(_ServerOpt):
 
     name = "fedavgm"
 
-    def __init__(self, server_lr: float = 1.0, server_momentum: float = 0.9, **_):
+    def __init__(self, server_lr: float = 1.0, server_momentum: float = 0.9):
         super().__init__(server_lr)
         self.beta = float(server_momentum)
 
@@ -367,7 +367,7 @@ class FedAdam(_ServerOpt):
     _moments = ("m.", "v.")
 
     def __init__(self, server_lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99,
-                 tau: float = 1e-3, **_):
+                 tau: float = 1e-3):
         super().__init__(server_lr)
         self.beta1, self.beta2, self.tau = float(beta1), float(beta2), float(tau)
 
@@ -395,14 +395,41 @@ class FedYogi(FedAdam):
 
 
 _CLASSES = {c.name: c for c in (Strategy, FedProx, FedAvgM, FedAdam, FedYogi, FedBN)}
+# Options every strategy takes (how the replies are combined), given to make_strategy.
+COMMON_OPTIONS = {"aggregator": "mean", "trim_fraction": 0.1}
+
+
+class StrategyOptionError(TypeError, ValueError):
+    """An option the named strategy does not take. A TypeError (as for any unexpected
+    keyword) and a ValueError (a user mistake: the CLI prints it as one line)."""
+
+
+def strategy_options(name: str) -> dict:
+    """The options strategy ``name`` takes of its own, with their defaults, read from its
+    constructor's signature (so they are declared once); :data:`COMMON_OPTIONS` not included.
+    ``strategy_options("fedavgm") == {"server_lr": 1.0, "server_momentum": 0.9}``."""
+    import inspect
+
+    if name not in _CLASSES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {name!r}")
+    params = list(inspect.signature(_CLASSES[name].__init__).parameters.values())[1:]
+    return {p.name: p.default for p in params}
 
 
 def make_strategy(name: str, *, aggregator: str = "mean", trim_fraction: float = 0.1, **options) -> Strategy:
-    """Build a strategy by name; options not used by it are ignored. ``aggregator``: how
-    the replies are combined ('mean': sample-weighted, streamed; 'median' or
-    'trimmed_mean' with ``trim_fraction``: :func:`robust_average`)."""
+    """Build a strategy by name with its own options (:func:`strategy_options`); an option
+    it does not take is a :class:`StrategyOptionError` naming it, never ignored.
+    ``aggregator``: how the replies are combined ('mean': sample-weighted, streamed;
+    'median' or 'trimmed_mean' with ``trim_fraction``: :func:`robust_average`)."""
     if name not in _CLASSES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {name!r}")
+    takes = strategy_options(name)
+    unknown = sorted(set(options) - set(takes))
+    if unknown:
+        own = ", ".join(takes) if takes else "none of its own"
+        raise StrategyOptionError(
+            f"strategy {name!r} does not take {', '.join(unknown)}; it takes {own} "
+            f"(and, as every strategy, {', '.join(COMMON_OPTIONS)})")
     if aggregator not in AGGREGATORS:
         raise ValueError(f"aggregator must be one of {', '.join(AGGREGATORS)}; got {aggregator!r}")
     if isinstance(trim_fraction, bool) or not isinstance(trim_fraction, (int, float)) or not 0 <= trim_fraction < 0.5:

@@ -1,0 +1,207 @@
+"""Validation of a whole config before any work: every key's type and range, the options
+the methods read, the files the config names."""
+from __future__ import annotations
+
+import math
+
+from ..client import OPTIMIZERS
+from ..data import DATASETS
+from ..partition import PARTITIONS
+from ..strategy import AGGREGATORS, STRATEGIES, strategy_options
+from .errors import _fail
+from .methods import STRATEGY_OPTION_KEYS, MethodSpec
+from .sections import RunConfig
+
+
+def resolve_device(spec: str | None = "auto"):
+    """The torch.device for a config's ``device`` (validated by :func:`validate`)."""
+    import torch
+
+    if spec in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def _int(cfg, key, lo=None, allow_none=False, hi=None, why=""):
+    v = getattr(cfg, key)
+    if v is None and allow_none:
+        return
+    if isinstance(v, bool) or not isinstance(v, int):
+        _fail(key, f"must be an integer, got {v!r}")
+    if lo is not None and v < lo:
+        _fail(key, f"must be >= {lo}, got {v}" + (f" ({why})" if why and hi is not None else ""))
+    if hi is not None and v > hi:
+        _fail(key, f"must be <= {hi}, got {v}" + (f" ({why})" if why else ""))
+
+
+# Size limits: beyond them a value is a typo, and would allocate absurd memory before any
+# useful error (the whole pool is resized once at load time: 3000 images at 20000 px are
+# 4.8 TB). 8 px is the smallest dataset's own size (digits, 8x8); below it an image has too
+# few pixels to classify. 1024 px is above any common training resolution (ImageNet models
+# train at 224-600) and already 12 GB for the default 3000 grey images.
+IMAGE_SIZE_RANGE = (8, 1024)
+# One process simulates every client (an index array and a row of the partition table each);
+# cross-device federations above 10^5 clients are out of this engine's scope.
+MAX_CLIENTS = 100_000
+MAX_SHARDS_PER_CLIENT = 10_000  # shards are sorted-label slices of at least one sample
+MAX_THREADS = 1024  # torch.set_num_threads would start that many threads
+
+
+def _num(cfg, key, lo=None, hi=None, lo_open=False, hi_open=False, allow_none=False):
+    v = getattr(cfg, key)
+    if v is None and allow_none:
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        _fail(key, f"must be a finite number, got {v!r}")
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        _fail(key, f"must be {'>' if lo_open else '>='} {lo}, got {v}")
+    if hi is not None and (v >= hi if hi_open else v > hi):
+        _fail(key, f"must be {'<' if hi_open else '<='} {hi}, got {v}")
+
+
+def _check_device(spec) -> None:
+    import torch
+
+    if not isinstance(spec, str) or not spec:
+        _fail("device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}")
+    if spec == "auto":
+        return
+    try:
+        d = torch.device(spec)
+    except (RuntimeError, ValueError):
+        d = None
+    if d is None or d.type not in ("cpu", "cuda"):
+        _fail("device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}")
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            _fail("device", f"{spec!r} asked for, but torch {torch.__version__} sees no CUDA GPU "
+                            f"(built with CUDA {torch.version.cuda}); use 'auto' or 'cpu'")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            _fail("device", f"{spec!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+
+
+# Keys that name where data and model come from: not used when the caller brings its own
+# data (federate(train=...)) and model (model_fn).
+DATA_KEYS = ("dataset", "data_root", "download")
+MODEL_KEYS = ("model", "weights")
+
+
+def check_options_used(cfg: RunConfig) -> RunConfig:
+    """A strategy option the user set (``cfg.explicit_keys``) that none of ``cfg.methods``
+    reads, e.g. ``prox_mu`` with methods fedavg and fedsq, is a :class:`ConfigError` naming
+    it and the strategies that read it; so is ``trim_fraction`` set with an aggregator other
+    than trimmed_mean. Defaults and recorded configs (no explicit keys) always pass."""
+    explicit = cfg.explicit_keys
+    used = {MethodSpec.parse(m).strategy for m in cfg.methods}
+    for k in STRATEGY_OPTION_KEYS:
+        if k in explicit and not any(k in strategy_options(s) for s in used):
+            takers = [s for s in STRATEGIES if k in strategy_options(s)]
+            _fail(k, f"set to {getattr(cfg, k)!r}, but none of the methods ({', '.join(cfg.methods)}) reads it: "
+                     f"it is an option of {', '.join(takers)} (e.g. methods {takers[0]} or fedsq+{takers[0]}); "
+                     "remove it or add such a method")
+    if "trim_fraction" in explicit and cfg.aggregator != "trimmed_mean":
+        _fail("trim_fraction", f"set to {cfg.trim_fraction!r}, but aggregator is {cfg.aggregator!r}; only "
+                               "aggregator = 'trimmed_mean' reads it")
+    return cfg
+
+
+def validate(cfg: RunConfig, model_names=None, *, own_data: bool = False) -> RunConfig:
+    """Check every key (names, ranges, ablation support, strategy options the methods do
+    not read: :func:`check_options_used`) before any work. ``own_data``: the caller brings
+    the data, so ``dataset`` is a free label."""
+    if not own_data and cfg.dataset not in DATASETS:
+        _fail("dataset", f"must be one of {', '.join(DATASETS)}; got {cfg.dataset!r}")
+    if model_names is not None and cfg.model not in model_names:
+        _fail("model", f"must be one of {', '.join(model_names)}; got {cfg.model!r}")
+    if cfg.partition not in PARTITIONS:
+        _fail("partition", f"must be one of {', '.join(PARTITIONS)}; got {cfg.partition!r}")
+    if cfg.optimizer not in OPTIMIZERS:
+        _fail("optimizer", f"must be one of {', '.join(OPTIMIZERS)}; got {cfg.optimizer!r}")
+    if not isinstance(cfg.methods, (list, tuple)) or not cfg.methods:
+        _fail("methods", f"must be a non-empty list, got {cfg.methods!r}")
+    for m in cfg.methods:
+        MethodSpec.parse(m)
+    if len(set(cfg.methods)) != len(cfg.methods):
+        _fail("methods", f"duplicate entries in {cfg.methods}")
+    _num(cfg, "alpha", lo=0, lo_open=True)
+    _num(cfg, "fraction", lo=0, hi=1, lo_open=True)
+    _num(cfg, "failure_rate", lo=0, hi=1, hi_open=True)
+    _num(cfg, "lr", lo=0, lo_open=True)
+    _num(cfg, "momentum", lo=0, hi=1, hi_open=True)
+    _num(cfg, "weight_decay", lo=0)
+    _num(cfg, "prox_mu", lo=0)
+    _num(cfg, "server_lr", lo=0, lo_open=True, allow_none=True)
+    _num(cfg, "server_momentum", lo=0, hi=1, hi_open=True)
+    _num(cfg, "beta1", lo=0, hi=1, hi_open=True)
+    _num(cfg, "beta2", lo=0, hi=1, hi_open=True)
+    _num(cfg, "tau", lo=0, lo_open=True)
+    _num(cfg, "client_timeout_s", lo=0, lo_open=True, allow_none=True)
+    _num(cfg, "target_accuracy", lo=0, hi=1, lo_open=True, allow_none=True)
+    for k in ("num_clients", "rounds", "local_epochs", "batch_size", "min_clients",
+              "shards_per_client", "probe_size", "eval_batch_size"):
+        _int(cfg, k, lo=1)
+    if cfg.aggregator not in AGGREGATORS:
+        _fail("aggregator", f"must be one of {', '.join(AGGREGATORS)}; got {cfg.aggregator!r}")
+    _num(cfg, "trim_fraction", lo=0, hi=0.5, hi_open=True)
+    check_options_used(cfg)
+    if cfg.quant_bn not in ("train", "frozen"):
+        _fail("quant_bn", f"must be 'train' or 'frozen', got {cfg.quant_bn!r}")
+    for k in ("download", "checkpoint", "mask_cache", "allow_ungated"):
+        if not isinstance(getattr(cfg, k), bool):
+            _fail(k, f"must be true or false, got {getattr(cfg, k)!r}")
+    for k in ("data_root", "weights"):
+        if getattr(cfg, k) is not None and not isinstance(getattr(cfg, k), str):
+            _fail(k, f"must be a string or none, got {getattr(cfg, k)!r}")
+    if not isinstance(cfg.out_dir, str) or not cfg.out_dir:
+        _fail("out_dir", f"must be a non-empty path, got {cfg.out_dir!r}")
+    _int(cfg, "min_partition_size", lo=0)
+    _int(cfg, "seed", lo=0)
+    _int(cfg, "val_size", lo=1)
+    _int(cfg, "max_train_samples", lo=1, allow_none=True)
+    _int(cfg, "max_test_samples", lo=1, allow_none=True)
+    _int(cfg, "image_size", lo=IMAGE_SIZE_RANGE[0], hi=IMAGE_SIZE_RANGE[1], allow_none=True,
+         why="image side in pixels; the data is resized to it in memory")
+    _int(cfg, "threads", lo=1, hi=MAX_THREADS, allow_none=True)
+    _int(cfg, "num_clients", lo=1, hi=MAX_CLIENTS, why="every client is simulated in this process")
+    _int(cfg, "shards_per_client", lo=1, hi=MAX_SHARDS_PER_CLIENT)
+    _check_device(cfg.device)
+    _int(cfg, "min_batch_size", lo=1)
+    if cfg.min_batch_size > cfg.batch_size:
+        _fail("min_batch_size", f"({cfg.min_batch_size}) must not exceed batch_size ({cfg.batch_size})")
+    if cfg.min_clients > cfg.num_clients:
+        _fail("min_clients", f"({cfg.min_clients}) must not exceed num_clients ({cfg.num_clients})")
+    if cfg.max_train_samples is not None and cfg.num_clients > cfg.max_train_samples:
+        _fail("num_clients", f"({cfg.num_clients}) exceeds the samples available "
+                             f"(max_train_samples={cfg.max_train_samples})")
+    if cfg.partition in ("dirichlet", "quantity") and cfg.max_train_samples is not None and \
+            cfg.min_partition_size * cfg.num_clients > cfg.max_train_samples:
+        _fail("min_partition_size", f"x num_clients exceeds max_train_samples ({cfg.max_train_samples})")
+    # what the config says about data and weights (a key the dataset or model would ignore);
+    # whether the files are on this machine is check_sources' job
+    _check_sources(cfg, model_names, own_data, check_files=False)
+    return cfg
+
+
+def _check_sources(cfg, model_names, own_data, check_files):
+    if not own_data:
+        from ..data import data_source_problem
+
+        problem = data_source_problem(cfg.dataset, cfg.data_root, cfg.download, check_files=check_files)
+        if problem is not None:
+            _fail(*problem)
+    if model_names is not None:
+        from ..adapter import weights_problem
+
+        problem = weights_problem(cfg.model, cfg.weights, check_files=check_files)
+        if problem is not None:
+            _fail("weights", problem)
+
+
+def check_sources(cfg: RunConfig, model_names=None, *, own_data: bool = False) -> RunConfig:
+    """The files a validated config will read, checked before anything is loaded (stats and
+    file headers only): ``data_root`` holds the dataset's files (an explicit one is never
+    replaced by another copy), a ``weights`` path is a readable state-dict file. Separate
+    from :func:`validate`, which checks the config itself (a suite file is valid on a
+    machine without its data)."""
+    _check_sources(cfg, model_names, own_data, check_files=True)
+    return cfg

@@ -1,0 +1,201 @@
+"""The section dataclasses and RunConfig, the flat whole they make; the flat key order of
+recorded configs; matching a config against a recorded one."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ..client import ClientConfig, LocalConfig
+from ..data import DATASETS
+from ..partition import PARTITIONS
+from ..strategy import AGGREGATORS
+
+
+def _key(default, help_: str, factory=None):
+    """A config key: its default and the one-line help the CLI shows."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help_})
+    return field(default=default, metadata={"help": help_})
+
+
+# DEFAULTs ours: a small real federation that runs in minutes on 2 CPU cores
+@dataclass
+class DataConfig:
+    """``[data]``: which data, how much of it, and how it is split among the clients."""
+
+    dataset: str = _key("mnist", "dataset: " + ", ".join(DATASETS))
+    data_root: str | None = _key(None, "folder holding the dataset's files (torchvision layout)")
+    download: bool = _key(False, "fetch the dataset into data_root")
+    max_train_samples: int | None = _key(3000, "seeded subset of the training pool; none: all")
+    val_size: int = _key(1000, "server validation split, taken from the training pool")
+    max_test_samples: int | None = _key(2000, "test subset for the final evaluation; none: all")
+    image_size: int | None = _key(None, "resize images to this side; none: the model's input size")
+    num_clients: int = _key(10, "number of clients the pool is split among")
+    partition: str = _key("dirichlet", "how the pool is split: " + ", ".join(PARTITIONS))
+    alpha: float = _key(0.5, "Dirichlet concentration (dirichlet, quantity)")
+    min_partition_size: int = _key(10, "smallest client share (dirichlet, quantity)")
+    shards_per_client: int = _key(2, "label shards per client (shards)")
+
+
+@dataclass
+class ModelConfig:
+    """``[model]``: the model and how fedsq methods convert it (docs/models.md)."""
+
+    model: str = _key("svhn_cnn", "zoo model name (fedsq_fast.models.list_models()), tiny_cnn or mlp")
+    weights: str | None = _key("default", "default, none, or a weights file")
+    quant_bn: str = _key("train", "fedsq conversion: BatchNorm of the quantitative copy, train or frozen")
+    allow_ungated: bool = _key(False, "fedsq conversion: accept a model without gate sites")
+    mask_cache: bool = _key(True, "FedSQ: cache structural masks per sample (no augmentation here)")
+
+
+@dataclass
+class StrategyConfig:
+    """``[strategy]``: the methods and the server strategies' options. Each strategy reads
+    only its own options (``strategy.strategy_options``); every strategy reads
+    ``aggregator`` and ``trim_fraction``."""
+
+    # strategy names, "fedsq" (= DualCopy + FedAvg) or "fedsq+<strategy>",
+    # optionally ":refresh=R" / ":unfreeze=R" (structural-copy ablations)
+    methods: list = _key(None, "fedavg fedprox fedavgm fedadam fedyogi fedbn fedsq fedsq+<strategy>"
+                               "[:refresh=R|:unfreeze=R]", factory=lambda: ["fedavg", "fedsq"])
+    # "mean" (sample-weighted, streamed), "median" or "trimmed_mean" (coordinate-wise,
+    # unweighted; robust to a minority of hostile clients)
+    aggregator: str = _key("mean", "how the server combines replies: " + ", ".join(AGGREGATORS))
+    trim_fraction: float = _key(0.1, "trimmed_mean: share cut at each end")
+    prox_mu: float = _key(0.01, "fedprox: proximal term mu")
+    server_lr: float | None = _key(None, "fedavgm, fedadam, fedyogi: server learning rate; "
+                                         "none: 1.0 for fedavgm, 0.01 for fedadam/fedyogi")
+    server_momentum: float = _key(0.9, "fedavgm: server momentum")
+    beta1: float = _key(0.9, "fedadam, fedyogi: first-moment decay")
+    beta2: float = _key(0.99, "fedadam, fedyogi: second-moment decay")
+    tau: float = _key(1e-3, "fedadam, fedyogi: adaptivity tau")
+
+
+@dataclass
+class RunSection:
+    """``[run]``: rounds and client sampling, seed, metrics, output and placement."""
+
+    rounds: int = _key(6, "federated rounds")
+    fraction: float = _key(1.0, "clients sampled per round: max(min_clients, ceil(fraction K))")
+    min_clients: int = _key(2, "fewest clients sampled; fewer valid replies keep the global model")
+    failure_rate: float = _key(0.0, "simulated probability that a sampled client fails")
+    seed: int = _key(0, "everything derives from it")
+    target_accuracy: float | None = _key(None, "for rounds/seconds-to-target")
+    probe_size: int = _key(64, "gate-stability probe batch (first validation images)")
+    eval_batch_size: int = _key(512, "evaluation batch size")
+    out_dir: str = _key("runs/default", "output folder")
+    checkpoint: bool = _key(True, "checkpoint every round")
+    threads: int | None = _key(None, "torch.set_num_threads; none: torch's default")
+    # "auto": the first CUDA GPU when torch sees one, else the CPU; or "cpu", "cuda", "cuda:N".
+    # Models, data splits and server aggregation live there; checkpoints are always CPU files.
+    device: str = _key("auto", "auto, cpu, cuda or cuda:N")
+
+
+# name in a config file -> section dataclass, in the order files and --help list them
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "client": ClientConfig, "strategy": StrategyConfig,
+            "run": RunSection}
+SECTION_OF = {f.name: name for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+
+
+@dataclass(init=False)
+class RunConfig(RunSection, StrategyConfig, ClientConfig, ModelConfig, DataConfig):
+    """A whole run's config: the fields of every section (data, model, client, strategy,
+    run), flat. ``explicit_keys``: the keys a user set (see :func:`from_mapping`); the
+    strategy-option check of :func:`validate` reads it."""
+
+    def __init__(self, *args, **kw):
+        """Keywords as before the sections (``RunConfig(lr=0.1)``); positional arguments in
+        the flat order of :data:`KEYS`, as the single flat dataclass took them (the sections'
+        field order differs, so the generated ``__init__`` would misplace them)."""
+        if len(args) > len(KEYS):
+            raise TypeError(f"RunConfig() takes at most {len(KEYS)} positional arguments ({len(args)} given)")
+        for k, v in zip(KEYS, args):
+            if k in kw:
+                raise TypeError(f"RunConfig() got multiple values for argument {k!r}")
+            kw[k] = v
+        for f in dataclasses.fields(self):
+            if f.name in kw:
+                v = kw.pop(f.name)
+            elif f.default_factory is not dataclasses.MISSING:
+                v = f.default_factory()
+            else:
+                v = f.default
+            setattr(self, f.name, v)
+        if kw:
+            raise TypeError(f"RunConfig() got an unexpected keyword argument {next(iter(kw))!r}")
+
+    def to_dict(self) -> dict:
+        """The flat dict of every key, in the order recorded configs have always had."""
+        d = dataclasses.asdict(self)
+        return {k: d[k] for k in KEYS}
+
+    def section(self, name: str):
+        """A copy of section ``name`` (``data``, ``model``, ``client``, ``strategy``, ``run``)."""
+        if name not in SECTIONS:
+            raise ValueError(f"section must be one of {', '.join(SECTIONS)}; got {name!r}")
+        cls = SECTIONS[name]
+        d = dataclasses.asdict(self)
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+
+    def to_sections(self) -> dict:
+        """``{section: {key: value}}``, the sectioned form (as a sectioned config file)."""
+        d = self.to_dict()
+        return {name: {f.name: d[f.name] for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()}
+
+    @classmethod
+    def from_sections(cls, *sections) -> "RunConfig":
+        """A config from section objects (defaults for the sections not given); e.g.
+        ``RunConfig.from_sections(DataConfig(dataset="digits"), ClientConfig(lr=0.1))``."""
+        kw = {}
+        for sec in sections:
+            name = next((n for n, c in SECTIONS.items() if type(sec) is c), None)
+            if name is None:
+                raise TypeError(f"from_sections takes {', '.join(c.__name__ for c in SECTIONS.values())}, "
+                                f"got {type(sec).__name__}")
+            if any(k in kw for k in (f.name for f in dataclasses.fields(sec))):
+                raise TypeError(f"from_sections: two {type(sec).__name__} given")
+            kw.update(dataclasses.asdict(sec))
+        return cls(**kw)
+
+    def replace(self, **changes) -> "RunConfig":
+        """``dataclasses.replace`` that keeps :attr:`explicit_keys` (minus the changed keys,
+        which the calling code set, not the user); ``dataclasses.replace`` forgets them all."""
+        new = dataclasses.replace(self, **changes)
+        new.__dict__["_explicit"] = self.explicit_keys - set(changes)
+        return new
+
+    @property
+    def explicit_keys(self) -> frozenset:
+        """Keys a user set (a file, flags, a mapping given to :func:`from_mapping`), as
+        opposed to defaults or a recorded config; ``dataclasses.replace`` forgets them."""
+        return self.__dict__.get("_explicit", frozenset())
+
+
+# The flat order of recorded configs (metrics.json, checkpoints, suites), kept as it was
+# before the sections existed.
+KEYS = ("dataset", "data_root", "download", "max_train_samples", "val_size", "max_test_samples", "image_size",
+        "model", "weights", "quant_bn", "allow_ungated", "methods", "num_clients", "partition", "alpha",
+        "min_partition_size", "shards_per_client", "rounds", "fraction", "min_clients", "failure_rate",
+        "client_timeout_s", "optimizer", "lr", "momentum", "weight_decay", "local_epochs", "batch_size",
+        "min_batch_size", "prox_mu", "aggregator", "trim_fraction", "server_lr", "server_momentum", "beta1",
+        "beta2", "tau", "mask_cache", "seed", "target_accuracy", "probe_size", "eval_batch_size", "out_dir",
+        "checkpoint", "threads", "device")
+assert set(KEYS) == set(SECTION_OF) and len(KEYS) == len(SECTION_OF), "KEYS must list every section key once"
+# Where and how fast a run computes, not what: ignored when a checkpoint or a finished
+# run's metrics are matched against the current config (resume on another machine).
+PLACEMENT_KEYS = ("out_dir", "threads", "device")
+
+
+def config_differences(mine: RunConfig, theirs: dict, ignore=()) -> list:
+    """Keys whose value in ``mine`` differs from a recorded config (a checkpoint's, a finished
+    run's). Placement keys and ``ignore`` are skipped; a key the recording code did not have yet
+    counts as its default (keys are only added with defaults that keep the old behaviour)."""
+    defaults = RunConfig().to_dict()
+    return [k for k, v in mine.to_dict().items()
+            if k not in PLACEMENT_KEYS + tuple(ignore) and v != theirs.get(k, defaults[k])]
+
+
+def local_config(cfg: RunConfig, prox_mu: float) -> LocalConfig:
+    """The client's training options for one round: the client section of ``cfg`` and
+    ``prox_mu`` from the strategy."""
+    return LocalConfig(**dataclasses.asdict(cfg.section("client")), prox_mu=prox_mu)
