@@ -22,12 +22,12 @@ from torch import nn
 from . import adapter, checkpoint
 from .callbacks import GateStability, Progress
 from .client import LocalConfig, evaluate
-from .config import RunConfig, config_differences, local_config, parse_method, resolve_device
+from .config import MethodSpec, RunConfig, config_differences, local_config, resolve_device
 from .metrics import RoundRecord, summarize, write_metrics
 from .prepare import (FedData, build_method_model, call_model_fn, place_data,  # noqa: F401 (API)
                       prepare_data, warn_little_data)
 from .seeds import client_seed, failure_draws, sample_clients  # noqa: F401 (API)
-from .strategy import AggregateStats, make_strategy
+from .strategy import AggregateStats
 from .transport import FoldTotals, InProcessTransport, RoundTask, Transport, fold
 from .trainer import new_mask_cache
 
@@ -66,7 +66,9 @@ class Federation:
                  transport: Transport | None = None):
         self.cfg = cfg
         self.method = method
-        self.strategy_name, self.dual, self.ablation, self.every = parse_method(method)
+        self.spec = MethodSpec.parse(method)
+        self.strategy_name, self.dual, self.ablation, self.every = (self.spec.strategy, self.spec.dual,
+                                                                    self.spec.ablation, self.spec.every)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.quiet = quiet
         self.strategy = make_method_strategy(cfg, method)

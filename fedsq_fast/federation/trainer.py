@@ -94,11 +94,11 @@ def client_trainer(cfg, method: str, cid: int, data=None) -> ClientTrainer:
     data split and partitioned as the server does it (same seeds), then only this client's
     samples kept; the method's initial model (pretrained weights; for FedSQ its DualCopy
     model and structural copy) built once and trained in place."""
-    from .config import parse_method, resolve_device
+    from .config import MethodSpec, resolve_device
     from .prepare import build_method_model, prepare_data
     from .server import make_method_strategy
 
-    dual = parse_method(method)[1]
+    dual = MethodSpec.parse(method).dual
     data = prepare_data(cfg) if data is None else data
     if not 0 <= cid < len(data.parts):
         raise ValueError(f"client {cid} is not a client of this run (num_clients {len(data.parts)})")

@@ -23,7 +23,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from ..federation.server import make_method_strategy
 from ..federation.client import LocalConfig
-from ..federation.config import RunConfig, local_config, parse_method
+from ..federation.config import MethodSpec, RunConfig, local_config
 from ..federation.strategy import AggregateStats, Strategy
 from ..federation.transport import FoldTotals, Reply, fold
 from .arrays import arrays_to_state, state_to_arrays
@@ -47,7 +47,7 @@ C_FINGERPRINT = "fedsq.structural-fingerprint"
 def reject_ablation(method: str) -> None:
     """Structural-copy ablations cannot run on Flower: a refreshed structural copy would have
     to travel (or be replayed per client)."""
-    if parse_method(method)[2]:
+    if MethodSpec.parse(method).ablation:
         raise ValueError(f"methods: {method!r}: structural-copy ablations are not supported on Flower")
 
 
