@@ -73,9 +73,10 @@ PLAUSIBLE_SCALE = 1e6
 INT_STEP_MAX = 2**31  # integer buffers (BN's num_batches_tracked) grow by local steps per round
 
 
-def implausible(reference: dict, update: dict) -> str | None:
+def implausible(reference: dict, update: dict, scale: float = PLAUSIBLE_SCALE) -> str | None:
     """Why a well-formed, finite update is still not a model's (a negative variance, values
-    orders of magnitude beyond the global model's, integer counters out of range), or None."""
+    more than ``scale`` x (1 + the global model's max |value|), integer counters out of range),
+    or None."""
     with torch.no_grad():
         for k, ref in reference.items():
             t = update[k]
@@ -86,7 +87,7 @@ def implausible(reference: dict, update: dict) -> str | None:
                 if k.endswith("running_var") and lo < 0:
                     return f"{k}: negative variance"
                 big = max(-lo, hi)
-                bound = PLAUSIBLE_SCALE * (1.0 + _max_abs(ref))
+                bound = scale * (1.0 + _max_abs(ref))
                 if big > bound:
                     return f"{k}: |value| up to {big:.3g}, implausible against the global model's (bound {bound:.3g})"
             elif t.dtype != torch.bool:
@@ -143,14 +144,16 @@ def _sq_dist(state: dict, ref: dict, check: bool = False) -> float | str:
 AGGREGATORS = ("mean", "median", "trimmed_mean")
 
 
-def _valid_replies(global_state: dict, replies: Iterable, stats: AggregateStats):
+def _valid_replies(global_state: dict, replies: Iterable, stats: AggregateStats,
+                   plausible_scale: float | None = PLAUSIBLE_SCALE):
     """``(state, num_samples, ||update||^2)`` of each valid reply, in arrival order; the
     others land in ``stats.rejected`` with the reason (malformed, NaN/Inf, implausible,
-    a non-positive sample count)."""
+    a non-positive sample count). ``plausible_scale`` None: no plausibility check (finite
+    replies are averaged whatever their size: the behaviour of runs recorded before it)."""
     for cid, state, n in replies:
         reason = check_update(global_state, state, finite=False)
-        if reason is None:
-            reason = implausible(global_state, state)
+        if reason is None and plausible_scale is not None:
+            reason = implausible(global_state, state, plausible_scale)
         if reason is None and not (isinstance(n, (int, float)) and math.isfinite(n) and n > 0):
             reason = f"num_samples must be > 0, got {n!r}"
         sq = _sq_dist(state, global_state, check=True) if reason is None else reason
@@ -169,18 +172,19 @@ def _record_drift(stats: AggregateStats, result: dict, global_state: dict, sq_su
     stats.client_drift = math.sqrt(max(sq_sum / stats.num_samples - upd, 0.0))
 
 
-def stream_average(global_state: dict, replies: Iterable, stats: AggregateStats | None = None):
+def stream_average(global_state: dict, replies: Iterable, stats: AggregateStats | None = None,
+                   plausible_scale: float | None = PLAUSIBLE_SCALE):
     """Weighted (by sample count) average of the valid replies, one client in memory at a time.
 
     ``replies`` yields ``(client_id, state, num_samples)``. Invalid replies are
     rejected and recorded in ``stats.rejected``; client drift is accumulated in
     float64 from sum_k w_k ||d_k||^2 and the averaged update. Returns the average
-    or None when no reply was valid.
+    or None when no reply was valid. ``plausible_scale``: see :func:`implausible` (None: off).
     """
     stats = stats if stats is not None else AggregateStats()
     avg = StreamingAverage()
     sq_sum = 0.0
-    for state, n, sq in _valid_replies(global_state, replies, stats):
+    for state, n, sq in _valid_replies(global_state, replies, stats, plausible_scale):
         sq_sum += n * sq
         avg.add(state, n)
         del state  # let the client's tensors go before the next reply is produced
@@ -192,7 +196,8 @@ def stream_average(global_state: dict, replies: Iterable, stats: AggregateStats 
 
 
 def robust_average(global_state: dict, replies: Iterable, stats: AggregateStats | None = None,
-                   kind: str = "median", trim_fraction: float = 0.1):
+                   kind: str = "median", trim_fraction: float = 0.1,
+                   plausible_scale: float | None = PLAUSIBLE_SCALE):
     """Coordinate-wise ``median`` or ``trimmed_mean`` of the valid replies (Yin et al. 2018):
     unweighted (a client's sample count cannot buy influence), robust to a minority of
     arbitrary updates. Holds all K valid replies (memory: K models, not one). Floating
@@ -204,7 +209,7 @@ def robust_average(global_state: dict, replies: Iterable, stats: AggregateStats 
         raise ValueError(f"kind must be 'median' or 'trimmed_mean', got {kind!r}")
     stats = stats if stats is not None else AggregateStats()
     kept, sq_sum = [], 0.0
-    for state, n, sq in _valid_replies(global_state, replies, stats):
+    for state, n, sq in _valid_replies(global_state, replies, stats, plausible_scale):
         kept.append(state)
         sq_sum += n * sq
     if not kept:
@@ -238,6 +243,7 @@ class Strategy:
     name = "fedavg"
     aggregator = "mean"
     trim_fraction = 0.1
+    plausible_scale = PLAUSIBLE_SCALE
 
     def __init__(self):
         pass  # FedAvg takes no options of its own (only make_strategy's aggregator, trim_fraction)
@@ -258,9 +264,10 @@ class Strategy:
         state is restored too), so no round can break the model for the rounds after it."""
         stats = stats if stats is not None else AggregateStats()
         if self.aggregator == "mean":
-            avg = stream_average(global_state, replies, stats)
+            avg = stream_average(global_state, replies, stats, self.plausible_scale)
         else:
-            avg = robust_average(global_state, replies, stats, self.aggregator, self.trim_fraction)
+            avg = robust_average(global_state, replies, stats, self.aggregator, self.trim_fraction,
+                                 self.plausible_scale)
         if avg is None:
             return {k: v.clone() for k, v in global_state.items()}
         bad = nonfinite_key(avg)
@@ -396,7 +403,7 @@ class FedYogi(FedAdam):
 
 _CLASSES = {c.name: c for c in (Strategy, FedProx, FedAvgM, FedAdam, FedYogi, FedBN)}
 # Options every strategy takes (how the replies are combined), given to make_strategy.
-COMMON_OPTIONS = {"aggregator": "mean", "trim_fraction": 0.1}
+COMMON_OPTIONS = {"aggregator": "mean", "trim_fraction": 0.1, "plausible_scale": PLAUSIBLE_SCALE}
 
 
 class StrategyOptionError(TypeError, ValueError):
@@ -416,7 +423,8 @@ def strategy_options(name: str) -> dict:
     return {p.name: p.default for p in params}
 
 
-def make_strategy(name: str, *, aggregator: str = "mean", trim_fraction: float = 0.1, **options) -> Strategy:
+def make_strategy(name: str, *, aggregator: str = "mean", trim_fraction: float = 0.1,
+                  plausible_scale: float | None = PLAUSIBLE_SCALE, **options) -> Strategy:
     """Build a strategy by name with its own options (:func:`strategy_options`); an option
     it does not take is a :class:`StrategyOptionError` naming it, never ignored.
     ``aggregator``: how the replies are combined ('mean': sample-weighted, streamed;
@@ -434,8 +442,12 @@ def make_strategy(name: str, *, aggregator: str = "mean", trim_fraction: float =
         raise ValueError(f"aggregator must be one of {', '.join(AGGREGATORS)}; got {aggregator!r}")
     if isinstance(trim_fraction, bool) or not isinstance(trim_fraction, (int, float)) or not 0 <= trim_fraction < 0.5:
         raise ValueError(f"trim_fraction must be a number in [0, 0.5), got {trim_fraction!r}")
+    if plausible_scale is not None and (isinstance(plausible_scale, bool) or not isinstance(plausible_scale, (int, float))
+                                        or not 0 < plausible_scale < math.inf):
+        raise ValueError(f"plausible_scale must be a positive finite number or None, got {plausible_scale!r}")
     strat = _CLASSES[name](**options)
     strat.aggregator, strat.trim_fraction = aggregator, float(trim_fraction)
+    strat.plausible_scale = None if plausible_scale is None else float(plausible_scale)
     return strat
 
 

@@ -20,6 +20,6 @@ from .checks import (DATA_KEYS, IMAGE_SIZE_RANGE, MAX_CLIENTS, MAX_SHARDS_PER_CL
 from .errors import ConfigError, _fail  # noqa: F401
 from .files import flatten, from_mapping, load_config, load_file, read_toml  # noqa: F401
 from .methods import ABLATIONS, STRATEGY_OPTION_KEYS, MethodSpec, parse_method, strategy_from_config  # noqa: F401
-from .sections import (KEYS, PLACEMENT_KEYS, SECTION_OF, SECTIONS, ClientConfig, DataConfig,  # noqa: F401
+from .sections import (KEYS, LEGACY_VALUES, PLACEMENT_KEYS, SECTION_OF, SECTIONS, ClientConfig, DataConfig,  # noqa: F401
                        LocalConfig, ModelConfig, RunConfig, RunSection, StrategyConfig, config_differences,
                        local_config)

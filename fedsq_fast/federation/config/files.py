@@ -7,7 +7,7 @@ import difflib
 from pathlib import Path
 
 from .errors import ConfigError, _fail
-from .sections import KEYS, SECTION_OF, SECTIONS, RunConfig
+from .sections import KEYS, LEGACY_VALUES, SECTION_OF, SECTIONS, RunConfig
 
 
 def _norm_key(k, where=""):
@@ -114,6 +114,10 @@ def from_mapping(d: dict, base: RunConfig | None = None, *, recorded: bool | Non
         cfg.methods = [m.strip() for m in cfg.methods.split(",") if m.strip()]
     if recorded is None:
         recorded = set(names) == set(KEYS)
+    if recorded:  # keys added after the recording take the value that reproduces its run
+        for k, v in LEGACY_VALUES.items():
+            if k not in names:
+                setattr(cfg, k, v)
     kept = base.explicit_keys if base is not None else frozenset()
     # a recorded value replaces what the user had set for that key
     cfg.__dict__["_explicit"] = kept - set(names) if recorded else kept | set(names)

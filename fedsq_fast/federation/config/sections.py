@@ -62,6 +62,10 @@ class StrategyConfig:
     # unweighted; robust to a minority of hostile clients)
     aggregator: str = _key("mean", "how the server combines replies: " + ", ".join(AGGREGATORS))
     trim_fraction: float = _key(0.1, "trimmed_mean: share cut at each end")
+    # A finite reply is still refused when a value exceeds plausible_scale x (1 + the global
+    # model's max |value|) (a BatchNorm variance of 1e8 would overflow the float32 average).
+    plausible_scale: float | None = _key(1e6, "refuse replies with values beyond this x (1 + global max |value|); "
+                                              "none: off (runs recorded before 2026-12-02)")
     prox_mu: float = _key(0.01, "fedprox: proximal term mu")
     server_lr: float | None = _key(None, "fedavgm, fedadam, fedyogi: server learning rate; "
                                          "none: 1.0 for fedavgm, 0.01 for fedadam/fedyogi")
@@ -179,7 +183,11 @@ KEYS = ("dataset", "data_root", "download", "max_train_samples", "val_size", "ma
         "client_timeout_s", "optimizer", "lr", "momentum", "weight_decay", "local_epochs", "batch_size",
         "min_batch_size", "prox_mu", "aggregator", "trim_fraction", "server_lr", "server_momentum", "beta1",
         "beta2", "tau", "mask_cache", "seed", "target_accuracy", "probe_size", "eval_batch_size", "out_dir",
-        "checkpoint", "threads", "device")
+        "checkpoint", "threads", "device", "plausible_scale")
+# What a key added after runs were recorded meant before it existed: a recorded config without
+# the key reproduces its run with this value (config_differences, from_mapping(recorded=True)).
+# plausible_scale: the reply plausibility check of 2026-12-02 changed what such runs average.
+LEGACY_VALUES = {"plausible_scale": None}
 assert set(KEYS) == set(SECTION_OF) and len(KEYS) == len(SECTION_OF), "KEYS must list every section key once"
 # Where and how fast a run computes, not what: ignored when a checkpoint or a finished
 # run's metrics are matched against the current config (resume on another machine).
@@ -189,8 +197,9 @@ PLACEMENT_KEYS = ("out_dir", "threads", "device")
 def config_differences(mine: RunConfig, theirs: dict, ignore=()) -> list:
     """Keys whose value in ``mine`` differs from a recorded config (a checkpoint's, a finished
     run's). Placement keys and ``ignore`` are skipped; a key the recording code did not have yet
-    counts as its default (keys are only added with defaults that keep the old behaviour)."""
-    defaults = RunConfig().to_dict()
+    counts as its default, or as its :data:`LEGACY_VALUES` entry where the default changed what
+    such runs compute."""
+    defaults = {**RunConfig().to_dict(), **LEGACY_VALUES}
     return [k for k, v in mine.to_dict().items()
             if k not in PLACEMENT_KEYS + tuple(ignore) and v != theirs.get(k, defaults[k])]
 
