@@ -33,9 +33,10 @@ from flwr.serverapp import Grid, ServerApp
 from ..federation import adapter
 from ..federation.client import LocalConfig
 from ..federation.config import RunConfig, from_mapping, load_file, parse_method, validate
-from ..federation.partition import partition_table, plot_partition
+from ..federation.partition import partition_table
 from ..federation.runner import check_methods_supported, method_slug, partition_tag
 from ..federation.server import Federation, prepare_data
+from ..plots import plot_partition
 from .arrays import arrays_to_state, state_to_arrays
 from .strategy import (ARRAYS_KEY, C_FINGERPRINT, C_LOCAL, C_METHOD, C_PARTITIONS, C_ROUND, C_RUN_CONFIG,
                        CONFIG_KEY, METRICS_KEY, PARTITION_KEY, WEIGHT_KEY, ReplyRejected, reply_info,

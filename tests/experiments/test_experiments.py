@@ -160,7 +160,13 @@ def test_statistics_helpers():
     assert ex.settle_round([(0, 0.0), (1, 1.0), (2, 0.5), (3, 0.2), (4, 0.1)], 0.25) == 3
     assert ex.settle_round([(1, 1.0), (2, 0.1), (3, 0.5)], 0.25) is None  # must stay settled
     ci = ex.paired_ci([1.0, 2.0, 3.0])
-    assert ci["mean"] == 2.0 and math.isclose(ci["hi"] - 2.0, 4.303 * 1.0 / math.sqrt(3), rel_tol=1e-9)
+    t95_df2 = 4.302652729749464  # two-sided 95% Student-t quantile, 2 degrees of freedom
+    assert ci["mean"] == 2.0 and math.isclose(ci["hi"] - 2.0, t95_df2 * 1.0 / math.sqrt(3), rel_tol=1e-12)
+    assert math.isclose(2.0 - ci["lo"], ci["hi"] - 2.0, rel_tol=1e-12)
+    # large n: the t quantile, not the normal 1.96 (n = 41, df 40: 2.021)
+    big = ex.paired_ci([0.0, 2.0] * 20 + [1.0])
+    assert math.isclose((big["hi"] - big["lo"]) / 2, 2.021075390306273 * np.std([0.0, 2.0] * 20 + [1.0], ddof=1)
+                        / math.sqrt(41), rel_tol=1e-12)
     assert ex.paired_ci([1.0])["lo"] is None
 
 
