@@ -41,7 +41,8 @@ def machine_info() -> dict:
 
 
 def loadavg():
-    # 1-minute load average: on a shared machine it explains wall times (not the results)
+    """The 1-minute load average (None where unknown): on a shared machine it explains wall
+    times, not results."""
     try:
         return round(os.getloadavg()[0], 2)
     except OSError:

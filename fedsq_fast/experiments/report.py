@@ -54,6 +54,7 @@ def _mb(x):
 
 
 def results_table(res) -> str:
+    """The Results table: one row per partition and method (mean ± std over seeds)."""
     frac = res["target_fraction"]
     head = ("| partition | method | seeds | BVA (mean ± std) | rounds-to-best | "
             f"rounds to {frac:g}×{res['baseline']} BVA (reached) | MB up to that target | test acc (final model) | "
@@ -71,6 +72,8 @@ def results_table(res) -> str:
 
 
 def comparison_table(res, ablations: bool) -> str:
+    """Paired differences (method minus reference) with 95% intervals: the ablations'
+    (``ablations``) or the main comparisons."""
     lines = ["| partition | method vs reference | seeds | ΔBVA [95% CI] | Δrounds-to-best [95% CI] | "
              f"Δrounds to {res['target_fraction']:g}×{res['baseline']} BVA [95% CI] |", "|---|---|---|---|---|---|"]
     n = 0
@@ -85,6 +88,7 @@ def comparison_table(res, ablations: bool) -> str:
 
 
 def gate_table(res) -> str:
+    """The gate-stability table: gates flipped vs pretrained at chosen rounds, weight distance, settle rounds."""
     g0 = res["gates"][0] if res["gates"] else None
     if g0 is None:
         return "(no runs yet)"
