@@ -211,13 +211,15 @@ def guarded(fn, *args) -> int:
 def _main(ns) -> int:
     from pathlib import Path
 
+    from .experiments.grid import run_compare
+    from .experiments.report import format_table, table_report
     from .federation import runner
 
     echo = print
     if ns.command == "report":
         if not Path(ns.dir).is_dir():
             raise ValueError(f"report: {ns.dir} is not a folder")
-        runner.report(ns.dir, echo=echo)
+        table_report(ns.dir, echo=echo)
         return 0
     cfg = _config_from_args(ns)
     runner.check_out_dir(Path(cfg.out_dir))  # a file, or under one, or read-only: before any data loads
@@ -227,10 +229,10 @@ def _main(ns) -> int:
     t0 = time.perf_counter()
     if ns.command == "run":
         res = runner.run_methods(cfg, cfg.out_dir, resume=ns.resume, quiet=ns.quiet, echo=echo)
-        rows = runner.report(cfg.out_dir, echo=lambda *_: None)
+        rows = table_report(cfg.out_dir, echo=lambda *_: None)
         if not ns.quiet:
             echo("\nsummary")
-            echo(runner.format_table(rows))
+            echo(format_table(rows))
             for m, r in res.items():
                 s = r.summary
                 share = s["time_client_s"] / s["time_total_s"] if s["time_total_s"] else float("nan")
@@ -238,8 +240,7 @@ def _main(ns) -> int:
                      f"(full model {s['full_model_bytes'] / 1e6:.2f} MB); client compute "
                      f"{100 * share:.1f}% of {s['time_total_s']:.1f} s; dropped {s['dropped']}")
     else:
-        runner.run_compare(cfg, ns.seeds, ns.partitions, cfg.out_dir, resume=ns.resume,
-                           quiet=ns.quiet, echo=echo)
+        run_compare(cfg, ns.seeds, ns.partitions, cfg.out_dir, resume=ns.resume, quiet=ns.quiet, echo=echo)
     if not ns.quiet:
         echo(f"done in {time.perf_counter() - t0:.1f} s; results in {cfg.out_dir}/")
     return 0

@@ -227,7 +227,7 @@ def test_suite_file_not_utf8(tmp_path, capsys):
 
 
 def test_suite_results_dir_is_a_file(tmp_path, capsys, no_data, monkeypatch):
-    import fedsq_fast.experiments as ex
+    import fedsq_fast.experiments.runner as ex
 
     monkeypatch.setattr(ex, "load_dataset", lambda *a, **k: (_ for _ in ()).throw(AssertionError("data loaded")))
     suite = Path(__file__).resolve().parents[1] / "experiments" / "smoke.toml"

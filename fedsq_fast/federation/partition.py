@@ -145,26 +145,13 @@ def partition_table(counts: np.ndarray, classes=None) -> str:
     return "\n".join(rows)
 
 
-def plot_partition(counts: np.ndarray, path, classes=None, title: str = "") -> None:
-    """Stacked bars of class counts per client, written as a PNG."""
-    import matplotlib
+def __getattr__(name):
+    if name == "plot_partition":  # moved: every plot is in fedsq_fast.plots
+        import warnings
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        from ..plots import plot_partition
 
-    k, c = counts.shape
-    fig, ax = plt.subplots(figsize=(max(4, 0.45 * k + 2), 3.2), dpi=110)
-    bottom = np.zeros(k)
-    cmap = plt.get_cmap("tab10" if c <= 10 else "tab20")
-    for j in range(c):
-        ax.bar(np.arange(k), counts[:, j], bottom=bottom, color=cmap(j % cmap.N),
-               label=str(classes[j]) if classes else str(j), width=0.8)
-        bottom += counts[:, j]
-    ax.set_xlabel("client")
-    ax.set_ylabel("samples")
-    ax.set_xticks(np.arange(k))
-    ax.set_title(title or "class counts per client")
-    ax.legend(fontsize=6, ncol=1, bbox_to_anchor=(1.01, 1), loc="upper left", frameon=False)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+        warnings.warn("fedsq_fast.federation.partition.plot_partition moved to fedsq_fast.plots.plot_partition",
+                      DeprecationWarning, stacklevel=2)
+        return plot_partition
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,21 +1,20 @@
-"""Experiments: several methods on one split (`run`), a grid of methods x seeds x
-partitions (`compare`), and tables/plots redrawn from saved metrics (`report`)."""
+"""Several methods on one split (`fedsq-fast run`, :func:`run_methods`, :func:`federate`) and the
+helpers the runners share. The grid of methods x seeds x partitions (`fedsq-fast compare`) and
+the reports are in :mod:`fedsq_fast.experiments`."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import time
 from pathlib import Path
 
-import numpy as np
 from torch import nn
 
+from ..plots import plot_partition
 from . import adapter
 from .config import DATA_KEYS, MODEL_KEYS, MethodSpec, RunConfig, check_sources, from_mapping, validate
 from .data import InputSpec, input_spec_of, make_bundle
-from .partition import PARTITIONS, partition_table, plot_partition
+from .partition import PARTITIONS, partition_table
 from .server import Federation, call_model_fn, prepare_data
 
 
@@ -191,101 +190,3 @@ def federate(model_fn, train, test=None, *, config=None, methods=None, input_spe
     cfg = cfg.replace(dataset=bundle.name, model=arch, weights=None)  # keeps the user's keys for validate
     return run_methods(cfg, cfg.out_dir, resume=resume, quiet=quiet, echo=echo, bundle=bundle,
                        model_fn=model_fn, input_spec=spec)
-
-
-def run_compare(cfg: RunConfig, seeds, partitions, out_dir=None, resume=False, quiet=False,
-                echo=print) -> list[dict]:
-    """methods x seeds x partitions; every configuration is validated before any training."""
-    out = Path(out_dir or cfg.out_dir)
-    check_out_dir(out)
-    if not seeds:
-        raise ValueError("seeds: give at least one seed")
-    grid = []
-    for spec in partitions:
-        over = parse_partition(spec)
-        for s in seeds:
-            c = dataclasses.replace(cfg, seed=int(s), **over)
-            validate(c, adapter.list_models())
-            grid.append((spec, c))
-    check_methods_supported(cfg.methods)
-    rows = []
-    for spec, c in grid:
-        sub = out / spec.replace(":", "_") / f"seed{c.seed}"
-        res = run_methods(c, sub, resume=resume, quiet=True, progress=not quiet)
-        for m, r in res.items():
-            rows.append(dict(r.summary, partition=spec, seed=c.seed))
-            if not quiet:
-                echo(f"[{spec} seed {c.seed}] {m}: BVA {r.summary['bva']:.4f} "
-                     f"(round {r.summary['rounds_to_best']}), {r.summary['time_total_s']:.1f} s")
-    report(out, echo=echo if not quiet else (lambda *_: None))
-    return rows
-
-
-# ---------------------------------------------------------------- report
-def load_results(root) -> list[dict]:
-    docs = []
-    for p in sorted(Path(root).rglob("metrics.json")):
-        d = json.loads(p.read_text())
-        d["path"] = str(p)
-        docs.append(d)
-    return docs
-
-
-def _ms(vals):
-    v = [x for x in vals if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    if not v:
-        return float("nan"), float("nan"), 0
-    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)
-
-
-def summary_rows(docs) -> list[dict]:
-    groups: dict = {}
-    for d in docs:
-        key = (partition_tag(d["config"]), d["method"])
-        groups.setdefault(key, []).append(d)
-    rows = []
-    for (part, m), ds in sorted(groups.items()):
-        row = {"partition": part, "method": m, "seeds": len(ds)}
-        for k in ("bva", "rounds_to_best", "final_val_acc", "test_acc", "rounds_to_target",
-                  "time_total_s", "bytes_up"):
-            mean, std, n = _ms([x["summary"].get(k) for x in ds])
-            row[k], row[k + "_std"] = mean, std
-        rows.append(row)
-    return rows
-
-
-def format_table(rows) -> str:
-    head = (f"{'partition':<14} {'method':<22} {'seeds':>5} {'BVA':>15} {'rounds-to-best':>15} "
-            f"{'final acc':>15} {'test acc':>8} {'time s':>8} {'MB up':>8}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(
-            f"{r['partition']:<14} {r['method']:<22} {r['seeds']:>5} "
-            f"{r['bva']:>7.4f}±{r['bva_std']:<7.4f} {r['rounds_to_best']:>7.2f}±{r['rounds_to_best_std']:<7.2f} "
-            f"{r['final_val_acc']:>7.4f}±{r['final_val_acc_std']:<7.4f} {r['test_acc']:>8.4f} "
-            f"{r['time_total_s']:>8.1f} {r['bytes_up'] / 1e6:>8.2f}")
-    return "\n".join(lines)
-
-
-def report(root, echo=print) -> list[dict]:
-    """Summary table (mean ± std over seeds) and plots from the metrics.json files under ``root``."""
-    from .plots import plot_accuracy, plot_rounds_to_best
-
-    root = Path(root)
-    docs = load_results(root)
-    if not docs:
-        raise ValueError(f"report: no metrics.json under {root}")
-    rows = summary_rows(docs)
-    table = format_table(rows)
-    (root / "summary.md").write_text("```\n" + table + "\n```\n")
-    import csv
-
-    with open(root / "summary.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        w.writeheader()
-        w.writerows(rows)
-    plot_accuracy(docs, root / "accuracy.png")
-    plot_rounds_to_best(rows, root / "rounds_to_best.png")
-    echo(table)
-    echo(f"written: {root / 'summary.md'}, summary.csv, accuracy.png, rounds_to_best.png")
-    return rows

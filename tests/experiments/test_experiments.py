@@ -160,7 +160,13 @@ def test_statistics_helpers():
     assert ex.settle_round([(0, 0.0), (1, 1.0), (2, 0.5), (3, 0.2), (4, 0.1)], 0.25) == 3
     assert ex.settle_round([(1, 1.0), (2, 0.1), (3, 0.5)], 0.25) is None  # must stay settled
     ci = ex.paired_ci([1.0, 2.0, 3.0])
-    assert ci["mean"] == 2.0 and math.isclose(ci["hi"] - 2.0, 4.303 * 1.0 / math.sqrt(3), rel_tol=1e-9)
+    t95_df2 = 4.302652729749464  # two-sided 95% Student-t quantile, 2 degrees of freedom
+    assert ci["mean"] == 2.0 and math.isclose(ci["hi"] - 2.0, t95_df2 * 1.0 / math.sqrt(3), rel_tol=1e-12)
+    assert math.isclose(2.0 - ci["lo"], ci["hi"] - 2.0, rel_tol=1e-12)
+    # large n: the t quantile, not the normal 1.96 (n = 41, df 40: 2.021)
+    big = ex.paired_ci([0.0, 2.0] * 20 + [1.0])
+    assert math.isclose((big["hi"] - big["lo"]) / 2, 2.021075390306273 * np.std([0.0, 2.0] * 20 + [1.0], ddof=1)
+                        / math.sqrt(41), rel_tol=1e-12)
     assert ex.paired_ci([1.0])["lo"] is None
 
 
@@ -291,3 +297,47 @@ def test_paper_suite_without_its_data_fails_before_writing(name, expected, tmp_p
     err = capsys.readouterr().err
     assert "data/" in err and expected in err
     assert not out.exists()
+
+
+def test_interval_verdict_is_the_one_reading_of_an_interval():
+    ci = lambda lo, hi: {"n": 3, "mean": (lo + hi) / 2, "lo": lo, "hi": hi}  # noqa: E731
+    words = dict(below="holds", above="contradicted", between="not shown")
+    assert ex.interval_verdict(ci(-2.0, -0.5), 0.0, **words) == "holds"
+    assert ex.interval_verdict(ci(0.5, 2.0), 0.0, **words) == "contradicted"
+    assert ex.interval_verdict(ci(-1.0, 1.0), 0.0, **words) == "not shown"
+    # every seed the same difference: a zero-width interval at 0 lies neither below nor above it
+    assert ex.interval_verdict(ci(0.0, 0.0), 0.0, **words) == "not shown"
+    assert ex.interval_verdict({"n": 1, "mean": 1.0, "lo": None, "hi": None}, 0.0, **words).startswith("not testable")
+    # non-inferiority (claim 1): an interval starting exactly at the margin holds
+    bva = dict(below="fails", above="holds", between="inconclusive", closed_above=True)
+    assert ex.interval_verdict(ci(-0.01, 0.02), -0.01, **bva) == "holds"
+    assert ex.interval_verdict(ci(-0.05, -0.02), -0.01, **bva) == "fails"
+    assert ex.interval_verdict(ci(-0.05, 0.02), -0.01, **bva) == "inconclusive"
+    from fedsq_fast.experiments.verdicts import direction
+
+    assert [direction(ci(-2.0, -1.0)), direction(ci(1.0, 2.0)), direction(ci(-1.0, 1.0))] == \
+        ["lower", "higher", "no difference detected"]
+
+
+def test_mask_metrics_callback_adds_the_suite_metrics(small_cfg):
+    """The suite's per-round metrics come from an engine callback: the keys after the engine's own,
+    in this order, and values recomputed here from the models."""
+    from fedsq_fast.federation import Federation, adapter, prepare_data
+
+    cfg = small_cfg(rounds=2)
+    fed = Federation(cfg, "fedavg", prepare_data(cfg), quiet=True, callbacks=[ex.MaskMetrics()])
+    res = fed.run()
+    h = res.history
+    extra = ("weight_step_rel", "weight_dist_rel", "gate_flip_prev", "time_probe_s", "gate_flip_error")
+    assert not set(extra) & set(h[0])  # round 0 is the pretrained model: nothing to compare
+    for r in h[1:]:
+        assert [k for k in r if k in extra] == list(extra[:4])
+    # round 1 starts from the initial model: the step is the distance, the flips are gate_change
+    assert h[1]["weight_step_rel"] == h[1]["weight_dist_rel"] > 0
+    assert h[1]["gate_flip_prev"] == h[1]["gate_change"]
+    w0, w = adapter.payload_state(fed.initial), adapter.payload_state(res.model)
+    keys = [k for k, v in w0.items() if v.is_floating_point() and "running_" not in k]
+    dist = math.sqrt(sum(float(((w[k].double() - w0[k].double()) ** 2).sum()) for k in keys))
+    norm = math.sqrt(sum(float((w0[k].double() ** 2).sum()) for k in keys))
+    assert math.isclose(h[-1]["weight_dist_rel"], dist / norm, rel_tol=1e-12)
+    assert 0 <= h[2]["gate_flip_prev"] <= 1 and h[2]["weight_step_rel"] > 0

@@ -4,6 +4,7 @@ import pytest
 from conftest import draw_seed
 
 from fedsq_fast.federation import partition as P
+from fedsq_fast.plots import plot_partition
 
 
 def _labels(rng, n=2000, c=10):
@@ -96,5 +97,7 @@ def test_report_table_and_png(tmp_path, rng):
     assert counts.sum() == 600 and (counts.sum(0) == np.bincount(y, minlength=10)).all()
     t = P.partition_table(counts)
     assert t.splitlines()[-1].split()[-1] == "600"
-    P.plot_partition(counts, tmp_path / "p.png")
+    plot_partition(counts, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.warns(DeprecationWarning, match="fedsq_fast.plots.plot_partition"):  # the old name still works
+        assert P.plot_partition is plot_partition

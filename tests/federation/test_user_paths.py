@@ -282,7 +282,8 @@ def test_one_progress_line_per_round_off_a_terminal_and_none_when_quiet(capsys):
 
 
 def test_round_axes_have_integer_ticks(tmp_path):
-    from fedsq_fast.federation.plots import plot_accuracy, round_axis
+    from fedsq_fast.federation.runner import partition_tag
+    from fedsq_fast.plots import group_histories, plot_accuracy, round_axis
 
     import matplotlib
     matplotlib.use("Agg")
@@ -297,7 +298,7 @@ def test_round_axes_have_integer_ticks(tmp_path):
     plt.close(fig)
     docs = [{"config": {"partition": "iid", "alpha": 0.5}, "method": "fedavg",
              "history": [{"round": r, "val_acc": 0.1 * r} for r in range(4)]}]
-    plot_accuracy(docs, tmp_path / "a.png")
+    plot_accuracy(group_histories(docs, partition_tag), tmp_path / "a.png")
     assert (tmp_path / "a.png").stat().st_size > 0
 
 
