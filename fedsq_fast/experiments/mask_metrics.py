@@ -68,7 +68,7 @@ class MaskMetrics(Callback):
         record["weight_step_rel"] = _dist(w, self._prev_w, self._keys) / self._w0_norm
         record["weight_dist_rel"] = _dist(w, self._w0, self._keys) / self._w0_norm
         try:
-            g = adapter.gate_stability(self._prev, fed.model, fed.data.transform(fed.data.probe))
+            g = adapter.gate_change_sites(self._prev, fed.model, fed.data.transform(fed.data.probe))
             record["gate_flip_prev"] = float(np.mean(g)) if g else float("nan")
         except Exception as e:  # a metric must not stop the suite
             record["gate_flip_prev"] = float("nan")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..federation import adapter
-from ..federation.config import RunConfig, from_mapping, parse_method, validate
+from ..federation.config import MethodSpec, RunConfig, from_mapping, validate
 from ..federation.runner import method_slug, parse_partition, partition_tag
 
 SUITE_KEYS = {
@@ -166,7 +166,7 @@ def load_suite(path) -> Suite:
 
     def meth(x):
         try:
-            parse_method(x)
+            MethodSpec.parse(x)
         except ValueError as e:
             fail("suite.methods", str(e))
 
