@@ -32,6 +32,9 @@ OLD_DEFAULTS = {
     'server_momentum': 0.9, 'beta1': 0.9, 'beta2': 0.99, 'tau': 0.001, 'mask_cache': True, 'seed': 0,
     'target_accuracy': None, 'probe_size': 64, 'eval_batch_size': 512, 'out_dir': 'runs/default',
     'checkpoint': True, 'threads': None, 'device': 'auto'}
+# keys added since, appended in this order (recorded configs without them: C.LEGACY_VALUES)
+ADDED = {'plausible_scale': 1e6}
+FULL = {**OLD_DEFAULTS, **ADDED}
 
 # where each key is read (docs/federation.md, "Configuration keys")
 SECTION = {
@@ -41,7 +44,7 @@ SECTION = {
     **dict.fromkeys(["model", "weights", "quant_bn", "allow_ungated", "mask_cache"], "model"),
     **dict.fromkeys(["optimizer", "lr", "momentum", "weight_decay", "local_epochs", "batch_size",
                      "min_batch_size", "client_timeout_s"], "client"),
-    **dict.fromkeys(["methods", "aggregator", "trim_fraction", "prox_mu", "server_lr", "server_momentum",
+    **dict.fromkeys(["methods", "aggregator", "trim_fraction", "plausible_scale", "prox_mu", "server_lr", "server_momentum",
                      "beta1", "beta2", "tau"], "strategy"),
     **dict.fromkeys(["rounds", "fraction", "min_clients", "failure_rate", "seed", "target_accuracy",
                      "probe_size", "eval_batch_size", "out_dir", "checkpoint", "threads", "device"], "run"),
@@ -89,6 +92,7 @@ def random_flat(rng) -> dict:
         "target_accuracy": maybe_none(float(rng.uniform(0.01, 1))), "probe_size": int(rng.integers(1, 128)),
         "eval_batch_size": int(rng.integers(1, 2048)), "out_dir": f"runs/r{int(rng.integers(1000))}",
         "checkpoint": bool(rng.integers(2)), "threads": maybe_none(int(rng.integers(1, 16))),
+        "plausible_scale": maybe_none(float(rng.uniform(1.0, 1e7))),
         "device": pick(["auto", "cpu"]),
     }
 
@@ -124,24 +128,40 @@ def toml_text(d: dict, sectioned: bool = False, legacy: bool = False) -> str:
 
 # ------------------------------------------------------------------ sections and the flat view
 def test_flat_dict_is_what_it_was():
-    assert C.RunConfig().to_dict() == OLD_DEFAULTS
-    assert list(C.RunConfig().to_dict()) == list(OLD_DEFAULTS)  # same order in metrics.json
-    assert {f.name for f in dataclasses.fields(C.RunConfig)} == set(OLD_DEFAULTS)
-    assert C.KEYS == tuple(OLD_DEFAULTS)
+    now = {**OLD_DEFAULTS, **ADDED}
+    assert C.RunConfig().to_dict() == now
+    assert list(C.RunConfig().to_dict()) == list(now)  # same order in metrics.json, new keys last
+    assert {f.name for f in dataclasses.fields(C.RunConfig)} == set(now)
+    assert C.KEYS == tuple(now)
+
+
+def test_a_recording_without_a_newer_key_reproduces_with_its_legacy_value():
+    rec = {k: v for k, v in C.RunConfig().to_dict().items() if k not in C.LEGACY_VALUES}
+    assert set(C.LEGACY_VALUES) <= set(ADDED)
+    cfg = C.from_mapping(rec, recorded=True)
+    assert all(getattr(cfg, k) == v for k, v in C.LEGACY_VALUES.items())
+    assert C.from_mapping(rec).plausible_scale is None  # every key recordings always held: a recording
+    assert C.from_mapping(rec, recorded=False).plausible_scale == ADDED["plausible_scale"]  # not: defaults
+    few = {k: rec[k] for k in list(rec)[:10]}
+    assert C.from_mapping(few).plausible_scale == ADDED["plausible_scale"]
+    # resuming such a recording under today's default is refused (it would compute something else)
+    assert C.config_differences(C.RunConfig(), rec) == ["plausible_scale"]
+    assert C.config_differences(cfg, rec) == []
+    assert C.config_differences(C.from_mapping({"plausible_scale": 1e6}), {**rec, "plausible_scale": 1e6}) == []
 
 
 def test_every_key_in_one_section():
-    assert set(SECTION) == set(OLD_DEFAULTS)
+    assert set(SECTION) == set(OLD_DEFAULTS) | set(ADDED)
     for name, cls in C.SECTIONS.items():
         assert {f.name for f in dataclasses.fields(cls)} == {k for k, s in SECTION.items() if s == name}, name
     assert C.SECTIONS["client"] is ClientConfig
 
 
 def test_round_trip_defaults_and_random(rng):
-    for d in [OLD_DEFAULTS] + [random_flat(rng) for _ in range(20)]:
+    for d in [FULL] + [random_flat(rng) for _ in range(20)]:
         cfg = C.from_mapping(d)
-        assert cfg.to_dict() == d and list(cfg.to_dict()) == list(OLD_DEFAULTS)
-        if d is not OLD_DEFAULTS:
+        assert cfg.to_dict() == d and list(cfg.to_dict()) == list(FULL)
+        if d is not FULL:
             C.validate(cfg)  # the random values are valid, and a full dict sets no option "explicitly"
         # the same config through the sections: as objects, and as a sectioned mapping
         assert C.RunConfig.from_sections(*(cfg.section(n) for n in C.SECTIONS)) == cfg
@@ -191,7 +211,7 @@ def test_sectioned_file_equals_flat_file(tmp_path, rng, fmt):
             p.write_text(text)
             paths.append(p)
         cfgs = [C.load_config(p) for p in paths]
-        expect = {k: (OLD_DEFAULTS[k] if v is None and fmt == "toml" else v) for k, v in d.items()}
+        expect = {k: (FULL[k] if v is None and fmt == "toml" else v) for k, v in d.items()}
         for c in cfgs:
             assert c.to_dict() == expect
             assert c.explicit_keys == cfgs[0].explicit_keys
@@ -427,7 +447,8 @@ def test_old_positional_call_forms(rng):
     flat order, LocalConfig as (optimizer, lr, momentum, weight_decay, local_epochs,
     batch_size, prox_mu, timeout_s)."""
     d = random_flat(rng)
-    assert C.RunConfig(*(d[k] for k in OLD_DEFAULTS)).to_dict() == d
+    assert C.RunConfig(*(d[k] for k in OLD_DEFAULTS)).to_dict() == {**d, **ADDED}  # newer keys: defaults
+    assert C.RunConfig(*(d[k] for k in FULL)).to_dict() == d
     with pytest.raises(TypeError, match="multiple values"):
         C.RunConfig("digits", dataset="mnist")
     with pytest.raises(TypeError, match="learning_rate"):

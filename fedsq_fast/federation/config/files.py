@@ -7,7 +7,7 @@ import difflib
 from pathlib import Path
 
 from .errors import ConfigError, _fail
-from .sections import KEYS, LEGACY_VALUES, SECTION_OF, SECTIONS, RunConfig
+from .sections import KEYS, LEGACY_VALUES, RECORDED_CORE, SECTION_OF, SECTIONS, RunConfig
 
 
 def _norm_key(k, where=""):
@@ -99,8 +99,10 @@ def from_mapping(d: dict, base: RunConfig | None = None, *, recorded: bool | Non
 
     The keys of ``d`` count as set by the user (``explicit_keys``: an option that none of
     the methods reads is then an error in :func:`validate`), unless ``d`` is a recorded
-    config: ``recorded=None`` (default) takes a mapping that holds every key (what
-    ``to_dict()`` writes: metrics.json, checkpoints, suites) as recorded; True/False force it."""
+    config: ``recorded=None`` (default) takes a mapping that holds every key recordings have
+    always held (``RECORDED_CORE``; what ``to_dict()`` writes: metrics.json, checkpoints,
+    suites) as recorded; True/False force it. A recording without a key added since takes its
+    ``LEGACY_VALUES`` entry (what such runs computed with)."""
     if not isinstance(d, dict):
         _fail("config", f"must be a mapping of config keys, got {type(d).__name__}")
     d = flatten(d)
@@ -113,7 +115,7 @@ def from_mapping(d: dict, base: RunConfig | None = None, *, recorded: bool | Non
     if isinstance(cfg.methods, str):
         cfg.methods = [m.strip() for m in cfg.methods.split(",") if m.strip()]
     if recorded is None:
-        recorded = set(names) == set(KEYS)
+        recorded = set(names) >= RECORDED_CORE
     if recorded:  # keys added after the recording take the value that reproduces its run
         for k, v in LEGACY_VALUES.items():
             if k not in names:

@@ -188,6 +188,15 @@ KEYS = ("dataset", "data_root", "download", "max_train_samples", "val_size", "ma
 # the key reproduces its run with this value (config_differences, from_mapping(recorded=True)).
 # plausible_scale: the reply plausibility check of 2026-12-02 changed what such runs average.
 LEGACY_VALUES = {"plausible_scale": None}
+# The keys every recorded config has held since the first recordings (2026-11-22): a mapping
+# holding all of them is a recording (from_mapping), even when it lacks keys added since.
+RECORDED_CORE = frozenset((
+    "alpha", "batch_size", "beta1", "beta2", "checkpoint", "client_timeout_s", "data_root", "dataset", "download",
+    "eval_batch_size", "failure_rate", "fraction", "image_size", "local_epochs", "lr", "mask_cache",
+    "max_test_samples", "max_train_samples", "methods", "min_clients", "min_partition_size", "model", "momentum",
+    "num_clients", "optimizer", "out_dir", "partition", "probe_size", "prox_mu", "rounds", "seed", "server_lr",
+    "server_momentum", "shards_per_client", "target_accuracy", "tau", "threads", "val_size", "weight_decay",
+    "weights"))
 assert set(KEYS) == set(SECTION_OF) and len(KEYS) == len(SECTION_OF), "KEYS must list every section key once"
 # Where and how fast a run computes, not what: ignored when a checkpoint or a finished
 # run's metrics are matched against the current config (resume on another machine).
