@@ -556,6 +556,58 @@ def test_missing_or_stale_library_falls_back_with_reason(tmp_path):
         assert r.returncode != 0 and "FEDSQ_FAST_BACKEND=compiled" in r.stderr
 
 
+SAME_RESULTS = """
+import sys, torch, fedsq_fast as ff
+g = torch.Generator().manual_seed(int(sys.argv[1]))
+zq, zs = torch.randn(3, 5, 7, 9, generator=g), torch.randn(3, 5, 7, 9, generator=g)
+zcl = zq.contiguous(memory_format=torch.channels_last)
+sc, sh = torch.rand(5, generator=g) + 0.5, torch.randn(5, generator=g)
+ints = [{"n": torch.randint(-2**28, 2**28, (37,), generator=g), "b": torch.rand(5, generator=g) > 0.5,
+         "u": torch.randint(0, 255, (9,), generator=g, dtype=torch.uint8), "w": torch.randn(11, generator=g)}
+        for _ in range(4)]
+ws = [3, 0.25, 0, 1.5]
+sa = ff.StreamingAverage()
+for c, w in zip(ints, ws):
+    sa.add(c, w)
+q = zq.clone().requires_grad_()
+y, bits = ff.gate(q, zs)
+(grad,) = torch.autograd.grad((y * zs).sum(), q)
+out = {"names": sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("fedsq_fast::")),
+       "backend": ff.backend(), "gate": ff.gate(zcl, zs), "pack": ff.pack_mask(zs), "grad": grad,
+       "apply": ff.apply_mask(zq, ff.pack_mask(zs)), "epi": ff.struct_epilogue(zcl, sc, sh),
+       "wavg": ff.weighted_average(ints, ws), "stream": sa.result(), "sq": ff.ops.sq_dist([zq, zs], [zs, zq])}
+torch.save(out, sys.argv[2])
+"""
+
+
+@pytest.mark.skipif(not COMPILED, reason="compiled library not loaded")
+def test_reference_mode_registers_nothing_and_gives_the_same_results(tmp_path, seed):
+    """FEDSQ_FAST_BACKEND=reference: no op is registered (the schemas live only in the
+    C++ library), the wrappers run the reference, and the results are the compiled ones:
+    bit for bit for masks, gates, the epilogue and every integer; float sums to rounding."""
+    got = {}
+    for mode in ("compiled", "reference"):
+        r = _run_python(SAME_RESULTS.replace("sys.argv[1]", str(seed)).replace("sys.argv[2]", repr(str(tmp_path / mode))),
+                        {"FEDSQ_FAST_BACKEND": mode})
+        assert r.returncode == 0, r.stderr[-3000:]
+        got[mode] = torch.load(tmp_path / mode)
+    c, r = got["compiled"], got["reference"]
+    assert c["backend"] == "compiled" and r["backend"] == "reference"
+    assert r["names"] == [] and "fedsq_fast::sq_dist_list" in c["names"]
+    for key in ("gate", "pack", "grad", "apply", "epi"):
+        for a, b in zip(*(x if isinstance(x, tuple) else (x,) for x in (c[key], r[key]))):
+            assert a.stride() == b.stride(), key
+            if a.is_floating_point():
+                assert_same_values(a, b)
+            else:
+                assert torch.equal(a, b), key
+    for key in ("n", "b", "u"):  # the one exact-integer rule, both entry points, both backends
+        assert torch.equal(c["wavg"][key], r["wavg"][key]) and torch.equal(c["stream"][key], r["stream"][key]), key
+        assert torch.equal(c["wavg"][key], c["stream"][key]), key
+    torch.testing.assert_close(c["wavg"]["w"], r["wavg"]["w"], rtol=1e-6, atol=1e-6)
+    assert c["sq"] == pytest.approx(r["sq"], rel=1e-6)
+
+
 # ---------------------------------------------------------------------------
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
