@@ -293,17 +293,17 @@ class StreamingAverage:
         int_total = self._int_total * rescale + q
         ints = [(j, a, t) for j, (a, t) in enumerate(zip(self._acc, lst)) if not a.dtype.is_floating_point]
         # int64 accumulation must not wrap: check every tensor, naming it, before changing any
+        grid = " (on the 2**-30 grid)" if fixed else ""
         if ints and int_total >= _exact.INT64_LIMIT:
-            raise ValueError(f"client #{self.count}: weight {w:g} takes the integer weights' sum to {int_total} "
-                             "(on the 2**-30 grid), past int64; scale the weights (only their ratios matter)")
+            raise ValueError(f"client #{self.count}: weight {w:g} takes the integer weights' sum to {int_total}{grid}, "
+                             "past int64; scale the weights (only their ratios matter)")
         for j, a, t in ints:
-            if not t.numel():
+            if not t.numel() or (q == 0 and rescale == 1):  # nothing changes: no check (no host sync)
                 continue
             lo, hi = (int(v) for v in torch.aminmax(t.to(torch.int64)))
             alo, ahi = (int(v) for v in torch.aminmax(a))
             big = max(abs(lo), abs(hi))
             if big * q + max(abs(alo), abs(ahi)) * rescale >= _exact.INT64_LIMIT:
-                grid = " (on the 2**-30 grid)" if fixed else ""
                 raise ValueError(f"client #{self.count}[{names[j]!r}]: integer values up to {big} x weight {q}{grid} "
                                  "overflow the int64 accumulator")
         with torch.no_grad():
