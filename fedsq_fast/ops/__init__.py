@@ -27,4 +27,5 @@ __all__ = [
     "StreamingAverage",
     "sq_dist",
     "FLOAT_DTYPES",
+    "SCHEMAS",
 ]

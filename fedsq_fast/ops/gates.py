@@ -10,8 +10,16 @@ from __future__ import annotations
 import torch
 
 from .. import reference as ref
-from ._checks import (check_bits, check_float_tensor, check_out_not_differentiable, check_out_overlap,
-                      check_pair, dense, in_layout, require_layout)
+from ._checks import (
+    check_bits,
+    check_float_tensor,
+    check_out_not_differentiable,
+    check_out_overlap,
+    check_pair,
+    dense,
+    in_layout,
+    require_layout,
+)
 from ._registry import OPS
 
 __all__ = ["pack_mask", "apply_mask", "gate", "struct_epilogue"]

@@ -3,7 +3,6 @@ on the CPU: the C == 0 epilogue, memory-overlap rules of out= and in-place
 calls, exact integer and bool averaging against a Python-integer oracle, any
 number of clients in one list call, and the gate's backward (nothing but the
 gradient is allocated). CUDA twins of these live in test_ops_cuda.py."""
-import math
 import random
 from fractions import Fraction
 
@@ -12,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fedsq_fast as ff
-from fedsq_fast import ops, reference as ref
+from fedsq_fast import reference as ref
 from fedsq_fast.ops import _fallback
 from fedsq_fast.ops._registry import OPS  # torch.ops.fedsq_fast, or the reference when not compiled
 
