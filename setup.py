@@ -69,6 +69,7 @@ def detect_cuda(torch):
 class CMakeBuild(build_ext):
     def build_extension(self, ext):
         import torch
+        import torch.utils
 
         out = Path(self.get_ext_fullpath(ext.name)).resolve()
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -81,7 +82,7 @@ class CMakeBuild(build_ext):
         args = [
             cmake, "-S", str(ROOT), "-B", str(build_dir),
             "-DCMAKE_BUILD_TYPE=Release",
-            f"-DFEDSQ_TORCH_DIR={Path(torch.__file__).parent}",
+            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",  # find_package(Torch)
             f"-DFEDSQ_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
             f"-DFEDSQ_OUTPUT_DIR={out.parent}",
             f"-DFEDSQ_OUTPUT_NAME={out.name[:-len('.so')] if out.name.endswith('.so') else out.stem}",
@@ -107,11 +108,19 @@ class CMakeBuild(build_ext):
         }
         text = json.dumps(info, indent=2) + "\n"
         (out.parent / "_build_info.json").write_text(text)
-        if getattr(self, "editable_mode", False) or self.inplace:
+        if getattr(self, "editable_mode", False):
             # Editable installs copy only the .so into the source tree; the
             # loader reads this file beside it to refuse a library built for
             # another torch before loading it.
             (ROOT / "fedsq_fast" / "_build_info.json").write_text(text)
+
+    def copy_extensions_to_source(self):
+        # build_ext --inplace builds into build/ with inplace switched off, then copies
+        # the .so into the source tree: the build facts must go with it.
+        super().copy_extensions_to_source()
+        built = Path(self.build_lib).resolve() / "fedsq_fast" / "_build_info.json"
+        if built.exists():
+            shutil.copyfile(built, ROOT / "fedsq_fast" / "_build_info.json")
 
 
 setup(

@@ -1,8 +1,8 @@
 // fedsq_fast ops: schema definitions and CPU implementations.
 //
-// Schemas are registered here with TORCH_LIBRARY; fedsq_fast/ops.py holds the
-// same strings (a test checks they agree) and registers fake kernels and
-// autograd formulas in Python. CUDA implementations live in ops_cuda.cpp.
+// The schemas are written here and nowhere else (TORCH_LIBRARY below); Python
+// (fedsq_fast/ops/_registry.py) adds a fake kernel for every op and the autograd
+// formulas, as pytorch/extension-cpp does. CUDA implementations live in ops_cuda.cpp.
 // Kernels walk tensors in memory order, so inputs that must match element by
 // element must also match in strides; the functional ops arrange that, the
 // out= variants check it.
@@ -294,7 +294,7 @@ struct CpuBackend {
     });
   }
   // Partial sums per tile, added in tile order: the same result for any thread count.
-  static double sq_dist_list(const std::vector<ListItem>& items, c10::Device) {
+  static at::Tensor sq_dist_list(const std::vector<ListItem>& items, c10::Device) {
     const KernelTable& T = cpu_kernels();
     std::vector<int64_t> first(items.size() + 1, 0);
     for (size_t j = 0; j < items.size(); ++j) first[j + 1] = first[j] + (items[j].n + kTile - 1) / kTile;
@@ -306,7 +306,7 @@ struct CpuBackend {
     });
     double total = 0.0;
     for (double p : part) total += p;
-    return total;
+    return at::scalar_tensor(total, at::kDouble);
   }
 };
 
@@ -335,7 +335,8 @@ TORCH_LIBRARY(fedsq_fast, m) {
   m.def("weighted_sum_list_out(Tensor[] xs, float[] weights, Tensor(a!)[] outs) -> ()");
   m.def("int_weighted_sum_list_out(Tensor[] xs, int[] weights, Tensor(a!)[] outs) -> ()");
   m.def("accumulate_list_(Tensor(a!)[] acc, Tensor[] x, float weight) -> ()");
-  m.def("sq_dist_list(Tensor[] xs, Tensor[] refs) -> float");
+  // A 0-dim float64 tensor on the inputs' device: traceable (a float is not) and no host sync on CUDA.
+  m.def("sq_dist_list(Tensor[] xs, Tensor[] refs) -> Tensor");
   // Not a tensor op: selects the CPU kernel variant (tests run every ISA the CPU has).
   m.def("cpu_isa(str isa='') -> str", &fedsq::cpu_isa);
 }

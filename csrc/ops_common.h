@@ -213,10 +213,10 @@ struct Ops {
     accumulate_list_(at::TensorList(&acc, 1), at::TensorList(&x, 1), weight);
   }
   // sum_j ||xs[j] - refs[j]||^2 over a whole state (a metric: drift, update norm).
-  static double sq_dist_list(at::TensorList xs, at::TensorList refs) {
+  static at::Tensor sq_dist_list(at::TensorList xs, at::TensorList refs) {
     TORCH_CHECK_VALUE(xs.size() == refs.size(), "xs and refs must hold the same number of tensors, got ", xs.size(),
                       " and ", refs.size());
-    if (xs.empty()) return 0.0;
+    if (xs.empty()) return at::zeros({}, at::kDouble);
     const c10::Device dev = common_device(xs, "xs");
     std::vector<ListItem> items;
     for (size_t j = 0; j < xs.size(); ++j) {
@@ -226,7 +226,8 @@ struct Ops {
                   {xs[j].data_ptr()}};
       if (it.n) items.push_back(std::move(it));
     }
-    return items.empty() ? 0.0 : B::sq_dist_list(items, dev);
+    if (items.empty()) return at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(dev));
+    return B::sq_dist_list(items, dev);
   }
   static void register_impls(torch::Library& m) {
     m.impl("pack_mask", &pack_mask);

@@ -1,8 +1,8 @@
 """Pure-PyTorch reference of every fedsq_fast op.
 
 This module is two things at once: the fallback that runs when the compiled
-library is missing (or disabled with FEDSQ_FAST_BACKEND=reference), and the
-oracle the tests compare the kernels against. It is written for clarity, not
+library is missing (or disabled with FEDSQ_FAST_BACKEND=reference; ops/_fallback.py
+gives it the ops' signatures), and the oracle the tests compare the kernels against. It is written for clarity, not
 speed, and uses only documented torch semantics.
 
 Bit format (shared by every backend): element i of a tensor, taken in the

@@ -15,6 +15,8 @@ import torch
 
 import fedsq_fast as ff
 from fedsq_fast import ops, reference as ref
+from fedsq_fast.ops import _fallback, _registry
+from fedsq_fast.ops._registry import OPS  # torch.ops.fedsq_fast, or the reference when not compiled
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPILED = ff.backend() == "compiled"
@@ -89,11 +91,22 @@ def test_backend_reports_itself():
         assert info["build"]["torch_version"] == torch.__version__
 
 
+def _library_ops():
+    return {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("fedsq_fast::")}
+
+
 @pytest.mark.skipif(not COMPILED, reason="compiled library not loaded")
-def test_cpp_schemas_match_python_list():
-    for name, schema in ops.SCHEMAS.items():
-        registered = str(getattr(torch.ops.fedsq_fast, name).default._schema)
-        assert registered == "fedsq_fast::" + schema, name
+def test_schemas_come_from_the_library_and_every_op_has_a_fake():
+    """C++ is the one place schemas are written: Python registers a fake for each op
+    it defines (and a reference for each), nothing more, nothing less."""
+    from torch._library.simple_registry import singleton
+
+    defined = _library_ops() - {"cpu_isa"}  # cpu_isa: a kernel switch (str -> str), not a tensor op
+    assert defined == set(_registry.FAKES) == set(_fallback.RAW) == set(ops.SCHEMAS)
+    for name in defined:
+        assert ops.SCHEMAS[name] == str(getattr(torch.ops.fedsq_fast, name).default._schema).split("::", 1)[1]
+        assert singleton.find(f"fedsq_fast::{name}").fake_impl.kernel is not None, name
+    assert ops.SCHEMAS["sq_dist_list"].endswith("-> Tensor")  # traceable: a float return is not
 
 
 @pytest.mark.skipif(not COMPILED, reason="compiled library not loaded")
@@ -232,16 +245,16 @@ def test_list_ops_equal_per_tensor_ops(isa):
     w = [0.1, 0.3, 0.2, 0.25, 0.15]
     outs = [torch.empty_like(t) for t in clients[0]]
     client_major = [clients[kk][j] for kk in range(k) for j in range(len(sizes))]
-    torch.ops.fedsq_fast.weighted_sum_list_out(client_major, w, outs)
+    OPS.weighted_sum_list_out(client_major, w, outs)
     for j in range(len(sizes)):
         one = torch.empty_like(clients[0][j])
-        torch.ops.fedsq_fast.weighted_sum_out([c[j] for c in clients], w, one)
+        OPS.weighted_sum_out([c[j] for c in clients], w, one)
         assert torch.equal(outs[j], one), (sizes[j], dtypes[j])
     accs = [torch.zeros(n, dtype=torch.float64 if dt == torch.float64 else torch.float32) for n, dt in zip(sizes, dtypes)]
-    torch.ops.fedsq_fast.accumulate_list_(accs, clients[1], 0.7)
+    OPS.accumulate_list_(accs, clients[1], 0.7)
     for j in range(len(sizes)):
         one = torch.zeros_like(accs[j])
-        torch.ops.fedsq_fast.accumulate_(one, clients[1][j], 0.7)
+        OPS.accumulate_(one, clients[1][j], 0.7)
         assert torch.equal(accs[j], one)
 
 
@@ -391,37 +404,57 @@ def test_gate_saves_one_bit_per_element():
     assert torch.equal(z_q.grad, (z_s > 0).float())
 
 
-@pytest.mark.skipif(not hasattr(torch.library, "opcheck"), reason="torch.library.opcheck missing")
-def test_opcheck():
+@pytest.mark.skipif(not COMPILED, reason="compiled library not loaded (no torch.ops.fedsq_fast)")
+def test_opcheck_every_op():
+    """torch.library.opcheck (schema, fake kernel, autograd registration, AOT dispatch)
+    on every op the library defines, the differentiable ones with inputs that need grad."""
     zq, zs = torch.randn(3, 41), torch.randn(3, 41)
     zq_g = torch.randn(3, 41, requires_grad=True)
     bits = ff.pack_mask(zs)
     z4 = torch.randn(2, 3, 4, 5)
+    xi, xb = torch.tensor([1, -2, 3, 7]), torch.tensor([True, False, True])
     cases = [
-        (torch.ops.fedsq_fast.pack_mask.default, (zs,)),
-        (torch.ops.fedsq_fast.apply_mask.default, (zq_g, bits)),
-        (torch.ops.fedsq_fast.apply_mask_out.default, (zq, bits, torch.empty_like(zq))),
-        (torch.ops.fedsq_fast.gate.default, (zq_g, zs)),
-        (torch.ops.fedsq_fast.gate_out.default, (zq, zs, torch.empty_like(zq), torch.empty_like(bits))),
-        (torch.ops.fedsq_fast.struct_epilogue.default, (z4, torch.rand(3), torch.randn(3))),
-        (torch.ops.fedsq_fast.struct_epilogue.default, (z4, None, None)),
-        (torch.ops.fedsq_fast.struct_epilogue_.default,
-         (z4.clone(), torch.rand(3), None, torch.empty(ref.num_bit_bytes(120), dtype=torch.uint8))),
-        (torch.ops.fedsq_fast.weighted_sum_out.default, ([zq, zs], [0.25, 0.75], torch.empty_like(zq))),
-        (torch.ops.fedsq_fast.accumulate_.default, (torch.zeros(3, 41), zq, 0.5)),
-        (torch.ops.fedsq_fast.weighted_sum_list_out.default,
-         ([zq, z4, zs, z4 * 2], [0.25, 0.75], [torch.empty_like(zq), torch.empty_like(z4)])),
-        (torch.ops.fedsq_fast.accumulate_list_.default, ([torch.zeros(3, 41), torch.zeros(2, 3, 4, 5)], [zq, z4], 0.5)),
+        ("pack_mask", (zs,)),
+        ("apply_mask", (zq_g, bits)),
+        ("apply_mask_out", (zq, bits, torch.empty_like(zq))),
+        ("gate", (zq_g, zs)),
+        ("gate_out", (zq, zs, torch.empty_like(zq), torch.empty_like(bits))),
+        ("struct_epilogue", (z4, torch.rand(3), torch.randn(3))),
+        ("struct_epilogue", (z4, None, None)),
+        ("struct_epilogue_", (z4.clone(), torch.rand(3), None, torch.empty(ref.num_bit_bytes(120), dtype=torch.uint8))),
+        ("weighted_sum_out", ([zq, zs], [0.25, 0.75], torch.empty_like(zq))),
+        ("accumulate_", (torch.zeros(3, 41), zq, 0.5)),
+        ("weighted_sum_list_out", ([zq, z4, zs, z4 * 2], [0.25, 0.75], [torch.empty_like(zq), torch.empty_like(z4)])),
+        ("int_weighted_sum_list_out", ([xi, xb, xi * 2, xb], [1, 3], [torch.empty_like(xi), torch.empty_like(xb)])),
+        ("accumulate_list_", ([torch.zeros(3, 41), torch.zeros(2, 3, 4, 5)], [zq, z4], 0.5)),
+        ("sq_dist_list", ([zq, z4.half()], [zs, torch.randn(2, 3, 4, 5).half()])),
+        ("sq_dist_list", ([zq_g, torch.randn(7, dtype=torch.float64, requires_grad=True)],
+                          [zs.requires_grad_(), torch.randn(7, dtype=torch.float64)])),
     ]
-    for op, args in cases:
-        torch.library.opcheck(op, args)
+    assert {name for name, _ in cases} == set(ops.SCHEMAS)  # every op, none forgotten
+    for name, args in cases:
+        torch.library.opcheck(getattr(torch.ops.fedsq_fast, name).default, args)
+
+
+def test_sq_dist_list_is_differentiable_and_traceable():
+    xs = [torch.randn(5, 7, dtype=torch.float64, requires_grad=True), torch.randn(33, dtype=torch.float64)]
+    refs = [torch.randn(5, 7, dtype=torch.float64), torch.randn(33, dtype=torch.float64, requires_grad=True)]
+    assert torch.autograd.gradcheck(lambda a, b: OPS.sq_dist_list([a, xs[1]], [refs[0], b]), (xs[0], refs[1]))
+    total = OPS.sq_dist_list(xs, refs)
+    assert total.dtype == torch.float64 and total.shape == ()
+    want = sum(((x - r) ** 2).sum() for x, r in zip(xs, refs))  # float64 oracle
+    torch.testing.assert_close(total, want, rtol=1e-12, atol=0)
+    f = torch.compile(lambda a, b: OPS.sq_dist_list([a], [b]) * 2, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(f(xs[0], refs[0]), 2 * ((xs[0] - refs[0]) ** 2).sum())
 
 
 def test_torch_compile_fullgraph():
+    """The public wrappers trace into one graph with either backend (compiled: the
+    ops and their fakes; reference: plain torch ops and autograd.Functions)."""
     def f(z_q, z_s, w):
-        y, bits = torch.ops.fedsq_fast.gate(z_q * w, z_s)
-        h, hbits = torch.ops.fedsq_fast.struct_epilogue(z_s, None, None)
-        return (torch.ops.fedsq_fast.apply_mask(y + h, hbits) * w).sum()
+        y, bits = ff.gate(z_q * w, z_s)
+        h, hbits = ff.struct_epilogue(z_s)
+        return (ff.apply_mask(y + h, hbits) * w).sum()
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     z_q, z_s = torch.randn(5, 67), torch.randn(5, 67)
@@ -521,6 +554,58 @@ def test_missing_or_stale_library_falls_back_with_reason(tmp_path):
         assert backend == "reference" and "built against torch 1.0.0" in reason
         r = _run_python(PROBE, {"FEDSQ_FAST_BACKEND": "compiled"}, cwd=tmp_path, pythonpath=str(tmp_path))
         assert r.returncode != 0 and "FEDSQ_FAST_BACKEND=compiled" in r.stderr
+
+
+SAME_RESULTS = """
+import sys, torch, fedsq_fast as ff
+g = torch.Generator().manual_seed(int(sys.argv[1]))
+zq, zs = torch.randn(3, 5, 7, 9, generator=g), torch.randn(3, 5, 7, 9, generator=g)
+zcl = zq.contiguous(memory_format=torch.channels_last)
+sc, sh = torch.rand(5, generator=g) + 0.5, torch.randn(5, generator=g)
+ints = [{"n": torch.randint(-2**28, 2**28, (37,), generator=g), "b": torch.rand(5, generator=g) > 0.5,
+         "u": torch.randint(0, 255, (9,), generator=g, dtype=torch.uint8), "w": torch.randn(11, generator=g)}
+        for _ in range(4)]
+ws = [3, 0.25, 0, 1.5]
+sa = ff.StreamingAverage()
+for c, w in zip(ints, ws):
+    sa.add(c, w)
+q = zq.clone().requires_grad_()
+y, bits = ff.gate(q, zs)
+(grad,) = torch.autograd.grad((y * zs).sum(), q)
+out = {"names": sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("fedsq_fast::")),
+       "backend": ff.backend(), "gate": ff.gate(zcl, zs), "pack": ff.pack_mask(zs), "grad": grad,
+       "apply": ff.apply_mask(zq, ff.pack_mask(zs)), "epi": ff.struct_epilogue(zcl, sc, sh),
+       "wavg": ff.weighted_average(ints, ws), "stream": sa.result(), "sq": ff.ops.sq_dist([zq, zs], [zs, zq])}
+torch.save(out, sys.argv[2])
+"""
+
+
+@pytest.mark.skipif(not COMPILED, reason="compiled library not loaded")
+def test_reference_mode_registers_nothing_and_gives_the_same_results(tmp_path, seed):
+    """FEDSQ_FAST_BACKEND=reference: no op is registered (the schemas live only in the
+    C++ library), the wrappers run the reference, and the results are the compiled ones:
+    bit for bit for masks, gates, the epilogue and every integer; float sums to rounding."""
+    got = {}
+    for mode in ("compiled", "reference"):
+        r = _run_python(SAME_RESULTS.replace("sys.argv[1]", str(seed)).replace("sys.argv[2]", repr(str(tmp_path / mode))),
+                        {"FEDSQ_FAST_BACKEND": mode})
+        assert r.returncode == 0, r.stderr[-3000:]
+        got[mode] = torch.load(tmp_path / mode)
+    c, r = got["compiled"], got["reference"]
+    assert c["backend"] == "compiled" and r["backend"] == "reference"
+    assert r["names"] == [] and "fedsq_fast::sq_dist_list" in c["names"]
+    for key in ("gate", "pack", "grad", "apply", "epi"):
+        for a, b in zip(*(x if isinstance(x, tuple) else (x,) for x in (c[key], r[key]))):
+            assert a.stride() == b.stride(), key
+            if a.is_floating_point():
+                assert_same_values(a, b)
+            else:
+                assert torch.equal(a, b), key
+    for key in ("n", "b", "u"):  # the one exact-integer rule, both entry points, both backends
+        assert torch.equal(c["wavg"][key], r["wavg"][key]) and torch.equal(c["stream"][key], r["stream"][key]), key
+        assert torch.equal(c["wavg"][key], c["stream"][key]), key
+    torch.testing.assert_close(c["wavg"]["w"], r["wavg"]["w"], rtol=1e-6, atol=1e-6)
+    assert c["sq"] == pytest.approx(r["sq"], rel=1e-6)
 
 
 # ---------------------------------------------------------------------------

@@ -422,9 +422,15 @@ def test_opcheck_on_cuda():
         (torch.ops.fedsq_fast.int_weighted_sum_list_out.default, ([xi, xi * 2], [1, 3], [torch.empty_like(xi)])),
         (torch.ops.fedsq_fast.accumulate_list_.default,
          ([torch.zeros(3, 41, device=d), torch.zeros(2, 3, 4, 5, device=d)], [zq, z4], 0.5)),
+        # a 0-dim float64 tensor left on the device (no host sync); differentiable
+        (torch.ops.fedsq_fast.sq_dist_list.default, ([zq, z4.half()], [zs, torch.randn(2, 3, 4, 5, device=d).half()])),
+        (torch.ops.fedsq_fast.sq_dist_list.default, ([zq_g], [zs])),
     ]
+    assert {op.name().split("::")[1] for op, _ in cases} == set(ops.SCHEMAS)  # every op
     for op, args in cases:
         torch.library.opcheck(op, args)
+    total = torch.ops.fedsq_fast.sq_dist_list([zq], [zs])
+    assert total.is_cuda and total.dtype == torch.float64 and total.shape == ()
 
 
 def test_torch_compile_on_cuda():

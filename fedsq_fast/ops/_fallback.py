@@ -1,0 +1,142 @@
+"""The reference implementation of every compiled op, with the op's signature.
+
+The schemas exist only in C++ (csrc/ops.cpp). When the library is not loaded there is
+no ``torch.ops.fedsq_fast`` at all: the wrappers call the functions here instead
+(``REFERENCE``), and when it is loaded without CUDA kernels they serve CUDA tensors
+(registered for the CUDA key, ``RAW``). The semantics are reference.py's; the
+exact-integer average is _exact.py's, the one rule of both averaging entry points.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from .. import reference as ref
+from . import _exact
+from ._checks import in_layout
+
+
+def pack_mask(z_s):
+    return ref.pack_mask(z_s)
+
+
+def apply_mask(z_q, bits):
+    return ref.apply_mask(z_q, bits)
+
+
+def apply_mask_out(z_q, bits, y):
+    y.copy_(ref.apply_mask(z_q, bits))
+
+
+def gate(z_q, z_s):
+    return ref.gate(z_q, z_s)
+
+
+def gate_out(z_q, z_s, y, bits):
+    yy, bb = ref.gate(z_q, z_s)
+    y.copy_(yy)
+    bits.copy_(bb)
+
+
+def struct_epilogue(z_s, scale, shift):
+    return ref.struct_epilogue(z_s, scale, shift)
+
+
+def struct_epilogue_(z_s, scale, shift, bits):
+    h, bb = ref.struct_epilogue(z_s, scale, shift)
+    z_s.copy_(h)
+    bits.copy_(bb)
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def weighted_sum_out(xs, weights, out):
+    acc = torch.zeros(out.shape, dtype=_acc_dtype(out.dtype), device=out.device)
+    for w, x in zip(weights, xs):
+        acc.add_(x.to(acc.dtype), alpha=w)
+    out.copy_(acc)
+
+
+def accumulate_(acc, x, weight):
+    acc.add_(x.to(acc.dtype), alpha=weight)
+
+
+def weighted_sum_list_out(xs, weights, outs):
+    n = len(outs)  # xs is client-major: xs[k * n + j]
+    for j, out in enumerate(outs):
+        weighted_sum_out([xs[k * n + j] for k in range(len(weights))], weights, out)
+
+
+def int_weighted_sum_list_out(xs, weights, outs):
+    n = len(outs)
+    for j, out in enumerate(outs):
+        out.copy_(_exact.int_weighted_sum([xs[k * n + j] for k in range(len(weights))], list(weights)))
+
+
+def accumulate_list_(accs, xs, weight):
+    for acc, x in zip(accs, xs):
+        accumulate_(acc, x, weight)
+
+
+def sq_dist_list(xs, refs):
+    """A 0-dim float64 tensor on the inputs' device (CPU for no inputs), like the kernels."""
+    total = torch.zeros((), dtype=torch.float64, device=xs[0].device if len(xs) else "cpu")
+    for x, r in zip(xs, refs):
+        d = (x.to(_acc_dtype(x.dtype)) - r.to(_acc_dtype(x.dtype))).double()
+        total = total + (d * d).sum()
+    return total
+
+
+# Every op of csrc/ops.cpp's TORCH_LIBRARY except cpu_isa (a kernel switch, not an op).
+RAW = {f.__name__: f for f in (
+    pack_mask, apply_mask, apply_mask_out, gate, gate_out, struct_epilogue, struct_epilogue_,
+    weighted_sum_out, accumulate_, weighted_sum_list_out, int_weighted_sum_list_out,
+    accumulate_list_, sq_dist_list)}
+
+
+# Autograd of the reference gate: the same contract as the compiled one (only the
+# packed bits are saved, 1 bit per element; the backward is one apply_mask).
+class _ApplyMask(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z_q, bits):
+        ctx.save_for_backward(bits)
+        ctx.stride = tuple(z_q.stride())  # the bits index z_q's memory order
+        return apply_mask(z_q, bits)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (bits,) = ctx.saved_tensors
+        return REFERENCE.apply_mask(in_layout(grad_y, ctx.stride), bits), None
+
+
+class _Gate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z_q, z_s):
+        y, bits = gate(z_q, z_s)
+        ctx.save_for_backward(bits)
+        ctx.stride = tuple(z_q.stride())
+        ctx.mark_non_differentiable(bits)
+        ctx.set_materialize_grads(False)
+        return y, bits
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_bits):
+        if grad_y is None:
+            return None, None
+        (bits,) = ctx.saved_tensors
+        return REFERENCE.apply_mask(in_layout(grad_y, ctx.stride), bits), None
+
+
+def _differentiable(fn, name):
+    def op(*args):
+        return fn.apply(*args)
+    op.__name__ = name
+    return op
+
+
+REFERENCE = SimpleNamespace(**RAW)
+REFERENCE.apply_mask = _differentiable(_ApplyMask, "apply_mask")
+REFERENCE.gate = _differentiable(_Gate, "gate")
