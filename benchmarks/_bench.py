@@ -31,6 +31,8 @@ def run(benchmark, group: str, variant: str, fn, rounds: int = 7, sync_cuda: boo
     benchmark.group = group
     benchmark.extra_info["variant"] = variant
     benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=1)
+    if benchmark.stats is None:  # --benchmark-disable: the body ran once, nothing was timed
+        return None
     RESULTS[(group, variant)] = benchmark.stats.stats.min
     MEDIANS[(group, variant)] = benchmark.stats.stats.median
     return RESULTS[(group, variant)]
