@@ -95,14 +95,7 @@ def _check_clients(lists, names):
             where = f"clients[{i}][{names[j]!r}]"
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{where} must be a tensor, got {type(t).__name__}")
-            if t.shape != t0.shape:
-                raise ValueError(
-                    f"{where} has shape {tuple(t.shape)}, but clients[0] has {tuple(t0.shape)}"
-                )
-            if t.dtype != t0.dtype:
-                raise TypeError(f"{where} has dtype {t.dtype}, but clients[0] has {t0.dtype}")
-            if t.device != t0.device:
-                raise ValueError(f"{where} is on {t.device}, but clients[0] is on {t0.device}")
+            check_pair(f"clients[0][{names[j]!r}]", t0, where, t)
 
 
 

@@ -66,6 +66,34 @@ def test_one_absurd_finite_reply_is_rejected_and_the_others_averaged(poison, mat
             assert int(out[k]) == 40
 
 
+@pytest.mark.parametrize("scale", [None, 1e3, 1e6])
+def test_plausible_scale_sets_the_bound_and_none_averages_as_recorded_runs_did(scale):
+    """The bound is scale x (1 + the global max |value|): a value just inside is averaged, just
+    outside refused; ``None`` (recorded runs before the check) averages every finite reply,
+    exactly as the plain float64 oracle says."""
+    gen = torch.Generator().manual_seed(draw_seed(2**31))
+    g = _bn_state(gen)
+    clients = [_bn_state(gen) for _ in range(3)]
+    big = float(g["bn.running_var"].abs().max())
+    bound = (scale or 1e6) * (1 + big)
+    inside = {k: t.clone() for k, t in clients[1].items()}
+    inside["bn.running_var"][0] = bound * 0.999
+    outside = {k: t.clone() for k, t in clients[2].items()}
+    outside["bn.running_var"][1] = bound * 1.001
+    stats = AggregateStats()
+    out = make_strategy("fedavg", plausible_scale=scale).aggregate(
+        g, [(0, clients[0], 5), (1, inside, 7), (2, outside, 11)], stats)
+    kept = [(clients[0], 5), (inside, 7)] + ([(outside, 11)] if scale is None else [])
+    assert [c for c, _ in stats.rejected] == ([] if scale is None else [2])
+    tot = sum(w for _, w in kept)
+    for k in g:
+        if g[k].dtype.is_floating_point:
+            ref = sum(c[k].double() * w for c, w in kept) / tot
+            torch.testing.assert_close(out[k].double(), ref, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="plausible_scale must be a positive finite number or None"):
+        make_strategy("fedavg", plausible_scale=0.0)
+
+
 @pytest.mark.parametrize("name", ["fedavg", "fedadam"])
 def test_a_non_finite_aggregate_is_rolled_back_with_the_server_state(name):
     gen = torch.Generator().manual_seed(7)
