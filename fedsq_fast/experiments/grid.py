@@ -13,7 +13,7 @@ from ..federation import adapter
 from ..federation.config import RunConfig, check_sources, validate
 from ..federation.data import load_dataset
 from ..federation.partition import partition_table
-from ..federation.runner import check_methods_supported, check_out_dir, parse_partition, preflight_models
+from ..federation.runner import check_out_dir, parse_partition, preflight_models
 from ..federation.server import Federation, prepare_data
 from ..plots import plot_partition
 from .provenance import code_version, loadavg, utc
@@ -95,7 +95,6 @@ def run_compare(cfg: RunConfig, seeds, partitions, out_dir=None, resume=False, q
             validate(c, adapter.list_models())
             configs[(int(s), spec)] = c
     check_sources(cfg, adapter.list_models())  # data_root and weights files, before loading
-    check_methods_supported(cfg.methods)
     cells = [(int(s), p, m) for p in partitions for s in seeds for m in cfg.methods]
     rows = []
 

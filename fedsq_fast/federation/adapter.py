@@ -7,13 +7,14 @@ any strategy", not a separate code path.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .. import models as mm
 
 
 def payload_state(model: nn.Module) -> dict:
@@ -117,27 +118,6 @@ def check_model_io(model: nn.Module, x: torch.Tensor, transform, num_classes: in
                          f"{num_classes})) or fix num_classes")
 
 
-def models_module():
-    """fedsq_fast.models, or None while it does not exist (it is written concurrently)."""
-    try:
-        return importlib.import_module("fedsq_fast.models")
-    except ImportError:
-        return None
-
-
-def dualcopy_fn():
-    try:
-        import fedsq_fast
-
-        f = getattr(fedsq_fast, "dualcopy", None)
-        if f is None:
-            mm = models_module()
-            f = getattr(mm, "dualcopy", None) if mm is not None else None
-        return f
-    except ImportError:
-        return None
-
-
 # ---------------------------------------------------------------- local models
 class TinyCNN(nn.Module):
     """A small ReLU CNN for tests and quick runs (not pretrained)."""
@@ -166,26 +146,6 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-CCEXAM_SVHN_SHA256 = "736abbe21faf27f1cc91848f7f1071cfcd6ffc1dd742d25237c100f16b4ce8dd"
-
-
-def _svhn_cnn_fallback(num_classes, weights):
-    """ccexam's SVHN CNN, used only while fedsq_fast.models is not importable."""
-    from ccexam.models import SVHNNet
-
-    m = SVHNNet(32)
-    if weights is not None:
-        if weights == "default":
-            import ccexam
-
-            weights = Path(ccexam.__file__).parent / "weights" / "svhn.pth"
-            digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()
-            if digest != CCEXAM_SVHN_SHA256:
-                raise ValueError(f"weights: {weights} has sha256 {digest}, expected {CCEXAM_SVHN_SHA256}")
-        m.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    if num_classes is not None and num_classes != 10:
-        m.classifier[-1] = nn.Linear(m.classifier[-1].in_features, num_classes)
-    return m
 
 
 LOCAL_MODELS = ("tiny_cnn", "mlp")
@@ -243,8 +203,7 @@ def weights_problem(name: str, weights, *, check_files: bool = True) -> str | No
 
 
 def list_models() -> list[str]:
-    mm = models_module()
-    names = list(mm.list_models()) if mm is not None and hasattr(mm, "list_models") else ["svhn_cnn"]
+    names = list(mm.list_models())
     return sorted(set(names) | set(LOCAL_MODELS))
 
 
@@ -256,8 +215,7 @@ def build_model(name: str, num_classes: int | None = None, weights="default", *,
     problem = weights_problem(name, weights)
     if problem is not None:
         raise ValueError(f"weights: {problem}")
-    mm = models_module()
-    if _is_weights_path(weights) and mm is not None and hasattr(mm, "load_state_file"):
+    if _is_weights_path(weights):
         # a user's file: build without weights, then load it here so that only the loading's
         # errors (not the model's) are reported as the file's, one line, naming it
         m = _build_model(name, num_classes, None, in_channels=in_channels, image_size=image_size, _head=False)
@@ -301,10 +259,7 @@ def _build_model(name: str, num_classes: int | None, weights, *, in_channels: in
         return TinyCNN(in_channels, num_classes or 10)
     if name == "mlp":
         return MLP(in_channels * image_size * image_size, num_classes or 10)
-    mm = models_module()
-    if mm is not None and hasattr(mm, "build_model"):
-        if name not in mm.list_models():
-            raise ValueError(f"model must be one of {', '.join(list_models())}; got {name!r}")
+    if name in mm.list_models():
         if weights == "default":  # ours: offline weights where they exist, else torchvision's
             offline = getattr(importlib.import_module("fedsq_fast.models.zoo"), "OFFLINE_WEIGHTS", {})
             weights = "offline" if name in offline else "DEFAULT"
@@ -320,8 +275,6 @@ def _build_model(name: str, num_classes: int | None, weights, *, in_channels: in
         if _head:
             _fit_head(mm, m, num_classes)
         return m
-    if name == "svhn_cnn":
-        return _svhn_cnn_fallback(num_classes, weights)
     raise ValueError(f"model must be one of {', '.join(list_models())}; got {name!r}")
 
 
@@ -361,11 +314,9 @@ def gate_change_sites(model_a: nn.Module, model_b: nn.Module, probe: torch.Tenso
     of a network on ``probe`` (the engine's ``gate_change_sites``): DualCopy models through
     :func:`fedsq_fast.models.gate_stability` (which returns {site: fraction}); plain modules
     through forward hooks (no conversion per call)."""
-    mm = models_module()
-    f = getattr(mm, "gate_stability", None) if mm is not None else None
-    if f is not None and is_dualcopy(model_a):  # plain models: hooks, no re-tracing per call
+    if is_dualcopy(model_a):  # plain models: hooks, no re-tracing per call
         try:
-            res = f(model_a, model_b, probe)
+            res = mm.gate_stability(model_a, model_b, probe)
         except (TypeError, ValueError):
             res = None  # plain models it does not handle: fall back to hooks
         if res is not None:

@@ -50,21 +50,6 @@ def parse_partition(spec: str) -> dict:
     return out
 
 
-def check_methods_supported(methods) -> None:
-    """FedSQ needs the DualCopy models; the ablations need a structural refresh method."""
-    for m in methods:
-        spec = MethodSpec.parse(m)
-        dual, ablation = spec.dual, spec.ablation
-        if dual and adapter.dualcopy_fn() is None:
-            raise ValueError(f"methods: {m!r} needs fedsq_fast.dualcopy, which is not importable")
-        if ablation:
-            mm = adapter.models_module()
-            cls = getattr(mm, "DualCopyModel", None) if mm is not None else None
-            if cls is None or not hasattr(cls, "set_structural_from_quantitative"):
-                raise ValueError(f"methods: {m!r} needs DualCopyModel.set_structural_from_quantitative(), "
-                                 "which this install does not have yet")
-
-
 def run_methods(cfg: RunConfig, out_dir=None, resume=False, quiet=False, echo=print, *, bundle=None,
                 model_fn=None, input_spec=None, progress: bool | None = None, transport_fn=None,
                 callbacks_fn=None, before_methods=None) -> dict:
@@ -81,7 +66,6 @@ def run_methods(cfg: RunConfig, out_dir=None, resume=False, quiet=False, echo=pr
     names = None if model_fn is not None else adapter.list_models()
     validate(cfg, names, own_data=bundle is not None)
     check_sources(cfg, names, own_data=bundle is not None)  # data_root and weights files, before loading
-    check_methods_supported(cfg.methods)
     out = Path(out_dir or cfg.out_dir)
     check_out_dir(out)
     t0 = time.perf_counter()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 
@@ -449,9 +449,3 @@ def make_strategy(name: str, *, aggregator: str = "mean", trim_fraction: float =
     strat.aggregator, strat.trim_fraction = aggregator, float(trim_fraction)
     strat.plausible_scale = None if plausible_scale is None else float(plausible_scale)
     return strat
-
-
-def iter_replies(pairs: Iterable) -> Iterator:
-    """Adapt ``(state, n)`` pairs to ``(client_id, state, n)`` triples."""
-    for i, (s, n) in enumerate(pairs):
-        yield i, s, n

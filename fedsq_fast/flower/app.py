@@ -31,7 +31,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..federation.client import LocalConfig
 from ..federation.config import RunConfig, from_mapping, load_file, validate
-from ..federation.runner import check_methods_supported, run_methods
+from ..federation.runner import run_methods
 from ..federation.server import Federation
 from ..federation.trainer import ClientTrainer, client_trainer
 from .arrays import arrays_to_state, state_to_arrays
@@ -151,7 +151,6 @@ def client_runtime(cfg: RunConfig, method: str, pid: int) -> ClientTrainer:
     if key not in _RUNTIME:
         _RUNTIME.clear()
         reject_ablation(method)
-        check_methods_supported([method])
         _RUNTIME[key] = client_trainer(cfg, method, pid)
     return _RUNTIME[key]
 
