@@ -15,6 +15,8 @@ import time
 
 import numpy as np
 
+from . import adapter
+
 log = logging.getLogger("fedsq_fast.federation")
 
 
@@ -46,8 +48,6 @@ class GateStability(Callback):
     not stop training)."""
 
     def on_round_end(self, fed, record) -> None:
-        from . import adapter
-
         try:
             sites = adapter.gate_change_sites(fed.initial, fed.model, fed.data.transform(fed.data.probe))
         except Exception as e:

@@ -15,7 +15,8 @@ from . import adapter
 from .config import DATA_KEYS, MODEL_KEYS, MethodSpec, RunConfig, check_sources, from_mapping, validate
 from .data import InputSpec, input_spec_of, make_bundle
 from .partition import PARTITIONS, partition_table
-from .server import Federation, call_model_fn, prepare_data
+from .prepare import build_method_model, call_model_fn, prepare_data
+from .server import Federation
 
 
 def method_slug(method: str) -> str:
@@ -109,8 +110,6 @@ def preflight_models(cfg: RunConfig, data, model_fn=None) -> None:
     """Build each kind of model the methods will train (plain, DualCopy) once and run it on
     the data, so that a model that cannot be built, converted or fed, or has the wrong head,
     is refused before any file is written (each Federation checks its own model again)."""
-    from .server import build_method_model, call_model_fn
-
     for dual in sorted({MethodSpec.parse(m).dual for m in cfg.methods}):
         method = next(m for m in cfg.methods if MethodSpec.parse(m).dual == dual)
         source = "model_fn" if model_fn is not None else f"model {cfg.model!r}"

@@ -22,7 +22,7 @@ from torch import nn
 from . import adapter, checkpoint
 from .callbacks import GateStability, Progress
 from .client import LocalConfig, evaluate
-from .config import MethodSpec, RunConfig, config_differences, local_config, resolve_device
+from .config import MethodSpec, RunConfig, config_differences, local_config, resolve_device, strategy_from_config
 from .metrics import RoundRecord, summarize, write_metrics
 from .prepare import (FedData, build_method_model, call_model_fn, place_data,  # noqa: F401 (API)
                       prepare_data, warn_little_data)
@@ -46,8 +46,6 @@ class RunResult:
 def make_method_strategy(cfg: RunConfig, method: str):
     """The server strategy of ``method`` with the run's options (shared with the Flower path):
     :func:`config.strategy_from_config`."""
-    from .config import strategy_from_config
-
     return strategy_from_config(cfg, method)
 
 

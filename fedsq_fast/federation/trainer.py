@@ -15,8 +15,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..models import MaskCache
 from . import adapter
 from .client import LocalConfig, local_train
+from .config import MethodSpec, resolve_device, strategy_from_config
+from .prepare import build_method_model, prepare_data
 from .seeds import client_seed
 
 # 'partial': samples beyond the budget are recomputed each time, never an error
@@ -39,8 +42,6 @@ def new_mask_cache(model: nn.Module, num_samples: int):
     """A fresh per-sample mask cache attached to ``model`` when it takes one (DualCopy)."""
     if not callable(getattr(model, "attach_cache", None)):
         return None
-    from ..models import MaskCache
-
     cache = MaskCache(num_samples, max_bytes=MASK_CACHE_BYTES, policy="partial")
     model.attach_cache(cache)
     return cache
@@ -94,10 +95,6 @@ def client_trainer(cfg, method: str, cid: int, data=None) -> ClientTrainer:
     data split and partitioned as the server does it (same seeds), then only this client's
     samples kept; the method's initial model (pretrained weights; for FedSQ its DualCopy
     model and structural copy) built once and trained in place."""
-    from .config import MethodSpec, resolve_device
-    from .prepare import build_method_model, prepare_data
-    from .server import make_method_strategy
-
     dual = MethodSpec.parse(method).dual
     data = prepare_data(cfg) if data is None else data
     if not 0 <= cid < len(data.parts):
@@ -111,4 +108,4 @@ def client_trainer(cfg, method: str, cid: int, data=None) -> ClientTrainer:
     device = resolve_device(cfg.device)
     return ClientTrainer(model.to(device), x.to(device), y.to(device), {cid: np.arange(len(y))}, data.transform.to(device),
                          seed=cfg.seed, mask_cache=cfg.mask_cache,
-                         local_keys=make_method_strategy(cfg, method).local_keys, own_model=True)
+                         local_keys=strategy_from_config(cfg, method).local_keys, own_model=True)

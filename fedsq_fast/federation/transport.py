@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from .adapter import state_bytes
 from .client import ClientTimeout, LocalConfig
 from .trainer import ClientTrainer
 
@@ -60,8 +61,6 @@ def fold(replies, totals: FoldTotals, on_error, on_reply=None):
     """``(client, state, n)`` for a strategy's aggregation from Reply objects, one in memory
     at a time; a reply with ``error`` goes to ``on_error(reply)`` instead. Every runtime's
     replies are counted here (the engine's round loop and Flower's own strategy loop)."""
-    from .adapter import state_bytes
-
     for r in replies:
         if on_reply is not None:
             on_reply(r)
