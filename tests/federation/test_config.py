@@ -33,7 +33,7 @@ OLD_DEFAULTS = {
     'target_accuracy': None, 'probe_size': 64, 'eval_batch_size': 512, 'out_dir': 'runs/default',
     'checkpoint': True, 'threads': None, 'device': 'auto'}
 # keys added since, appended in this order (recorded configs without them: C.LEGACY_VALUES)
-ADDED = {'plausible_scale': 1e6}
+ADDED = {'plausible_scale': 1e6, 'workers': 1}
 FULL = {**OLD_DEFAULTS, **ADDED}
 
 # where each key is read (docs/federation.md, "Configuration keys")
@@ -47,7 +47,7 @@ SECTION = {
     **dict.fromkeys(["methods", "aggregator", "trim_fraction", "plausible_scale", "prox_mu", "server_lr", "server_momentum",
                      "beta1", "beta2", "tau"], "strategy"),
     **dict.fromkeys(["rounds", "fraction", "min_clients", "failure_rate", "seed", "target_accuracy",
-                     "probe_size", "eval_batch_size", "out_dir", "checkpoint", "threads", "device"], "run"),
+                     "probe_size", "eval_batch_size", "out_dir", "checkpoint", "threads", "device", "workers"], "run"),
 }
 
 # the options each strategy takes of its own, with the defaults of the paper's forms
