@@ -306,14 +306,19 @@ class WorkerPoolTransport(Transport):
         n = len(self._slots)
         owed = {i: list(clients[i::n]) for i in range(n)}  # round-robin in client order
         glob = _pack(task.payload)
+        got: dict = {}  # early arrivals (raw bytes), by client
+        lost: dict = {}  # client -> reason, for a dead or hung worker's unfinished clients
         for i, s in enumerate(self._slots):
             if owed[i]:
                 items = [(c, self.local_states.get(c)) for c in owed[i]]
                 faults = {k: v for k, v in self._test_fault.items() if k[0] == task.round and k[1] in owed[i]}
-                s.conn.send_bytes(_pack(("train", task.round, glob, task.local_config, items, faults)))
+                try:
+                    s.conn.send_bytes(_pack(("train", task.round, glob, task.local_config, items, faults)))
+                except OSError:  # it died since the pool was checked
+                    lost.update((c, f"worker died: {s.why_dead()} (before the round)") for c in owed[i])
+                    owed[i] = []
+                    s.kill()
         timeout = self._reply_timeout(task.local_config)
-        got: dict = {}  # early arrivals (raw bytes), by client
-        lost: dict = {}  # client -> reason, for a dead or hung worker's unfinished clients
         deadline = {i: time.monotonic() + timeout for i in owed if owed[i]}
 
         def collect(block: bool) -> None:
@@ -350,12 +355,16 @@ class WorkerPoolTransport(Transport):
         try:
             for cid in clients:
                 while cid not in got and cid not in lost:
+                    if not any(cid in o for o in owed.values()):
+                        raise RuntimeError(f"workers: internal error: client {cid} is owed by no worker")
                     collect(block=True)
                 collect(block=False)  # keep the other workers' pipes drained
                 if cid in lost:
                     yield Reply(cid, error=lost.pop(cid))
                     continue
                 msg = pickle.loads(got.pop(cid))
+                if msg[1] != cid:  # workers answer their clients in the order dealt
+                    raise RuntimeError(f"workers: internal error: reply for client {msg[1]} where {cid} was due")
                 if msg[0] == "error":
                     yield Reply(cid, error=msg[2])
                     continue

@@ -69,6 +69,7 @@ def random_flat(rng) -> dict:
     clients = int(rng.integers(2, 30))
     strategies = list(TAKES)
     methods = list(dict.fromkeys(pick(["", "fedsq+"]) + pick(strategies) for _ in range(int(rng.integers(1, 4)))))
+    device = pick(["auto", "cpu"])
     return {
         "dataset": "digits", "data_root": None, "download": False,
         "max_train_samples": pick([None, int(rng.integers(clients * 20, 5000))]),
@@ -93,7 +94,8 @@ def random_flat(rng) -> dict:
         "eval_batch_size": int(rng.integers(1, 2048)), "out_dir": f"runs/r{int(rng.integers(1000))}",
         "checkpoint": bool(rng.integers(2)), "threads": maybe_none(int(rng.integers(1, 16))),
         "plausible_scale": maybe_none(float(rng.uniform(1.0, 1e7))),
-        "device": pick(["auto", "cpu"]),
+        "device": device,
+        "workers": int(rng.integers(1, 9)) if device == "cpu" else 1,  # the worker pool is CPU-only
     }
 
 
