@@ -86,7 +86,7 @@ def _same_model(a, b):
 def runs(bundle):
     """method -> (config, data, in-process result, its FedBN layers): the oracle."""
     out = {}
-    for m in ("fedavg", "fedsq", "fedbn"):
+    for m in ("fedavg", "fedsq", "fedbn", "fedsq:refresh=1"):  # refresh: workers rebuild their model
         cfg = _cfg(m)
         data = prepare_data(cfg, bundle)
         fed = Federation(cfg, m, data, quiet=True)
@@ -103,11 +103,24 @@ def test_results_do_not_depend_on_the_number_of_workers(runs, workers):
             _same_model(ref.model, got.model)
             _same_numbers(ref.history, got.history)
             assert all(h["clients_ok"] == 6 for h in got.history[1:])
+            assert got.history[2]["structural_refreshed"] == (m == "fedsq:refresh=1")
             mine = pool.state_dict()  # FedBN: the personal layers kept server-side, as in process
             assert mine.keys() == local.keys() and all(torch.equal(mine[k], local[k]) for k in local)
             assert bool(local) == (m == "fedbn")
     finally:
         pool.close()
+
+
+def test_a_run_checkpointed_in_process_resumes_on_workers_bit_for_bit(runs, tmp_path):
+    cfg, data, ref, local = runs["fedbn"]  # FedBN: the personal layers go through the checkpoint
+    cfg = cfg.replace(checkpoint=True)
+    Federation(cfg, "fedbn", data, out_dir=tmp_path, quiet=True).run(stop_after=1)
+    fed = Federation(cfg.replace(workers=2), "fedbn", data, out_dir=tmp_path, quiet=True)  # workers: placement
+    got = fed.run(resume=True)
+    _same_model(ref.model, got.model)
+    _same_numbers(ref.history, got.history)
+    mine = fed.transport.state_dict()
+    assert mine.keys() == local.keys() and all(torch.equal(mine[k], local[k]) for k in local)
 
 
 def _oracle(cfg, data, method, fail_round, failing):
