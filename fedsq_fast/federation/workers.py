@@ -63,6 +63,8 @@ def _worker_main(conn, threads: int) -> None:
     from .client import ClientTimeout
     from .trainer import ClientTrainer
 
+    conn.send_bytes(_pack(("hello",)))
+
     trainer = None
     while True:
         try:
@@ -140,6 +142,7 @@ class _Slot:
         self.proc.start()
         child.close()
         self.version = None  # the setup it holds
+        self.greeted = False  # its "hello" read: it is in its receive loop
 
     def alive(self) -> bool:
         return self.proc.is_alive()
@@ -244,6 +247,14 @@ class WorkerPoolTransport(Transport):
         fetched from this process's resource sharer once)."""
         from multiprocessing.reduction import ForkingPickler
 
+        d = self.fed.data
+        for t in (d.x, d.y):
+            t.share_memory_()  # in place, once (a no-op after): every worker maps the same pages
+        return bytes(ForkingPickler.dumps(("setup", self._model_blob(), d.x, d.y)))
+
+    def _model_blob(self) -> bytes:
+        """What a worker builds its model from (once per model; before any worker starts,
+        so a model_fn that cannot be pickled is refused with no process started)."""
         fed, d = self.fed, self.fed.data
         if self._setup is None:
             recipe = {"cfg": fed.cfg, "method": fed.method, "dual": fed.dual, "num_classes": d.num_classes,
@@ -251,14 +262,14 @@ class WorkerPoolTransport(Transport):
             try:
                 self._setup = _pack((recipe, fed.model.state_dict(), d.parts, d.transform))
             except (pickle.PicklingError, AttributeError, TypeError) as e:
-                raise ValueError(f"workers: model_fn must be picklable (a module-level function) for worker "
-                                 f"processes to build the model: {e}") from None
-        for t in (d.x, d.y):
-            t.share_memory_()  # in place, once (a no-op after): every worker maps the same pages
-        return bytes(ForkingPickler.dumps(("setup", self._setup, d.x, d.y)))
+                what = ("model_fn must be picklable (a module-level function)" if recipe["model_fn"] is not None
+                        else "the model's recipe must be picklable")
+                raise ValueError(f"workers: {what} for worker processes to build the model: {e}") from None
+        return self._setup
 
     def _ensure_pool(self) -> None:
         """A live worker with the current model in every slot (dead ones replaced)."""
+        self._model_blob()
         threads = _threads(self.threads if self.threads is not None else self.fed.cfg.threads, self.workers)
         for i in range(self.workers):
             if i < len(self._slots) and not self._slots[i].alive():
@@ -267,28 +278,37 @@ class WorkerPoolTransport(Transport):
             elif i >= len(self._slots):
                 self._slots.append(_Slot(self._ctx, threads))
         stale = [s for s in self._slots if s.version != self._version]
+        deadline = time.monotonic() + START_TIMEOUT_S
         for s in stale:
+            if not s.greeted:  # a new process: send nothing before it reads (a send could block for good)
+                self._expect(s, "hello", deadline)
+                s.greeted = True
             try:
                 s.conn.send_bytes(self._setup_bytes())
             except OSError:
-                pass  # it died: reported below
-        deadline = time.monotonic() + START_TIMEOUT_S
+                pass  # it died: _expect reports it
         for s in stale:
-            if not wait([s.conn, s.proc.sentinel], max(0.0, deadline - time.monotonic())):
-                self.close()
-                raise RuntimeError(f"workers: a worker did not start within {START_TIMEOUT_S:.0f} s")
-            try:
-                msg = pickle.loads(s.conn.recv_bytes())
-            except (EOFError, OSError):
-                why = s.why_dead()
-                self.close()
-                raise RuntimeError(f"workers: a worker died while starting ({why}; its traceback is above). Workers "
-                                   "are spawned: a script that runs a federation with workers > 1 must do so under "
-                                   "`if __name__ == '__main__':`") from None
-            if msg[0] != "ready":
-                self.close()
-                raise RuntimeError(f"workers: a worker could not build the model: {msg[1]}")
+            self._expect(s, "ready", deadline)
             s.version = self._version
+
+    def _expect(self, s: "_Slot", kind: str, deadline: float) -> None:
+        """Worker ``s``'s next message is ``kind``, before ``deadline``; otherwise the pool is
+        stopped and the reason raised (a worker that cannot start is no client's fault)."""
+        if not wait([s.conn, s.proc.sentinel], max(0.0, deadline - time.monotonic())):
+            self.close()
+            raise RuntimeError(f"workers: a worker did not start within {START_TIMEOUT_S:.0f} s")
+        try:
+            msg = pickle.loads(s.conn.recv_bytes())
+        except (EOFError, OSError):
+            why = s.why_dead()
+            self.close()
+            raise RuntimeError(f"workers: a worker died while starting ({why}; its traceback is above). Workers "
+                               "are spawned: a script that runs a federation with workers > 1 must do so under "
+                               "`if __name__ == '__main__':`") from None
+        if msg[0] != kind:
+            self.close()
+            raise RuntimeError(f"workers: a worker could not build the model: {msg[1]}" if msg[0] == "failed"
+                               else f"workers: internal error: {msg[0]!r} from a worker where {kind!r} was due")
 
     def _reply_timeout(self, lcfg) -> float:
         if self.timeout_s is not None:

@@ -17,6 +17,7 @@ from conftest import small_config
 
 from fedsq_fast.federation import Callback, Federation, WorkerPoolTransport, prepare_data
 from fedsq_fast.federation import data as D
+from fedsq_fast.federation import workers as W
 from fedsq_fast.federation.config import ConfigError, from_mapping, validate
 
 torch.set_num_threads(1)
@@ -53,6 +54,13 @@ def no_stray_processes():
         except (ProcessLookupError, ChildProcessError):
             pass
     assert not left, f"worker processes left behind: {left}"
+
+
+@pytest.fixture(autouse=True)
+def short_timeouts(monkeypatch):
+    """A worker that hangs by mistake fails the test in a minute, not after the defaults."""
+    monkeypatch.setattr(W, "DEFAULT_TIMEOUT_S", 60.0)
+    monkeypatch.setattr(W, "START_TIMEOUT_S", 60.0)
 
 
 @pytest.fixture(scope="module")
@@ -213,3 +221,14 @@ def test_bad_workers_and_client_hook_are_refused(runs):
     cfg, data, *_ = runs["fedavg"]
     with pytest.raises(ValueError, match="client_hook.*workers = 2"):
         Federation(cfg.replace(workers=2), "fedavg", data, quiet=True, client_hook=lambda r, c, s: s)
+
+
+def test_a_model_fn_workers_cannot_unpickle_is_refused_before_any_worker_starts(runs):
+    cfg, data, *_ = runs["fedavg"]
+    from fedsq_fast.federation.prepare import build_method_model
+
+    fed = Federation(cfg.replace(workers=2), "fedavg", data, quiet=True,
+                     model_fn=lambda: build_method_model(cfg, False, data))
+    with pytest.raises(ValueError, match="workers: model_fn must be picklable"):
+        fed.run()
+
