@@ -167,6 +167,9 @@ class _Slot:
 def _stop(slots) -> None:
     """Stop every worker: ask, wait briefly, then kill (also the finalizer's last resort)."""
     for s in slots:
+        if not s.greeted:  # still importing torch: it would read "stop" only after that
+            s.kill()
+            continue
         try:
             if s.proc.is_alive():
                 s.conn.send_bytes(_pack(("stop",)))

@@ -232,3 +232,67 @@ def test_a_model_fn_workers_cannot_unpickle_is_refused_before_any_worker_starts(
     with pytest.raises(ValueError, match="workers: model_fn must be picklable"):
         fed.run()
 
+
+
+def _pids_of_children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def test_ctrl_c_on_the_cli_stops_its_workers(tmp_path):
+    """A real SIGINT to the process group of `fedsq-fast run --workers 2` (what a terminal's
+    Ctrl-C sends) mid-run: the command exits and none of its workers is left."""
+    import subprocess
+    import sys
+    import time
+
+    argv = [sys.executable, "-m", "fedsq_fast", "run", "--dataset", "digits", "--model", "tiny_cnn", "--methods",
+            "fedavg", "--rounds", "200", "--num-clients", "4", "--max-train-samples", "none", "--val-size", "200",
+            "--max-test-samples", "200", "--threads", "1", "--workers", "2", "--checkpoint", "false", "--quiet",
+            "--out-dir", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=env)
+    workers = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            workers = [p for p in _pids_of_children(proc.pid) if b"spawn_main" in _cmdline(p)]
+        assert len(workers) == 2, "the workers did not start"
+        time.sleep(1.0)  # mid-round
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while not all(_gone(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(_gone(p) for p in workers), [p for p in workers if not _gone(p)]
+        assert proc.returncode != 0
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of that group
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        proc.stderr.close()
+    assert "KeyboardInterrupt" in err or "Interrupted" in err or proc.returncode in (130, -2), err[-2000:]
