@@ -1,10 +1,11 @@
 """Parallel clients: a round's cohort trained by N worker processes (config key ``workers``).
 
 Each worker holds ONE :class:`~.trainer.ClientTrainer` (the method's model; for FedSQ its
-structural copy and a mask cache) built from what the server sends it: the model pickled,
-the client pool's tensors in shared memory (one copy for all workers), the seed. Each
-round the sampled clients are dealt round-robin in client order; a worker trains its
-clients in order with the same ``ClientTrainer.train`` as in process (seed from (seed,
+structural copy and a mask cache) built from what the server sends it: the config and
+method (the model is built as the server built it, then loaded with the server's state),
+the client pool's tensors in shared memory (one copy for all workers). Each round the
+sampled clients are dealt by size (:func:`deal`); a worker trains its clients in client
+order with the same ``ClientTrainer.train`` as in process (seed from (seed,
 round, client)), so a client's update does not depend on which worker trains it, and the
 transport yields the replies in client order: the global model and every recorded number
 (timings aside) are those of the in-process run, bit for bit, for any number of workers.
@@ -131,6 +132,20 @@ def _test_fault(what) -> None:
         time.sleep(3600)
 
 
+def deal(clients: list, sizes: list, workers: int) -> list[list]:
+    """The clients each worker trains, each list in client order: the largest client first to
+    the least-loaded worker (load: samples), ties to the earlier client and the lower worker.
+    Deterministic; which worker trains a client changes no result, only how evenly the
+    round's work is shared (round-robin would leave one worker the big clients of a skewed
+    partition)."""
+    load, out = [0] * workers, [[] for _ in range(workers)]
+    for i in sorted(range(len(clients)), key=lambda i: (-sizes[i], i)):
+        k = min(range(workers), key=lambda w: (load[w], w))
+        load[k] += max(1, sizes[i])
+        out[k].append(i)
+    return [[clients[i] for i in sorted(o)] for o in out]
+
+
 # ---------------------------------------------------------------------- server side
 class _Slot:
     """One worker process and the server's end of its pipe."""
@@ -186,7 +201,7 @@ class WorkerPoolTransport(Transport):
     """The sampled clients trained by ``workers`` processes, each with one model.
 
     Results are those of :class:`~.transport.InProcessTransport` bit for bit (replies are
-    yielded in client order). ``threads``: torch threads per worker (default: the config's
+    yielded in client order, whichever worker trained a client: :func:`deal`). ``threads``: torch threads per worker (default: the config's
     ``threads``, else the cores divided among the workers). ``timeout_s``: the longest wait
     for a worker's next reply before it counts as hung (default: ``client_timeout_s`` + 30 s
     when set, else 600 s). FedBN's personal layers stay in the server (checkpointed as in
@@ -327,7 +342,8 @@ class WorkerPoolTransport(Transport):
             return
         self._ensure_pool()
         n = len(self._slots)
-        owed = {i: list(clients[i::n]) for i in range(n)}  # round-robin in client order
+        parts = self.fed.data.parts
+        owed = dict(enumerate(deal(clients, [len(parts[c]) for c in clients], n)))
         glob = _pack(task.payload)
         got: dict = {}  # early arrivals (raw bytes), by client
         lost: dict = {}  # client -> reason, for a dead or hung worker's unfinished clients

@@ -131,6 +131,19 @@ def test_a_run_checkpointed_in_process_resumes_on_workers_bit_for_bit(runs, tmp_
     assert mine.keys() == local.keys() and all(torch.equal(mine[k], local[k]) for k in local)
 
 
+def _dealt(data, workers):
+    """Round 1's clients (all 6: fraction 1) as the pool deals them."""
+    clients = list(range(6))
+    return W.deal(clients, [len(data.parts[c]) for c in clients], workers)
+
+
+def test_clients_are_dealt_by_size_each_worker_in_client_order():
+    assert W.deal([0, 1, 2, 3], [5, 5, 5, 5], 2) == [[0, 2], [1, 3]]  # equal sizes: round-robin
+    assert W.deal([0, 1, 2, 3, 4, 5], [10, 50, 20, 20, 5, 40], 2) == [[1, 3, 4], [0, 2, 5]]  # 75 vs 70 samples
+    assert W.deal([9, 4], [1, 1], 4) == [[9], [4], [], []]
+    assert W.deal([], [], 3) == [[], [], []]
+
+
 def _oracle(cfg, data, method, fail_round, failing):
     """The in-process run in which ``failing`` clients raise in ``fail_round``."""
     def hook(rnd, cid, state):
@@ -154,26 +167,28 @@ def _check_against_oracle(ref, got, lost, reason):
 @pytest.mark.parametrize("how", ["exit", "kill"])
 def test_a_client_that_kills_its_worker_is_dropped_and_the_pool_restored(runs, how):
     cfg, data, *_ = runs["fedsq"]
-    # two workers, clients 0..5 dealt round-robin: worker 1 trains 1, 3, 5; it dies before 3
+    # the worker with the most clients dies before its second one: that one and the rest are lost
+    mine = max(_dealt(data, 2), key=len)
     pool = WorkerPoolTransport(2, threads=1)
-    pool._test_fault = {(1, 3): how}
+    pool._test_fault = {(1, mine[1]): how}
     try:
         got = Federation(cfg, "fedsq", data, quiet=True, transport=pool).run()
     finally:
         pool.close()
     why = "worker died: exit code 1" if how == "exit" else "worker died: killed by SIGKILL"
-    _check_against_oracle(_oracle(cfg, data, "fedsq", 1, {3, 5}), got, [3, 5], why)
+    _check_against_oracle(_oracle(cfg, data, "fedsq", 1, set(mine[1:])), got, mine[1:], why)
 
 
 def test_a_hanging_worker_times_out_is_dropped_and_the_pool_restored(runs):
     cfg, data, *_ = runs["fedavg"]
+    last = _dealt(data, 2)[0][-1]  # the last client of worker 0 hangs
     pool = WorkerPoolTransport(2, threads=1, timeout_s=3)
-    pool._test_fault = {(1, 4): "hang"}  # worker 0 trains 0, 2, 4: the last one hangs
+    pool._test_fault = {(1, last): "hang"}
     try:
         got = Federation(cfg, "fedavg", data, quiet=True, transport=pool).run()
     finally:
         pool.close()
-    _check_against_oracle(_oracle(cfg, data, "fedavg", 1, {4}), got, [4], "worker timed out")
+    _check_against_oracle(_oracle(cfg, data, "fedavg", 1, {last}), got, [last], "worker timed out")
 
 
 class Interrupt(Callback):
