@@ -18,6 +18,7 @@ from .metrics import RoundRecord, summarize  # noqa: F401
 from .prepare import FedData, prepare_data  # noqa: F401
 from .server import Federation, RunResult  # noqa: F401
 from .transport import InProcessTransport, Reply, RoundTask, Transport  # noqa: F401
+from .workers import WorkerPoolTransport  # noqa: F401
 from .trainer import ClientTrainer  # noqa: F401
 from .strategy import STRATEGIES, AggregateStats, Strategy, check_update, make_strategy, stream_average  # noqa: F401
 from .strategy import StrategyOptionError, strategy_options  # noqa: F401

@@ -66,6 +66,9 @@ def run_methods(cfg: RunConfig, out_dir=None, resume=False, quiet=False, echo=pr
     once the data is ready (Flower waits for its nodes there)."""
     names = None if model_fn is not None else adapter.list_models()
     validate(cfg, names, own_data=bundle is not None)
+    if transport_fn is not None and cfg.workers > 1:
+        raise ValueError(f"workers: {cfg.workers} asked for, but this runtime's transport reaches the clients "
+                         "(Flower: the SuperNodes train them); set workers = 1")
     check_sources(cfg, names, own_data=bundle is not None)  # data_root and weights files, before loading
     out = Path(out_dir or cfg.out_dir)
     check_out_dir(out)
@@ -86,6 +89,20 @@ def run_methods(cfg: RunConfig, out_dir=None, resume=False, quiet=False, echo=pr
         echo(table)
     if before_methods is not None:
         before_methods(data)
+    pool = None
+    if cfg.workers > 1:
+        from .workers import WorkerPoolTransport
+
+        pool = WorkerPoolTransport(cfg.workers)  # one pool for every method: workers start once
+    try:
+        return _run_each(cfg, data, out, resume, quiet, echo, model_fn, progress, callbacks_fn,
+                         transport_fn if pool is None else (lambda m: pool))
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def _run_each(cfg, data, out, resume, quiet, echo, model_fn, progress, callbacks_fn, transport_fn) -> dict:
     results = {}
     for m in cfg.methods:
         fed = Federation(cfg, m, data, model_fn=model_fn, out_dir=out / method_slug(m),

@@ -53,7 +53,9 @@ class Federation:
     """One method (strategy, DualCopy or not, structural schedule) on one FedData.
 
     ``model_fn()`` builds the initial model (default: the zoo model ``cfg.model``);
-    ``transport`` reaches the clients (default: :class:`~.transport.InProcessTransport`);
+    ``transport`` reaches the clients (default: :class:`~.transport.InProcessTransport`, or
+    :class:`~.workers.WorkerPoolTransport` when ``cfg.workers`` > 1, closed when run() ends;
+    a transport passed in is the caller's to close);
     ``callbacks`` add per-round records and side effects (:class:`~.callbacks.Callback`);
     gate stability and, unless ``quiet``, progress are installed first.
     ``client_hook(round, client, state) -> state`` (in process) lets tests corrupt a reply.
@@ -74,6 +76,7 @@ class Federation:
         self.data = data = place_data(data, self.device)
         # No silent fallback: a fedsq method always trains a DualCopy model (adapter.method_model).
         source = "model_fn" if model_fn is not None else f"model {cfg.model!r}"
+        self.model_fn = model_fn  # worker processes build their model with it (workers > 1)
         if model_fn is not None:
             adapter.check_model_fn(model_fn)
         model = call_model_fn(model_fn, cfg.seed) if model_fn is not None else build_method_model(cfg, self.dual, data)
@@ -90,7 +93,21 @@ class Federation:
         self._new_val_cache()
         if transport is not None and client_hook is not None:
             raise ValueError("client_hook: only the in-process transport calls it; pass it to that transport")
-        self.transport = transport if transport is not None else InProcessTransport(client_hook)
+        if transport is not None and cfg.workers > 1 and not getattr(transport, "parallel_clients", False):
+            raise ValueError(f"workers: {cfg.workers} asked for, but the transport given ({type(transport).__name__}) "
+                             "reaches the clients; set workers = 1")
+        if client_hook is not None and cfg.workers > 1:
+            raise ValueError(f"client_hook: it runs in the server process, but workers = {cfg.workers} trains "
+                             "the clients in worker processes; use workers = 1")
+        self._owns_transport = transport is None  # a transport made here is closed at the end of run()
+        if transport is None:
+            if cfg.workers > 1:
+                from .workers import WorkerPoolTransport
+
+                transport = WorkerPoolTransport(cfg.workers)
+            else:
+                transport = InProcessTransport(client_hook)
+        self.transport = transport
         self.transport.bind(self)
         self.callbacks = [GateStability()] + ([] if quiet else [Progress()]) + list(callbacks)
         self.history: list[RoundRecord] = []
@@ -339,8 +356,12 @@ class Federation:
                 rec.time_checkpoint_s = time.perf_counter() - t
             result = self._result(last)
         finally:
-            for cb in self.callbacks:
-                cb.on_run_end(self, result)
+            try:
+                for cb in self.callbacks:
+                    cb.on_run_end(self, result)
+            finally:
+                if self._owns_transport:
+                    self.transport.close()  # worker processes end with the run (error and Ctrl-C too)
         return result
 
     def _result(self, last: int) -> RunResult:

@@ -33,7 +33,7 @@ OLD_DEFAULTS = {
     'target_accuracy': None, 'probe_size': 64, 'eval_batch_size': 512, 'out_dir': 'runs/default',
     'checkpoint': True, 'threads': None, 'device': 'auto'}
 # keys added since, appended in this order (recorded configs without them: C.LEGACY_VALUES)
-ADDED = {'plausible_scale': 1e6}
+ADDED = {'plausible_scale': 1e6, 'workers': 1}
 FULL = {**OLD_DEFAULTS, **ADDED}
 
 # where each key is read (docs/federation.md, "Configuration keys")
@@ -47,7 +47,7 @@ SECTION = {
     **dict.fromkeys(["methods", "aggregator", "trim_fraction", "plausible_scale", "prox_mu", "server_lr", "server_momentum",
                      "beta1", "beta2", "tau"], "strategy"),
     **dict.fromkeys(["rounds", "fraction", "min_clients", "failure_rate", "seed", "target_accuracy",
-                     "probe_size", "eval_batch_size", "out_dir", "checkpoint", "threads", "device"], "run"),
+                     "probe_size", "eval_batch_size", "out_dir", "checkpoint", "threads", "device", "workers"], "run"),
 }
 
 # the options each strategy takes of its own, with the defaults of the paper's forms
@@ -69,6 +69,7 @@ def random_flat(rng) -> dict:
     clients = int(rng.integers(2, 30))
     strategies = list(TAKES)
     methods = list(dict.fromkeys(pick(["", "fedsq+"]) + pick(strategies) for _ in range(int(rng.integers(1, 4)))))
+    device = pick(["auto", "cpu"])
     return {
         "dataset": "digits", "data_root": None, "download": False,
         "max_train_samples": pick([None, int(rng.integers(clients * 20, 5000))]),
@@ -93,7 +94,8 @@ def random_flat(rng) -> dict:
         "eval_batch_size": int(rng.integers(1, 2048)), "out_dir": f"runs/r{int(rng.integers(1000))}",
         "checkpoint": bool(rng.integers(2)), "threads": maybe_none(int(rng.integers(1, 16))),
         "plausible_scale": maybe_none(float(rng.uniform(1.0, 1e7))),
-        "device": pick(["auto", "cpu"]),
+        "device": device,
+        "workers": int(rng.integers(1, 9)) if device == "cpu" else 1,  # the worker pool is CPU-only
     }
 
 

@@ -45,6 +45,7 @@ IMAGE_SIZE_RANGE = (8, 1024)
 MAX_CLIENTS = 100_000
 MAX_SHARDS_PER_CLIENT = 10_000  # shards are sorted-label slices of at least one sample
 MAX_THREADS = 1024  # torch.set_num_threads would start that many threads
+MAX_WORKERS = 256  # each worker is a process holding a model (and imports torch at start)
 
 
 def _num(cfg, key, lo=None, hi=None, lo_open=False, hi_open=False, allow_none=False):
@@ -166,6 +167,10 @@ def validate(cfg: RunConfig, model_names=None, *, own_data: bool = False) -> Run
     _int(cfg, "num_clients", lo=1, hi=MAX_CLIENTS, why="every client is simulated in this process")
     _int(cfg, "shards_per_client", lo=1, hi=MAX_SHARDS_PER_CLIENT)
     _check_device(cfg.device)
+    _int(cfg, "workers", lo=1, hi=MAX_WORKERS)
+    if cfg.workers > 1 and resolve_device(cfg.device).type != "cpu":
+        _fail("workers", f"{cfg.workers} worker processes train on the CPU, but device {cfg.device!r} is "
+                         f"{resolve_device(cfg.device)}; set device = 'cpu' or workers = 1")
     _int(cfg, "min_batch_size", lo=1)
     if cfg.min_batch_size > cfg.batch_size:
         _fail("min_batch_size", f"({cfg.min_batch_size}) must not exceed batch_size ({cfg.batch_size})")

@@ -90,6 +90,8 @@ class RunSection:
     out_dir: str = _key("runs/default", "output folder")
     checkpoint: bool = _key(True, "checkpoint every round")
     threads: int | None = _key(None, "torch.set_num_threads; none: torch's default")
+    # >1: WorkerPoolTransport (federation/workers.py), CPU only; the same results for any N
+    workers: int = _key(1, "worker processes training the sampled clients in parallel; 1: in this process")
     # "auto": the first CUDA GPU when torch sees one, else the CPU; or "cpu", "cuda", "cuda:N".
     # Models, data splits and server aggregation live there; checkpoints are always CPU files.
     device: str = _key("auto", "auto, cpu, cuda or cuda:N")
@@ -183,7 +185,7 @@ KEYS = ("dataset", "data_root", "download", "max_train_samples", "val_size", "ma
         "client_timeout_s", "optimizer", "lr", "momentum", "weight_decay", "local_epochs", "batch_size",
         "min_batch_size", "prox_mu", "aggregator", "trim_fraction", "server_lr", "server_momentum", "beta1",
         "beta2", "tau", "mask_cache", "seed", "target_accuracy", "probe_size", "eval_batch_size", "out_dir",
-        "checkpoint", "threads", "device", "plausible_scale")
+        "checkpoint", "threads", "device", "plausible_scale", "workers")
 # What a key added after runs were recorded meant before it existed: a recorded config without
 # the key reproduces its run with this value (config_differences, from_mapping(recorded=True)).
 # plausible_scale: the reply plausibility check of 2026-12-02 changed what such runs average.
@@ -200,7 +202,7 @@ RECORDED_CORE = frozenset((
 assert set(KEYS) == set(SECTION_OF) and len(KEYS) == len(SECTION_OF), "KEYS must list every section key once"
 # Where and how fast a run computes, not what: ignored when a checkpoint or a finished
 # run's metrics are matched against the current config (resume on another machine).
-PLACEMENT_KEYS = ("out_dir", "threads", "device")
+PLACEMENT_KEYS = ("out_dir", "threads", "device", "workers")
 
 
 def config_differences(mine: RunConfig, theirs: dict, ignore=()) -> list:

@@ -1,0 +1,425 @@
+"""Parallel clients: a round's cohort trained by N worker processes (config key ``workers``).
+
+Each worker holds ONE :class:`~.trainer.ClientTrainer` (the method's model; for FedSQ its
+structural copy and a mask cache) built from what the server sends it: the config and
+method (the model is built as the server built it, then loaded with the server's state),
+the client pool's tensors in shared memory (one copy for all workers). Each round the
+sampled clients are dealt by size (:func:`deal`); a worker trains its clients in client
+order with the same ``ClientTrainer.train`` as in process (seed from (seed,
+round, client)), so a client's update does not depend on which worker trains it, and the
+transport yields the replies in client order: the global model and every recorded number
+(timings aside) are those of the in-process run, bit for bit, for any number of workers.
+
+Faults: a worker that dies (killed, segfault, ``os._exit``) or sends no reply within the
+timeout is killed; the clients it still owed are dropped with the reason, the round
+completes with the others, and a fresh worker takes its place at the next round.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+import time
+import weakref
+from multiprocessing.connection import wait
+
+import torch
+import torch.multiprocessing as tmp
+
+from .transport import Reply, RoundTask, Transport
+
+log = logging.getLogger("fedsq_fast.federation")
+
+# 'spawn': a fresh interpreter per worker. fork after torch has started its thread pools
+# can deadlock the child; forkserver leaves its server process behind for the life of the
+# parent (a stray process after the run). spawn costs one `import torch` per worker start.
+START_METHOD = "spawn"
+DEFAULT_TIMEOUT_S = 600.0  # per reply when client_timeout_s is not set: generous, only catches hangs
+TIMEOUT_MARGIN_S = 30.0  # beyond client_timeout_s (checked between batches) for a batch and the transfer
+START_TIMEOUT_S = 300.0  # a worker's start-up (import torch, build the model)
+
+
+def _threads(cfg_threads, workers: int) -> int:
+    """torch threads per worker: the configured count, else the cores shared out."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cfg_threads or cores // workers)
+
+
+def _pack(obj) -> bytes:
+    # plain pickle: tensors travel as bytes (the ForkingPickler would move the server's
+    # tensors, the global model's among them, into shared memory on every send)
+    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+# ---------------------------------------------------------------------- worker side
+def _worker_main(conn, threads: int) -> None:
+    """A worker's loop: ``setup`` builds the trainer, ``train`` trains clients in order and
+    sends one message per client. Ctrl-C is the server's to handle (it closes the pool)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(threads)
+    from .client import ClientTimeout
+    from .trainer import ClientTrainer
+
+    conn.send_bytes(_pack(("hello",)))
+
+    trainer = None
+    while True:
+        try:
+            msg = pickle.loads(conn.recv_bytes())
+        except EOFError:  # the server closed its end
+            return
+        kind = msg[0]
+        if kind == "stop":
+            return
+        if kind == "setup":
+            _, blob, x, y = msg
+            try:
+                recipe, state, parts, transform = pickle.loads(blob)
+                model = _build_model(recipe, x, transform)
+                model.load_state_dict(state)  # the server's model now (structural copy included)
+                seed, mask_cache = recipe["cfg"].seed, recipe["cfg"].mask_cache
+                trainer = ClientTrainer(model, x, y, parts, transform, seed=seed, mask_cache=mask_cache,
+                                        own_model=True)
+                conn.send_bytes(_pack(("ready",)))
+            except Exception as e:  # reported, and the server refuses to run
+                conn.send_bytes(_pack(("failed", f"{type(e).__name__}: {e}")))
+            continue
+        _, rnd, glob, lcfg, items, faults = msg  # "train"
+        glob = pickle.loads(glob)
+        for cid, local in items:
+            _test_fault(faults.get((rnd, cid)))
+            trainer.local_states = {cid: local} if local is not None else {}
+            try:
+                state, info = trainer.train(rnd, cid, glob, lcfg)
+                out = ("ok", cid, state, info["num_samples"], info["seconds"], info["loss"])
+            except ClientTimeout as e:
+                out = ("error", cid, str(e))
+            except Exception as e:  # a failing client leaves the round, not the run (as in process)
+                out = ("error", cid, f"error: {type(e).__name__}: {e}")
+            conn.send_bytes(_pack(out))
+
+
+def _build_model(recipe: dict, x, transform):
+    """The method's model built as the server built it (a DualCopy model is an FX graph,
+    which pickle cannot carry): the zoo model of the config, or the pickled ``model_fn``."""
+    from types import SimpleNamespace
+
+    from . import adapter
+    from .prepare import build_method_model, call_model_fn
+
+    cfg, method, dual, model_fn = recipe["cfg"], recipe["method"], recipe["dual"], recipe["model_fn"]
+    if model_fn is not None:
+        model, source = call_model_fn(model_fn, cfg.seed), "model_fn"
+    else:
+        data = SimpleNamespace(num_classes=recipe["num_classes"], transform=transform, x=x)
+        model, source = build_method_model(cfg, dual, data), f"model {cfg.model!r}"
+    model, _ = adapter.method_model(model, method, dual, quant_bn=cfg.quant_bn, allow_ungated=cfg.allow_ungated,
+                                    source=source)
+    return model
+
+
+def _test_fault(what) -> None:
+    """Test seam (``WorkerPoolTransport._test_fault``): misbehave before training a client."""
+    if what == "exit":
+        os._exit(1)
+    if what == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if what == "hang":
+        time.sleep(3600)
+
+
+def deal(clients: list, sizes: list, workers: int) -> list[list]:
+    """The clients each worker trains, each list in client order: the largest client first to
+    the least-loaded worker (load: samples), ties to the earlier client and the lower worker.
+    Deterministic; which worker trains a client changes no result, only how evenly the
+    round's work is shared (round-robin would leave one worker the big clients of a skewed
+    partition)."""
+    load, out = [0] * workers, [[] for _ in range(workers)]
+    for i in sorted(range(len(clients)), key=lambda i: (-sizes[i], i)):
+        k = min(range(workers), key=lambda w: (load[w], w))
+        load[k] += max(1, sizes[i])
+        out[k].append(i)
+    return [[clients[i] for i in sorted(o)] for o in out]
+
+
+# ---------------------------------------------------------------------- server side
+class _Slot:
+    """One worker process and the server's end of its pipe."""
+
+    def __init__(self, ctx, threads: int):
+        self.conn, child = ctx.Pipe(duplex=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child, threads), daemon=True,
+                                name="fedsq-worker")
+        self.proc.start()
+        child.close()
+        self.version = None  # the setup it holds
+        self.greeted = False  # its "hello" read: it is in its receive loop
+
+    def alive(self) -> bool:
+        return self.proc.is_alive()
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(5)
+        self.conn.close()
+
+    def why_dead(self) -> str:
+        self.proc.join(1)
+        code = self.proc.exitcode
+        if code is not None and code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exit code {code}"
+
+
+def _stop(slots) -> None:
+    """Stop every worker: ask, wait briefly, then kill (also the finalizer's last resort)."""
+    for s in slots:
+        if not s.greeted:  # still importing torch: it would read "stop" only after that
+            s.kill()
+            continue
+        try:
+            if s.proc.is_alive():
+                s.conn.send_bytes(_pack(("stop",)))
+        except (OSError, ValueError):
+            pass
+    deadline = time.monotonic() + 5
+    for s in slots:
+        s.proc.join(max(0.0, deadline - time.monotonic()))
+        s.kill()
+    slots.clear()
+
+
+class WorkerPoolTransport(Transport):
+    """The sampled clients trained by ``workers`` processes, each with one model.
+
+    Results are those of :class:`~.transport.InProcessTransport` bit for bit (replies are
+    yielded in client order, whichever worker trained a client: :func:`deal`). ``threads``: torch threads per worker (default: the config's
+    ``threads``, else the cores divided among the workers). ``timeout_s``: the longest wait
+    for a worker's next reply before it counts as hung (default: ``client_timeout_s`` + 30 s
+    when set, else 600 s). FedBN's personal layers stay in the server (checkpointed as in
+    process) and go out with their client's task. One pool can serve several Federations
+    in turn (``bind`` sends the new method's model); whoever made it closes it
+    (:meth:`close`; a finalizer stops the workers if nobody does).
+
+    ``_test_fault``: test seam, ``{(round, client): "exit" | "kill" | "hang"}``: the worker
+    that trains that client in that round ends itself (``os._exit(1)`` / SIGKILL) or sleeps
+    an hour before training it.
+    """
+
+    parallel_clients = True  # what config key `workers` asks for (Federation's check)
+
+    def __init__(self, workers: int, *, threads: int | None = None, timeout_s: float | None = None):
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers: must be an integer >= 1, got {workers!r}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads: must be an integer >= 1 or None, got {threads!r}")
+        if timeout_s is not None and not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
+            raise ValueError(f"timeout_s: must be a number > 0 or None, got {timeout_s!r}")
+        self.workers, self.threads, self.timeout_s = workers, threads, timeout_s
+        self._ctx = tmp.get_context(START_METHOD)
+        self._slots: list = []
+        self._finalizer = weakref.finalize(self, _stop, self._slots)  # the list object, not self
+        self._version = 0
+        self._setup = None
+        self.local_states: dict[int, dict] = {}
+        self._test_fault: dict = {}
+
+    # ------------------------------------------------------------------ engine hooks
+    def bind(self, fed) -> None:
+        if fed.device.type != "cpu":
+            raise ValueError(f"workers: the worker pool trains on the CPU; device is {fed.device} "
+                             "(use workers = 1 on a GPU)")
+        super().bind(fed)
+        self.local_states = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        self._version += 1  # workers rebuild their model before their next task
+        self._setup = None
+
+    def state_dict(self) -> dict:
+        return {f"{cid}/{k}": t for cid, d in self.local_states.items() for k, t in d.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.local_states = {}
+        for k, t in state.items():
+            cid, _, key = k.partition("/")
+            self.local_states.setdefault(int(cid), {})[key] = t.to(self.fed.device)
+
+    def close(self) -> None:
+        """Stop and join every worker (the next round would start a new pool)."""
+        _stop(self._slots)
+
+    # ------------------------------------------------------------------ pool
+    def _setup_bytes(self) -> bytes:
+        """One worker's setup message: the model, partition and transform pickled (once per
+        model), the pool's tensors as shared-memory handles (once per worker: a handle is
+        fetched from this process's resource sharer once)."""
+        from multiprocessing.reduction import ForkingPickler
+
+        d = self.fed.data
+        for t in (d.x, d.y):
+            t.share_memory_()  # in place, once (a no-op after): every worker maps the same pages
+        return bytes(ForkingPickler.dumps(("setup", self._model_blob(), d.x, d.y)))
+
+    def _model_blob(self) -> bytes:
+        """What a worker builds its model from (once per model; before any worker starts,
+        so a model_fn that cannot be pickled is refused with no process started)."""
+        fed, d = self.fed, self.fed.data
+        if self._setup is None:
+            recipe = {"cfg": fed.cfg, "method": fed.method, "dual": fed.dual, "num_classes": d.num_classes,
+                      "model_fn": getattr(fed, "model_fn", None)}
+            try:
+                self._setup = _pack((recipe, fed.model.state_dict(), d.parts, d.transform))
+            except (pickle.PicklingError, AttributeError, TypeError) as e:
+                what = ("model_fn must be picklable (a module-level function)" if recipe["model_fn"] is not None
+                        else "the model's recipe must be picklable")
+                raise ValueError(f"workers: {what} for worker processes to build the model: {e}") from None
+        return self._setup
+
+    def _ensure_pool(self) -> None:
+        """A live worker with the current model in every slot (dead ones replaced)."""
+        self._model_blob()
+        threads = _threads(self.threads if self.threads is not None else self.fed.cfg.threads, self.workers)
+        for i in range(self.workers):
+            if i < len(self._slots) and not self._slots[i].alive():
+                self._slots[i].kill()
+                self._slots[i] = _Slot(self._ctx, threads)
+            elif i >= len(self._slots):
+                self._slots.append(_Slot(self._ctx, threads))
+        stale = [s for s in self._slots if s.version != self._version]
+        deadline = time.monotonic() + START_TIMEOUT_S
+        for s in stale:
+            if not s.greeted:  # a new process: send nothing before it reads (a send could block for good)
+                self._expect(s, "hello", deadline)
+                s.greeted = True
+            try:
+                s.conn.send_bytes(self._setup_bytes())
+            except OSError:
+                pass  # it died: _expect reports it
+        for s in stale:
+            self._expect(s, "ready", deadline)
+            s.version = self._version
+
+    def _expect(self, s: "_Slot", kind: str, deadline: float) -> None:
+        """Worker ``s``'s next message is ``kind``, before ``deadline``; otherwise the pool is
+        stopped and the reason raised (a worker that cannot start is no client's fault)."""
+        if not wait([s.conn, s.proc.sentinel], max(0.0, deadline - time.monotonic())):
+            self.close()
+            raise RuntimeError(f"workers: a worker did not start within {START_TIMEOUT_S:.0f} s")
+        try:
+            msg = pickle.loads(s.conn.recv_bytes())
+        except (EOFError, OSError):
+            why = s.why_dead()
+            self.close()
+            raise RuntimeError(f"workers: a worker died while starting ({why}; its traceback is above). Workers "
+                               "are spawned: a script that runs a federation with workers > 1 must do so under "
+                               "`if __name__ == '__main__':`") from None
+        if msg[0] != kind:
+            self.close()
+            raise RuntimeError(f"workers: a worker could not build the model: {msg[1]}" if msg[0] == "failed"
+                               else f"workers: internal error: {msg[0]!r} from a worker where {kind!r} was due")
+
+    def _reply_timeout(self, lcfg) -> float:
+        if self.timeout_s is not None:
+            return float(self.timeout_s)
+        if lcfg.client_timeout_s is not None:
+            return lcfg.client_timeout_s + TIMEOUT_MARGIN_S
+        return DEFAULT_TIMEOUT_S
+
+    # ------------------------------------------------------------------ round
+    def replies(self, task: RoundTask):
+        clients = list(task.clients)
+        if not clients:
+            return
+        self._ensure_pool()
+        n = len(self._slots)
+        parts = self.fed.data.parts
+        owed = dict(enumerate(deal(clients, [len(parts[c]) for c in clients], n)))
+        glob = _pack(task.payload)
+        got: dict = {}  # early arrivals (raw bytes), by client
+        lost: dict = {}  # client -> reason, for a dead or hung worker's unfinished clients
+        for i, s in enumerate(self._slots):
+            if owed[i]:
+                items = [(c, self.local_states.get(c)) for c in owed[i]]
+                faults = {k: v for k, v in self._test_fault.items() if k[0] == task.round and k[1] in owed[i]}
+                try:
+                    s.conn.send_bytes(_pack(("train", task.round, glob, task.local_config, items, faults)))
+                except OSError:  # it died since the pool was checked
+                    lost.update((c, f"worker died: {s.why_dead()} (before the round)") for c in owed[i])
+                    owed[i] = []
+                    s.kill()
+        timeout = self._reply_timeout(task.local_config)
+        deadline = {i: time.monotonic() + timeout for i in owed if owed[i]}
+
+        def collect(block: bool) -> None:
+            busy = {i: s for i, s in enumerate(self._slots) if owed[i]}
+            if not busy:
+                return
+            waitables = [x for s in busy.values() for x in (s.conn, s.proc.sentinel)]
+            left = min(deadline[i] for i in busy) - time.monotonic()
+            ready = set(wait(waitables, max(0.0, left) if block else 0))
+            for i, s in busy.items():
+                # a reply already in the pipe counts even when the worker died after sending it
+                while owed[i] and s.conn.poll():
+                    try:
+                        raw = s.conn.recv_bytes()
+                    except (EOFError, OSError):
+                        break
+                    got[owed[i].pop(0)] = raw
+                    deadline[i] = time.monotonic() + timeout
+                if not owed[i]:
+                    continue
+                if s.proc.sentinel in ready or not s.alive():
+                    why = f"worker died: {s.why_dead()}"
+                elif time.monotonic() >= deadline[i]:
+                    why = f"worker timed out: no reply within {timeout:g} s"
+                else:
+                    continue
+                log.warning("round %d: worker %d (pid %s) %s; restarted for the next round",
+                            task.round, i, s.proc.pid, why.removeprefix("worker "))
+                for c in owed[i]:
+                    lost[c] = f"{why} (while training client {owed[i][0]})"
+                owed[i] = []
+                s.kill()
+
+        try:
+            for cid in clients:
+                while cid not in got and cid not in lost:
+                    if not any(cid in o for o in owed.values()):
+                        raise RuntimeError(f"workers: internal error: client {cid} is owed by no worker")
+                    collect(block=True)
+                collect(block=False)  # keep the other workers' pipes drained
+                if cid in lost:
+                    yield Reply(cid, error=lost.pop(cid))
+                    continue
+                msg = pickle.loads(got.pop(cid))
+                if msg[1] != cid:  # workers answer their clients in the order dealt
+                    raise RuntimeError(f"workers: internal error: reply for client {msg[1]} where {cid} was due")
+                if msg[0] == "error":
+                    yield Reply(cid, error=msg[2])
+                    continue
+                _, _, state, num, secs, loss = msg
+                self._keep_local(cid, task.payload, state)
+                yield Reply(cid, state, num, secs, loss)
+        finally:
+            # a round abandoned half-way (an exception or Ctrl-C in the fold) leaves workers
+            # mid-task: their later messages would be read as the next round's; restart them
+            if any(owed.values()):
+                for i, s in enumerate(self._slots):
+                    if owed[i]:
+                        s.kill()
+
+    def _keep_local(self, cid: int, glob: dict, state) -> None:
+        """FedBN: the client's own layers from the state it sent (as ClientTrainer.keep_local)."""
+        keys = self.fed.strategy.local_keys(glob)
+        if keys and isinstance(state, dict) and all(k in state for k in keys):
+            self.local_states[cid] = {k: state[k].detach().clone() for k in keys}

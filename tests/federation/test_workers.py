@@ -1,0 +1,313 @@
+"""Parallel clients (WorkerPoolTransport, config key ``workers``): the in-process run is the
+oracle. The same global model, bit for bit, and the same recorded numbers (timings aside)
+for workers = 1, 2 and 4; a worker that dies or hangs costs its unfinished clients (dropped
+with the reason, as a client that raises in process), the pool is restored; no worker
+process outlives a run, an error or Ctrl-C. Every pool is closed in a finally and every test
+checks that this process has no child left (hung workers are killed after ``timeout_s``)."""
+import json
+import math
+import os
+import re
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import small_config
+
+from fedsq_fast.federation import Callback, Federation, WorkerPoolTransport, prepare_data
+from fedsq_fast.federation import data as D
+from fedsq_fast.federation import workers as W
+from fedsq_fast.federation.config import ConfigError, from_mapping, validate
+
+torch.set_num_threads(1)
+TIMING = re.compile(r"time|elapsed|seconds")
+
+
+def _children() -> list[int]:
+    """This process's children, but multiprocessing's resource tracker: spawn starts one per
+    Python process, for the life of that process (it exits with it); it is not a worker."""
+    pids = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        try:
+            pids += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            pass
+
+    def tracker(p):
+        try:
+            return b"resource_tracker" in Path(f"/proc/{p}/cmdline").read_bytes()
+        except OSError:
+            return False
+    return [p for p in pids if not tracker(p)]
+
+
+@pytest.fixture(autouse=True)
+def no_stray_processes():
+    before = set(_children())
+    yield
+    left = [p for p in _children() if p not in before]
+    for p in left:  # never leave them to the rest of the session, even when the test failed
+        try:
+            os.kill(p, signal.SIGKILL)
+            os.waitpid(p, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+    assert not left, f"worker processes left behind: {left}"
+
+
+@pytest.fixture(autouse=True)
+def short_timeouts(monkeypatch):
+    """A worker that hangs by mistake fails the test in a minute, not after the defaults."""
+    monkeypatch.setattr(W, "DEFAULT_TIMEOUT_S", 60.0)
+    monkeypatch.setattr(W, "START_TIMEOUT_S", 60.0)
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return D.load_digits()
+
+
+def _cfg(method, **kw):
+    return small_config(methods=[method], rounds=2, num_clients=6, checkpoint=False, lr=0.1, **kw)
+
+
+def _numbers(history):
+    """Every recorded number of every round, timings aside."""
+    return [{k: v for k, v in dict(h).items() if not TIMING.search(k)} for h in history]
+
+
+def _same_numbers(a, b):
+    for x, y in zip(_numbers(a), _numbers(b), strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            same = x[k] == y[k] or (isinstance(x[k], float) and math.isnan(x[k]) and math.isnan(y[k]))
+            assert same, (k, x[k], y[k])
+
+
+def _same_model(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def runs(bundle):
+    """method -> (config, data, in-process result, its FedBN layers): the oracle."""
+    out = {}
+    for m in ("fedavg", "fedsq", "fedbn", "fedsq:refresh=1"):  # refresh: workers rebuild their model
+        cfg = _cfg(m)
+        data = prepare_data(cfg, bundle)
+        fed = Federation(cfg, m, data, quiet=True)
+        out[m] = (cfg, data, fed.run(), fed.transport.state_dict())
+    return out
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_results_do_not_depend_on_the_number_of_workers(runs, workers):
+    pool = WorkerPoolTransport(workers, threads=1)  # one pool for the three methods (as run_methods)
+    try:
+        for m, (cfg, data, ref, local) in runs.items():
+            got = Federation(cfg, m, data, quiet=True, transport=pool).run()
+            _same_model(ref.model, got.model)
+            _same_numbers(ref.history, got.history)
+            assert all(h["clients_ok"] == 6 for h in got.history[1:])
+            assert got.history[2]["structural_refreshed"] == (m == "fedsq:refresh=1")
+            mine = pool.state_dict()  # FedBN: the personal layers kept server-side, as in process
+            assert mine.keys() == local.keys() and all(torch.equal(mine[k], local[k]) for k in local)
+            assert bool(local) == (m == "fedbn")
+    finally:
+        pool.close()
+
+
+def test_a_run_checkpointed_in_process_resumes_on_workers_bit_for_bit(runs, tmp_path):
+    cfg, data, ref, local = runs["fedbn"]  # FedBN: the personal layers go through the checkpoint
+    cfg = cfg.replace(checkpoint=True)
+    Federation(cfg, "fedbn", data, out_dir=tmp_path, quiet=True).run(stop_after=1)
+    fed = Federation(cfg.replace(workers=2), "fedbn", data, out_dir=tmp_path, quiet=True)  # workers: placement
+    got = fed.run(resume=True)
+    _same_model(ref.model, got.model)
+    _same_numbers(ref.history, got.history)
+    mine = fed.transport.state_dict()
+    assert mine.keys() == local.keys() and all(torch.equal(mine[k], local[k]) for k in local)
+
+
+def _dealt(data, workers):
+    """Round 1's clients (all 6: fraction 1) as the pool deals them."""
+    clients = list(range(6))
+    return W.deal(clients, [len(data.parts[c]) for c in clients], workers)
+
+
+def test_clients_are_dealt_by_size_each_worker_in_client_order():
+    assert W.deal([0, 1, 2, 3], [5, 5, 5, 5], 2) == [[0, 2], [1, 3]]  # equal sizes: round-robin
+    assert W.deal([0, 1, 2, 3, 4, 5], [10, 50, 20, 20, 5, 40], 2) == [[1, 3, 4], [0, 2, 5]]  # 75 vs 70 samples
+    assert W.deal([9, 4], [1, 1], 4) == [[9], [4], [], []]
+    assert W.deal([], [], 3) == [[], [], []]
+
+
+def _oracle(cfg, data, method, fail_round, failing):
+    """The in-process run in which ``failing`` clients raise in ``fail_round``."""
+    def hook(rnd, cid, state):
+        if rnd == fail_round and cid in failing:
+            raise RuntimeError("client fails (test)")
+        return state
+    return Federation(cfg, method, data, quiet=True, client_hook=hook).run()
+
+
+def _check_against_oracle(ref, got, lost, reason):
+    _same_model(ref.model, got.model)
+    r1, g1 = ref.history[1], got.history[1]
+    assert [c for c, _ in g1["clients_dropped"]] == sorted(lost) == [c for c, _ in r1["clients_dropped"]]
+    assert all(why.startswith(reason) for _, why in g1["clients_dropped"]), g1["clients_dropped"]
+    for h in (ref.history, got.history):
+        h[1]["clients_dropped"] = []
+    _same_numbers(ref.history, got.history)
+    assert got.history[2]["clients_ok"] == 6 and not got.history[2]["clients_dropped"]  # pool restored
+
+
+@pytest.mark.parametrize("how", ["exit", "kill"])
+def test_a_client_that_kills_its_worker_is_dropped_and_the_pool_restored(runs, how):
+    cfg, data, *_ = runs["fedsq"]
+    # the worker with the most clients dies before its second one: that one and the rest are lost
+    mine = max(_dealt(data, 2), key=len)
+    pool = WorkerPoolTransport(2, threads=1)
+    pool._test_fault = {(1, mine[1]): how}
+    try:
+        got = Federation(cfg, "fedsq", data, quiet=True, transport=pool).run()
+    finally:
+        pool.close()
+    why = "worker died: exit code 1" if how == "exit" else "worker died: killed by SIGKILL"
+    _check_against_oracle(_oracle(cfg, data, "fedsq", 1, set(mine[1:])), got, mine[1:], why)
+
+
+def test_a_hanging_worker_times_out_is_dropped_and_the_pool_restored(runs):
+    cfg, data, *_ = runs["fedavg"]
+    last = _dealt(data, 2)[0][-1]  # the last client of worker 0 hangs
+    pool = WorkerPoolTransport(2, threads=1, timeout_s=5)  # tiny clients take well under 1 s
+    pool._test_fault = {(1, last): "hang"}
+    try:
+        got = Federation(cfg, "fedavg", data, quiet=True, transport=pool).run()
+    finally:
+        pool.close()
+    _check_against_oracle(_oracle(cfg, data, "fedavg", 1, {last}), got, [last], "worker timed out")
+
+
+class Interrupt(Callback):
+    def __init__(self, exc):
+        self.exc = exc
+
+    def on_reply(self, fed, reply):
+        raise self.exc
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
+def test_ctrl_c_or_an_error_in_the_round_loop_leaves_no_worker(runs, exc):
+    cfg, data, *_ = runs["fedavg"]
+    fed = Federation(cfg.replace(workers=2), "fedavg", data, quiet=True, callbacks=[Interrupt(exc("test"))])
+    assert isinstance(fed.transport, WorkerPoolTransport)
+    with pytest.raises(exc):
+        fed.run()
+    assert not _children()  # the Federation made the pool, so run() closed it
+
+
+def test_workers_from_the_cli_write_the_same_metrics(tmp_path, capsys):
+    from fedsq_fast.cli import main
+
+    args = ["run", "--dataset", "digits", "--model", "tiny_cnn", "--methods", "fedavg", "fedsq", "--rounds", "2",
+            "--num-clients", "4", "--max-train-samples", "none", "--val-size", "200", "--max-test-samples", "200",
+            "--lr", "0.1", "--threads", "1", "--checkpoint", "false", "--quiet"]
+    docs = {}
+    for n in (1, 2):
+        assert main([*args, "--workers", str(n), "--out-dir", str(tmp_path / str(n))]) == 0
+        docs[n] = {m: json.loads((tmp_path / str(n) / m / "metrics.json").read_text()) for m in ("fedavg", "fedsq")}
+    for m in ("fedavg", "fedsq"):
+        a, b = docs[1][m], docs[2][m]
+        assert (a["config"]["workers"], b["config"]["workers"]) == (1, 2)
+        _same_numbers(a["history"], b["history"])
+        assert {k: v for k, v in a["summary"].items() if not TIMING.search(k)} == \
+               {k: v for k, v in b["summary"].items() if not TIMING.search(k)}
+
+
+def test_bad_workers_and_client_hook_are_refused(runs):
+    for bad in (0, -1, 1.5, True, "2", 257):
+        with pytest.raises(ConfigError, match="workers"):
+            validate(from_mapping({"workers": bad}))
+    with pytest.raises(ValueError, match="workers"):
+        WorkerPoolTransport(0)
+    cfg, data, *_ = runs["fedavg"]
+    with pytest.raises(ValueError, match="client_hook.*workers = 2"):
+        Federation(cfg.replace(workers=2), "fedavg", data, quiet=True, client_hook=lambda r, c, s: s)
+
+
+def test_a_model_fn_workers_cannot_unpickle_is_refused_before_any_worker_starts(runs):
+    cfg, data, *_ = runs["fedavg"]
+    from fedsq_fast.federation.prepare import build_method_model
+
+    fed = Federation(cfg.replace(workers=2), "fedavg", data, quiet=True,
+                     model_fn=lambda: build_method_model(cfg, False, data))
+    with pytest.raises(ValueError, match="workers: model_fn must be picklable"):
+        fed.run()
+
+
+
+def _pids_of_children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def test_ctrl_c_on_the_cli_stops_its_workers(tmp_path):
+    """A real SIGINT to the process group of `fedsq-fast run --workers 2` (what a terminal's
+    Ctrl-C sends) mid-run: the command exits and none of its workers is left."""
+    import subprocess
+    import sys
+    import time
+
+    argv = [sys.executable, "-m", "fedsq_fast", "run", "--dataset", "digits", "--model", "tiny_cnn", "--methods",
+            "fedavg", "--rounds", "200", "--num-clients", "4", "--max-train-samples", "none", "--val-size", "200",
+            "--max-test-samples", "200", "--threads", "1", "--workers", "2", "--checkpoint", "false", "--quiet",
+            "--out-dir", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=env)
+    workers = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            workers = [p for p in _pids_of_children(proc.pid) if b"spawn_main" in _cmdline(p)]
+        assert len(workers) == 2, "the workers did not start"
+        time.sleep(1.0)  # mid-round
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while not all(_gone(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(_gone(p) for p in workers), [p for p in workers if not _gone(p)]
+        assert proc.returncode != 0
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of that group
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        proc.stderr.close()
+    assert "KeyboardInterrupt" in err or "Interrupted" in err or proc.returncode in (130, -2), err[-2000:]
