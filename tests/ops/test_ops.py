@@ -499,10 +499,10 @@ def test_bad_input_is_named():
         ff.weighted_average([z, z], [float("nan"), 1])
     with pytest.raises(ValueError, match="must not all be zero"):
         ff.weighted_average([z, z], [0, 0])
-    with pytest.raises(ValueError, match=r"clients\[2\]\['fc.bias'\] has shape \(4,\), but clients\[0\] has \(3,\)"):
+    with pytest.raises(ValueError, match=r"clients\[2\]\['fc.bias'\] must have the shape of clients\[0\]\['fc.bias'\] \(3,\), got \(4,\)"):
         good = {"fc.weight": torch.zeros(3, 3), "fc.bias": torch.zeros(3)}
         ff.weighted_average([good, good, {"fc.weight": torch.zeros(3, 3), "fc.bias": torch.zeros(4)}], [1, 1, 1])
-    with pytest.raises(TypeError, match=r"clients\[1\]\['0'\] has dtype torch.float16"):
+    with pytest.raises(TypeError, match=r"clients\[1\]\['0'\] must have the dtype of clients\[0\]\['0'\] \(torch.float32\), got torch.float16"):
         ff.weighted_average([[z], [z.half()]], [1, 1])
     with pytest.raises(ValueError, match="weight must be finite"):
         ff.StreamingAverage().add(z, float("inf"))
