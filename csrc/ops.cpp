@@ -70,12 +70,21 @@ void check_same(const at::Tensor& a, const std::string& an, const at::Tensor& b,
   TORCH_CHECK_VALUE(a.is_non_overlapping_and_dense(), an, " must be dense (contiguous, channels_last or permuted)");
 }
 
+at::Tensor word_aligned(const at::Tensor& bits) {
+  // The kernels read bits as 32-bit words. An input that is strided or starts off a word
+  // boundary (a view into a larger buffer) is copied (1/32 of the data's size), so the compiled
+  // ops accept what the reference accepts; outputs must be writable in place and are refused.
+  if (bits.is_contiguous() && reinterpret_cast<uintptr_t>(bits.data_ptr()) % 4 == 0) return bits;
+  return bits.clone(at::MemoryFormat::Contiguous);  // a fresh allocation: aligned
+}
+
 void check_bits(const at::Tensor& bits, const at::Tensor& like, const char* name) {
   TORCH_CHECK_TYPE(bits.scalar_type() == at::kByte, name, " must be uint8, got ", bits.scalar_type());
   TORCH_CHECK_VALUE(bits.dim() == 1 && bits.numel() == bit_bytes(like.numel()), name, " must be 1-D with ",
                     bit_bytes(like.numel()), " bytes for ", like.numel(), " elements, got shape ", bits.sizes());
   TORCH_CHECK_VALUE(bits.is_contiguous() && reinterpret_cast<uintptr_t>(bits.data_ptr()) % 4 == 0, name,
-                    " must be contiguous and 4-byte aligned");
+                    " must be contiguous and 4-byte aligned (an output written in place: allocate it with "
+                    "torch.empty)");
   TORCH_CHECK_VALUE(bits.device() == like.device(), name, " must be on ", like.device(), ", got ", bits.device());
 }
 

@@ -24,6 +24,7 @@ at::Tensor like_layout(const at::Tensor& t, const at::Tensor& like);  // t copie
 // b matches a in shape, dtype, device and strides; a is dense.
 void check_same(const at::Tensor& a, const std::string& an, const at::Tensor& b, const std::string& bn);
 void check_bits(const at::Tensor& bits, const at::Tensor& like, const char* name);
+at::Tensor word_aligned(const at::Tensor& bits);  // input bits as contiguous, 4-byte aligned words
 bool epilogue_ready(const at::Tensor& z);  // contiguous or channels-innermost dense
 void check_accumulate(const at::Tensor& acc, const at::Tensor& x, const std::string& an, const std::string& xn);
 // All tensors on one device (list ops launch once for all of them); returns it.
@@ -70,9 +71,10 @@ struct Ops {
     if (zs.numel()) B::pack(dt, zs, bits);
     return bits;
   }
-  static void apply_mask_out(const at::Tensor& z_q, const at::Tensor& bits, const at::Tensor& y) {
+  static void apply_mask_out(const at::Tensor& z_q, const at::Tensor& bits_in, const at::Tensor& y) {
     const DType dt = dtype_of(z_q, "z_q");
     check_same(z_q, "z_q", y, "y");
+    const at::Tensor bits = word_aligned(bits_in);  // an input: strided/unaligned bits read from a copy
     check_bits(bits, z_q, "bits");
     check_overlap({span_of(y, 0, "y")}, {span_of(z_q, 0, "z_q"), span_of(bits, -1, "bits")});
     if (z_q.numel()) B::apply(dt, z_q, bits, y);

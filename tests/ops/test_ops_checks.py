@@ -381,3 +381,35 @@ def test_large_outputs_are_ordinary_tensors():
     h, hb = ff.struct_epilogue(z_s.view(1, -1, 1), None, None)
     h_ref, hb_ref = ref.struct_epilogue(z_s.view(1, -1, 1), None, None)
     assert torch.equal(h, h_ref) and torch.equal(hb, hb_ref)
+
+
+# ---------------------------------------------------------------------------
+# Input bits that are strided or start off a 32-bit word (views into a larger buffer): the
+# compiled op reads them from an aligned copy, so both backends accept the same inputs (issue 16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("numel", [1, 31, 33, 64, 1000])
+def test_strided_and_unaligned_input_bits_equal_the_reference(dtype, numel):
+    g = torch.Generator().manual_seed(random.randrange(2**31))
+    z_q = torch.randn(numel, generator=g).to(dtype)
+    z_s = torch.randn(numel, generator=g)
+    z_s[::7] = 0.0  # the strict z > 0 edge
+    bits = ref.pack_mask(z_s)
+    offset = random.randrange(1, 4)
+    buf = torch.zeros(bits.numel() + offset, dtype=torch.uint8)
+    buf[offset:].copy_(bits)
+    unaligned = buf[offset:]
+    wide = torch.zeros(2 * bits.numel(), dtype=torch.uint8)
+    wide[::2].copy_(bits)
+    strided = wide[::2]
+    expect = ref.apply_mask(z_q, bits)
+    for b in (unaligned, strided):
+        assert torch.equal(ff.apply_mask(z_q, b), expect)
+        assert torch.equal(OPS.apply_mask(z_q, b), expect)  # the raw op too, not only the wrapper
+
+
+@compiled_only
+def test_unaligned_output_bits_are_refused_naming_them():
+    z = torch.randn(64)
+    buf = torch.empty(ref.num_bit_bytes(64) + 1, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="must be contiguous and 4-byte aligned"):
+        ff.gate(z, z.clone(), out=(torch.empty_like(z), buf[1:]))
