@@ -43,3 +43,28 @@ def small_cfg():
 @pytest.fixture
 def seed() -> int:
     return draw_seed(2**31)
+
+
+@pytest.fixture(scope="session")
+def bundle():
+    """The digits dataset (scikit-learn's, in memory), loaded once per session."""
+    from fedsq_fast.federation import data
+
+    return data.load_digits()
+
+
+@pytest.fixture(scope="session")
+def digits_bundle(bundle):
+    return bundle
+
+
+def model_state(model) -> dict:
+    """A copy of ``model``'s state dict (to compare later)."""
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    """Two state dicts with the same keys and bit-identical tensors."""
+    import torch
+
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

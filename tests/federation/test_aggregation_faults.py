@@ -7,28 +7,12 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import small_config, draw_seed
+from conftest import small_config, draw_seed, model_state, assert_same_state
 
 from fedsq_fast.federation import Federation, from_mapping, make_strategy, prepare_data
-from fedsq_fast.federation import data as D
 from fedsq_fast.federation.strategy import AggregateStats
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    return D.load_digits()
-
-
-def _flat(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _equal(a, b):
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 
 
 def _bn_state(gen, n=6):
@@ -131,7 +115,7 @@ def test_a_poisoned_client_never_sinks_the_run(tmp_path, bundle):
         assert dict(h["clients_dropped"])[1].startswith("update rejected: ") and not h["rolled_back"]
     assert all(torch.isfinite(t).all() for t in res.model.state_dict().values() if t.dtype.is_floating_point)
     # the poisoned client is excluded exactly as a failed one: the same model
-    _equal(_flat(res.model), _flat(clean.model))
+    assert_same_state(model_state(res.model), model_state(clean.model))
 
 
 # ------------------------------------------------------------ robust aggregators

@@ -8,30 +8,16 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import small_config, draw_seed
+from conftest import small_config, draw_seed, model_state, assert_same_state
 
-from fedsq_fast.federation import Federation, from_mapping, prepare_data
+from fedsq_fast.federation import Federation, prepare_data
 from fedsq_fast.federation import checkpoint as C
-from fedsq_fast.federation import data as D
 
 torch.set_num_threads(1)
 
 
 def _cfg(**kw):
     return small_config(**{**dict(rounds=4, num_clients=4, max_train_samples=None, val_size=200, max_test_samples=100, batch_size=32, methods=['fedadam'], probe_size=8), **kw})
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    return D.load_digits()
-
-
-def _flat(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _equal(a, b):
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _interrupted(tmp_path, cfg, data, method, stop):
@@ -76,7 +62,7 @@ def test_damaged_latest_falls_back_to_previous_and_ends_bit_exact(tmp_path, unin
     _damage(ck, how, np.random.default_rng(draw_seed(2**31)))
     with pytest.warns(UserWarning, match="resuming from the previous checkpoint .*round 1"):
         res = _resume(tmp_path, cfg, data, "fedadam")
-    _equal(_flat(full.model), _flat(res.model))
+    assert_same_state(model_state(full.model), model_state(res.model))
     assert [h["val_acc"] for h in res.history] == [h["val_acc"] for h in full.history]
     # the damaged file did not become the fallback: both files on disk verify now
     assert C.load(ck)[1]["round"] == 3 and C.load(C.previous(ck))[1]["round"] == 2

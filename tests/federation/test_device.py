@@ -1,13 +1,11 @@
 """The run config's ``device`` key: validation, placement, resume across devices, CUDA runs."""
 import json
 
-import numpy as np
 import pytest
 import torch
 from conftest import small_config
 
 from fedsq_fast.federation import Federation, from_mapping, prepare_data, validate
-from fedsq_fast.federation import data as D
 from fedsq_fast.federation.adapter import TinyCNN
 from fedsq_fast.federation.config import resolve_device
 
@@ -17,11 +15,6 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
 def _cfg(**kw):
     return small_config(**kw)
-
-
-@pytest.fixture(scope="module")
-def digits_bundle():
-    return D.load_digits()
 
 
 @pytest.mark.parametrize("bad", ["gpu", "tpu", "", "cuda:x", "meta", 0, None, ["cpu"]])

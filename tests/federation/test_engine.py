@@ -10,16 +10,10 @@ from conftest import small_config
 
 from fedsq_fast.federation import (Callback, Federation, InProcessTransport, Reply, RoundRecord, Transport,
                                    prepare_data)
-from fedsq_fast.federation import data as D
 from fedsq_fast.federation.trainer import client_trainer
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    return D.load_digits()
 
 
 def _equal_models(a, b):

@@ -5,10 +5,10 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import small_config, draw_seed
+from conftest import small_config, draw_seed, model_state
 
 from fedsq_fast import StreamingAverage
-from fedsq_fast.federation import (Federation, adapter, from_mapping, make_strategy, prepare_data,
+from fedsq_fast.federation import (Federation, adapter, make_strategy, prepare_data,
                                    stream_average)
 from fedsq_fast.federation import data as D
 from fedsq_fast.federation.adapter import TinyCNN
@@ -129,15 +129,6 @@ def _cfg(**kw):
     return small_config(**kw)
 
 
-@pytest.fixture(scope="module")
-def digits_bundle():
-    return D.load_digits()
-
-
-def _flat(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
 @pytest.mark.parametrize("method,extra", [("fedadam", {}), ("fedbn", {"failure_rate": 0.3}),
                                           ("fedprox", {"fraction": 0.6})])
 def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, digits_bundle, method, extra):
@@ -148,7 +139,7 @@ def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, digits_bundle, method
     torch.manual_seed(12345)  # a resumed process starts with other RNG states
     np.random.seed(54321)
     resumed = Federation(cfg, method, data, out_dir=tmp_path / "b", quiet=True).run(resume=True)
-    a, b = _flat(full.model), _flat(resumed.model)
+    a, b = model_state(full.model), model_state(resumed.model)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -224,7 +215,7 @@ def test_same_seed_same_model_and_fedprox_differs(digits_bundle):
     a = Federation(cfg, "fedavg", data, quiet=True).run().model
     b = Federation(cfg, "fedavg", data, quiet=True).run().model
     c = Federation(cfg, "fedprox", data, quiet=True).run().model
-    sa, sb, sc = _flat(a), _flat(b), _flat(c)
+    sa, sb, sc = model_state(a), model_state(b), model_state(c)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert any(not torch.equal(sa[k], sc[k]) for k in sa if sa[k].dtype.is_floating_point)
 

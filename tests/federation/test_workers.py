@@ -16,7 +16,6 @@ import torch
 from conftest import small_config
 
 from fedsq_fast.federation import Callback, Federation, WorkerPoolTransport, prepare_data
-from fedsq_fast.federation import data as D
 from fedsq_fast.federation import workers as W
 from fedsq_fast.federation.config import ConfigError, from_mapping, validate
 
@@ -61,11 +60,6 @@ def short_timeouts(monkeypatch):
     """A worker that hangs by mistake fails the test in a minute, not after the defaults."""
     monkeypatch.setattr(W, "DEFAULT_TIMEOUT_S", 60.0)
     monkeypatch.setattr(W, "START_TIMEOUT_S", 60.0)
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    return D.load_digits()
 
 
 def _cfg(method, **kw):
@@ -246,7 +240,6 @@ def test_a_model_fn_workers_cannot_unpickle_is_refused_before_any_worker_starts(
                      model_fn=lambda: build_method_model(cfg, False, data))
     with pytest.raises(ValueError, match="workers: model_fn must be picklable"):
         fed.run()
-
 
 
 def _pids_of_children(pid: int) -> list[int]:
