@@ -69,7 +69,7 @@ class Suite:
 
     def base_config(self) -> RunConfig:
         """The ``[run]`` table as a RunConfig (before the per-cell keys)."""
-        return from_mapping(_nones(self.run))
+        return from_mapping(self.run)
 
     def cell_config(self, spec, seed, method) -> RunConfig:
         """The RunConfig of one cell: ``[run]`` plus its seed, partition and method."""
@@ -80,21 +80,6 @@ class Suite:
         """(seed, partition spec, method) in run order: seed-major, so every cell gets its
         first seed before any cell gets its second (an interrupted suite is still balanced)."""
         return [(s, p, m) for s in self.seeds for p in self.partitions for m in self.methods_for(p)]
-
-
-def _nones(run: dict) -> dict:
-    """TOML has no null: "none" means None for the keys that may be None (as the CLI's flags)."""
-    import typing
-
-    hints = typing.get_type_hints(RunConfig)
-    out = {}
-    for k, v in run.items():
-        k2 = k.replace("-", "_")
-        if isinstance(v, str) and v.strip().lower() in ("none", "null") and \
-                type(None) in typing.get_args(hints.get(k2, str)):
-            v = None
-        out[k] = v
-    return out
 
 
 def spec_tag(spec: str) -> str:

@@ -192,7 +192,8 @@ class Federation:
                 cb.on_reply(self, r)
 
         stats = AggregateStats()
-        new = self.strategy.aggregate(glob, fold(self.transport.replies(task), totals, drop, seen), stats)
+        new = self.strategy.aggregate(glob, fold(self.transport.replies(task), totals, drop, seen), stats,
+                                      copy_held=self.transport.replies_alias)
         for cid, reason in stats.rejected:
             dropped.append((cid, f"update rejected: {reason}"))
             log.warning("round %d: client %d update rejected: %s", rnd, cid, reason)

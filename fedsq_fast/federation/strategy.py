@@ -10,6 +10,7 @@ stay on the clients; FedProx's proximal term is a client-side option.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -146,24 +147,75 @@ AGGREGATORS = ("mean", "median", "trimmed_mean")
 
 def _valid_replies(global_state: dict, replies: Iterable, stats: AggregateStats,
                    plausible_scale: float | None = PLAUSIBLE_SCALE):
-    """``(state, num_samples, ||update||^2)`` of each valid reply, in arrival order; the
-    others land in ``stats.rejected`` with the reason (malformed, NaN/Inf, implausible,
+    """``(client, state, num_samples, ||update||^2)`` of each valid reply, in arrival order;
+    the others land in ``stats.rejected`` with the reason (malformed, NaN/Inf, implausible,
     a non-positive sample count). ``plausible_scale`` None: no plausibility check (finite
-    replies are averaged whatever their size: the behaviour of runs recorded before it)."""
+    replies are averaged whatever their size: the behaviour of runs recorded before it).
+    Counting the accepted ones is the caller's (:func:`_screened`)."""
     for cid, state, n in replies:
         reason = check_update(global_state, state, finite=False)
         if reason is None and plausible_scale is not None:
             reason = implausible(global_state, state, plausible_scale)
-        if reason is None and not (isinstance(n, (int, float)) and math.isfinite(n) and n > 0):
+        if reason is None and not (isinstance(n, (int, float)) and not isinstance(n, bool)
+                                   and math.isfinite(n) and n > 0):
             reason = f"num_samples must be > 0, got {n!r}"
         sq = _sq_dist(state, global_state, check=True) if reason is None else reason
         if isinstance(sq, str):
             stats.rejected.append((cid, sq))
             continue
+        yield cid, state, n, sq
+        del state  # else this frame keeps the reply alive while the next one is produced
+
+
+# An update whose norm per local batch exceeds NORM_BOUND x the cohort's median is refused.
+# Per local batch, because an honest client's update grows with its local steps: on a
+# quantity-skewed split (sizes 10..2362) the raw norms of honest clients reached 37x their
+# median, the norms per local batch 3.8x (benchmarks/RESULTS.md, "Cohort norm bound").
+NORM_BOUND = 10.0
+NORM_BOUND_MIN_COHORT = 3  # a median of one or two replies says nothing about either
+
+
+def local_batches(num_samples: float, batch_size: int) -> int:
+    """The local batches per epoch a client with ``num_samples`` samples runs (>= 1)."""
+    return max(1, math.ceil(num_samples / batch_size))
+
+
+def _screened(global_state: dict, replies: Iterable, stats: AggregateStats,
+              plausible_scale: float | None, norm_bound: float | None, batch_size: int,
+              hold: bool = False, copy_held: bool = True):
+    """The replies to aggregate, as ``(state, num_samples, ||update||^2)``, counted in
+    ``stats``: the valid ones (:func:`_valid_replies`), streamed one at a time when
+    ``norm_bound`` is None and ``hold`` is False; otherwise held (copied unless ``copy_held``
+    is False: an in-process reply aliases the worker model) until the cohort is known, then those whose update norm per local
+    batch exceeds ``norm_bound`` x the cohort median are rejected with the reason. Fewer than
+    NORM_BOUND_MIN_COHORT valid replies, or a zero median: no bound. Arrival order kept, so
+    with nothing rejected the aggregate is bit-identical to the unbounded one."""
+    valid = _valid_replies(global_state, replies, stats, plausible_scale)
+    if norm_bound is None and not hold:
+        for cid, state, n, sq in valid:
+            stats.num_clients += 1
+            stats.num_samples += int(n)
+            yield state, n, sq
+            del state
+        return
+    held = []
+    for cid, state, n, sq in valid:
+        held.append((cid, {k: v.detach().clone() for k, v in state.items()} if copy_held else state, n, sq))
+        del state
+    per = [math.sqrt(sq) / local_batches(n, batch_size) for _, _, n, sq in held]
+    bound = None
+    if norm_bound is not None and len(held) >= NORM_BOUND_MIN_COHORT:
+        med = statistics.median(per)
+        bound = norm_bound * med if med > 0 else None
+    for (cid, state, n, sq), p in zip(held, per):
+        if bound is not None and p > bound:
+            stats.rejected.append((cid, f"update norm per local batch {p:.3g} is {p / med:.3g}x the cohort "
+                                        f"median {med:.3g} (norm_bound {norm_bound:g})"))
+            continue
         stats.num_clients += 1
         stats.num_samples += int(n)
         yield state, n, sq
-        del state  # else this frame keeps the reply alive while the next one is produced
+    held.clear()
 
 
 def _record_drift(stats: AggregateStats, result: dict, global_state: dict, sq_sum: float) -> None:
@@ -173,18 +225,23 @@ def _record_drift(stats: AggregateStats, result: dict, global_state: dict, sq_su
 
 
 def stream_average(global_state: dict, replies: Iterable, stats: AggregateStats | None = None,
-                   plausible_scale: float | None = PLAUSIBLE_SCALE):
+                   plausible_scale: float | None = PLAUSIBLE_SCALE, norm_bound: float | None = None,
+                   batch_size: int = 64, copy_held: bool = True):
     """Weighted (by sample count) average of the valid replies, one client in memory at a time.
 
     ``replies`` yields ``(client_id, state, num_samples)``. Invalid replies are
     rejected and recorded in ``stats.rejected``; client drift is accumulated in
     float64 from sum_k w_k ||d_k||^2 and the averaged update. Returns the average
-    or None when no reply was valid. ``plausible_scale``: see :func:`implausible` (None: off).
+    or None when no reply was valid. ``plausible_scale``: see :func:`implausible` (None: off);
+    ``norm_bound``, ``batch_size``: see :func:`_screened` (None: off; on, the round's valid
+    replies are held in memory until the cohort's median is known; ``copy_held`` False: the
+    replies are the caller's to keep, not copied).
     """
     stats = stats if stats is not None else AggregateStats()
     avg = StreamingAverage()
     sq_sum = 0.0
-    for state, n, sq in _valid_replies(global_state, replies, stats, plausible_scale):
+    for state, n, sq in _screened(global_state, replies, stats, plausible_scale, norm_bound, batch_size,
+                                  copy_held=copy_held):
         sq_sum += n * sq
         avg.add(state, n)
         del state  # let the client's tensors go before the next reply is produced
@@ -197,7 +254,8 @@ def stream_average(global_state: dict, replies: Iterable, stats: AggregateStats 
 
 def robust_average(global_state: dict, replies: Iterable, stats: AggregateStats | None = None,
                    kind: str = "median", trim_fraction: float = 0.1,
-                   plausible_scale: float | None = PLAUSIBLE_SCALE):
+                   plausible_scale: float | None = PLAUSIBLE_SCALE, norm_bound: float | None = None,
+                   batch_size: int = 64, copy_held: bool = True):
     """Coordinate-wise ``median`` or ``trimmed_mean`` of the valid replies (Yin et al. 2018):
     unweighted (a client's sample count cannot buy influence), robust to a minority of
     arbitrary updates. Holds all K valid replies (memory: K models, not one). Floating
@@ -209,7 +267,9 @@ def robust_average(global_state: dict, replies: Iterable, stats: AggregateStats 
         raise ValueError(f"kind must be 'median' or 'trimmed_mean', got {kind!r}")
     stats = stats if stats is not None else AggregateStats()
     kept, sq_sum = [], 0.0
-    for state, n, sq in _valid_replies(global_state, replies, stats, plausible_scale):
+    # held copies: an in-process reply aliases the worker model, which the next client retrains
+    for state, n, sq in _screened(global_state, replies, stats, plausible_scale, norm_bound, batch_size,
+                                  hold=True, copy_held=copy_held):
         kept.append(state)
         sq_sum += n * sq
     if not kept:
@@ -244,6 +304,8 @@ class Strategy:
     aggregator = "mean"
     trim_fraction = 0.1
     plausible_scale = PLAUSIBLE_SCALE
+    norm_bound = NORM_BOUND
+    batch_size = 64  # the clients' local batch size (the norm bound's local batches); set from the config
 
     def __init__(self):
         pass  # FedAvg takes no options of its own (only make_strategy's aggregator, trim_fraction)
@@ -258,16 +320,20 @@ class Strategy:
         return set()
 
     # -- server side -------------------------------------------------------------
-    def aggregate(self, global_state: dict, replies: Iterable, stats: AggregateStats | None = None):
+    def aggregate(self, global_state: dict, replies: Iterable, stats: AggregateStats | None = None, *,
+                  copy_held: bool = True):
         """The new global state; the global state itself (a copy) when no reply was valid or
         the aggregate is not finite (``stats.rolled_back`` says why; the server optimizer's
-        state is restored too), so no round can break the model for the rounds after it."""
+        state is restored too), so no round can break the model for the rounds after it.
+        ``copy_held``: replies held past the next one (norm bound, robust aggregators) are
+        copied, as a reply may alias the client's model; False when they are the caller's."""
         stats = stats if stats is not None else AggregateStats()
         if self.aggregator == "mean":
-            avg = stream_average(global_state, replies, stats, self.plausible_scale)
+            avg = stream_average(global_state, replies, stats, self.plausible_scale, self.norm_bound,
+                                 self.batch_size, copy_held)
         else:
             avg = robust_average(global_state, replies, stats, self.aggregator, self.trim_fraction,
-                                 self.plausible_scale)
+                                 self.plausible_scale, self.norm_bound, self.batch_size, copy_held)
         if avg is None:
             return {k: v.clone() for k, v in global_state.items()}
         bad = nonfinite_key(avg)
@@ -403,7 +469,8 @@ class FedYogi(FedAdam):
 
 _CLASSES = {c.name: c for c in (Strategy, FedProx, FedAvgM, FedAdam, FedYogi, FedBN)}
 # Options every strategy takes (how the replies are combined), given to make_strategy.
-COMMON_OPTIONS = {"aggregator": "mean", "trim_fraction": 0.1, "plausible_scale": PLAUSIBLE_SCALE}
+COMMON_OPTIONS = {"aggregator": "mean", "trim_fraction": 0.1, "plausible_scale": PLAUSIBLE_SCALE,
+                  "norm_bound": NORM_BOUND}
 
 
 class StrategyOptionError(TypeError, ValueError):
@@ -424,11 +491,15 @@ def strategy_options(name: str) -> dict:
 
 
 def make_strategy(name: str, *, aggregator: str = "mean", trim_fraction: float = 0.1,
-                  plausible_scale: float | None = PLAUSIBLE_SCALE, **options) -> Strategy:
+                  plausible_scale: float | None = PLAUSIBLE_SCALE, norm_bound: float | None = NORM_BOUND,
+                  batch_size: int = 64, **options) -> Strategy:
     """Build a strategy by name with its own options (:func:`strategy_options`); an option
     it does not take is a :class:`StrategyOptionError` naming it, never ignored.
     ``aggregator``: how the replies are combined ('mean': sample-weighted, streamed;
-    'median' or 'trimmed_mean' with ``trim_fraction``: :func:`robust_average`)."""
+    'median' or 'trimmed_mean' with ``trim_fraction``: :func:`robust_average`);
+    ``plausible_scale``: :func:`implausible`; ``norm_bound``: a reply whose update norm per
+    local batch (of ``batch_size``, the clients' local batch size) exceeds this x the round's
+    median is rejected (:func:`_screened`); None: off, replies streamed."""
     if name not in _CLASSES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {name!r}")
     takes = strategy_options(name)
@@ -445,7 +516,14 @@ def make_strategy(name: str, *, aggregator: str = "mean", trim_fraction: float =
     if plausible_scale is not None and (isinstance(plausible_scale, bool) or not isinstance(plausible_scale, (int, float))
                                         or not 0 < plausible_scale < math.inf):
         raise ValueError(f"plausible_scale must be a positive finite number or None, got {plausible_scale!r}")
+    if norm_bound is not None and (isinstance(norm_bound, bool) or not isinstance(norm_bound, (int, float))
+                                   or not 1 <= norm_bound < math.inf):
+        raise ValueError(f"norm_bound must be a finite number >= 1 or None, got {norm_bound!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     strat = _CLASSES[name](**options)
     strat.aggregator, strat.trim_fraction = aggregator, float(trim_fraction)
     strat.plausible_scale = None if plausible_scale is None else float(plausible_scale)
+    strat.norm_bound = None if norm_bound is None else float(norm_bound)
+    strat.batch_size = batch_size
     return strat

@@ -77,7 +77,11 @@ def fold(replies, totals: FoldTotals, on_error, on_reply=None):
 
 class Transport:
     """Base class. ``bind(fed)`` once before the first round; ``replies(task)`` per round
-    yields one Reply per client of the task (those that cannot be reached as errors)."""
+    yields one Reply per client of the task (those that cannot be reached as errors).
+    ``replies_alias``: a reply's state may share memory with the next one's (a reused worker
+    model), so the server copies the replies it holds; False where each reply owns its state."""
+
+    replies_alias = True
 
     def bind(self, fed) -> None:
         self.fed = fed

@@ -215,6 +215,7 @@ class WorkerPoolTransport(Transport):
     """
 
     parallel_clients = True  # what config key `workers` asks for (Federation's check)
+    replies_alias = False  # each reply is unpickled from its worker's message
 
     def __init__(self, workers: int, *, threads: int | None = None, timeout_s: float | None = None):
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:

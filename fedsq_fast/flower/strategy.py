@@ -208,8 +208,10 @@ class FedSQStrategy(FlowerStrategy):
                 del state  # before the next reply is decoded: one client in memory, not two
 
         totals = FoldTotals()
+        # the decoded replies are views of Flower's own messages, held by Flower anyway: not copied
         new = self.engine.aggregate(self._reference, fold(decoded(), totals,
-                                                          lambda r: stats.rejected.append((r.cid, r.error))), stats)
+                                                          lambda r: stats.rejected.append((r.cid, r.error))), stats,
+                                    copy_held=False)
         log_rejected(server_round, stats)
         if stats.num_clients == 0:
             log.warning("round %d: no valid update: global model kept", server_round)

@@ -50,6 +50,8 @@ class GridTransport(Transport):
     :meth:`timeout_for_round`); ``order``: ``sorted`` or ``arrival``; ``poll_s``: seconds
     between pulls."""
 
+    replies_alias = False  # each reply is decoded from its own message
+
     def __init__(self, grid: Grid, *, round_timeout: float | None = None, order: str = "sorted",
                  poll_s: float = 0.5):
         if order not in ORDERS:

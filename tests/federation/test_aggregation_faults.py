@@ -156,10 +156,14 @@ def test_median_ignores_a_large_but_plausible_minority():
                for k, t in g.items()} for _ in range(4)]
     evil = {k: (t * 1000 if t.dtype.is_floating_point else t) for k, t in g.items()}  # under the 1e6 bound
     replies = [(i, s, 10) for i, s in enumerate(honest)] + [(9, evil, 1000)]
-    mean = make_strategy("fedavg").aggregate(g, replies)
+    mean = make_strategy("fedavg", norm_bound=None).aggregate(g, replies)
     med = make_strategy("fedavg", aggregator="median").aggregate(g, replies)
     w = g["conv.weight"]
     assert float((med["conv.weight"] - w).abs().max()) < 0.05 < float((mean["conv.weight"] - w).abs().max())
+    stats = AggregateStats()  # the default mean refuses it too: its update is far outside the cohort's
+    bounded = make_strategy("fedavg").aggregate(g, replies, stats)
+    assert [c for c, _ in stats.rejected] == [9] and "the cohort median" in stats.rejected[0][1]
+    assert float((bounded["conv.weight"] - w).abs().max()) < 0.05
     with pytest.raises(ValueError, match="aggregator must be one of mean, median, trimmed_mean"):
         make_strategy("fedavg", aggregator="krum")
     with pytest.raises(ValueError, match=r"trim_fraction must be a number in \[0, 0.5\)"):
@@ -225,3 +229,150 @@ def test_streaming_average_refuses_what_it_cannot_fold_exactly():
     assert sa.result().tolist() == [8, 8]  # 7.5 and 8.5, rounded half to even
     with pytest.raises(TypeError, match="out must have the structure of a client"):
         sa.result(out="x")
+
+
+# ---------------------------------------------------------------- cohort norm bound
+def _norm_oracle(g, states, ns, batch, bound):
+    """Which replies the norm bound refuses, computed in float64 numpy: ||state - g|| over the
+    floating parameters (BatchNorm statistics aside) per local batch, against bound x median."""
+    keys = [k for k, t in g.items() if t.dtype.is_floating_point and not k.endswith(("running_mean", "running_var"))]
+    per = np.array([np.sqrt(sum(((s[k].double() - g[k].double()).numpy() ** 2).sum() for k in keys))
+                    / max(1, -(-n // batch)) for s, n in zip(states, ns)])
+    if len(states) < 3 or np.median(per) == 0:
+        return set()
+    return {i for i, p in enumerate(per) if p > bound * np.median(per)}
+
+
+@pytest.mark.parametrize("aggregator", ["mean", "median", "trimmed_mean"])
+def test_norm_bound_refuses_exactly_the_updates_far_outside_the_cohort(aggregator):
+    """Random cohorts: honest updates that grow with a client's local batches (sizes 1..500),
+    a minority boosted by a random factor on either side of the bound. The refused set is the
+    float64 oracle's; the aggregate is the aggregator's over the others (oracle: the same
+    aggregator with the bound off, given only the others)."""
+    rng = np.random.default_rng(draw_seed(2**31))
+    for _ in range(6):
+        k, batch, bound = int(rng.integers(3, 12)), int(rng.integers(1, 70)), float(rng.uniform(2, 20))
+        gen = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
+        g = _bn_state(gen)
+        ns = [int(rng.integers(1, 500)) for _ in range(k)]
+        states = []
+        for i, n in enumerate(ns):
+            step = 1e-3 * max(1, -(-n // batch)) * float(rng.uniform(0.5, 2))
+            if i < (k - 1) // 2 and rng.random() < 0.7:  # a minority, boosted below or above the bound
+                step *= float(rng.choice([rng.uniform(1, 0.5 * bound), rng.uniform(3 * bound, 1e4)]))
+            d = {kk: (t + step * torch.randn(t.shape, generator=gen) if t.dtype.is_floating_point else t + 3)
+                 for kk, t in g.items()}
+            d["bn.running_var"] = d["bn.running_var"].abs()
+            states.append(d)
+        order = rng.permutation(k)
+        replies = [(int(c), states[c], ns[c]) for c in order]
+        stats = AggregateStats()
+        out = make_strategy("fedavg", aggregator=aggregator, norm_bound=bound, batch_size=batch).aggregate(g, replies, stats)
+        refused = _norm_oracle(g, states, ns, batch, bound)
+        assert {c for c, _ in stats.rejected} == refused
+        assert all("x the cohort median" in r and f"norm_bound {bound:g}" in r for _, r in stats.rejected)
+        assert stats.num_clients == k - len(refused) and stats.num_samples == sum(n for i, n in enumerate(ns) if i not in refused)
+        kept = [r for r in replies if r[0] not in refused]
+        ref = make_strategy("fedavg", aggregator=aggregator, norm_bound=None).aggregate(g, kept)
+        assert_same_state(out, ref)
+
+
+def test_norm_bound_on_with_nobody_refused_is_bit_identical_to_streaming():
+    """Holding the replies keeps their order: the bound costs memory, never a bit of the result."""
+    gen = torch.Generator().manual_seed(draw_seed(2**31))
+    g = _bn_state(gen, n=37)
+    replies = [(c, {k: (t + 0.01 * torch.randn(t.shape, generator=gen)).abs() if t.dtype.is_floating_point else t
+                    for k, t in g.items()}, int(n)) for c, n in enumerate(torch.randint(1, 99, (7,), generator=gen))]
+    stats = AggregateStats()
+    on = make_strategy("fedavg").aggregate(g, replies, stats)
+    assert not stats.rejected and stats.num_clients == 7
+    assert_same_state(on, make_strategy("fedavg", norm_bound=None).aggregate(g, replies))
+
+
+def test_norm_bound_needs_three_replies_and_a_nonzero_median():
+    gen = torch.Generator().manual_seed(draw_seed(2**31))
+    g = _bn_state(gen)
+    big = {k: (t * 50 if k == "conv.weight" else t) for k, t in g.items()}
+    for replies in ([(0, g, 10), (1, big, 10)],  # two: no median to speak of
+                    [(0, g, 10), (1, g, 10), (2, big, 10)]):  # the median update is zero
+        stats = AggregateStats()
+        make_strategy("fedavg", norm_bound=1.0).aggregate(g, replies, stats)
+        assert not stats.rejected and stats.num_clients == len(replies)
+
+
+@pytest.mark.parametrize("bad", [0.5, 0, -3, float("inf"), float("nan"), True, "10"])
+def test_norm_bound_values_are_checked(bad):
+    with pytest.raises(ValueError, match="norm_bound must be a finite number >= 1 or None"):
+        make_strategy("fedavg", norm_bound=bad)
+    from fedsq_fast.federation import validate
+    with pytest.raises(ValueError, match="norm_bound"):
+        validate(from_mapping({"norm_bound": bad}))
+
+
+def test_recorded_configs_without_norm_bound_reproduce_unbounded():
+    from fedsq_fast.federation.config import config_differences
+    cfg = small_config(norm_bound=None)
+    recorded = {k: v for k, v in cfg.to_dict().items() if k != "norm_bound"}
+    assert "norm_bound" not in config_differences(cfg, recorded)
+    assert "norm_bound" in config_differences(small_config(), recorded)
+    assert from_mapping({"norm_bound": "none"}).norm_bound is None
+
+
+@pytest.mark.parametrize("aggregator", ["median", "trimmed_mean"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_robust_aggregators_in_the_engine_use_every_clients_update(bundle, aggregator, workers):
+    """Regression: in process a reply aliases the worker model, so holding replies without a
+    copy made the 'median' the last client's model. Oracle: each client trained alone from
+    the same global model, combined coordinate-wise in float64 numpy."""
+    import scipy.stats as sps
+    from fedsq_fast.federation import WorkerPoolTransport
+    from fedsq_fast.federation.adapter import payload_state
+    cfg = small_config(rounds=1, num_clients=5, fraction=1.0, aggregator=aggregator, checkpoint=False,
+                       **({"trim_fraction": 0.2} if aggregator == "trimmed_mean" else {}))
+    data = prepare_data(cfg, bundle)
+    fed = Federation(cfg, "fedsq", data, quiet=True)
+    glob = {k: v.clone() for k, v in payload_state(fed.model).items()}
+    alone = [{k: v.clone() for k, v in fed.train_client(1, c, glob)[0].items()} for c in range(5)]
+    pool = WorkerPoolTransport(2, threads=1) if workers == 2 else None
+    try:
+        run = Federation(cfg, "fedsq", data, quiet=True, transport=pool)
+        run.run_round(1)
+        got = payload_state(run.model)
+    finally:
+        if pool is not None:
+            pool.close()
+    for k, t in glob.items():
+        if not t.dtype.is_floating_point:
+            continue
+        x = np.stack([a[k].double().numpy() for a in alone])
+        ref = np.median(x, 0) if aggregator == "median" else sps.trim_mean(x, 0.2, axis=0)
+        np.testing.assert_allclose(got[k].double().numpy(), ref, rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_a_boosted_client_in_the_engine_is_refused_and_logged(bundle, caplog):
+    """A client that scales its update by 100 (finite, inside plausible_scale: what model
+    replacement attacks send) is refused by the default norm bound, named in the round's
+    record; the round is the FedAvg of the others (oracle: float64 weighted mean)."""
+    from fedsq_fast.federation.adapter import payload_state
+    cfg = small_config(rounds=1, num_clients=6, fraction=1.0, checkpoint=False)
+    data = prepare_data(cfg, bundle)
+    seen, glob = {}, {}
+
+    def boost(rnd, cid, state):
+        seen[cid] = {k: v.clone() for k, v in state.items()}
+        if cid == 3:
+            return {k: (glob[k] + 100 * (v - glob[k]) if v.dtype.is_floating_point and "running" not in k else v)
+                    for k, v in state.items()}
+        return state
+    fed = Federation(cfg, "fedavg", data, quiet=True, client_hook=boost)
+    glob.update({k: v.clone() for k, v in payload_state(fed.model).items()})
+    with caplog.at_level("WARNING"):
+        rec = fed.run_round(1)
+    assert [c for c, _ in rec["clients_dropped"]] == [3] and "cohort median" in rec["clients_dropped"][0][1]
+    assert "client 3 update rejected" in caplog.text and rec["clients_ok"] == 5
+    ns = {c: len(data.parts[c]) for c in seen}
+    got = payload_state(fed.model)
+    for k, t in glob.items():
+        if t.dtype.is_floating_point:
+            ref = sum(seen[c][k].double() * ns[c] for c in seen if c != 3) / sum(ns[c] for c in seen if c != 3)
+            torch.testing.assert_close(got[k].double(), ref, rtol=1e-5, atol=1e-6)

@@ -33,7 +33,7 @@ OLD_DEFAULTS = {
     'target_accuracy': None, 'probe_size': 64, 'eval_batch_size': 512, 'out_dir': 'runs/default',
     'checkpoint': True, 'threads': None, 'device': 'auto'}
 # keys added since, appended in this order (recorded configs without them: C.LEGACY_VALUES)
-ADDED = {'plausible_scale': 1e6, 'workers': 1}
+ADDED = {'plausible_scale': 1e6, 'workers': 1, 'norm_bound': 10.0}
 FULL = {**OLD_DEFAULTS, **ADDED}
 
 # where each key is read (docs/federation.md, "Configuration keys")
@@ -44,7 +44,7 @@ SECTION = {
     **dict.fromkeys(["model", "weights", "quant_bn", "allow_ungated", "mask_cache"], "model"),
     **dict.fromkeys(["optimizer", "lr", "momentum", "weight_decay", "local_epochs", "batch_size",
                      "min_batch_size", "client_timeout_s"], "client"),
-    **dict.fromkeys(["methods", "aggregator", "trim_fraction", "plausible_scale", "prox_mu", "server_lr", "server_momentum",
+    **dict.fromkeys(["methods", "aggregator", "trim_fraction", "plausible_scale", "norm_bound", "prox_mu", "server_lr", "server_momentum",
                      "beta1", "beta2", "tau"], "strategy"),
     **dict.fromkeys(["rounds", "fraction", "min_clients", "failure_rate", "seed", "target_accuracy",
                      "probe_size", "eval_batch_size", "out_dir", "checkpoint", "threads", "device", "workers"], "run"),
@@ -94,6 +94,7 @@ def random_flat(rng) -> dict:
         "eval_batch_size": int(rng.integers(1, 2048)), "out_dir": f"runs/r{int(rng.integers(1000))}",
         "checkpoint": bool(rng.integers(2)), "threads": maybe_none(int(rng.integers(1, 16))),
         "plausible_scale": maybe_none(float(rng.uniform(1.0, 1e7))),
+        "norm_bound": maybe_none(float(rng.uniform(1.0, 100))),
         "device": device,
         "workers": int(rng.integers(1, 9)) if device == "cpu" else 1,  # the worker pool is CPU-only
     }
@@ -147,9 +148,10 @@ def test_a_recording_without_a_newer_key_reproduces_with_its_legacy_value():
     few = {k: rec[k] for k in list(rec)[:10]}
     assert C.from_mapping(few).plausible_scale == ADDED["plausible_scale"]
     # resuming such a recording under today's default is refused (it would compute something else)
-    assert C.config_differences(C.RunConfig(), rec) == ["plausible_scale"]
+    assert C.config_differences(C.RunConfig(), rec) == ["plausible_scale", "norm_bound"]
     assert C.config_differences(cfg, rec) == []
-    assert C.config_differences(C.from_mapping({"plausible_scale": 1e6}), {**rec, "plausible_scale": 1e6}) == []
+    assert C.config_differences(C.from_mapping({"plausible_scale": 1e6}), {**rec, "plausible_scale": 1e6}) == ["norm_bound"]
+    assert C.config_differences(C.RunConfig(), {**rec, **ADDED}) == []
 
 
 def test_every_key_in_one_section():

@@ -177,6 +177,24 @@ def test_strategy_rejects_malformed_replies_with_logged_reason(gen, caplog):
     assert strat.aggregate_train(1, replies[1:4]) == (None, None)
 
 
+def test_strategy_refuses_an_update_far_outside_the_cohort_as_the_engine_does(gen):
+    """The cohort norm bound on the Flower path: a reply boosted 1000x (finite, plausible) is
+    refused with the ratio; the new model is the engine's average of the others, bit for bit."""
+    glob = _state(gen)
+    strat = FedSQStrategy(_cfg(), "fedsq", min_train_nodes=1, min_available_nodes=1)
+    msgs = _sent(strat, glob, range(5))
+    states = [{k: (v + 0.01 * torch.randn(v.shape, generator=gen)).to(v.dtype) if v.dtype.is_floating_point else v
+               for k, v in glob.items()} for _ in range(5)]
+    states[2] = {k: (glob[k] + 1000 * (v - glob[k])).to(v.dtype) if v.dtype.is_floating_point and "running" not in k
+                 else v for k, v in states[2].items()}
+    arrays, metrics = strat.aggregate_train(1, [_reply(m, s, n=10, pid=i) for i, (m, s) in enumerate(zip(msgs, states))])
+    reasons = dict(strat.last_stats.rejected)
+    assert list(reasons) == [2] and "x the cohort median" in reasons[2]
+    ref = stream_average(glob, [(i, states[i], 10) for i in (0, 1, 3, 4)])
+    out = arrays_to_state(arrays)
+    assert all(torch.equal(out[k], ref[k]) for k in ref) and metrics["clients-ok"] == 4
+
+
 def test_strategy_composes_with_flower_dp_wrapper_on_float_payloads(gen):
     from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 

@@ -145,6 +145,7 @@ def validate(cfg: RunConfig, model_names=None, *, own_data: bool = False) -> Run
         _fail("aggregator", f"must be one of {', '.join(AGGREGATORS)}; got {cfg.aggregator!r}")
     _num(cfg, "trim_fraction", lo=0, hi=0.5, hi_open=True)
     _num(cfg, "plausible_scale", lo=0, lo_open=True, allow_none=True)
+    _num(cfg, "norm_bound", lo=1, allow_none=True)
     check_options_used(cfg)
     if cfg.quant_bn not in ("train", "frozen"):
         _fail("quant_bn", f"must be 'train' or 'frozen', got {cfg.quant_bn!r}")

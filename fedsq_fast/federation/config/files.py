@@ -93,6 +93,13 @@ def flatten(d: dict, source=None, text: str | None = None) -> dict:
     return out
 
 
+def _nullable(key: str) -> bool:
+    """Whether ``key`` may be None (its annotation admits it)."""
+    import typing
+
+    return type(None) in typing.get_args(typing.get_type_hints(RunConfig).get(key, str))
+
+
 def from_mapping(d: dict, base: RunConfig | None = None, *, recorded: bool | None = None) -> RunConfig:
     """A config from a mapping of config keys (flat, or sectioned: :func:`flatten`) over
     ``base`` (default: the defaults); unknown keys are rejected with the closest valid ones.
@@ -102,7 +109,8 @@ def from_mapping(d: dict, base: RunConfig | None = None, *, recorded: bool | Non
     config: ``recorded=None`` (default) takes a mapping that holds every key recordings have
     always held (``RECORDED_CORE``; what ``to_dict()`` writes: metrics.json, checkpoints,
     suites) as recorded; True/False force it. A recording without a key added since takes its
-    ``LEGACY_VALUES`` entry (what such runs computed with)."""
+    ``LEGACY_VALUES`` entry (what such runs computed with). TOML has no null: the string
+    "none" (or "null") means None for the keys that may be None, as on the command line."""
     if not isinstance(d, dict):
         _fail("config", f"must be a mapping of config keys, got {type(d).__name__}")
     d = flatten(d)
@@ -110,6 +118,8 @@ def from_mapping(d: dict, base: RunConfig | None = None, *, recorded: bool | Non
     names = []
     for k, v in d.items():
         k2 = _norm_key(k)
+        if isinstance(v, str) and v.strip().lower() in ("none", "null") and _nullable(k2):
+            v = None
         setattr(cfg, k2, v)
         names.append(k2)
     if isinstance(cfg.methods, str):

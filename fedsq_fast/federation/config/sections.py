@@ -66,6 +66,11 @@ class StrategyConfig:
     # model's max |value|) (a BatchNorm variance of 1e8 would overflow the float32 average).
     plausible_scale: float | None = _key(1e6, "refuse replies with values beyond this x (1 + global max |value|); "
                                               "none: off (runs recorded before 2026-12-02)")
+    # A reply whose update norm per local batch exceeds norm_bound x the round's median is
+    # refused (a boosted or runaway update); on, the server holds the round's valid replies
+    # until the median is known (K models, as Flower's strategies do); none: streamed.
+    norm_bound: float | None = _key(10.0, "refuse replies whose update norm per local batch exceeds this x "
+                                          "the round's median (3+ replies); none: off, replies streamed")
     prox_mu: float = _key(0.01, "fedprox: proximal term mu")
     server_lr: float | None = _key(None, "fedavgm, fedadam, fedyogi: server learning rate; "
                                          "none: 1.0 for fedavgm, 0.01 for fedadam/fedyogi")
@@ -185,11 +190,11 @@ KEYS = ("dataset", "data_root", "download", "max_train_samples", "val_size", "ma
         "client_timeout_s", "optimizer", "lr", "momentum", "weight_decay", "local_epochs", "batch_size",
         "min_batch_size", "prox_mu", "aggregator", "trim_fraction", "server_lr", "server_momentum", "beta1",
         "beta2", "tau", "mask_cache", "seed", "target_accuracy", "probe_size", "eval_batch_size", "out_dir",
-        "checkpoint", "threads", "device", "plausible_scale", "workers")
+        "checkpoint", "threads", "device", "plausible_scale", "workers", "norm_bound")
 # What a key added after runs were recorded meant before it existed: a recorded config without
 # the key reproduces its run with this value (config_differences, from_mapping(recorded=True)).
-# plausible_scale: the reply plausibility check of 2026-12-02 changed what such runs average.
-LEGACY_VALUES = {"plausible_scale": None}
+# plausible_scale, norm_bound: the reply checks of 2026-12-02/03 changed what such runs average.
+LEGACY_VALUES = {"plausible_scale": None, "norm_bound": None}
 # The keys every recorded config has held since the first recordings (2026-11-22): a mapping
 # holding all of them is a recording (from_mapping), even when it lacks keys added since.
 RECORDED_CORE = frozenset((
