@@ -17,7 +17,7 @@ from .client import derive_seed
 from .config import RunConfig, resolve_device
 from .data import DataBundle, load_dataset
 from .inputs import InputSpec, InputTransform, input_transform_for
-from .partition import class_counts, make_partition
+from .partition import ClientRanges, class_counts, make_partition
 
 log = logging.getLogger("fedsq_fast.federation")
 
@@ -115,8 +115,7 @@ def prepare_data(cfg: RunConfig, bundle: DataBundle | None = None, model_name: s
     counts = class_counts(pool.y.numpy(), parts, tr.num_classes)
     # Store the pool client by client: a client's data is then a view (no gather per round).
     order = torch.from_numpy(np.concatenate(parts))
-    ends = np.cumsum([len(p) for p in parts])
-    parts = [np.arange(e - len(p), e) for p, e in zip(parts, ends)]
+    parts = ClientRanges([len(p) for p in parts])  # one bound per client, not an array per client
     vx = tf.resize(val.x)
     data = FedData(tf.resize(pool.x[order]), pool.y[order], parts, vx, val.y, tf.resize(test.x), test.y,
                    vx[:cfg.probe_size], tf, tr.num_classes, tr.classes, counts)
