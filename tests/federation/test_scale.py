@@ -305,3 +305,38 @@ def test_memory_is_flat_in_the_number_of_clients(tmp_path):
     a, b = got[100]["peak_kb"], got[10_000]["peak_kb"]
     assert a > 10_000  # the pool and its splits are in the measurement (MB): a ratio means something
     assert b <= 1.2 * a, (a, b)
+
+
+# ---------------------------------------------------------------- one worker pool per grid
+def test_grid_runs_share_one_worker_pool(tmp_path, monkeypatch, bundle):
+    """`compare` and the suites (run_grid) start one pool for all their runs, not one per run:
+    2 worker processes for 3 runs on 2 splits, all stopped at the end, and every recorded
+    number (timings aside) that of the in-process grid."""
+    from conftest import SMALL
+
+    from fedsq_fast.experiments.grid import run_grid
+    from fedsq_fast.federation import workers as W
+
+    started = []
+
+    class CountingSlot(W._Slot):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            started.append(self)
+
+    monkeypatch.setattr(W, "_Slot", CountingSlot)
+    s = draw_seed()
+    cells = [(s, "iid", "fedavg"), (s, "iid", "fedsq"), (s + 1, "iid", "fedavg")]
+    hist = {}
+    for workers in (2, 1):
+        def config(seed, spec, method, workers=workers):
+            return from_mapping({**SMALL, "seed": seed, "partition": spec, "rounds": 2, "workers": workers,
+                                 "methods": [method], "checkpoint": False})
+
+        got = []
+        assert run_grid(cells, config, tmp_path / str(workers), bundle=bundle,
+                        on_run=lambda cell, d, res, info: got.append(res.history)) == 3
+        hist[workers] = [[{k: v for k, v in h.items() if "time" not in k and k != "elapsed_s"} for h in run]
+                         for run in got]
+    assert len(started) == 2 and not any(sl.proc.is_alive() for sl in started)
+    assert hist[2] == hist[1]
