@@ -248,7 +248,9 @@ def partition_summary(counts: np.ndarray, classes=None) -> str:
         rows.append(f"{name:<15}" + " ".join(f"{x:>7{fmt}}" for x in np.quantile(v, QUANTILES))
                     + f" {v.mean():>7.2f}")
     names = [str(x) for x in (classes or range(c))]
-    rows.append("pool by class: " + ", ".join(f"{n} {int(v)}" for n, v in zip(names, counts.sum(0)))
+    tot = counts.sum(0)
+    shown = ", ".join(f"{n} {int(v)}" for n, v in list(zip(names, tot))[:20]) + (f", ... ({c} classes)" if c > 20 else "")
+    rows.append("pool by class: " + shown
                 + f"; total {int(counts.sum())}; empty clients {int((st['size'] == 0).sum())}")
     return "\n".join(rows)
 

@@ -133,19 +133,22 @@ def test_feasible_dirichlet_with_a_few_short_draws_still_succeeds(rng):
     assert all(np.array_equal(a, b) for a, b in zip(got, ref))
 
 
-@pytest.mark.parametrize("kind,extra,key", [("dirichlet", {"min_partition_size": 3}, "num_clients"),
-                                            ("quantity", {"min_partition_size": 3}, "num_clients"),
-                                            ("iid", {}, "num_clients")])
-def test_impossible_client_counts_are_one_line_errors(kind, extra, key, rng):
-    """More clients than the pool can give min_partition_size (or one sample) each: refused
-    before any partition draw, in one line naming the key and the sizes."""
+@pytest.mark.parametrize("kind,extra,lower", [("dirichlet", {"min_partition_size": 3}, "min_partition_size"),
+                                              ("quantity", {"min_partition_size": 3}, "min_partition_size"),
+                                              ("shards", {"shards_per_client": 3}, "shards_per_client"),
+                                              ("iid", {}, "min_partition_size")])
+def test_impossible_client_counts_are_one_line_errors(kind, extra, lower, rng):
+    """More clients than the pool can give min_partition_size, shards_per_client (or one
+    sample) each: refused before any partition draw, in one line naming the keys and sizes."""
     b = _bundle(rng, 1201)
     k = 1201 if kind == "iid" else 500  # 500 x 3 > 1201 - val
     cfg = from_mapping({"num_clients": k, "partition": kind, "val_size": 100, "max_train_samples": None,
                         "max_test_samples": 50, **extra})
     with pytest.raises(ValueError) as e:
         prepare_data(cfg, b, input_spec=InputSpec(1))
-    assert str(e.value).startswith(f"{key}:") and "\n" not in str(e.value) and "1101" in str(e.value)
+    msg = str(e.value)
+    assert msg.startswith("num_clients:") and "\n" not in msg and "which holds 1101" in msg
+    assert f"at least {k * (1 if kind == 'iid' else 3)} samples" in msg and f"lower num_clients, {lower}" in msg
 
 
 def test_client_ranges_behave_as_the_index_lists(rng):
