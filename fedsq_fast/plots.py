@@ -153,10 +153,30 @@ def plot_rounds_to_best(rows, path, parts=None, methods=None) -> None:
     plt.close(fig)
 
 
+PLOT_MAX_CLIENTS = 100  # beyond: histograms over clients (one bar per client would be unreadable)
+
+
 def plot_partition(counts: np.ndarray, path, classes=None, title: str = "") -> None:
-    """Stacked bars of class counts per client (``counts``: clients x classes), written as a PNG."""
+    """Stacked bars of class counts per client (``counts``: clients x classes), written as a PNG;
+    beyond :data:`PLOT_MAX_CLIENTS` clients, histograms over clients of their size and label
+    skew instead (the figure's width stays fixed)."""
     plt = _plt()
     k, c = counts.shape
+    if k > PLOT_MAX_CLIENTS:
+        from .federation.partition import client_stats
+
+        st = client_stats(counts)
+        fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), dpi=110)
+        axes[0].hist(st["size"], bins=min(50, max(1, int(st["size"].max()) + 1)), color="tab:blue")
+        axes[0].set_xlabel("samples per client")
+        axes[0].set_ylabel("clients")
+        axes[1].hist(st["skew"], bins=40, range=(0, 1), color="tab:orange")
+        axes[1].set_xlabel("label skew (TV distance to the pool)")
+        fig.suptitle((title or "partition") + f" ({k} clients)", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return
     fig, ax = plt.subplots(figsize=(max(4, 0.45 * k + 2), 3.2), dpi=110)
     bottom = np.zeros(k)
     cmap = plt.get_cmap("tab10" if c <= 10 else "tab20")

@@ -33,20 +33,47 @@ def run_grid(cells, config, out, *, bundle=None, resume: bool = False, quiet: bo
     its first run. ``callbacks()``: fresh engine callbacks for each run. ``resume``: continue a
     run from its checkpoint. ``stop()``: a reason to stop before the next run, or None (the
     reason is echoed). ``on_run(cell, folder, result, info)``: after each run, with ``info``
-    (start and end time, wall seconds, load average, code version). Returns the runs made."""
+    (start and end time, wall seconds, load average, code version). Runs with ``workers`` > 1
+    share one worker pool (started at the first such run, stopped when the grid ends). Returns
+    the runs made."""
     groups: dict = {}
     for s, p, m in cells:
         groups.setdefault((s, p), []).append(m)
-    ran = 0
 
-    def stopped() -> bool:
+    def stopped(ran: int) -> bool:
         why = stop() if stop is not None else None
         if why:
             echo(f"stopping: {why}; {len(cells) - ran} runs left for --resume")
         return bool(why)
 
+    pools: dict = {}  # (workers, threads) -> one WorkerPoolTransport for every run that asks for it
+    try:
+        return _run_groups(groups, config, out, bundle, resume, quiet, callbacks, preflight, partition_plot,
+                           stopped, on_run, pools)
+    finally:
+        for pool in pools.values():
+            pool.close()
+
+
+def _pool_for(cfg, pools: dict):
+    """The worker pool of a run with ``workers`` > 1, started once and shared by every run of
+    the grid with the same (workers, threads): spawning workers costs seconds per run, and
+    binding a pool to the next run sends it that run's model and data (``WorkerPoolTransport.bind``)."""
+    if cfg.workers <= 1:
+        return None
+    key = (cfg.workers, cfg.threads)
+    if key not in pools:
+        from ..federation.workers import WorkerPoolTransport
+
+        pools[key] = WorkerPoolTransport(cfg.workers)
+    return pools[key]
+
+
+def _run_groups(groups, config, out, bundle, resume, quiet, callbacks, preflight, partition_plot, stopped,
+                on_run, pools) -> int:
+    ran = 0
     for (s, p), methods in groups.items():
-        if stopped():
+        if stopped(ran):
             break
         base = config(s, p, methods[0])
         if base.threads:
@@ -61,12 +88,13 @@ def run_grid(cells, config, out, *, bundle=None, resume: bool = False, quiet: bo
             plot_partition(data.counts, gdir / "partition.png", data.classes,
                            f"{base.dataset}, {spec_tag(p)}, seed {s}")
         for m in methods:
-            if stopped():
+            if stopped(ran):
                 return ran
             cfg = config(s, p, m)
             d = cell_dir(out, p, s, m)
             start, t0, load0 = utc(), time.perf_counter(), loadavg()
-            res = Federation(cfg, m, data, out_dir=d, quiet=quiet, callbacks=callbacks()).run(resume=resume)
+            res = Federation(cfg, m, data, out_dir=d, quiet=quiet, callbacks=callbacks(),
+                             transport=_pool_for(cfg, pools)).run(resume=resume)
             info = {"started": start, "finished": utc(), "wall_s": time.perf_counter() - t0,
                     "loadavg_start": load0, "loadavg_end": loadavg(), "code": code_version()}
             ran += 1

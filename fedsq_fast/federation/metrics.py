@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -138,6 +139,22 @@ def summarize(history: list[dict], target: float | None = None) -> dict:
         "time_engine_s": tt - tc - te,
         "dropped": sum(len(h["clients_dropped"]) for h in rounds),
     }
+
+
+def drops_text(dropped, limit: int = 5) -> str:
+    """A round's ``clients_dropped`` for a log line: the list itself up to ``limit`` clients,
+    else the count, the reasons grouped (numbers masked, so 'client 3' and 'client 7' group)
+    and the first client ids; the metrics files keep every [client, reason]."""
+    if len(dropped) <= limit:
+        return str([[int(c), r] for c, r in dropped])
+    groups: dict = {}
+    for _, r in dropped:
+        key = re.sub(r"\d+(\.\d+)?", "#", str(r))
+        groups[key] = groups.get(key, 0) + 1
+    top = sorted(groups.items(), key=lambda kv: -kv[1])
+    reasons = "; ".join(f"{n} x {r}" for r, n in top[:3]) + (f"; {len(top) - 3} other reasons" if len(top) > 3 else "")
+    first = ", ".join(str(int(c)) for c, _ in dropped[:limit])
+    return f"{len(dropped)} clients ({reasons}; first {first}, ...)"
 
 
 def jsonable(o):

@@ -17,7 +17,7 @@ from .client import derive_seed
 from .config import RunConfig, resolve_device
 from .data import DataBundle, load_dataset
 from .inputs import InputSpec, InputTransform, input_transform_for
-from .partition import class_counts, make_partition
+from .partition import ClientRanges, class_counts, make_partition
 
 log = logging.getLogger("fedsq_fast.federation")
 
@@ -94,12 +94,15 @@ def prepare_data(cfg: RunConfig, bundle: DataBundle | None = None, model_name: s
     pool_idx = perm[cfg.val_size:]
     if cfg.max_train_samples is not None:
         pool_idx = pool_idx[:cfg.max_train_samples]
-    need = cfg.num_clients * max(1, cfg.min_partition_size if cfg.partition in ("dirichlet", "quantity") else 1)
+    per = {"dirichlet": cfg.min_partition_size, "quantity": cfg.min_partition_size,
+           "shards": cfg.shards_per_client}.get(cfg.partition, 1)  # samples a client needs at least
+    need = cfg.num_clients * max(1, per)
     if need > len(pool_idx):
+        lower = "shards_per_client" if cfg.partition == "shards" else "min_partition_size"
         raise ValueError(f"num_clients: {cfg.num_clients} clients need at least {need} samples in the client pool, "
                          f"which holds {len(pool_idx)} ({n} training samples - val_size {cfg.val_size}"
                          + (f", capped by max_train_samples {cfg.max_train_samples}" if cfg.max_train_samples else "")
-                         + "); lower num_clients, min_partition_size or val_size")
+                         + f"); lower num_clients, {lower} or val_size")
     te = bundle.test
     te_idx = np.random.default_rng(derive_seed(cfg.seed, seeds.SPLIT, 1)).permutation(len(te))
     if cfg.max_test_samples is not None:
@@ -115,8 +118,7 @@ def prepare_data(cfg: RunConfig, bundle: DataBundle | None = None, model_name: s
     counts = class_counts(pool.y.numpy(), parts, tr.num_classes)
     # Store the pool client by client: a client's data is then a view (no gather per round).
     order = torch.from_numpy(np.concatenate(parts))
-    ends = np.cumsum([len(p) for p in parts])
-    parts = [np.arange(e - len(p), e) for p, e in zip(parts, ends)]
+    parts = ClientRanges([len(p) for p in parts])  # one bound per client, not an array per client
     vx = tf.resize(val.x)
     data = FedData(tf.resize(pool.x[order]), pool.y[order], parts, vx, val.y, tf.resize(test.x), test.y,
                    vx[:cfg.probe_size], tf, tr.num_classes, tr.classes, counts)

@@ -14,7 +14,7 @@ from ..plots import plot_partition
 from . import adapter
 from .config import DATA_KEYS, MODEL_KEYS, MethodSpec, RunConfig, check_sources, from_mapping, validate
 from .data import InputSpec, input_spec_of, make_bundle
-from .partition import PARTITIONS, partition_table
+from .partition import PARTITIONS, partition_report, partition_table
 from .prepare import build_method_model, call_model_fn, prepare_data
 from .server import Federation
 
@@ -76,8 +76,7 @@ def run_methods(cfg: RunConfig, out_dir=None, resume=False, quiet=False, echo=pr
     data = prepare_data(cfg, bundle, input_spec=input_spec)
     preflight_models(cfg, data, model_fn)
     out.mkdir(parents=True, exist_ok=True)
-    table = partition_table(data.counts, data.classes)
-    (out / "partition.txt").write_text(table + "\n")
+    (out / "partition.txt").write_text(partition_table(data.counts, data.classes) + "\n")  # every client
     plot_partition(data.counts, out / "partition.png", data.classes,
                    f"{cfg.dataset}, {partition_tag(cfg.to_dict())}, seed {cfg.seed}")
     if not quiet:
@@ -86,7 +85,7 @@ def run_methods(cfg: RunConfig, out_dir=None, resume=False, quiet=False, echo=pr
              f"input {tuple(data.x.shape[1:])} -> {tf.channels} ch, "
              f"{'no normalisation' if tf.mean is None else 'normalised'} "
              f"({time.perf_counter() - t0:.1f} s)")
-        echo(table)
+        echo(partition_report(data.counts, data.classes))  # beyond 50 clients: quantiles, not rows
     if before_methods is not None:
         before_methods(data)
     pool = None

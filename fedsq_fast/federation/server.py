@@ -23,7 +23,7 @@ from . import adapter, checkpoint
 from .callbacks import GateStability, Progress
 from .client import LocalConfig, evaluate
 from .config import MethodSpec, RunConfig, config_differences, local_config, resolve_device, strategy_from_config
-from .metrics import RoundRecord, summarize, write_metrics
+from .metrics import RoundRecord, drops_text, summarize, write_metrics
 from .prepare import (FedData, build_method_model, call_model_fn, place_data,  # noqa: F401 (API)
                       prepare_data, warn_little_data)
 from .seeds import client_seed, failure_draws, sample_clients  # noqa: F401 (API)
@@ -32,6 +32,7 @@ from .transport import FoldTotals, InProcessTransport, RoundTask, Transport, fol
 from .trainer import new_mask_cache
 
 log = logging.getLogger("fedsq_fast.federation")
+DROP_LOG_LINES = 10  # per round: clients dropped beyond these are logged at DEBUG and summarised in one line
 
 
 @dataclass
@@ -178,14 +179,25 @@ class Federation:
         chosen = self.sample_clients(rnd)
         fails = failure_draws(self.cfg.seed, rnd, len(chosen)) < self.cfg.failure_rate
         dropped = [(cid, "simulated failure (failure_rate)") for cid, f in zip(chosen, fails) if f]
+        shown, hidden = [0], []  # per-client drop lines logged / levels of those past DROP_LOG_LINES
+
+        def log_drop(level, msg, *args):
+            # thousands of clients: a round's first drops get a line each, the rest one summary line
+            if shown[0] < DROP_LOG_LINES:
+                shown[0] += 1
+                log.log(level, msg, *args)
+            else:
+                hidden.append(level)
+                log.debug(msg, *args)
+
         for cid, _ in dropped:
-            log.info("round %d: client %d dropped: simulated failure", rnd, cid)
+            log_drop(logging.INFO, "round %d: client %d dropped: simulated failure", rnd, cid)
         task = RoundTask(rnd, glob, [cid for cid, f in zip(chosen, fails) if not f], self.local_config(rnd))
         totals = FoldTotals()
 
         def drop(r):
             dropped.append((r.cid, r.error))
-            log.warning("round %d: client %d dropped: %s", rnd, r.cid, r.error)
+            log_drop(logging.WARNING, "round %d: client %d dropped: %s", rnd, r.cid, r.error)
 
         def seen(r):
             for cb in self.callbacks:
@@ -196,7 +208,10 @@ class Federation:
                                       copy_held=self.transport.replies_alias)
         for cid, reason in stats.rejected:
             dropped.append((cid, f"update rejected: {reason}"))
-            log.warning("round %d: client %d update rejected: %s", rnd, cid, reason)
+            log_drop(logging.WARNING, "round %d: client %d update rejected: %s", rnd, cid, reason)
+        if hidden:
+            log.log(max(hidden), "round %d: %d more clients dropped than logged above; in all %s (every one is in "
+                    "metrics.json / metrics.csv, clients_dropped)", rnd, len(hidden), drops_text(sorted(dropped)))
         if stats.rolled_back:
             log.error("round %d: aggregate discarded, global model kept: %s", rnd, stats.rolled_back)
         skipped = stats.num_clients < self.cfg.min_clients
@@ -217,7 +232,7 @@ class Federation:
             bytes_down=(len(chosen) if task.sent is None else task.sent) * self.payload_bytes,
             time_client_s=totals.client_s)
         log.info("round %d: val_acc %.4f, %d/%d clients, dropped %s", rnd, vacc, stats.num_clients,
-                 len(chosen), rec.clients_dropped)
+                 len(chosen), drops_text(rec.clients_dropped))
         return self._finish(rec, t0, t_eval)
 
     def _finish(self, rec: RoundRecord, t0: float, t_eval: float, callbacks: bool = True) -> RoundRecord:
