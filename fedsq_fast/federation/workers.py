@@ -79,6 +79,7 @@ def _worker_main(conn, threads: int) -> None:
             _, blob, x, y = msg
             try:
                 recipe, state, parts, transform = pickle.loads(blob)
+                _set_determinism(recipe["determinism"])
                 model = _build_model(recipe, x, transform)
                 model.load_state_dict(state)  # the server's model now (structural copy included)
                 seed, mask_cache = recipe["cfg"].seed, recipe["cfg"].mask_cache
@@ -101,6 +102,19 @@ def _worker_main(conn, threads: int) -> None:
             except Exception as e:  # a failing client leaves the round, not the run (as in process)
                 out = ("error", cid, f"error: {type(e).__name__}: {e}")
             conn.send_bytes(_pack(out))
+
+
+def _determinism() -> tuple:
+    """This process's reproducibility switches, which workers copy: a worker sharing the GPU
+    must pick the kernels the server would, or results depend on the number of workers."""
+    return (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+
+
+def _set_determinism(flags: tuple) -> None:
+    algorithms, warn_only, cudnn_deterministic, cudnn_benchmark = flags
+    torch.use_deterministic_algorithms(algorithms, warn_only=warn_only)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_deterministic, cudnn_benchmark
 
 
 def _build_model(recipe: dict, x, transform):
@@ -235,9 +249,8 @@ class WorkerPoolTransport(Transport):
 
     # ------------------------------------------------------------------ engine hooks
     def bind(self, fed) -> None:
-        if fed.device.type != "cpu":
-            raise ValueError(f"workers: the worker pool trains on the CPU; device is {fed.device} "
-                             "(use workers = 1 on a GPU)")
+        if fed.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"workers: the worker pool trains on the CPU or a CUDA GPU; device is {fed.device}")
         super().bind(fed)
         self.local_states = {}
         self.refresh()
@@ -268,7 +281,10 @@ class WorkerPoolTransport(Transport):
 
         d = self.fed.data
         for t in (d.x, d.y):
-            t.share_memory_()  # in place, once (a no-op after): every worker maps the same pages
+            # in place, once (a no-op after): every worker maps the same pages; on a GPU the
+            # pickler sends CUDA IPC handles instead, so the workers read the server's copy
+            if not t.is_cuda:
+                t.share_memory_()
         return bytes(ForkingPickler.dumps(("setup", self._model_blob(), d.x, d.y)))
 
     def _model_blob(self) -> bytes:
@@ -277,7 +293,7 @@ class WorkerPoolTransport(Transport):
         fed, d = self.fed, self.fed.data
         if self._setup is None:
             recipe = {"cfg": fed.cfg, "method": fed.method, "dual": fed.dual, "num_classes": d.num_classes,
-                      "model_fn": getattr(fed, "model_fn", None)}
+                      "model_fn": getattr(fed, "model_fn", None), "determinism": _determinism()}
             try:
                 self._setup = _pack((recipe, fed.model.state_dict(), d.parts, d.transform))
             except (pickle.PicklingError, AttributeError, TypeError) as e:

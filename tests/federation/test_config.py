@@ -96,7 +96,7 @@ def random_flat(rng) -> dict:
         "plausible_scale": maybe_none(float(rng.uniform(1.0, 1e7))),
         "norm_bound": maybe_none(float(rng.uniform(1.0, 100))),
         "device": device,
-        "workers": int(rng.integers(1, 9)) if device == "cpu" else 1,  # the worker pool is CPU-only
+        "workers": int(rng.integers(1, 9)),
     }
 
 

@@ -304,3 +304,34 @@ def test_ctrl_c_on_the_cli_stops_its_workers(tmp_path):
         err = proc.stderr.read().decode() if proc.stderr else ""
         proc.stderr.close()
     assert "KeyboardInterrupt" in err or "Interrupted" in err or proc.returncode in (130, -2), err[-2000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs it)")
+@pytest.mark.parametrize("method", ["fedavg", "fedsq"])
+def test_cuda_workers_share_the_gpu_and_equal_the_in_process_run(bundle, method, monkeypatch):
+    """Workers on one GPU (data as CUDA IPC handles, the server's determinism switches copied):
+    with deterministic cuDNN the run is the in-process run bit for bit. Were two in-process
+    runs to differ (a nondeterministic kernel), identity could not be asked of the workers
+    either: the test then requires the two runs to be as close as the in-process pair."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    cfg = _cfg(method, device="cuda")
+    data = prepare_data(cfg, bundle)
+    ref = Federation(cfg, method, data, quiet=True).run()
+    again = Federation(cfg, method, data, quiet=True).run()
+    pool = WorkerPoolTransport(2, threads=1)
+    try:
+        got = Federation(cfg, method, data, quiet=True, transport=pool).run()
+    finally:
+        pool.close()
+    assert next(got.model.parameters()).is_cuda and all(h["clients_ok"] == 6 for h in got.history[1:])
+    sr, sa = ref.model.state_dict(), again.model.state_dict()
+    if all(torch.equal(sr[k], sa[k]) for k in sr):
+        _same_model(ref.model, got.model)
+        _same_numbers(ref.history, got.history)
+    else:
+        sg = got.model.state_dict()
+        for k in sr:
+            if sr[k].dtype.is_floating_point:
+                spread = float((sr[k] - sa[k]).abs().max())
+                assert float((sr[k] - sg[k]).abs().max()) <= 10 * spread + 1e-6, k

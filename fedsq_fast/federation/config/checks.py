@@ -169,9 +169,6 @@ def validate(cfg: RunConfig, model_names=None, *, own_data: bool = False) -> Run
     _int(cfg, "shards_per_client", lo=1, hi=MAX_SHARDS_PER_CLIENT)
     _check_device(cfg.device)
     _int(cfg, "workers", lo=1, hi=MAX_WORKERS)
-    if cfg.workers > 1 and resolve_device(cfg.device).type != "cpu":
-        _fail("workers", f"{cfg.workers} worker processes train on the CPU, but device {cfg.device!r} is "
-                         f"{resolve_device(cfg.device)}; set device = 'cpu' or workers = 1")
     _int(cfg, "min_batch_size", lo=1)
     if cfg.min_batch_size > cfg.batch_size:
         _fail("min_batch_size", f"({cfg.min_batch_size}) must not exceed batch_size ({cfg.batch_size})")
