@@ -379,7 +379,10 @@ def load_dataset(name: str, root: str | None = None, download: bool = False) -> 
 def _to_float_images(x, arg: str) -> torch.Tensor:
     """(N, C, H, W) float32 from a tensor/array: uint8 is scaled to [0, 1]; (N, H, W) gets C = 1."""
     if isinstance(x, np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(x))
+        # a read-only array (a memmap opened 'r') is copied: in memory means in memory, and
+        # torch cannot hold non-writable memory
+        x = torch.from_numpy(np.array(x, order="C") if isinstance(x, np.memmap) or not x.flags.writeable
+                             else np.ascontiguousarray(x))
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{arg}: expected a tensor or numpy array of images, got {type(x).__name__}")
     if x.dtype == torch.bool or x.is_complex():
