@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import draw_seed
 
-from fedsq_fast.federation import (Federation, LazyImages, federate, from_mapping, make_bundle,
+from fedsq_fast.federation import (Callback, Federation, LazyImages, federate, from_mapping, make_bundle,
                                    prepare_data)
 from fedsq_fast.federation import data as D
 from fedsq_fast.federation.inputs import InputTransform
@@ -263,9 +263,16 @@ def test_workers_read_the_memmap_themselves_with_the_same_numbers(tmp_path, meth
     seed = draw_seed()
     par, one = _cfg(workers=2, seed=seed), _cfg(seed=seed)
     data = prepare_data(par, lazy, model_name="tiny_cnn")
-    got = _numbers(Federation(par, method, data, quiet=True).run())
+    pools = []
+
+    class SeePool(Callback):
+        def on_round_end(self, fed, record):
+            pools.extend(fed.transport._tmp)
+
+    got = _numbers(Federation(par, method, data, quiet=True, callbacks=[SeePool()]).run())
     assert isinstance(data.x, LazyImages) and data.x.reads == 0  # the workers read, not the server
-    assert os.listdir(tmp) == []  # the pool's temporary folder went with the pool
+    assert pools and all(os.path.dirname(p) == str(tmp) for p in pools)
+    assert not any(os.path.exists(p) for p in pools)  # the pool's temporary folder went with the pool
     want = _numbers(Federation(one, method, prepare_data(one, inmem, model_name="tiny_cnn"), quiet=True).run())
     _same(got, want)
 
