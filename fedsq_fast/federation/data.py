@@ -377,7 +377,10 @@ def load_dataset(name: str, root: str | None = None, download: bool = False) -> 
 
 
 def _to_float_images(x, arg: str) -> torch.Tensor:
-    """(N, C, H, W) float32 from a tensor/array: uint8 is scaled to [0, 1]; (N, H, W) gets C = 1."""
+    """(N, C, H, W) float32 from a tensor/array: uint8 is scaled to [0, 1]; (N, H, W) gets C = 1.
+    Images read per batch (:class:`LazyImages`) are read whole (``in_memory=True``)."""
+    if is_lazy(x):
+        return x.read()
     if isinstance(x, np.ndarray):
         # a read-only array (a memmap opened 'r') is copied: in memory means in memory, and
         # torch cannot hold non-writable memory
@@ -402,8 +405,9 @@ def _to_float_images(x, arg: str) -> torch.Tensor:
 def _to_labels(y, arg: str) -> torch.Tensor:
     if isinstance(y, (list, tuple)):
         y = np.asarray(y)
-    if isinstance(y, np.ndarray):
-        y = torch.from_numpy(np.ascontiguousarray(y))
+    if isinstance(y, np.ndarray):  # a memmap or read-only array is copied (as images are)
+        y = torch.from_numpy(np.array(y, order="C") if isinstance(y, np.memmap) or not y.flags.writeable
+                             else np.ascontiguousarray(y))
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"{arg}: expected a tensor, array or list of labels, got {type(y).__name__}")
     if y.dtype.is_floating_point:
@@ -498,7 +502,7 @@ def _lazy_split(data, arg: str, in_memory, budget: int):
     if in_memory is True:
         return None
     if isinstance(data, InMemoryDataset):
-        return (data.x, data.y) if is_lazy(data.x) else None
+        data = (data.x, data.y)
     if isinstance(data, (tuple, list)) and len(data) == 2 \
             and all(isinstance(t, (torch.Tensor, np.ndarray, list, LazyImages)) for t in data):
         imgs, labels = data

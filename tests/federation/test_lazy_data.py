@@ -119,6 +119,9 @@ def test_make_bundle_keeps_data_past_the_budget_where_it_is(tmp_path):
     for b in (lazy, forced):  # same held-out split, same images
         assert torch.equal(b.train.y, inmem.train.y) and torch.equal(b.test.y, inmem.test.y)
         assert torch.equal(b.train.x.read(), inmem.train.x) and torch.equal(b.test.x.read(), inmem.test.x)
+    back = make_bundle(lazy.train, lazy.test, in_memory=True)  # a lazy bundle read into memory
+    assert torch.equal(back.train.x, inmem.train.x) and torch.equal(back.test.x, inmem.test.x)
+    assert isinstance(make_bundle(inmem.train, inmem.test, in_memory=False).train.x, LazyImages)
     with pytest.raises(ValueError, match="in_memory must be True, False or 'auto'"):
         make_bundle((mm, y), in_memory="yes")
     with pytest.raises(ValueError, match="memory_budget must be a number of bytes"):
