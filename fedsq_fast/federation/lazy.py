@@ -244,9 +244,10 @@ class LazyImages:
             return torch.zeros((0, *self.shape[1:]), dtype=torch.float32)
         x = self._src.read(base)
         self.reads += len(base)
+        floating = x.dtype.is_floating_point
         x = x.float() / 255.0 if self._src.uint8 else x.float()
-        bad = ~torch.isfinite(x.reshape(len(x), -1)).all(1)
-        if bool(bad.any()):
+        bad = ~torch.isfinite(x.reshape(len(x), -1)).all(1) if floating else None  # integers are finite
+        if bad is not None and bool(bad.any()):
             raise ValueError(f"{self.arg}: image {int(base[int(torch.nonzero(bad)[0, 0])])} holds NaN or Inf")
         if self._resize is not None:
             x = self._resize.resize(x)
