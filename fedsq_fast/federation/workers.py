@@ -85,6 +85,9 @@ def _worker_main(conn, threads: int, tmpdir: str | None = None) -> None:
             _, blob, x, y = msg
             try:
                 recipe, state, parts, transform = pickle.loads(blob)
+                from . import trainer as _trainer
+
+                _trainer.MASK_CACHE_BYTES = recipe.get("mask_cache_bytes", _trainer.MASK_CACHE_BYTES)
                 model = _build_model(recipe, x, transform)
                 model.load_state_dict(state)  # the server's model now (structural copy included)
                 seed, mask_cache = recipe["cfg"].seed, recipe["cfg"].mask_cache
@@ -297,8 +300,11 @@ class WorkerPoolTransport(Transport):
         so a model_fn that cannot be pickled is refused with no process started)."""
         fed, d = self.fed, self.fed.data
         if self._setup is None:
+            from . import trainer as _trainer
+
             recipe = {"cfg": fed.cfg, "method": fed.method, "dual": fed.dual, "num_classes": d.num_classes,
-                      "model_fn": getattr(fed, "model_fn", None)}
+                      "model_fn": getattr(fed, "model_fn", None),
+                      "mask_cache_bytes": _trainer.MASK_CACHE_BYTES}  # the server's RAM budget, spill beyond
             try:
                 self._setup = _pack((recipe, fed.model.state_dict(), d.parts, d.transform))
             except (pickle.PicklingError, AttributeError, TypeError) as e:

@@ -253,30 +253,39 @@ def test_a_lazy_dataset_through_federate_gives_the_same_numbers(tmp_path):
     _same(_numbers(lazy["fedsq"]), _numbers(inmem["fedsq"]))
 
 
-@pytest.mark.parametrize("method", ["fedsq"])
-def test_workers_read_the_memmap_themselves_with_the_same_numbers(tmp_path, method, monkeypatch):
+@pytest.mark.parametrize("method,source", [("fedsq", "memmap"), ("fedavg", "dataset")])
+def test_workers_read_the_data_themselves_with_the_same_numbers(tmp_path, method, source, monkeypatch):
+    """workers = 2 on data read per batch (each worker opens the memmap / unpickles the Dataset)
+    against the in-memory run in process; under FedSQ with a mask-cache budget of a few rows,
+    so the workers' caches spill, into the pool's temporary folder, removed with the pool."""
     import tempfile
+
+    from fedsq_fast.federation import trainer
 
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # the pool's folder (workers' spill files) goes here
     b, path, tr, te = _digits_files(tmp_path)
-    lazy = make_bundle((tr, b.train.y), (te, b.test.y), in_memory=False)
+    train = (tr, b.train.y) if source == "memmap" else ItemsDataset(np.array(tr), b.train.y.numpy())
+    lazy = make_bundle(train, (te, b.test.y), in_memory=False)
     inmem = make_bundle((np.array(tr), b.train.y), (np.array(te), b.test.y))
     seed = draw_seed()
     par, one = _cfg(workers=2, seed=seed), _cfg(seed=seed)
+    want = _numbers(Federation(one, method, prepare_data(one, inmem, model_name="tiny_cnn"), quiet=True).run())
     data = prepare_data(par, lazy, model_name="tiny_cnn")
     pools = []
 
     class SeePool(Callback):
         def on_round_end(self, fed, record):
             pools.extend(fed.transport._tmp)
+            if method == "fedsq":  # each worker's spill folder is in the pool's
+                assert len([d for p in fed.transport._tmp for d in os.listdir(p)]) == 2
 
+    monkeypatch.setattr(trainer, "MASK_CACHE_BYTES", 100)  # sent to the workers with the model
     got = _numbers(Federation(par, method, data, quiet=True, callbacks=[SeePool()]).run())
     assert isinstance(data.x, LazyImages) and data.x.reads == 0  # the workers read, not the server
     assert pools and all(os.path.dirname(p) == str(tmp) for p in pools)
     assert not any(os.path.exists(p) for p in pools)  # the pool's temporary folder went with the pool
-    want = _numbers(Federation(one, method, prepare_data(one, inmem, model_name="tiny_cnn"), quiet=True).run())
     _same(got, want)
 
 
