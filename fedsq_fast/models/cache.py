@@ -254,6 +254,22 @@ class MaskCache:
         self._rows, self.layout, self.row_bytes, self.capacity, self.ram_capacity = None, None, None, None, None
         self._filled.zero_()
 
+    def __deepcopy__(self, memo):
+        """A copy holds its own rows; a spilling cache's copy starts empty (its rows would
+        share the spill file, which the original removes when it closes), and refills."""
+        import copy
+
+        if self._spill_cleanup is None:
+            new = object.__new__(type(self))
+            memo[id(self)] = new
+            new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
+            return new
+        new = type(self)(self.num_samples, max_bytes=self.max_bytes, policy=self.policy,
+                         allow_random_transforms=self.allow_random_transforms, spill_dir=self.spill_dir)
+        new.check_inputs, new._owner = self.check_inputs, self._owner
+        memo[id(self)] = new
+        return new
+
     def _get_rows(self, idx: torch.Tensor) -> torch.Tensor:
         if self._spill is None:
             return self._rows[idx]

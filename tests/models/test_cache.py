@@ -209,6 +209,20 @@ def test_spilled_rows_give_the_uncached_training_and_the_file_goes_on_close(tmp_
     cache.close()
 
 
+def test_a_copy_of_a_spilling_cache_starts_empty_and_does_not_share_the_file(tmp_path):
+    X, Y = _data(9, (3, 10, 10))
+    _, cache, dc = _spilled_run(X, Y, 1, tmp_path, epochs=1)
+    twin = copy.deepcopy(dc)
+    assert twin.mask_cache is not cache and len(twin.mask_cache) == 0 and twin.mask_cache.spill_path is None
+    with torch.no_grad():
+        assert torch.equal(twin(X, sample_idx=torch.arange(9)), dc(X, sample_idx=torch.arange(9)))
+    assert twin.mask_cache.spill_path != cache.spill_path and len(twin.mask_cache) == 9
+    paths = [os.path.dirname(c.spill_path) for c in (cache, twin.mask_cache)]
+    cache.close()
+    twin.mask_cache.close()
+    assert not any(os.path.exists(p) for p in paths)
+
+
 def test_part_in_ram_part_on_disk_equals_all_in_ram(tmp_path):
     X, Y = _data(30, (3, 10, 10))
     ram, ram_cache, _ = _spilled_run(X, Y, 1 << 20, tmp_path)
