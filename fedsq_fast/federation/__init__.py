@@ -12,6 +12,7 @@ from .config import RunConfig, from_mapping, load_file, parse_method, validate  
 from .config import (ClientConfig, DataConfig, MethodSpec, ModelConfig, RunSection, StrategyConfig,  # noqa: F401
                      load_config, strategy_from_config)
 from .data import DATASETS, DataBundle, InMemoryDataset, InputSpec, input_spec_of, load_dataset, make_bundle  # noqa: F401
+from .lazy import LazyImages  # noqa: F401
 from .runner import federate  # noqa: F401
 from .partition import PARTITIONS, class_counts, make_partition  # noqa: F401
 from .metrics import RoundRecord, summarize  # noqa: F401

@@ -93,7 +93,9 @@ def check_model_io(model: nn.Module, x: torch.Tensor, transform, num_classes: in
     engine will feed them, before any training: a model that cannot take the data's input
     or whose output is not (batch, num_classes) is refused with what to change, instead of
     crashing in the first evaluation or training on the wrong head."""
-    xb = x[:2]
+    from .lazy import rows
+
+    xb = rows(x, slice(0, 2))
     if transform is not None:
         xb = transform(xb)
     was = model.training

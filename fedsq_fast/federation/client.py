@@ -1,8 +1,9 @@
 """Local training on one client: a pure function of (model, data, options, seed).
 
-Batches come from in-memory tensors (no DataLoader), shuffled by a generator
-seeded from (seed, round, client), so a client's update does not depend on
-what ran before it in the process.
+Batches come from in-memory tensors, or are read per batch from a
+:class:`~fedsq_fast.federation.lazy.LazyImages` (``x[idx]`` either way; no DataLoader),
+shuffled by a generator seeded from (seed, round, client), so a client's update does not
+depend on what ran before it in the process.
 """
 from __future__ import annotations
 
@@ -151,14 +152,17 @@ def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalCo
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, transform=None,
              batch_size: int = 512, sample_idx: torch.Tensor | None = None) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) in eval mode (``sample_idx``: as in local_train)."""
+    """(mean cross-entropy, accuracy) in eval mode (``sample_idx``: as in local_train); ``x``
+    a tensor or a :class:`~fedsq_fast.federation.lazy.LazyImages` (read per batch)."""
+    from .lazy import rows
+
     was = model.training
     model.eval()
     dev = _device_of(model)
     loss, correct = 0.0, 0
     try:
         for i in range(0, len(y), batch_size):
-            xb = x[i:i + batch_size].to(dev, non_blocking=True)
+            xb = rows(x, slice(i, i + batch_size)).to(dev, non_blocking=True)
             yb = y[i:i + batch_size].to(dev, non_blocking=True)
             if transform is not None:
                 xb = transform(xb)

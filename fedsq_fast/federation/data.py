@@ -1,10 +1,11 @@
 """Datasets: the offline sources of the real datasets, preloaded into tensors, and your
 own data (:func:`make_bundle`).
 
-Small datasets are held in memory as float tensors in [0, 1] with their native
+Datasets that fit are held in memory as float tensors in [0, 1] with their native
 channel count (N, C, H, W): on a 2-core CPU, DataLoader workers cost more than
-they save. What the model expects of them (channels, size, normalisation) is
-:mod:`.inputs`' business.
+they save. Your own data past a memory budget (a numpy memmap, a Dataset) stays where
+it is and is read per batch (:class:`~.lazy.LazyImages`). What the model expects of
+them (channels, size, normalisation) is :mod:`.inputs`' business.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .lazy import DEFAULT_MEMORY_BUDGET, LazyImages, is_lazy, take
 from .inputs import (IMAGENET_MEAN, IMAGENET_STD, MODEL_INPUT, SVHN_MEAN, SVHN_STD, InputSpec,  # noqa: F401 (API)
                      InputTransform, input_spec_of, input_transform_for)
 
@@ -36,10 +38,12 @@ CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
 
 @dataclass
 class InMemoryDataset:
-    """Images (N, C, H, W) float32 (in [0, 1] for the built-in datasets) and int64 labels,
-    all in memory. Build one from your own data with :func:`make_bundle`."""
+    """Images (N, C, H, W) float32 (in [0, 1] for the built-in datasets) and int64 labels.
+    The labels are in memory; the images too, unless ``x`` is a :class:`~.lazy.LazyImages`
+    (read per batch: your own data past :func:`make_bundle`'s memory budget). Build one from
+    your own data with :func:`make_bundle`."""
 
-    x: torch.Tensor
+    x: torch.Tensor | LazyImages
     y: torch.Tensor
     num_classes: int
     classes: tuple = ()
@@ -50,7 +54,7 @@ class InMemoryDataset:
 
     def subset(self, idx) -> "InMemoryDataset":
         idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
-        return InMemoryDataset(self.x[idx], self.y[idx], self.num_classes, self.classes, self.source)
+        return InMemoryDataset(take(self.x, idx), self.y[idx], self.num_classes, self.classes, self.source)
 
 
 @dataclass
@@ -373,9 +377,15 @@ def load_dataset(name: str, root: str | None = None, download: bool = False) -> 
 
 
 def _to_float_images(x, arg: str) -> torch.Tensor:
-    """(N, C, H, W) float32 from a tensor/array: uint8 is scaled to [0, 1]; (N, H, W) gets C = 1."""
+    """(N, C, H, W) float32 from a tensor/array: uint8 is scaled to [0, 1]; (N, H, W) gets C = 1.
+    Images read per batch (:class:`LazyImages`) are read whole (``in_memory=True``)."""
+    if is_lazy(x):
+        return x.read()
     if isinstance(x, np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(x))
+        # a read-only array (a memmap opened 'r') is copied: in memory means in memory, and
+        # torch cannot hold non-writable memory
+        x = torch.from_numpy(np.array(x, order="C") if isinstance(x, np.memmap) or not x.flags.writeable
+                             else np.ascontiguousarray(x))
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{arg}: expected a tensor or numpy array of images, got {type(x).__name__}")
     if x.dtype == torch.bool or x.is_complex():
@@ -395,8 +405,9 @@ def _to_float_images(x, arg: str) -> torch.Tensor:
 def _to_labels(y, arg: str) -> torch.Tensor:
     if isinstance(y, (list, tuple)):
         y = np.asarray(y)
-    if isinstance(y, np.ndarray):
-        y = torch.from_numpy(np.ascontiguousarray(y))
+    if isinstance(y, np.ndarray):  # a memmap or read-only array is copied (as images are)
+        y = torch.from_numpy(np.array(y, order="C") if isinstance(y, np.memmap) or not y.flags.writeable
+                             else np.ascontiguousarray(y))
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"{arg}: expected a tensor, array or list of labels, got {type(y).__name__}")
     if y.dtype.is_floating_point:
@@ -448,7 +459,7 @@ def _as_images_labels(data, arg: str):
     if isinstance(data, InMemoryDataset):
         return data.x, data.y
     if isinstance(data, (tuple, list)) and len(data) == 2 \
-            and all(isinstance(t, (torch.Tensor, np.ndarray, list)) for t in data):
+            and all(isinstance(t, (torch.Tensor, np.ndarray, list, LazyImages)) for t in data):
         return data[0], data[1]
     if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
         return _from_dataset(data, arg)
@@ -456,29 +467,112 @@ def _as_images_labels(data, arg: str):
                     f"got {type(data).__name__}")
 
 
-def _checked_split(data, arg: str):
-    """Float images and int64 labels of one split, of equal and non-zero length."""
-    x, y = _as_images_labels(data, arg)
-    x, y = _to_float_images(x, f"{arg} images"), _to_labels(y, f"{arg} labels")
+def _float_bytes(n: int, item_shape) -> int:
+    """What ``n`` images take as float32 in memory (the in-memory path's copy)."""
+    return 4 * n * int(np.prod(item_shape, dtype=np.int64))
+
+
+def _dataset_labels(ds, n: int, arg: str) -> torch.Tensor:
+    """The labels of a Dataset whose images stay where they are: its ``targets`` (torchvision's
+    convention: ImageFolder, MNIST, CIFAR10) when it has them and no ``target_transform``,
+    checked against its first and last items; else one pass over the items (each image read
+    and dropped: slow for big image sets, never all in memory)."""
+    t = getattr(ds, "targets", None)
+    if t is not None and getattr(ds, "target_transform", None) is None:
+        y = _to_labels(t, f"{arg}.targets")
+        if len(y) != n:
+            raise ValueError(f"{arg}.targets: {len(y)} labels for {n} items")
+        for i in sorted({0, n - 1}):
+            if int(ds[i][1]) != int(y[i]):
+                raise ValueError(f"{arg}.targets[{i}] is {int(y[i])} but item {i}'s label is {int(ds[i][1])}")
+        return y
+    ys = []
+    for i in range(n):
+        item = ds[i]
+        if not isinstance(item, (tuple, list)) or len(item) < 2:
+            raise ValueError(f"{arg}[{i}]: items must be (image, label) pairs, got {type(item).__name__}")
+        ys.append(item[1])
+    return _to_labels(torch.as_tensor(ys), f"{arg} labels")
+
+
+def _lazy_split(data, arg: str, in_memory, budget: int):
+    """(images, labels) with the images read per batch (:class:`LazyImages`), or None where the
+    in-memory path applies: ``in_memory=True``, tensors already in memory (unless
+    ``in_memory=False``), or data whose float32 copy fits in ``budget`` (``"auto"``)."""
+    if in_memory is True:
+        return None
+    if isinstance(data, InMemoryDataset):
+        data = (data.x, data.y)
+    if isinstance(data, (tuple, list)) and len(data) == 2 \
+            and all(isinstance(t, (torch.Tensor, np.ndarray, list, LazyImages)) for t in data):
+        imgs, labels = data
+        if is_lazy(imgs):
+            return imgs, _to_labels(labels, f"{arg} labels")
+        if isinstance(imgs, list) or (isinstance(imgs, torch.Tensor) and in_memory == "auto"):
+            return None  # already in memory
+        if in_memory == "auto" and _float_bytes(len(imgs), imgs.shape[1:]) <= budget:
+            return None
+        return LazyImages(imgs, f"{arg} images"), _to_labels(labels, f"{arg} labels")
+    if isinstance(data, (tuple, list)) or not (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+        return None  # _as_images_labels names what is wrong
+    try:
+        n = len(data)
+    except TypeError:
+        return None
+    if n == 0:
+        raise ValueError(f"{arg}: the dataset is empty")
+    x = LazyImages(data, arg)  # reads item 0: its type and shape are checked here
+    if in_memory == "auto" and _float_bytes(n, x.shape[1:]) <= budget:
+        return None
+    return x, _dataset_labels(data, n, arg)
+
+
+def _checked_split(data, arg: str, in_memory="auto", budget: int = DEFAULT_MEMORY_BUDGET):
+    """Float images (a tensor, or :class:`LazyImages` read per batch) and int64 labels of one
+    split, of equal and non-zero length."""
+    lazy = _lazy_split(data, arg, in_memory, budget)
+    if lazy is None:
+        x, y = _as_images_labels(data, arg)
+        x, y = _to_float_images(x, f"{arg} images"), _to_labels(y, f"{arg} labels")
+    else:
+        x, y = lazy
     if len(x) != len(y):
         raise ValueError(f"{arg}: {len(x)} images but {len(y)} labels")
     if len(y) == 0:
         raise ValueError(f"{arg}: the dataset is empty")
+    if is_lazy(x):
+        x.read(sorted({0, len(x) - 1}))  # type, shape and finiteness of the ends, before any work
+        x.reads = 0
     return x, y
 
 
 def make_bundle(train, test=None, *, num_classes: int | None = None, classes=(), name: str = "custom",
-                test_fraction: float = 0.2, seed: int = 12345) -> DataBundle:
+                test_fraction: float = 0.2, seed: int = 12345, in_memory="auto",
+                memory_budget: int | None = None) -> DataBundle:
     """Your own data as a :class:`DataBundle`: ``train`` (and ``test``) are ``(images, labels)``
-    (tensors or numpy arrays; images (N, C, H, W) or (N, H, W), uint8 scaled to [0, 1], float
-    used as given) or any map-style ``torch.utils.data.Dataset`` of ``(image, label)`` items
-    (ImageFolder included; read once into memory). Without ``test``, a seeded
+    (tensors or numpy arrays, memmaps included; images (N, C, H, W) or (N, H, W), uint8 scaled
+    to [0, 1], float used as given) or any map-style ``torch.utils.data.Dataset`` of
+    ``(image, label)`` items (ImageFolder included). Without ``test``, a seeded
     ``test_fraction`` of ``train`` is held out. ``num_classes`` defaults to max(label) + 1.
+
+    ``in_memory``: ``"auto"`` (default) reads a split into memory when its float32 copy fits
+    in ``memory_budget`` bytes (default :data:`~.lazy.DEFAULT_MEMORY_BUDGET`, a quarter of
+    the machine's memory) and otherwise keeps its images where they are, read per batch
+    (:class:`~.lazy.LazyImages`; labels are read into memory); ``True`` always reads into
+    memory, ``False`` never (tensors included). Both give the same results bit for bit.
+
     Checked before any work: matching lengths, integer labels in [0, num_classes), no empty
-    set, finite images of one shape and channel count."""
+    set, finite images of one shape and channel count (images read per batch: the first and
+    last here, the others as they are read)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string, got {name!r}")
-    x, y = _checked_split(train, "train")
+    if not (in_memory is True or in_memory is False or (isinstance(in_memory, str) and in_memory == "auto")):
+        raise ValueError(f"in_memory must be True, False or 'auto', got {in_memory!r}")
+    if memory_budget is None:
+        memory_budget = DEFAULT_MEMORY_BUDGET
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 0:
+        raise ValueError(f"memory_budget must be a number of bytes >= 0, got {memory_budget!r}")
+    x, y = _checked_split(train, "train", in_memory, memory_budget)
     if test is None:
         if not (isinstance(test_fraction, (int, float)) and 0 < test_fraction < 1):
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
@@ -486,10 +580,10 @@ def make_bundle(train, test=None, *, num_classes: int | None = None, classes=(),
         n_test = max(1, int(round(len(y) * test_fraction)))
         if n_test >= len(y):
             raise ValueError(f"train: {len(y)} samples are too few to hold out a test split")
-        tx, ty = x[perm[:n_test]], y[perm[:n_test]]
-        x, y = x[perm[n_test:]], y[perm[n_test:]]
+        tx, ty = take(x, perm[:n_test]), y[perm[:n_test]]
+        x, y = take(x, perm[n_test:]), y[perm[n_test:]]
     else:
-        tx, ty = _checked_split(test, "test")
+        tx, ty = _checked_split(test, "test", in_memory, memory_budget)
         if tx.shape[1:] != x.shape[1:]:
             raise ValueError(f"test: images of shape {tuple(tx.shape[1:])}, train's are {tuple(x.shape[1:])}")
     lo = int(min(y.min(), ty.min()))

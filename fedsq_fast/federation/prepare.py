@@ -17,6 +17,7 @@ from .client import derive_seed
 from .config import RunConfig, resolve_device
 from .data import DataBundle, load_dataset
 from .inputs import InputSpec, InputTransform, input_transform_for
+from .lazy import LazyImages, is_lazy, resized, rows, take
 from .partition import ClientRanges, class_counts, make_partition
 
 log = logging.getLogger("fedsq_fast.federation")
@@ -26,12 +27,12 @@ log = logging.getLogger("fedsq_fast.federation")
 class FedData:
     """Everything data-related that all methods of one (dataset, seed, partition) share."""
 
-    x: torch.Tensor  # client pool, resized
+    x: torch.Tensor | LazyImages  # client pool, resized (LazyImages: read per batch, see .lazy)
     y: torch.Tensor
     parts: list  # per client: contiguous index ranges into x, y (the pool is stored client by client)
-    val_x: torch.Tensor
+    val_x: torch.Tensor | LazyImages
     val_y: torch.Tensor
-    test_x: torch.Tensor
+    test_x: torch.Tensor | LazyImages
     test_y: torch.Tensor
     probe: torch.Tensor  # fixed batch for gate stability
     transform: InputTransform
@@ -46,15 +47,23 @@ class FedData:
     _TENSORS = ("x", "y", "val_x", "val_y", "test_x", "test_y", "probe")
 
     @property
+    def lazy(self) -> bool:
+        """Whether some images are read per batch (:class:`~.lazy.LazyImages`)."""
+        return any(is_lazy(getattr(self, f)) for f in ("x", "val_x", "test_x"))
+
+    @property
     def nbytes(self) -> int:
-        return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in self._TENSORS)
+        """Bytes of the in-memory tensors (images read per batch count nothing)."""
+        return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in self._TENSORS
+                   if not is_lazy(getattr(self, f)))
 
     def to(self, device) -> "FedData":
-        """A copy with every tensor on ``device`` (the same object when already there)."""
+        """A copy with every in-memory tensor on ``device`` (the same object when already
+        there); images read per batch stay on the host, each batch is moved as used."""
         device = torch.device(device)
-        if self.device == device:
+        if self.device == device or (self.lazy and self.probe.device == device):
             return self
-        mv = {f: getattr(self, f).to(device) for f in self._TENSORS}
+        mv = {f: getattr(self, f).to(device) for f in self._TENSORS if not is_lazy(getattr(self, f))}
         return dataclasses.replace(self, **mv, transform=copy.deepcopy(self.transform).to(device))
 
 
@@ -119,9 +128,9 @@ def prepare_data(cfg: RunConfig, bundle: DataBundle | None = None, model_name: s
     # Store the pool client by client: a client's data is then a view (no gather per round).
     order = torch.from_numpy(np.concatenate(parts))
     parts = ClientRanges([len(p) for p in parts])  # one bound per client, not an array per client
-    vx = tf.resize(val.x)
-    data = FedData(tf.resize(pool.x[order]), pool.y[order], parts, vx, val.y, tf.resize(test.x), test.y,
-                   vx[:cfg.probe_size], tf, tr.num_classes, tr.classes, counts)
+    vx = resized(tf, val.x)  # images read per batch (LazyImages) are resized per batch
+    data = FedData(resized(tf, take(pool.x, order)), pool.y[order], parts, vx, val.y, resized(tf, test.x), test.y,
+                   rows(vx, slice(0, cfg.probe_size)), tf, tr.num_classes, tr.classes, counts)
     return place_data(data, resolve_device(cfg.device))
 
 

@@ -149,7 +149,7 @@ def check_out_dir(out: Path) -> None:
 
 def federate(model_fn, train, test=None, *, config=None, methods=None, input_spec=None,
              num_classes: int | None = None, classes=(), out_dir=None, resume: bool = False,
-             quiet: bool = False, echo=print) -> dict:
+             quiet: bool = False, echo=print, in_memory="auto", memory_budget: int | None = None) -> dict:
     """Federated fine-tuning of your own model on your own data, in one call.
 
     ``model_fn()``: builds the initial model (a plain ``nn.Module``; fedsq methods convert
@@ -161,8 +161,10 @@ def federate(model_fn, train, test=None, *, config=None, methods=None, input_spe
     ``methods``: e.g. ``["fedavg", "fedsq"]`` (default: the config's). ``input_spec``:
     an :class:`InputSpec` (channels, size, mean, std); default: what the model states
     (``model.input_spec``, the zoo attributes, or its first conv's ``in_channels``), else
-    the data as given. Every argument is checked before any training; returns
-    ``{method: RunResult}``."""
+    the data as given. ``in_memory`` / ``memory_budget``: whether the images are read into
+    memory or per batch (:func:`make_bundle`; default: into memory when they fit in a quarter
+    of the machine's memory; the results are the same). Every argument is checked before any
+    training; returns ``{method: RunResult}``."""
     adapter.check_model_fn(model_fn)
     config = dict(config or {})
     unused = sorted(k for k in config if k.replace("-", "_") in DATA_KEYS + MODEL_KEYS)
@@ -173,7 +175,8 @@ def federate(model_fn, train, test=None, *, config=None, methods=None, input_spe
         config["methods"] = list(methods) if not isinstance(methods, str) else methods
     if out_dir is not None:
         config["out_dir"] = str(out_dir)
-    bundle = make_bundle(train, test, num_classes=num_classes, classes=classes)
+    bundle = make_bundle(train, test, num_classes=num_classes, classes=classes, in_memory=in_memory,
+                         memory_budget=memory_budget)
     cfg = from_mapping(config)
     probe = call_model_fn(model_fn, cfg.seed)
     if not isinstance(probe, nn.Module):

@@ -124,6 +124,16 @@ class Federation:
         if self.cfg.mask_cache:
             new_mask_cache(self.model, len(self.data.val_y))
 
+    def close_caches(self) -> None:
+        """Empty the mask caches of this process (the global model's validation cache, the
+        in-process trainer's) and remove their spill files; called when run() ends, also on
+        an error. A later evaluation or round refills them."""
+        cache = getattr(self.model, "mask_cache", None)
+        if cache is not None:
+            cache.close()
+        if self.trainer is not None:
+            self.trainer.close()
+
     @property
     def trainer(self):
         """The in-process client trainer (worker model, mask cache, FedBN layers)."""
@@ -376,6 +386,7 @@ class Federation:
                 for cb in self.callbacks:
                     cb.on_run_end(self, result)
             finally:
+                self.close_caches()
                 if self._owns_transport:
                     self.transport.close()  # worker processes end with the run (error and Ctrl-C too)
         return result

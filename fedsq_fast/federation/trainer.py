@@ -19,10 +19,12 @@ from ..models import MaskCache
 from . import adapter
 from .client import LocalConfig, local_train
 from .config import MethodSpec, resolve_device, strategy_from_config
+from .lazy import is_lazy
 from .prepare import build_method_model, prepare_data
 from .seeds import client_seed
 
-# 'partial': samples beyond the budget are recomputed each time, never an error
+# RAM for a mask cache's rows; those of samples beyond it spill to a temporary memmap file
+# (MaskCache policy 'spill'; removed when the run ends), never an error
 MASK_CACHE_BYTES = 1 << 30
 
 
@@ -39,10 +41,15 @@ def detached_copy(model: nn.Module) -> nn.Module:
 
 
 def new_mask_cache(model: nn.Module, num_samples: int):
-    """A fresh per-sample mask cache attached to ``model`` when it takes one (DualCopy)."""
+    """A fresh per-sample mask cache attached to ``model`` when it takes one (DualCopy): rows
+    past :data:`MASK_CACHE_BYTES` spill to a temporary file (:meth:`MaskCache.close`
+    removes it; the engine closes its caches when a run ends)."""
     if not callable(getattr(model, "attach_cache", None)):
         return None
-    cache = MaskCache(num_samples, max_bytes=MASK_CACHE_BYTES, policy="partial")
+    old = getattr(model, "mask_cache", None)
+    if old is not None:
+        old.close()
+    cache = MaskCache(num_samples, max_bytes=MASK_CACHE_BYTES, policy="spill")
     model.attach_cache(cache)
     return cache
 
@@ -67,8 +74,15 @@ class ClientTrainer:
     def reset(self, model: nn.Module, own_model: bool = False) -> None:
         """Train from ``model``'s structural copy from now on (a refreshed structural copy
         invalidates every cached mask)."""
+        if getattr(self, "cache", None) is not None:
+            self.cache.close()  # its spill file goes now, not when the old model is collected
         self.worker = model if own_model else detached_copy(model)
         self.cache = new_mask_cache(self.worker, len(self.y)) if self.use_cache else None
+
+    def close(self) -> None:
+        """Empty the mask cache and remove its spill file (it refills if training goes on)."""
+        if self.cache is not None:
+            self.cache.close()
 
     def train(self, rnd: int, cid: int, glob: dict, lcfg: LocalConfig) -> tuple[dict, dict]:
         """Client ``cid``'s local step from the global payload ``glob`` (with its own layers,
@@ -101,7 +115,8 @@ def client_trainer(cfg, method: str, cid: int, data=None) -> ClientTrainer:
         raise ValueError(f"client {cid} is not a client of this run (num_clients {len(data.parts)})")
     part = data.parts[cid]
     sl = slice(int(part[0]), int(part[-1]) + 1) if len(part) else slice(0, 0)
-    x, y = data.x[sl].clone(), data.y[sl].clone()  # the pool itself is dropped with ``data``
+    x, y = data.x[sl], data.y[sl].clone()  # the pool itself is dropped with ``data``
+    x = x if is_lazy(x) else x.clone()  # a lazy view holds its index map, not the pool's images
     model = build_method_model(cfg, dual, data)
     model, _ = adapter.method_model(model, method, dual, quant_bn=cfg.quant_bn, allow_ungated=cfg.allow_ungated,
                                     source=f"model {cfg.model!r}")

@@ -136,6 +136,9 @@ class InProcessTransport(Transport):
     def refresh(self) -> None:
         self.trainer.reset(self.fed.model)
 
+    def close(self) -> None:
+        self.trainer.close()  # the mask cache's spill file
+
     def state_dict(self) -> dict:
         return {f"{cid}/{k}": t for cid, d in self.trainer.local_states.items() for k, t in d.items()}
 

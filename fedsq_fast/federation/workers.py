@@ -56,11 +56,17 @@ def _pack(obj) -> bytes:
 
 
 # ---------------------------------------------------------------------- worker side
-def _worker_main(conn, threads: int) -> None:
+def _worker_main(conn, threads: int, tmpdir: str | None = None) -> None:
     """A worker's loop: ``setup`` builds the trainer, ``train`` trains clients in order and
-    sends one message per client. Ctrl-C is the server's to handle (it closes the pool)."""
+    sends one message per client. Ctrl-C is the server's to handle (it closes the pool).
+    ``tmpdir``: the pool's temporary folder (mask-cache spill files go there, so that the
+    server removes them even after a killed worker)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
+    if tmpdir is not None:
+        import tempfile
+
+        tempfile.tempdir = tmpdir
     from .client import ClientTimeout
     from .trainer import ClientTrainer
 
@@ -80,6 +86,9 @@ def _worker_main(conn, threads: int) -> None:
             try:
                 recipe, state, parts, transform = pickle.loads(blob)
                 _set_determinism(recipe["determinism"])
+                from . import trainer as _trainer
+
+                _trainer.MASK_CACHE_BYTES = recipe.get("mask_cache_bytes", _trainer.MASK_CACHE_BYTES)
                 model = _build_model(recipe, x, transform)
                 model.load_state_dict(state)  # the server's model now (structural copy included)
                 seed, mask_cache = recipe["cfg"].seed, recipe["cfg"].mask_cache
@@ -164,9 +173,9 @@ def deal(clients: list, sizes: list, workers: int) -> list[list]:
 class _Slot:
     """One worker process and the server's end of its pipe."""
 
-    def __init__(self, ctx, threads: int):
+    def __init__(self, ctx, threads: int, tmpdir: str | None = None):
         self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, args=(child, threads), daemon=True,
+        self.proc = ctx.Process(target=_worker_main, args=(child, threads, tmpdir), daemon=True,
                                 name="fedsq-worker")
         self.proc.start()
         child.close()
@@ -193,8 +202,19 @@ class _Slot:
         return f"exit code {code}"
 
 
-def _stop(slots) -> None:
-    """Stop every worker: ask, wait briefly, then kill (also the finalizer's last resort)."""
+def _stop(slots, tmp=None) -> None:
+    """Stop every worker: ask, wait briefly, then kill (also the finalizer's last resort);
+    then remove the pool's temporary folder (``tmp``: a list holding its path, emptied)."""
+    try:
+        _stop_workers(slots)
+    finally:
+        while tmp:
+            import shutil
+
+            shutil.rmtree(tmp.pop(), ignore_errors=True)
+
+
+def _stop_workers(slots) -> None:
     for s in slots:
         if not s.greeted:  # still importing torch: it would read "stop" only after that
             s.kill()
@@ -241,7 +261,8 @@ class WorkerPoolTransport(Transport):
         self.workers, self.threads, self.timeout_s = workers, threads, timeout_s
         self._ctx = tmp.get_context(START_METHOD)
         self._slots: list = []
-        self._finalizer = weakref.finalize(self, _stop, self._slots)  # the list object, not self
+        self._tmp: list = []  # the pool's temporary folder (workers' spill files), made with the pool
+        self._finalizer = weakref.finalize(self, _stop, self._slots, self._tmp)  # the list objects, not self
         self._version = 0
         self._setup = None
         self.local_states: dict[int, dict] = {}
@@ -269,8 +290,9 @@ class WorkerPoolTransport(Transport):
             self.local_states.setdefault(int(cid), {})[key] = t.to(self.fed.device)
 
     def close(self) -> None:
-        """Stop and join every worker (the next round would start a new pool)."""
-        _stop(self._slots)
+        """Stop and join every worker and remove their temporary files (the next round would
+        start a new pool)."""
+        _stop(self._slots, self._tmp)
 
     # ------------------------------------------------------------------ pool
     def _setup_bytes(self) -> bytes:
@@ -279,11 +301,14 @@ class WorkerPoolTransport(Transport):
         fetched from this process's resource sharer once)."""
         from multiprocessing.reduction import ForkingPickler
 
+        from .lazy import is_lazy
+
         d = self.fed.data
         for t in (d.x, d.y):
-            # in place, once (a no-op after): every worker maps the same pages; on a GPU the
-            # pickler sends CUDA IPC handles instead, so the workers read the server's copy
-            if not t.is_cuda:
+            # in place, once (a no-op after): every worker maps the same pages. Images read per
+            # batch travel as their source (a memmap: its file name); on a GPU the pickler sends
+            # CUDA IPC handles, so the workers read the server's copy.
+            if not is_lazy(t) and not t.is_cuda:
                 t.share_memory_()
         return bytes(ForkingPickler.dumps(("setup", self._model_blob(), d.x, d.y)))
 
@@ -292,8 +317,11 @@ class WorkerPoolTransport(Transport):
         so a model_fn that cannot be pickled is refused with no process started)."""
         fed, d = self.fed, self.fed.data
         if self._setup is None:
+            from . import trainer as _trainer
+
             recipe = {"cfg": fed.cfg, "method": fed.method, "dual": fed.dual, "num_classes": d.num_classes,
-                      "model_fn": getattr(fed, "model_fn", None), "determinism": _determinism()}
+                      "model_fn": getattr(fed, "model_fn", None), "determinism": _determinism(),
+                      "mask_cache_bytes": _trainer.MASK_CACHE_BYTES}  # the server's RAM budget, spill beyond
             try:
                 self._setup = _pack((recipe, fed.model.state_dict(), d.parts, d.transform))
             except (pickle.PicklingError, AttributeError, TypeError) as e:
@@ -306,12 +334,17 @@ class WorkerPoolTransport(Transport):
         """A live worker with the current model in every slot (dead ones replaced)."""
         self._model_blob()
         threads = _threads(self.threads if self.threads is not None else self.fed.cfg.threads, self.workers)
+        if not self._tmp:
+            import tempfile
+
+            self._tmp.append(tempfile.mkdtemp(prefix="fedsq-workers-"))
+        tmpdir = self._tmp[0]
         for i in range(self.workers):
             if i < len(self._slots) and not self._slots[i].alive():
                 self._slots[i].kill()
-                self._slots[i] = _Slot(self._ctx, threads)
+                self._slots[i] = _Slot(self._ctx, threads, tmpdir)
             elif i >= len(self._slots):
-                self._slots.append(_Slot(self._ctx, threads))
+                self._slots.append(_Slot(self._ctx, threads, tmpdir))
         stale = [s for s in self._slots if s.version != self._version]
         deadline = time.monotonic() + START_TIMEOUT_S
         for s in stale:

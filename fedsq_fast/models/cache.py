@@ -13,7 +13,12 @@ Budget: ``max_bytes`` bounds the row storage (DEFAULT 1 GiB, ours).
 ``policy='error'`` (DEFAULT) raises MaskCacheFullError when the rows for
 ``num_samples`` samples do not fit; ``policy='partial'`` caches the samples
 with index < capacity and recomputes the others every time (no eviction, so
-no thrashing; deterministic).
+no thrashing; deterministic); ``policy='spill'`` keeps the samples with index
+< capacity in RAM and the others in a memmap file in a temporary folder (under
+``spill_dir``, default the system's temp folder) that :meth:`MaskCache.close`
+removes (a finalizer too, if nobody calls it). Where the disk has no room for
+the spilled rows, 'spill' recomputes them as 'partial' does (with a warning):
+writing a memmap past a full disk would kill the process.
 
 Random data pipelines: masks are a function of the input, so a random
 transform (augmentation) makes cached masks wrong. The cache refuses a
@@ -25,6 +30,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -105,8 +114,9 @@ class MaskCache:
     >>> logits = model(x, sample_idx=idx)                       # idx: dataset indices
 
     num_samples: the dataset size (indices are 0..num_samples-1).
-    max_bytes: budget for the row storage (DEFAULT 1 GiB). policy: 'error' | 'partial'.
+    max_bytes: budget for the row storage (DEFAULT 1 GiB). policy: 'error' | 'partial' | 'spill'.
     path: store rows in a numpy memmap file there (created/overwritten) instead of RAM.
+    spill_dir: where policy='spill' makes its temporary folder (DEFAULT: the system's).
     dataset: a dataset/DataLoader to check for random transforms now.
     allow_random_transforms: skip the pipeline check and input fingerprints.
     check_inputs: verify each hit's input fingerprint (DEFAULT True; ~1 cheap pass).
@@ -114,13 +124,16 @@ class MaskCache:
 
     def __init__(self, num_samples: int, *, max_bytes: int = DEFAULT_MAX_BYTES, policy: str = "error",
                  path=None, dataset=None, allow_random_transforms: bool = False,
-                 check_inputs: bool = True):
+                 check_inputs: bool = True, spill_dir=None):
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         if not isinstance(max_bytes, int) or max_bytes < 1:
             raise ValueError(f"max_bytes must be a positive int, got {max_bytes!r}")
-        if policy not in ("error", "partial"):
-            raise ValueError(f"policy must be 'error' or 'partial', got {policy!r}")
+        if policy not in ("error", "partial", "spill"):
+            raise ValueError(f"policy must be 'error', 'partial' or 'spill', got {policy!r}")
+        if policy == "spill" and path is not None:
+            raise ValueError("policy='spill' writes the rows past max_bytes to a temporary file; path= puts "
+                             "every row in a file of yours: give one or the other")
         self.num_samples = num_samples
         self.max_bytes = max_bytes
         self.policy = policy
@@ -131,6 +144,11 @@ class MaskCache:
         self.row_bytes = None
         self.capacity = None
         self._rows = None
+        self.spill_dir = None if spill_dir is None else os.fspath(spill_dir)
+        self.spill_path = None  # the memmap of rows [ram_capacity, capacity) under policy='spill'
+        self.ram_capacity = None
+        self._spill = None
+        self._spill_cleanup = None
         self._filled = torch.zeros(num_samples, dtype=torch.bool)
         self._fp = torch.zeros(num_samples, 2, dtype=torch.float64)
         self._owner = None
@@ -165,9 +183,15 @@ class MaskCache:
     # -- size ------------------------------------------------------------------
     @property
     def nbytes(self) -> int:
-        """Bytes held: row storage plus the per-sample bookkeeping."""
+        """Bytes held: row storage (in RAM, or the ``path=`` file) plus the per-sample
+        bookkeeping; spilled rows are :attr:`spill_bytes`."""
         rows = 0 if self._rows is None else self._rows.numel()
         return rows + self._filled.numel() + self._fp.numel() * 8
+
+    @property
+    def spill_bytes(self) -> int:
+        """Bytes of rows spilled to the temporary file (policy='spill')."""
+        return 0 if self._spill is None else int(self._spill.size)
 
     def __len__(self):
         return int(self._filled.sum())
@@ -185,16 +209,86 @@ class MaskCache:
             if self.policy == "error":
                 raise MaskCacheFullError(
                     f"MaskCache needs {need} bytes ({self.num_samples} samples x {self.row_bytes} B) but "
-                    f"max_bytes={self.max_bytes}; raise max_bytes, use path= (disk), or policy='partial'"
+                    f"max_bytes={self.max_bytes}; raise max_bytes, use path= (disk), or policy='partial' "
+                    "or 'spill'"
                 )
             cap = self.max_bytes // self.row_bytes
-        self.capacity = cap
+        self.capacity = self.ram_capacity = cap
+        if self.policy == "spill" and cap < self.num_samples:
+            self._open_spill(cap)
         if self.path is not None:
             mm = np.memmap(self.path, dtype=np.uint8, mode="w+", shape=(max(cap, 1), self.row_bytes))
             self._rows = torch.from_numpy(mm)
             self._memmap = mm
         else:
             self._rows = torch.zeros(cap, self.row_bytes, dtype=torch.uint8)
+
+    def _open_spill(self, ram_cap: int) -> None:
+        """Rows ``ram_cap..num_samples-1`` in a memmap in a fresh temporary folder, when the
+        disk has room for them (with 10% to spare); else they are recomputed ('partial')."""
+        n = self.num_samples - ram_cap
+        base = self.spill_dir if self.spill_dir is not None else tempfile.gettempdir()
+        free = shutil.disk_usage(base).free
+        if n * self.row_bytes > 0.9 * free:
+            warnings.warn(f"MaskCache: {n * self.row_bytes} bytes of masks past max_bytes do not fit on {base} "
+                          f"({free} bytes free); those samples' masks are recomputed", RuntimeWarning, stacklevel=4)
+            return
+        folder = tempfile.mkdtemp(prefix="fedsq-maskcache-", dir=self.spill_dir)
+        # removed by close(), else when the cache is collected or the interpreter exits
+        self._spill_cleanup = weakref.finalize(self, shutil.rmtree, folder, True)
+        self.spill_path = os.path.join(folder, "rows.bin")
+        self._spill = np.memmap(self.spill_path, dtype=np.uint8, mode="w+", shape=(n, self.row_bytes))
+        self.capacity = self.num_samples
+
+    def close(self) -> None:
+        """Drop every stored row and remove the spill file and its folder (policy='spill').
+        The cache stays usable: it is empty again and refills as batches come. A cache with
+        ``path=`` is left as it is (its file is yours: :meth:`flush`, :meth:`open`)."""
+        if self.path is not None:
+            return
+        self._spill = None  # unmapped before the file goes
+        if self._spill_cleanup is not None:
+            self._spill_cleanup()
+            self._spill_cleanup = None
+        self.spill_path = None
+        self._rows, self.layout, self.row_bytes, self.capacity, self.ram_capacity = None, None, None, None, None
+        self._filled.zero_()
+
+    def __deepcopy__(self, memo):
+        """A copy holds its own rows; a spilling cache's copy starts empty (its rows would
+        share the spill file, which the original removes when it closes), and refills."""
+        import copy
+
+        if self._spill_cleanup is None:
+            new = object.__new__(type(self))
+            memo[id(self)] = new
+            new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
+            return new
+        new = type(self)(self.num_samples, max_bytes=self.max_bytes, policy=self.policy,
+                         allow_random_transforms=self.allow_random_transforms, spill_dir=self.spill_dir)
+        new.check_inputs, new._owner = self.check_inputs, self._owner
+        memo[id(self)] = new
+        return new
+
+    def _get_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        if self._spill is None:
+            return self._rows[idx]
+        out = torch.empty(idx.numel(), self.row_bytes, dtype=torch.uint8)
+        ram = idx < self.ram_capacity
+        out[ram] = self._rows[idx[ram]]
+        if not bool(ram.all()):
+            disk = (idx[~ram] - self.ram_capacity).numpy()
+            out[~ram] = torch.from_numpy(np.asarray(self._spill[disk]))
+        return out
+
+    def _put_rows(self, idx: torch.Tensor, rows: torch.Tensor) -> None:
+        if self._spill is None:
+            self._rows[idx] = rows
+            return
+        ram = idx < self.ram_capacity
+        self._rows[idx[ram]] = rows[ram]
+        if not bool(ram.all()):
+            self._spill[(idx[~ram] - self.ram_capacity).numpy()] = rows[~ram].numpy()
 
     # -- the main entry --------------------------------------------------------
     def masks(self, model, x_s: torch.Tensor, sample_idx):
@@ -245,7 +339,7 @@ class MaskCache:
             for b in m.bits:
                 parts.append(self._rows_of(b.cpu(), batch, k))
         rows = torch.cat(parts, 1)
-        self._rows[idx[keep]] = rows[keep]
+        self._put_rows(idx[keep], rows[keep])
         self._filled[idx[keep]] = True
         if fp is not None:
             self._fp[idx[keep]] = fp[keep]
@@ -266,7 +360,7 @@ class MaskCache:
         return _pack_rows(torch.cat([flat, pad], 1))
 
     def _assemble(self, idx, device):
-        rows = self._rows[idx]
+        rows = self._get_rows(idx)
         b = idx.numel()
         out, off = [], 0
         for n, k, cl in self.layout:

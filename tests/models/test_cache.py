@@ -1,5 +1,6 @@
 """MaskCache: cached training equals uncached training; budget, disk, misuse."""
 import copy
+import os
 
 import pytest
 import torch
@@ -169,3 +170,92 @@ def test_changed_input_detected_and_misuse():
         fs.dualcopy(OddNet()).attach_cache(cache)
     with pytest.raises(ValueError, match="gate_maxpool"):
         fs.dualcopy(build_model("svhn_cnn"), gate_maxpool=True).attach_cache(MaskCache(4))
+
+
+# ---------------------------------------------------------------- policy 'spill' (issue 17)
+def _spilled_run(X, Y, max_bytes, tmp_path, epochs=3):
+    """Train a DualCopy OddNet with a spilling cache; returns (state, cache, masks it holds)."""
+    torch.manual_seed(1)
+    dc = fs.dualcopy(OddNet())
+    cache = MaskCache(len(X), max_bytes=max_bytes, policy="spill", spill_dir=tmp_path)
+    dc.attach_cache(cache)
+    return _run(dc, X, Y, epochs, True, batch=7), cache, dc
+
+
+@pytest.mark.parametrize("n", [1, 23])
+def test_spilled_rows_give_the_uncached_training_and_the_file_goes_on_close(tmp_path, n):
+    X, Y = _data(n, (3, 10, 10))
+    torch.manual_seed(1)
+    want = _run(fs.dualcopy(OddNet()), X, Y, 3, False, batch=7)  # oracle: no cache at all
+    got, cache, dc = _spilled_run(X, Y, 1, tmp_path)  # 1 byte of RAM: every row on disk
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    assert cache.ram_capacity == 0 and cache.capacity == n and len(cache) == n
+    assert cache.misses == n and cache.hits == 2 * n  # epochs 2 and 3 read the rows back from disk
+    assert cache.spill_bytes == n * cache.row_bytes and cache.nbytes < cache.spill_bytes + 64 * n
+    folder = os.path.dirname(cache.spill_path)
+    assert os.path.dirname(folder) == str(tmp_path) and os.path.getsize(cache.spill_path) == cache.spill_bytes
+    # the rows on disk are the masks the structural copy computes (compare packed bits)
+    idx = torch.arange(n).flip(0)
+    with torch.no_grad():
+        fresh = dc.structural_masks(X[idx])
+    for g, w in zip(cache._assemble(idx, "cpu"), fresh):
+        assert all(torch.equal(a, b) for a, b in zip(g.bits, w.bits))
+    cache.close()
+    assert not os.path.exists(folder) and cache.spill_path is None and len(cache) == 0
+    with torch.no_grad():  # still usable after close: empty, refills
+        dc(X[:1], sample_idx=[0])
+    assert len(cache) == 1 and os.path.exists(cache.spill_path)
+    cache.close()
+
+
+def test_a_copy_of_a_spilling_cache_starts_empty_and_does_not_share_the_file(tmp_path):
+    X, Y = _data(9, (3, 10, 10))
+    _, cache, dc = _spilled_run(X, Y, 1, tmp_path, epochs=1)
+    twin = copy.deepcopy(dc)
+    assert twin.mask_cache is not cache and len(twin.mask_cache) == 0 and twin.mask_cache.spill_path is None
+    with torch.no_grad():
+        assert torch.equal(twin(X, sample_idx=torch.arange(9)), dc(X, sample_idx=torch.arange(9)))
+    assert twin.mask_cache.spill_path != cache.spill_path and len(twin.mask_cache) == 9
+    paths = [os.path.dirname(c.spill_path) for c in (cache, twin.mask_cache)]
+    cache.close()
+    twin.mask_cache.close()
+    assert not any(os.path.exists(p) for p in paths)
+
+
+def test_part_in_ram_part_on_disk_equals_all_in_ram(tmp_path):
+    X, Y = _data(30, (3, 10, 10))
+    ram, ram_cache, _ = _spilled_run(X, Y, 1 << 20, tmp_path)
+    assert ram_cache.spill_path is None and ram_cache.ram_capacity == 30
+    row = ram_cache.row_bytes
+    split, cache, _ = _spilled_run(X, Y, 11 * row + row // 2, tmp_path)  # 11 rows fit in RAM
+    assert cache.ram_capacity == 11 and cache.spill_bytes == 19 * row and cache.hits == 60
+    for k in ram:
+        assert torch.equal(ram[k], split[k]), k
+    assert torch.equal(cache._get_rows(torch.arange(30)), ram_cache._get_rows(torch.arange(30)))
+    cache.close()
+
+
+def test_a_full_disk_recomputes_instead_of_spilling(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    X, Y = _data(12, (3, 10, 10))
+    torch.manual_seed(1)
+    want = _run(fs.dualcopy(OddNet()), X, Y, 2, False, batch=7)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(100, 100, 0))
+    torch.manual_seed(1)
+    dc = fs.dualcopy(OddNet())
+    cache = MaskCache(12, max_bytes=1, policy="spill", spill_dir=tmp_path)
+    dc.attach_cache(cache)
+    with pytest.warns(RuntimeWarning, match="do not fit on .* recomputed"):
+        got = _run(dc, X, Y, 2, True, batch=7)
+    assert cache.spill_path is None and cache.capacity == 0 and os.listdir(tmp_path) == []
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+
+
+def test_spill_and_path_together_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="policy='spill' .* give one or the other"):
+        MaskCache(4, policy="spill", path=tmp_path / "m.bin")
