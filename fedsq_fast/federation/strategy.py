@@ -34,7 +34,8 @@ def norm_layer_keys(state: dict) -> set[str]:
 
 
 def check_update(reference: dict, update: dict, finite: bool = True) -> str | None:
-    """Why ``update`` must not be averaged (wrong keys, shapes, dtypes, NaN/Inf), or None.
+    """Why ``update`` must not be averaged (wrong keys, types, layouts, devices, shapes,
+    dtypes, NaN/Inf), or None.
     ``finite=False`` skips the NaN/Inf scan (the caller checks it another way)."""
     if not isinstance(update, dict):
         return f"update is a {type(update).__name__}, not a state dict"
@@ -46,6 +47,10 @@ def check_update(reference: dict, update: dict, finite: bool = True) -> str | No
         t = update[k]
         if not isinstance(t, torch.Tensor):
             return f"{k}: not a tensor ({type(t).__name__})"
+        if t.layout != torch.strided:  # sparse: no min/max scan, no fused average
+            return f"{k}: layout {t.layout}, expected a dense (strided) tensor"
+        if t.device != ref.device:  # a meta tensor has no values; another device cannot be folded
+            return f"{k}: on device {t.device}, expected {ref.device}"
         if t.shape != ref.shape:
             return f"{k}: shape {tuple(t.shape)}, expected {tuple(ref.shape)}"
         if t.dtype != ref.dtype:

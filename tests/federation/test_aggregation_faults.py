@@ -376,3 +376,29 @@ def test_a_boosted_client_in_the_engine_is_refused_and_logged(bundle, caplog):
         if t.dtype.is_floating_point:
             ref = sum(seen[c][k].double() * ns[c] for c in seen if c != 3) / sum(ns[c] for c in seen if c != 3)
             torch.testing.assert_close(got[k].double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("aggregator", ["mean", "median"])
+@pytest.mark.parametrize("kind", ["meta", "sparse", "numpy", "list", "complex", "other device"])
+def test_a_reply_of_the_wrong_kind_of_tensor_is_rejected_not_fatal(aggregator, kind):
+    """Meta and sparse tensors used to abort the aggregation (Tensor.item() on meta, aminmax
+    on sparse): every such reply is refused with its key and what was expected, and the
+    round is the average of the others (float64 oracle)."""
+    gen = torch.Generator().manual_seed(draw_seed(2**31))
+    g = _bn_state(gen)
+    good = [{k: (t + 0.01 * torch.randn(t.shape, generator=gen)).abs() if t.dtype.is_floating_point else t
+             for k, t in g.items()} for _ in range(3)]
+    bad = dict(good[0])
+    w = bad["conv.weight"]
+    if kind == "other device" and not torch.cuda.is_available():
+        kind_t = w.to("meta")  # the only other device here
+    else:
+        kind_t = {"meta": lambda: w.to("meta"), "sparse": w.to_sparse, "numpy": w.numpy, "list": w.tolist,
+                  "complex": lambda: w.to(torch.complex64), "other device": lambda: w.cuda()}[kind]()
+    bad["conv.weight"] = kind_t
+    stats = AggregateStats()
+    out = make_strategy("fedavg", aggregator=aggregator).aggregate(
+        g, [(0, good[0], 5), (1, bad, 5), (2, good[1], 5), (3, good[2], 5)], stats)
+    assert [c for c, _ in stats.rejected] == [1] and stats.rejected[0][1].startswith("conv.weight: ")
+    ref = make_strategy("fedavg", aggregator=aggregator).aggregate(g, [(0, good[0], 5), (2, good[1], 5), (3, good[2], 5)])
+    assert_same_state(out, ref)
