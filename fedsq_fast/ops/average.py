@@ -295,8 +295,10 @@ class StreamingAverage:
                 continue
             lo, hi = (int(v) for v in torch.aminmax(t.to(torch.int64)))
             alo, ahi = (int(v) for v in torch.aminmax(a))
-            big = max(abs(lo), abs(hi))
-            if big * q + max(abs(alo), abs(ahi)) * rescale >= _exact.INT64_LIMIT:
+            # every element's new sum a * rescale + t * q (q >= 0) lies within these bounds
+            new_lo, new_hi = alo * rescale + lo * q, ahi * rescale + hi * q
+            if new_lo < -_exact.INT64_LIMIT or new_hi >= _exact.INT64_LIMIT:
+                big = hi if new_hi >= _exact.INT64_LIMIT else lo
                 raise ValueError(f"client #{self.count}[{names[j]!r}]: integer values up to {big} x weight {q}{grid} "
                                  "overflow the int64 accumulator")
         with torch.no_grad():
@@ -348,7 +350,9 @@ class StreamingAverage:
                     r = a.div_(self._total) if consume and a.dtype == dtype else (a / self._total).to(dtype)
                 else:
                     if self._int_total <= 0:
-                        raise ValueError("integer weights round to zero; cannot average integer tensors")
+                        raise ValueError(f"{self._names[j]!r}: the weights (sum {self._total:g}) round to zero on "
+                                         f"the 2**-{_exact.GRID_BITS} grid integer tensors are averaged on; scale "
+                                         "the weights (only their ratios matter) or use weighted_average")
                     r = _exact.round_div(a, self._int_total).to(dtype)
                 if o is not None:
                     o.copy_(r)
