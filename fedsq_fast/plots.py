@@ -153,20 +153,35 @@ def plot_rounds_to_best(rows, path, parts=None, methods=None) -> None:
     plt.close(fig)
 
 
+MANY_CLIENTS = 60  # plot_partition: beyond this many clients, steps instead of bars
+
+
 def plot_partition(counts: np.ndarray, path, classes=None, title: str = "") -> None:
     """Stacked bars of class counts per client (``counts``: clients x classes), written as a PNG."""
     plt = _plt()
     k, c = counts.shape
-    fig, ax = plt.subplots(figsize=(max(4, 0.45 * k + 2), 3.2), dpi=110)
+    # Past MANY_CLIENTS: a fixed width, one filled step outline per class and automatic ticks
+    # (a bar and a tick per client made a 50,000 px PNG in 10 s at 1,000 clients).
+    many = k > MANY_CLIENTS
+    fig, ax = plt.subplots(figsize=(min(16, max(4, 0.45 * k + 2)), 3.2), dpi=110)
     bottom = np.zeros(k)
     cmap = plt.get_cmap("tab10" if c <= 10 else "tab20")
     for j in range(c):
-        ax.bar(np.arange(k), counts[:, j], bottom=bottom, color=cmap(j % cmap.N),
-               label=str(classes[j]) if classes else str(j), width=0.8)
+        label, color = str(classes[j]) if classes else str(j), cmap(j % cmap.N)
+        if many:
+            ax.stairs(bottom + counts[:, j], np.arange(k + 1) - 0.5, baseline=bottom.copy(), fill=True,
+                      color=color, label=label)
+        else:
+            ax.bar(np.arange(k), counts[:, j], bottom=bottom, color=color, label=label, width=0.8)
         bottom += counts[:, j]
     ax.set_xlabel("client")
     ax.set_ylabel("samples")
-    ax.set_xticks(np.arange(k))
+    if many:
+        ax.set_xlim(-0.5, k - 0.5)
+        round_axis(ax)  # whole-number ticks
+        ax.set_xlabel("client")
+    else:
+        ax.set_xticks(np.arange(k))
     ax.set_title(title or "class counts per client")
     ax.legend(fontsize=6, ncol=1, bbox_to_anchor=(1.01, 1), loc="upper left", frameon=False)
     fig.tight_layout()
