@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import importlib.util
 
-from ..federation.config import RunConfig
+from ..federation import adapter
+from ..federation.config import RunConfig, validate
 from .app import client_app, config_from_run_config, run_federation
+from .transport import reject_ablation
 
 RAY_MISSING = "Flower's simulation engine needs Ray: pip install \"flwr[simulation]==1.41.0\""
 
@@ -44,6 +46,14 @@ def simulate(cfg: RunConfig, *, backend_config: dict | None = None, poll_s: floa
     ``app_keys``: the app's run-config keys (``round-timeout``, ``aggregation-order``).
     ``cfg.workers`` must be 1 (Ray's actors train the clients)."""
     to_run = to_run_config(cfg, **app_keys)
+    # the config's mistakes before Ray starts (its start costs 15-25 s), as the ServerApp words them
+    validate(cfg, adapter.list_models())
+    if cfg.workers > 1:
+        raise ValueError(f"workers: {cfg.workers} asked for, but Flower's simulation trains the clients in "
+                         "Ray actors; set workers = 1")
+    for m in cfg.methods:
+        reject_ablation(m)
+    config_from_run_config(to_run)  # the app keys (round-timeout, aggregation-order, ...)
     if importlib.util.find_spec("ray") is None:
         raise ImportError(RAY_MISSING)
     if backend_config is None:
