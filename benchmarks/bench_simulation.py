@@ -181,7 +181,8 @@ def run_arm(arm: str, cfg: dict, timeout: float = 3600) -> dict:
         res.update(json.loads(out.strip().splitlines()[-1]))
         return res
     method = cfg["methods"][0]
-    doc = json.loads((Path(cfg["out_dir"]) / method.replace("+", "_") / "metrics.json").read_text())
+    slug = method.replace("+", "_").replace(":", "_").replace("=", "")  # runner.method_slug, without importing torch
+    doc = json.loads((Path(cfg["out_dir"]) / slug / "metrics.json").read_text())
     hist = doc["history"]
     loop = sum(h["time_round_s"] for h in hist)  # round 0 (initial validation) included
     later = [h["time_round_s"] for h in hist[2:]]
