@@ -131,6 +131,10 @@ _RUNTIME: dict = {}  # (config, method, partition) -> ClientTrainer, for process
 # (a simulation actor) builds it once, not per message (MNIST: ~2 s each); a SuperNode's
 # per-message ClientApp process never reuses it.
 _DATA: dict = {}
+# (config, method) -> the method's model (for FedSQ with its structural copy): built once per process,
+# reused by the next partition's trainer (each step loads the global payload first; the structural
+# copy is the same for every partition), not rebuilt and converted per message
+_MODEL: dict = {}
 
 
 def node_partition(node_config, cfg: RunConfig) -> int:
@@ -162,7 +166,10 @@ def client_runtime(cfg: RunConfig, method: str, pid: int) -> ClientTrainer:
         if ckey not in _DATA:
             _DATA.clear()
             _DATA[ckey] = prepare_data(cfg)
-        _RUNTIME[key] = client_trainer(cfg, method, pid, data=_DATA[ckey])
+        prev = _MODEL.pop((ckey, method), None)  # the model the last trainer of this run and method used
+        _MODEL.clear()
+        _RUNTIME[key] = client_trainer(cfg, method, pid, data=_DATA[ckey], model=prev)
+        _MODEL[(ckey, method)] = _RUNTIME[key].worker
     return _RUNTIME[key]
 
 
