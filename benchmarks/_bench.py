@@ -13,6 +13,7 @@ RESULTS: dict[tuple[str, str], float] = {}  # (group, variant) -> min seconds (r
 MEDIANS: dict[tuple[str, str], float] = {}
 INTERLEAVED: dict[str, tuple[float, float, float]] = {}  # label -> (ratio b/a, min a, min b)
 RATIOS: list[tuple[str, str, str, str, float, str]] = []  # label, group, num, den, target, sense
+EXTRA: dict[str, str] = {}  # title -> a module's own markdown (e.g. bench_simulation's table), printed last
 
 
 def run(benchmark, group: str, variant: str, fn, rounds: int = 7, sync_cuda: bool = False):
@@ -61,7 +62,7 @@ def machine() -> str:
 
 
 def report() -> str | None:
-    if not RESULTS and not INTERLEAVED:
+    if not RESULTS and not INTERLEAVED and not EXTRA:
         return None
     import fedsq_fast as ff
 
@@ -87,4 +88,6 @@ def report() -> str | None:
                   "| pair (ratio = second / first) | ratio | fedsq min ms | baseline min ms |", "|---|---:|---:|---:|"]
         for label, (r, a, b) in INTERLEAVED.items():
             lines.append(f"| {label} | {r:.2f} | {a * 1e3:.2f} | {b * 1e3:.2f} |")
+    for title, text in EXTRA.items():
+        lines += ["", f"{title}:", "", text.rstrip()]
     return "\n".join(lines) + "\n"

@@ -104,11 +104,13 @@ class ClientTrainer:
             self.local_states[cid] = {k: state[k].detach().clone() for k in keys}
 
 
-def client_trainer(cfg, method: str, cid: int, data=None) -> ClientTrainer:
+def client_trainer(cfg, method: str, cid: int, data=None, model: nn.Module | None = None) -> ClientTrainer:
     """The trainer of one client, built from the run's config alone (a Flower SuperNode): the
     data split and partitioned as the server does it (same seeds), then only this client's
     samples kept; the method's initial model (pretrained weights; for FedSQ its DualCopy
-    model and structural copy) built once and trained in place."""
+    model and structural copy) built once and trained in place. ``model``: that model, built
+    by an earlier call with the same config and method (a process serving several partitions
+    reuses it: every step loads the global payload first, and the structural copy is fixed)."""
     dual = MethodSpec.parse(method).dual
     data = prepare_data(cfg) if data is None else data
     if not 0 <= cid < len(data.parts):
@@ -117,9 +119,10 @@ def client_trainer(cfg, method: str, cid: int, data=None) -> ClientTrainer:
     sl = slice(int(part[0]), int(part[-1]) + 1) if len(part) else slice(0, 0)
     x, y = data.x[sl], data.y[sl].clone()  # the pool itself is dropped with ``data``
     x = x if is_lazy(x) else x.clone()  # a lazy view holds its index map, not the pool's images
-    model = build_method_model(cfg, dual, data)
-    model, _ = adapter.method_model(model, method, dual, quant_bn=cfg.quant_bn, allow_ungated=cfg.allow_ungated,
-                                    source=f"model {cfg.model!r}")
+    if model is None:
+        model = build_method_model(cfg, dual, data)
+        model, _ = adapter.method_model(model, method, dual, quant_bn=cfg.quant_bn,
+                                        allow_ungated=cfg.allow_ungated, source=f"model {cfg.model!r}")
     device = resolve_device(cfg.device)
     return ClientTrainer(model.to(device), x.to(device), y.to(device), {cid: np.arange(len(y))}, data.transform.to(device),
                          seed=cfg.seed, mask_cache=cfg.mask_cache,

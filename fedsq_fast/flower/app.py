@@ -31,6 +31,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..federation.client import LocalConfig
 from ..federation.config import RunConfig, from_mapping, load_file, validate
+from ..federation.prepare import prepare_data
 from ..federation.runner import run_methods
 from ..federation.server import Federation
 from ..federation.trainer import ClientTrainer, client_trainer
@@ -95,14 +96,16 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float, poll_s: float = 1.0) -> i
 
 
 def run_federation(grid: Grid, cfg: RunConfig, *, round_timeout: float | None = None, order: str = "sorted",
-                   resume: bool = False) -> dict:
+                   resume: bool = False, poll_s: float = 0.5) -> dict:
     """Every method of ``cfg`` on the nodes behind ``grid``: the engine's driver
     (:func:`~fedsq_fast.federation.runner.run_methods`) with a :class:`GridTransport`, so the
-    same files as ``fedsq-fast run`` (OUT/partition.txt, partition.png, OUT/<method>/...)."""
+    same files as ``fedsq-fast run`` (OUT/partition.txt, partition.png, OUT/<method>/...).
+    ``poll_s``: seconds between pulls of replies (simulation uses Flower's own 0.1 s)."""
     for m in cfg.methods if isinstance(cfg.methods, (list, tuple)) else ():
         reject_ablation(m)
     return run_methods(cfg, resume=resume, echo=log.info, progress=False,
-                       transport_fn=lambda method: GridTransport(grid, round_timeout=round_timeout, order=order),
+                       transport_fn=lambda method: GridTransport(grid, round_timeout=round_timeout, order=order,
+                                                                 poll_s=poll_s),
                        before_methods=lambda data: wait_for_nodes(grid, cfg.num_clients,
                                                                   round_timeout or first_round_timeout(cfg)))
 
@@ -124,6 +127,14 @@ def _server_main(grid: Grid, context: Context) -> None:
 
 # ---------------------------------------------------------------------------- client
 _RUNTIME: dict = {}  # (config, method, partition) -> ClientTrainer, for processes that serve several messages
+# config -> the prepared data (split, partitions), one entry: a process that serves several partitions
+# (a simulation actor) builds it once, not per message (MNIST: ~2 s each); a SuperNode's
+# per-message ClientApp process never reuses it.
+_DATA: dict = {}
+# (config, method) -> the method's model (for FedSQ with its structural copy): built once per process,
+# reused by the next partition's trainer (each step loads the global payload first; the structural
+# copy is the same for every partition), not rebuilt and converted per message
+_MODEL: dict = {}
 
 
 def node_partition(node_config, cfg: RunConfig) -> int:
@@ -147,11 +158,18 @@ def node_partition(node_config, cfg: RunConfig) -> int:
 def client_runtime(cfg: RunConfig, method: str, pid: int) -> ClientTrainer:
     """This node's client pieces: its partition, its model (for FedSQ with its structural
     copy), ``local_train`` (:func:`~fedsq_fast.federation.trainer.client_trainer`)."""
-    key = (json.dumps(cfg.to_dict(), sort_keys=True), method, pid)
+    ckey = json.dumps(cfg.to_dict(), sort_keys=True)
+    key = (ckey, method, pid)
     if key not in _RUNTIME:
         _RUNTIME.clear()
         reject_ablation(method)
-        _RUNTIME[key] = client_trainer(cfg, method, pid)
+        if ckey not in _DATA:
+            _DATA.clear()
+            _DATA[ckey] = prepare_data(cfg)
+        prev = _MODEL.pop((ckey, method), None)  # the model the last trainer of this run and method used
+        _MODEL.clear()
+        _RUNTIME[key] = client_trainer(cfg, method, pid, data=_DATA[ckey], model=prev)
+        _MODEL[(ckey, method)] = _RUNTIME[key].worker
     return _RUNTIME[key]
 
 

@@ -694,3 +694,16 @@ def test_auto_round_timeout_follows_the_config_then_the_rounds_seen(tmp_path):
     assert opts["round_timeout"] is None
     with pytest.raises(ValueError, match="'auto' or a positive number"):
         A.config_from_run_config({"round-timeout": "soon"})
+
+
+def test_simulate_refuses_bad_configs_before_starting_ray(small_cfg):
+    from fedsq_fast.flower.simulation import simulate
+
+    with pytest.raises(ValueError, match="workers: 2 asked for, but Flower's simulation"):
+        simulate(small_cfg(workers=2))
+    with pytest.raises(ValueError, match="structural-copy ablations are not supported on Flower"):
+        simulate(small_cfg(methods=["fedsq:refresh=2"]))
+    with pytest.raises(ValueError, match="aggregation-order"):
+        simulate(small_cfg(), **{"aggregation-order": "random"})
+    with pytest.raises(TypeError, match="cfg must be a RunConfig"):
+        simulate({"rounds": 2})
