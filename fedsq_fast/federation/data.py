@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .lazy import DEFAULT_MEMORY_BUDGET, LazyImages, is_lazy, take
+from .lazy import DEFAULT_MEMORY_BUDGET, LazyImages, item_image, is_lazy, take
 from .inputs import (IMAGENET_MEAN, IMAGENET_STD, MODEL_INPUT, SVHN_MEAN, SVHN_STD, InputSpec,  # noqa: F401 (API)
                      InputTransform, input_spec_of, input_transform_for)
 
@@ -431,19 +431,7 @@ def _from_dataset(ds, arg: str):
     xs, ys = [], []
     for i in range(n):
         item = ds[i]
-        if not isinstance(item, (tuple, list)) or len(item) < 2:
-            raise ValueError(f"{arg}[{i}]: items must be (image, label) pairs, got {type(item).__name__}")
-        img, label = item[0], item[1]
-        if not isinstance(img, (torch.Tensor, np.ndarray)):
-            if hasattr(img, "convert") and hasattr(img, "size"):  # a PIL image
-                from torchvision.transforms.functional import pil_to_tensor
-
-                img = pil_to_tensor(img)
-            else:
-                raise TypeError(f"{arg}[{i}]: image must be a tensor, array or PIL image, got {type(img).__name__}")
-        img = torch.as_tensor(img)
-        if img.dim() == 2:
-            img = img.unsqueeze(0)
+        img, label = item_image(item, arg, i), item[1]  # the per-batch reader's conversion
         if xs and img.shape != xs[0].shape:
             raise ValueError(f"{arg}[{i}]: image shape {tuple(img.shape)} differs from item 0's "
                              f"{tuple(xs[0].shape)}; give the dataset a transform that resizes "

@@ -98,7 +98,7 @@ def _rebuild_array_source(opener, arg):
     return _ArraySource(fn(*args), arg)
 
 
-def _item_image(item, arg: str, i: int) -> torch.Tensor:
+def item_image(item, arg: str, i: int) -> torch.Tensor:
     """The image of one Dataset item as a (C, H, W) tensor in its own dtype."""
     if not isinstance(item, (tuple, list)) or len(item) < 2:
         raise ValueError(f"{arg}[{i}]: items must be (image, label) pairs, got {type(item).__name__}")
@@ -124,7 +124,7 @@ class _DatasetSource:
         self.n = len(ds)
         if self.n == 0:
             raise ValueError(f"{arg}: the dataset is empty")
-        first = _item_image(ds[0], arg, 0)
+        first = item_image(ds[0], arg, 0)
         if first.dim() != 3:
             raise ValueError(f"{arg}[0]: image must be (C, H, W) or (H, W), got shape {tuple(first.shape)}")
         if first.dtype == torch.bool or first.is_complex():
@@ -135,7 +135,7 @@ class _DatasetSource:
     def read(self, base: np.ndarray) -> torch.Tensor:
         out = torch.empty((len(base), *self.item_shape), dtype=self.dtype)
         for j, i in enumerate(base.tolist()):
-            img = _item_image(self.ds[i], self.arg, i)
+            img = item_image(self.ds[i], self.arg, i)
             if tuple(img.shape) != self.item_shape:
                 raise ValueError(f"{self.arg}[{i}]: image shape {tuple(img.shape)} differs from item 0's "
                                  f"{self.item_shape}; give the dataset a transform that resizes "
