@@ -191,8 +191,9 @@ def _screened(global_state: dict, replies: Iterable, stats: AggregateStats,
     """The replies to aggregate, as ``(state, num_samples, ||update||^2)``, counted in
     ``stats``: the valid ones (:func:`_valid_replies`), streamed one at a time when
     ``norm_bound`` is None and ``hold`` is False; otherwise held (copied unless ``copy_held``
-    is False: an in-process reply aliases the worker model) until the cohort is known, then those whose update norm per local
-    batch exceeds ``norm_bound`` x the cohort median are rejected with the reason. Fewer than
+    is False: an in-process reply aliases the worker model) until the cohort is known, then
+    those whose update norm per local batch exceeds ``norm_bound`` x the cohort median are
+    rejected with the reason. Fewer than
     NORM_BOUND_MIN_COHORT valid replies, or a zero median: no bound. Arrival order kept, so
     with nothing rejected the aggregate is bit-identical to the unbounded one."""
     valid = _valid_replies(global_state, replies, stats, plausible_scale)
@@ -212,7 +213,8 @@ def _screened(global_state: dict, replies: Iterable, stats: AggregateStats,
     if norm_bound is not None and len(held) >= NORM_BOUND_MIN_COHORT:
         med = statistics.median(per)
         bound = norm_bound * med if med > 0 else None
-    for (cid, state, n, sq), p in zip(held, per):
+    for i, p in enumerate(per):
+        (cid, state, n, sq), held[i] = held[i], None  # each reply let go once folded
         if bound is not None and p > bound:
             stats.rejected.append((cid, f"update norm per local batch {p:.3g} is {p / med:.3g}x the cohort "
                                         f"median {med:.3g} (norm_bound {norm_bound:g})"))
@@ -220,7 +222,7 @@ def _screened(global_state: dict, replies: Iterable, stats: AggregateStats,
         stats.num_clients += 1
         stats.num_samples += int(n)
         yield state, n, sq
-    held.clear()
+        del state
 
 
 def _record_drift(stats: AggregateStats, result: dict, global_state: dict, sq_sum: float) -> None:
