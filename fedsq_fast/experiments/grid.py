@@ -134,7 +134,7 @@ def run_compare(cfg: RunConfig, seeds, partitions, out_dir=None, resume=False, q
             echo(f"[{spec} seed {s}] {m}: BVA {sm['bva']:.4f} (round {sm['rounds_to_best']}), "
                  f"{sm['time_total_s']:.1f} s")
 
-    bundle = load_dataset(cfg.dataset, cfg.data_root, cfg.download)  # once: every cell reads the same data
+    bundle = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.in_memory)  # once: every cell reads the same data
     run_grid(cells, lambda s, p, m: configs[(s, p)], out, bundle=bundle,
              resume=resume, quiet=quiet, preflight=True, partition_plot=True, on_run=on_run, echo=echo)
     table_report(out, echo=echo if not quiet else (lambda *_: None))

@@ -61,7 +61,7 @@ def run_suite(suite: Suite | str | os.PathLike, out=None, resume: bool = False, 
     bundle = None
     if todo:  # missing data fails here, before the results folder is written
         first = suite.cell_config(todo[0][1], todo[0][0], todo[0][2])
-        bundle = load_dataset(first.dataset, first.data_root, first.download)
+        bundle = load_dataset(first.dataset, first.data_root, first.download, first.in_memory)
     out.mkdir(parents=True, exist_ok=True)
     (out / "suite.toml").write_text(suite.text)
     mine = sum(1 for i in range(len(cells)) if i % n_ == k_ - 1)

@@ -145,7 +145,7 @@ def verify_runs(root, cells: list | None = None, sample: int = 3, seed: int = 0,
             if cfg.threads:
                 torch.set_num_threads(cfg.threads)
             if bundle is None:
-                bundle = load_dataset(cfg.dataset, cfg.data_root, cfg.download)
+                bundle = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.in_memory)
             t0 = time.perf_counter()
             res = Federation(cfg, m, prepare_data(cfg, bundle), out_dir=Path(tmp) / rel, quiet=True,
                              callbacks=[MaskMetrics()]).run()

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .lazy import DEFAULT_MEMORY_BUDGET, LazyImages, item_image, is_lazy, take
+from .lazy import DEFAULT_MEMORY_BUDGET, LazyImages, in_memory_choice, is_lazy, item_image, take
 from .inputs import (IMAGENET_MEAN, IMAGENET_STD, MODEL_INPUT, SVHN_MEAN, SVHN_STD, InputSpec,  # noqa: F401 (API)
                      InputTransform, input_spec_of, input_transform_for)
 
@@ -325,16 +325,37 @@ def load_cifar10(root: str | None, download: bool = False) -> DataBundle:
     return DataBundle("cifar10", mk(True), mk(False), {"path": root})
 
 
+class _Folders(torch.utils.data.Dataset):
+    """ImageFolders read as one dataset (CINIC-10's train + valid), items ``(RGB PIL image,
+    label)``, with ``targets`` (so the labels need no pass over the images)."""
+
+    def __init__(self, folders):
+        self.folders = folders
+        self.targets = [t for f in folders for t in f.targets]
+        self.offsets = np.cumsum([0] + [len(f) for f in folders])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i):
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.folders[k][int(i - self.offsets[k])]
+
+
 def load_image_folder(root: str, name: str = "cinic10", train_dirs=("train", "valid"),
-                      test_dir: str = "test") -> DataBundle:
+                      test_dir: str = "test", in_memory="auto") -> DataBundle:
     """CINIC-10 layout: ROOT/{train,valid,test}/<class>/*.png (any ImageFolder works).
-    train+valid form the training pool; class order is the sorted folder names."""
+    train+valid form the training pool; class order is the sorted folder names.
+    ``in_memory``: ``"auto"`` reads a split into memory when its float32 copy fits in
+    :data:`~.lazy.DEFAULT_MEMORY_BUDGET` (a quarter of the machine's memory), else reads its
+    images per batch (:class:`~.lazy.LazyImages`; the same numbers bit for bit); True / False
+    force either."""
     if not root:
         raise ValueError(f"dataset {name!r} needs data_root (ImageFolder with train/valid/test)")
     from torchvision.datasets import ImageFolder
 
     def mk(dirs):
-        xs, ys, classes = [], [], None
+        folders, classes = [], None
         for d in dirs:
             p = Path(root) / d
             if not p.is_dir():
@@ -343,6 +364,18 @@ def load_image_folder(root: str, name: str = "cinic10", train_dirs=("train", "va
             if classes is not None and ds.classes != classes:
                 raise ValueError(f"dataset {name!r}: {p} has classes {ds.classes}, expected {classes}")
             classes = ds.classes
+            folders.append(ds)
+        if not sum(len(f) for f in folders):
+            raise FileNotFoundError(f"dataset {name!r}: no images under {root}/{'|'.join(dirs)}")
+        arg = f"data_root {root}/{'+'.join(dirs)}"
+        lazy = _lazy_split(_Folders(folders), arg, in_memory, DEFAULT_MEMORY_BUDGET) if in_memory is not True else None
+        if lazy is not None:  # too big for memory (or asked for): read per batch
+            x, y = lazy
+            x.read(sorted({0, len(x) - 1}))  # the ends checked before any work, as make_bundle does
+            x.reads = 0
+            return InMemoryDataset(x, y, len(classes), tuple(classes), "imagefolder")
+        xs, ys = [], []
+        for ds in folders:
             for path, label in ds.samples:
                 try:
                     img = np.array(ds.loader(path).convert("RGB"), dtype=np.uint8)
@@ -350,8 +383,6 @@ def load_image_folder(root: str, name: str = "cinic10", train_dirs=("train", "va
                     raise ValueError(f"data_root: {path}: not a readable image ({e})") from e
                 xs.append(torch.from_numpy(img).permute(2, 0, 1))
                 ys.append(label)
-        if not xs:
-            raise FileNotFoundError(f"dataset {name!r}: no images under {root}/{'|'.join(dirs)}")
         x = torch.stack(xs).float() / 255.0
         return InMemoryDataset(x, torch.tensor(ys, dtype=torch.long), len(classes), tuple(classes),
                              "imagefolder")
@@ -359,10 +390,13 @@ def load_image_folder(root: str, name: str = "cinic10", train_dirs=("train", "va
     return DataBundle(name, mk(list(train_dirs)), mk([test_dir]), {"path": root})
 
 
-def load_dataset(name: str, root: str | None = None, download: bool = False) -> DataBundle:
-    """Load one of :data:`DATASETS` into memory (unknown names list the valid ones)."""
+def load_dataset(name: str, root: str | None = None, download: bool = False, in_memory="auto") -> DataBundle:
+    """Load one of :data:`DATASETS` (unknown names list the valid ones). The image-folder
+    dataset (cinic10) follows ``in_memory`` (:func:`load_image_folder`); the others are
+    file arrays that fit in memory and are always read into it."""
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {', '.join(DATASETS)}; got {name!r}")
+    in_memory = in_memory_choice(in_memory)
     check_data_source(name, root, download)  # names what is missing before anything is read
     if name == "digits":
         return load_digits()
@@ -372,7 +406,7 @@ def load_dataset(name: str, root: str | None = None, download: bool = False) -> 
         return load_fashion_mnist(root, download)
     if name == "cifar10":
         return load_cifar10(root, download)
-    return load_image_folder(root, "cinic10")
+    return load_image_folder(root, "cinic10", in_memory=in_memory)
 
 
 

@@ -42,6 +42,17 @@ def _default_budget() -> int:
 DEFAULT_MEMORY_BUDGET = _default_budget()
 
 
+def in_memory_choice(value, key: str = "in_memory"):
+    """``"auto"``, True or False from a config value (a bool, or its string from a flag or a
+    file: auto / true / false, any case); anything else is a ValueError naming ``key``."""
+    if isinstance(value, bool):
+        return value
+    v = value.strip().lower() if isinstance(value, str) else None
+    if v in ("auto", "true", "false"):
+        return {"auto": "auto", "true": True, "false": False}[v]
+    raise ValueError(f"{key}: must be auto, true or false, got {value!r}")
+
+
 def _open_memmap(filename, dtype, shape, offset):
     return np.memmap(filename, dtype=np.dtype(dtype), mode="r", shape=tuple(shape), offset=offset)
 

@@ -93,7 +93,7 @@ def prepare_data(cfg: RunConfig, bundle: DataBundle | None = None, model_name: s
     what ``model`` states (:func:`~fedsq_fast.federation.data.input_spec_of`), the zoo spec
     of ``model_name`` or ``cfg.model``. ``bundle``: your own data (:func:`make_bundle`);
     default: ``cfg.dataset`` loaded from its source."""
-    bundle = bundle if bundle is not None else load_dataset(cfg.dataset, cfg.data_root, cfg.download)
+    bundle = bundle if bundle is not None else load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.in_memory)
     tr = bundle.train
     n = len(tr)
     if cfg.val_size >= n:

@@ -33,13 +33,13 @@ OLD_DEFAULTS = {
     'target_accuracy': None, 'probe_size': 64, 'eval_batch_size': 512, 'out_dir': 'runs/default',
     'checkpoint': True, 'threads': None, 'device': 'auto'}
 # keys added since, appended in this order (recorded configs without them: C.LEGACY_VALUES)
-ADDED = {'plausible_scale': 1e6, 'workers': 1, 'norm_bound': 10.0}
+ADDED = {'plausible_scale': 1e6, 'workers': 1, 'norm_bound': 10.0, 'in_memory': 'auto'}
 FULL = {**OLD_DEFAULTS, **ADDED}
 
 # where each key is read (docs/federation.md, "Configuration keys")
 SECTION = {
     **dict.fromkeys(["dataset", "data_root", "download", "max_train_samples", "val_size", "max_test_samples",
-                     "image_size", "num_clients", "partition", "alpha", "min_partition_size",
+                     "image_size", "in_memory", "num_clients", "partition", "alpha", "min_partition_size",
                      "shards_per_client"], "data"),
     **dict.fromkeys(["model", "weights", "quant_bn", "allow_ungated", "mask_cache"], "model"),
     **dict.fromkeys(["optimizer", "lr", "momentum", "weight_decay", "local_epochs", "batch_size",
@@ -95,6 +95,7 @@ def random_flat(rng) -> dict:
         "checkpoint": bool(rng.integers(2)), "threads": maybe_none(int(rng.integers(1, 16))),
         "plausible_scale": maybe_none(float(rng.uniform(1.0, 1e7))),
         "norm_bound": maybe_none(float(rng.uniform(1.0, 100))),
+        "in_memory": pick(["auto", True, False]),
         "device": device,
         "workers": int(rng.integers(1, 9)),
     }

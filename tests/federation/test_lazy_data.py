@@ -345,3 +345,48 @@ def test_a_mask_cache_past_its_budget_spills_with_the_same_numbers_and_cleans_up
     with pytest.raises(RuntimeError, match="boom"):
         Federation(cfg, "fedsq", data, quiet=True, callbacks=[boom]).run()
     assert len(boom.paths) == 4 and os.listdir(tmp) == []  # removed when the run raised too
+
+
+def _image_folder(root, rng, side=(9, 7)):
+    """A CINIC-10-layout folder: train/valid/test, 3 classes, odd-sized random RGB PNGs."""
+    from PIL import Image
+
+    for split, n in (("train", 9), ("valid", 4), ("test", 5)):
+        for cls in ("cat", "dog", "ship"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (*side, 3), dtype=np.uint8)).save(d / f"{i}.png")
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedsq"])
+def test_an_image_folder_read_per_batch_from_the_config_gives_the_same_numbers(tmp_path, method):
+    """``in_memory = false`` (or auto past a quarter of the memory) keeps CINIC-10's ImageFolder
+    on disk, read per batch: the same run as reading it into memory, bit for bit."""
+    from fedsq_fast.federation import prepare_data
+
+    _image_folder(tmp_path / "cinic", np.random.default_rng(draw_seed(2**31)))
+    runs, seed = {}, draw_seed()
+    for choice in (True, "false"):
+        cfg = from_mapping(dict(dataset="cinic10", data_root=str(tmp_path / "cinic"), model="tiny_cnn", rounds=2,
+                                num_clients=3, val_size=30, max_test_samples=12, batch_size=8, lr=0.05, probe_size=4,
+                                min_partition_size=3, threads=1, checkpoint=False, seed=seed,
+                                methods=[method], in_memory=choice))
+        data = prepare_data(cfg)
+        assert isinstance(data.x, LazyImages) == (choice == "false") and isinstance(data.val_x, LazyImages) == (choice == "false")
+        runs[choice] = _numbers(Federation(cfg, method, data, quiet=True).run())
+    _same(runs[True], runs["false"])
+
+
+def test_in_memory_values_are_checked_and_auto_keeps_small_folders_in_memory(tmp_path):
+    from fedsq_fast.federation import validate
+
+    _image_folder(tmp_path, np.random.default_rng(draw_seed(2**31)), side=(5, 6))
+    b = D.load_dataset("cinic10", str(tmp_path), in_memory="AUTO")
+    assert isinstance(b.train.x, torch.Tensor) and b.train.x.shape == (39, 3, 5, 6)
+    lazy = D.load_dataset("cinic10", str(tmp_path), in_memory=False)
+    assert isinstance(lazy.train.x, LazyImages) and torch.equal(lazy.train.y, b.train.y)
+    assert torch.equal(rows(lazy.test.x, slice(0, 15)), b.test.x)
+    for bad in ("maybe", 1, None):
+        with pytest.raises(ValueError, match="in_memory: must be auto, true or false"):
+            validate(from_mapping({"in_memory": bad}))

@@ -6,6 +6,7 @@ import math
 
 from ..client import OPTIMIZERS
 from ..data import DATASETS
+from ..lazy import in_memory_choice
 from ..partition import PARTITIONS
 from ..strategy import AGGREGATORS, STRATEGIES, strategy_options
 from .errors import _fail
@@ -147,6 +148,10 @@ def validate(cfg: RunConfig, model_names=None, *, own_data: bool = False) -> Run
     _num(cfg, "plausible_scale", lo=0, lo_open=True, allow_none=True)
     _num(cfg, "norm_bound", lo=1, allow_none=True)
     check_options_used(cfg)
+    try:
+        in_memory_choice(cfg.in_memory)
+    except ValueError as e:
+        _fail("in_memory", str(e).removeprefix("in_memory: "))
     if cfg.quant_bn not in ("train", "frozen"):
         _fail("quant_bn", f"must be 'train' or 'frozen', got {cfg.quant_bn!r}")
     for k in ("download", "checkpoint", "mask_cache", "allow_ungated"):

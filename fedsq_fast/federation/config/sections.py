@@ -30,6 +30,9 @@ class DataConfig:
     val_size: int = _key(1000, "server validation split, taken from the training pool")
     max_test_samples: int | None = _key(2000, "test subset for the final evaluation; none: all")
     image_size: int | None = _key(None, "resize images to this side; none: the model's input size")
+    # auto: an image-folder dataset (cinic10) too big for a quarter of the memory is read per
+    # batch (the same numbers); true / false force either. File-array datasets fit: in memory.
+    in_memory: str = _key("auto", "image folders: auto (per batch past a quarter of the memory), true, false")
     num_clients: int = _key(10, "number of clients the pool is split among")
     partition: str = _key("dirichlet", "how the pool is split: " + ", ".join(PARTITIONS))
     alpha: float = _key(0.5, "Dirichlet concentration (dirichlet, quantity)")
@@ -190,7 +193,7 @@ KEYS = ("dataset", "data_root", "download", "max_train_samples", "val_size", "ma
         "client_timeout_s", "optimizer", "lr", "momentum", "weight_decay", "local_epochs", "batch_size",
         "min_batch_size", "prox_mu", "aggregator", "trim_fraction", "server_lr", "server_momentum", "beta1",
         "beta2", "tau", "mask_cache", "seed", "target_accuracy", "probe_size", "eval_batch_size", "out_dir",
-        "checkpoint", "threads", "device", "plausible_scale", "workers", "norm_bound")
+        "checkpoint", "threads", "device", "plausible_scale", "workers", "norm_bound", "in_memory")
 # What a key added after runs were recorded meant before it existed: a recorded config without
 # the key reproduces its run with this value (config_differences, from_mapping(recorded=True)).
 # plausible_scale, norm_bound: the reply checks of 2026-12-02/03 changed what such runs average.
@@ -207,7 +210,7 @@ RECORDED_CORE = frozenset((
 assert set(KEYS) == set(SECTION_OF) and len(KEYS) == len(SECTION_OF), "KEYS must list every section key once"
 # Where and how fast a run computes, not what: ignored when a checkpoint or a finished
 # run's metrics are matched against the current config (resume on another machine).
-PLACEMENT_KEYS = ("out_dir", "threads", "device", "workers")
+PLACEMENT_KEYS = ("out_dir", "threads", "device", "workers", "in_memory")
 
 
 def config_differences(mine: RunConfig, theirs: dict, ignore=()) -> list:
