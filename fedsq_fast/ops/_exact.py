@@ -24,26 +24,67 @@ GRID_BITS = 30
 INT64_LIMIT = 2**63  # sums of q_k must stay below this (the kernels' contract)
 
 
-def on_grid(w: float, fixed: bool) -> int:
-    """One weight as an exact integer: itself (``fixed=False``, w an integer) or
-    round_half_even(w * 2**GRID_BITS) (exact: a power-of-two scaling, then one rounding)."""
-    return int(w) if not fixed else round(math.ldexp(w, GRID_BITS))
+def is_integral(w) -> bool:
+    """An integer weight: a Python int (any size, exact) or an integer-valued float."""
+    return isinstance(w, int) or w.is_integer()
 
 
-def integer_weights(ws: list[float]) -> list[int]:
-    """The q_k of the module rule for a whole weight list (finite, >= 0, not all zero).
+def frexp(w) -> tuple[float, int]:
+    """``w = m * 2**e`` with m in [0.5, 1) (0 for w = 0), for a float or a Python int of any
+    size (an int past float's range has no float, but its exponent is its bit length)."""
+    if isinstance(w, int):
+        if w == 0:
+            return 0.0, 0
+        e = w.bit_length()
+        m, e2 = math.frexp(w / (1 << e))  # int / int is correctly rounded (and may round up to 1.0)
+        return m, e + e2
+    return math.frexp(w)
+
+
+def ldexp(w, k: int) -> float:
+    """``w * 2**k`` as a float for a float or a Python int of any size (the int is rounded once,
+    correctly, when it has more than 53 bits); 0 or OverflowError as math.ldexp."""
+    if isinstance(w, int):
+        m, e = frexp(w)
+        return math.ldexp(m, e + k)
+    return math.ldexp(w, k)
+
+
+def round_ldexp(w, k: int) -> int:
+    """round_half_even(w * 2**k) exactly, for a float or an int of any size and any k."""
+    num, den = w.as_integer_ratio() if isinstance(w, float) else (w, 1)
+    if k >= 0:
+        num <<= k
+    else:
+        den <<= -k
+    return round_div_int(num, den)
+
+
+def on_grid(w, fixed: bool) -> int:
+    """One weight as an exact integer: itself (``fixed=False``, w an integer: a Python int of
+    any size stays exact) or round_half_even(w * 2**GRID_BITS) (a power-of-two scaling, then
+    one rounding, computed exactly: no float overflow for any finite w)."""
+    if not fixed:
+        return int(w)
+    return round_ldexp(w, GRID_BITS)
+
+
+def integer_weights(ws: list) -> list[int]:
+    """The q_k of the module rule for a whole weight list (floats or Python ints; finite,
+    >= 0, not all zero).
 
     Weights the grid cannot hold (their q_k sum to 0 or to 2**63 or more) are first
     scaled by a power of two, exactly, which keeps their ratios; StreamingAverage
     refuses such weights instead, so the two entry points agree wherever both answer.
     """
-    fixed = not all(w.is_integer() for w in ws)
-    if not fixed or max(ws) < math.ldexp(1.0, 63 - GRID_BITS):  # else w * 2**30 alone is too big
+    fixed = not all(is_integral(w) for w in ws)
+    top = max(ws)
+    if not fixed or top < math.ldexp(1.0, 63 - GRID_BITS):  # else w * 2**30 alone is too big
         qs = [on_grid(w, fixed) for w in ws]
         if 0 < sum(qs) < INT64_LIMIT:
             return qs
-    shift = -math.frexp(max(ws))[1]  # the largest weight becomes [0.5, 1): q <= 2**GRID_BITS
-    return [on_grid(math.ldexp(w, shift), True) for w in ws]
+    shift = -frexp(top)[1]  # the largest weight becomes [0.5, 1): q <= 2**GRID_BITS
+    return [round_ldexp(w, shift + GRID_BITS) for w in ws]
 
 
 def round_div_int(s: int, q: int) -> int:

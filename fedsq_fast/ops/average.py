@@ -22,17 +22,33 @@ from ._registry import OPS
 
 __all__ = ["weighted_average", "StreamingAverage", "sq_dist"]
 
-def _real(w, arg: str) -> float:
-    """A weight as a float: real numbers only (a str such as "3" or a bool is refused, not
+def _real(w, arg: str):
+    """A weight as a number: a Python int for integers (any size: exact, never rounded to a
+    float), else a float. Real numbers only (a str such as "3" or a bool is refused, not
     read as a number)."""
     if isinstance(w, torch.Tensor) and w.numel() == 1 and not w.dtype.is_complex and w.dtype != torch.bool:
-        return float(w)
+        return w.item()
     if isinstance(w, (bool, np.bool_)) or not isinstance(w, numbers.Real):
         raise TypeError(f"{arg} must be a real number, got {w!r}")
-    return float(w)
+    if isinstance(w, numbers.Integral):
+        return int(w)
+    try:
+        return float(w)
+    except (OverflowError, ValueError) as e:  # e.g. a Fraction past float's range
+        raise ValueError(f"{arg} must be a finite real number, got {w!r} ({e})") from None
 
 
-def _check_weights(weights, k: int) -> list[float]:
+def _check_weight(w, arg: str):
+    """A weight from _real that is finite and >= 0, or a ValueError naming ``arg``."""
+    if isinstance(w, int):
+        if w < 0:
+            raise ValueError(f"{arg} must be finite and >= 0, got {w}")
+    elif not math.isfinite(w) or w < 0:
+        raise ValueError(f"{arg} must be finite and >= 0, got {w}")
+    return w
+
+
+def _check_weights(weights, k: int) -> list:
     if isinstance(weights, torch.Tensor):
         weights = weights.detach().cpu().reshape(-1).tolist()
     if isinstance(weights, (str, bytes)) or not isinstance(weights, Iterable):
@@ -41,11 +57,34 @@ def _check_weights(weights, k: int) -> list[float]:
     if len(ws) != k:
         raise ValueError(f"weights must have one entry per client ({k}), got {len(ws)}")
     for i, w in enumerate(ws):
-        if not math.isfinite(w) or w < 0:
-            raise ValueError(f"weights[{i}] must be finite and >= 0, got {w}")
-    if sum(ws) <= 0:
+        _check_weight(w, f"weights[{i}]")
+    if not any(ws):
         raise ValueError("weights must not all be zero (their sum is the divisor)")
     return ws
+
+
+def _normalised(ws: list) -> list[float]:
+    """w_k / sum_k w_k in float64 for finite weights >= 0 (not all zero): floats summed in
+    order and divided (the rule of runs recorded before ints were kept exact); integers
+    exactly (int / int is correctly rounded); weights whose sum overflows, or Python ints
+    past float's range, first scaled by a power of two, which keeps their ratios."""
+    if all(isinstance(w, int) for w in ws):
+        total = sum(ws)
+        return [w / total for w in ws]
+    try:
+        fs = [float(w) for w in ws]
+        total = sum(fs)
+    except OverflowError:
+        fs, total = None, math.inf
+    if math.isinf(total) and fs is not None:  # finite weights whose sum overflows (e.g. 1e308 x 3): same ratios
+        top = max(fs)
+        fs = [w / top for w in fs]
+        total = sum(fs)
+    elif math.isinf(total):  # a Python int past float's range
+        shift = -_exact.frexp(max(ws))[1]
+        fs = [_exact.ldexp(w, shift) for w in ws]
+        total = sum(fs)
+    return [w / total for w in fs]
 
 
 def _as_client_lists(clients):
@@ -103,7 +142,7 @@ def _check_clients(lists, names):
 
 
 _F32_MAX = float(torch.finfo(torch.float32).max)
-_F32_TINY = float(torch.finfo(torch.float32).tiny)
+_F64_MAX = float(torch.finfo(torch.float64).max)
 _INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool)
 
 
@@ -148,12 +187,7 @@ def weighted_average(clients, weights, out=None):
                 "int8/uint8/int16/int32/int64 and bool tensors"
             )
     qs = _exact.integer_weights(ws)  # from the weights as given: StreamingAverage sees those
-    total = sum(ws)
-    if not math.isfinite(total):  # finite weights whose sum overflows (e.g. 1e308 x 3): same ratios
-        top = max(ws)
-        ws = [w / top for w in ws]
-        total = sum(ws)
-    norm = [w / total for w in ws]
+    norm = _normalised(ws)
     results = [None] * len(lists[0])
     # One call per (kind, device): a state dict may be split across devices,
     # and a launch only ever sees pointers of its own device.
@@ -209,6 +243,37 @@ def sq_dist(xs, refs) -> float:
         return sum(float(OPS.sq_dist_list(a, b)) for a, b in by_device.values())
 
 
+# StreamingAverage's power-of-two scale (see the class): weights are folded unscaled while the
+# largest is >= 1 and their sum < 2**_TOTAL_BITS (sample counts: today's bits); a float32
+# accumulator is kept below 2**_ACC32_BITS, a float64 one below 2**_ACC64_BITS (float32's
+# largest value is about 2**128, float64's 2**1024; each add checks the bound again); at or past 2**_DIV_BITS in magnitude
+# the float32 result is divided in float64 (a float32 division could round past float32's max).
+_TOTAL_BITS = 64
+_TOTAL_HEADROOM = 32  # a rescale for the total leaves it at 2**(_TOTAL_BITS - this)
+_ACC32_BITS, _ACC64_BITS, _DIV_BITS = 124, 1020, 120
+_RESCALE_STEP = 100  # multiply by at most 2**-100 at a time: each step exact for normal results
+
+
+def _sum_exp(terms) -> int:
+    """The binary exponent e (sum in [2**(e-1), 2**e)) of sum(x * 2**k for x, k in terms),
+    for floats x >= 0 or Python ints of any size, without overflow; -10**9 for a zero sum."""
+    nz = [(x, k) for x, k in terms if x]
+    if not nz:
+        return -10**9
+    top = max(_exact.frexp(x)[1] + k for x, k in nz)
+    return _exact.frexp(math.fsum(_exact.ldexp(x, k - top) for x, k in nz))[1] + top
+
+
+def _scale_down(accs, d: int) -> None:
+    """Multiply every accumulator by 2**-d (d > 0): exact for results in the normal range;
+    past 3 steps every finite value is 0 anyway (|acc| < 2**1000), Inf/NaN stay."""
+    for _ in range(min(3, -(-d // _RESCALE_STEP))):
+        step = min(d, _RESCALE_STEP)
+        for a in accs:
+            a.mul_(math.ldexp(1.0, -step))
+        d -= step
+
+
 class StreamingAverage:
     """Weighted average folded in one client at a time: memory for one
     accumulator (float32 for float16/bfloat16/float32 tensors), not K clients.
@@ -218,9 +283,17 @@ class StreamingAverage:
     >>> global_state = avg.result()
 
     Clients are folded in the order they are added; the result is
-    deterministic for that order. Integer tensors accumulate exactly in int64, with the
-    weights of weighted_average (_exact.py): the same integers as one weighted_average
-    call; a fold that would wrap int64 is refused, naming the tensor.
+    deterministic for that order. Any finite weight >= 0 (a float, or a Python int of any
+    size, kept exact) gives the average: floating tensors fold ``w * 2**-E`` where the
+    power of two ``2**E`` is 1 for ordinary weights (largest >= 1, sum < 2**64: the bits of
+    the plain float32 fold) and otherwise follows the largest weight and the total, and
+    shrinks further when a client's values times its weight would take the accumulator near
+    float32's range; a change of E rescales the accumulator by an exact power of two. So no
+    weight makes the divisor 0 or Inf and no finite value overflows the accumulator (each
+    add reads the client's largest |value|: one pass, no copy). Integer tensors accumulate
+    exactly in int64, with the weights of weighted_average (_exact.py): the same integers
+    as one weighted_average call; a fold that would wrap int64 is refused, naming the
+    tensor, before anything is folded (the average so far stays as it was).
     """
 
     def __init__(self):
@@ -228,7 +301,11 @@ class StreamingAverage:
         self._rebuild = None
         self._template = None
         self._acc = None
-        self._total = 0.0
+        self._scale = None  # E: floating accumulators hold sum_k fl(w_k 2**-E) x_k (None: no weight > 0 yet)
+        self._total = 0.0  # sum of w_k 2**-E, in float64, in add order
+        self._top = 0  # the largest weight so far
+        self._bound = [0.0, 0.0]  # upper bounds on |float32 acc|, |float64 acc| (scaled)
+        self._big = 0.0  # the largest |value| folded into a float32 accumulator (unscaled)
         self._fixed = False  # integer weights so far: q = w; else the 2**-30 grid (_exact.py)
         self._int_total = 0  # sum of q
         self._consumed = False
@@ -238,34 +315,38 @@ class StreamingAverage:
         if self._consumed:
             raise RuntimeError("this StreamingAverage was consumed by result(consume=True); start a new one")
 
-    def add(self, client, weight) -> None:
-        """Fold one client (a tensor, a tensor sequence or a state dict) with its weight."""
+    def _target_scale(self, top, total_unscaled_exp: int | None) -> int:
+        """E for the weights alone: 0 for ordinary weights; else the largest weight in [1, 2)
+        (all weights < 1) or the total at 2**(_TOTAL_BITS - _TOTAL_HEADROOM)."""
+        if top < 1:
+            return _exact.frexp(top)[1] - 1
+        if total_unscaled_exp is not None and total_unscaled_exp > _TOTAL_BITS:
+            return total_unscaled_exp - (_TOTAL_BITS - _TOTAL_HEADROOM)
+        return 0
+
+    def add(self, client, weight, *, max_abs: float | None = None) -> None:
+        """Fold one client (a tensor, a tensor sequence or a state dict) with its weight: a
+        finite real number >= 0 (a Python int of any size is kept exact). Refused with a
+        ValueError/TypeError before anything is folded: a malformed client, a weight that is
+        not finite and >= 0, an integer fold that would wrap int64.
+
+        ``max_abs``: a bound on the client's largest |value| in its floating tensors that
+        the caller already knows (the federation's plausibility bound); None: read from the
+        client (one pass over its floating tensors, no copy). A bound that is too small
+        voids the overflow guarantee (the result may hold Inf), nothing else."""
         self._check_live()
         lists, names, rebuild = _as_client_lists([client])
         (lst,) = lists
-        w = _real(weight, "weight")
-        if not math.isfinite(w) or w < 0:
-            raise ValueError(f"weight must be finite and >= 0, got {w}")
-        if w > _F32_MAX or 0 < w < _F32_TINY:
-            # the accumulators fold w in float32: outside its range w becomes Inf or 0
-            raise ValueError(f"weight {w:g} is outside float32's range [{_F32_TINY:g}, {_F32_MAX:g}] that "
-                             "StreamingAverage folds weights in; scale the weights (only their ratios matter)")
+        w = _check_weight(_real(weight, "weight"), "weight")
+        if max_abs is not None:
+            max_abs = float(min(_check_weight(_real(max_abs, "max_abs"), "max_abs"), _F64_MAX))
         if self._template is None:
             for j, t in enumerate(lst):
                 if not isinstance(t, torch.Tensor):
                     raise TypeError(f"client[{names[j]!r}] must be a tensor, got {type(t).__name__}")
-            self._names, self._rebuild = names, rebuild
-            self._template = [(t.shape, t.dtype, t.device) for t in lst]
-            self._acc = [
-                torch.zeros(
-                    t.shape,
-                    dtype=(torch.float64 if t.dtype == torch.float64 else torch.float32)
-                    if t.dtype.is_floating_point
-                    else torch.int64,
-                    device=t.device,
-                )
-                for t in lst
-            ]
+                if not (t.dtype.is_floating_point or t.dtype in _INT_DTYPES):
+                    raise TypeError(f"client[{names[j]!r}] has dtype {t.dtype}; averaged are floating, "
+                                    "int8/uint8/int16/int32/int64 and bool tensors")
         else:
             if names != self._names:
                 raise ValueError(
@@ -280,40 +361,102 @@ class StreamingAverage:
                         f"{where} is ({tuple(t.shape)}, {t.dtype}, {t.device}), "
                         f"expected ({tuple(shape)}, {dtype}, {device})"
                     )
-        fixed = self._fixed or not w.is_integer()
-        q = _exact.on_grid(w, fixed)  # the rule weighted_average uses (_exact.py)
+        floats = [j for j, t in enumerate(lst) if t.dtype.is_floating_point]
+        ints = [j for j, t in enumerate(lst) if not t.dtype.is_floating_point]
+        # -- integer tensors: exact, checked (naming the tensor) before anything changes
+        fixed = self._fixed or not _exact.is_integral(w)
+        q = _exact.on_grid(w, fixed) if ints else 0  # the rule weighted_average uses (_exact.py)
         rescale = 2**_exact.GRID_BITS if fixed and not self._fixed else 1  # the switch, exact
         int_total = self._int_total * rescale + q
-        ints = [(j, a, t) for j, (a, t) in enumerate(zip(self._acc, lst)) if not a.dtype.is_floating_point]
-        # int64 accumulation must not wrap: check every tensor, naming it, before changing any
         grid = " (on the 2**-30 grid)" if fixed else ""
         if ints and int_total >= _exact.INT64_LIMIT:
             raise ValueError(f"client #{self.count}: weight {w:g} takes the integer weights' sum to {int_total}{grid}, "
                              "past int64; scale the weights (only their ratios matter)")
-        for j, a, t in ints:
+        int_accs = [] if self._acc is None else [self._acc[j] for j in ints]
+        for j, t in zip(ints, (lst[j] for j in ints)):
             if not t.numel() or (q == 0 and rescale == 1):  # nothing changes: no check (no host sync)
                 continue
             lo, hi = (int(v) for v in torch.aminmax(t.to(torch.int64)))
-            alo, ahi = (int(v) for v in torch.aminmax(a))
+            alo, ahi = (int(v) for v in torch.aminmax(self._acc[j])) if self._acc is not None else (0, 0)
             # every element's new sum a * rescale + t * q (q >= 0) lies within these bounds
             new_lo, new_hi = alo * rescale + lo * q, ahi * rescale + hi * q
             if new_lo < -_exact.INT64_LIMIT or new_hi >= _exact.INT64_LIMIT:
                 big = hi if new_hi >= _exact.INT64_LIMIT else lo
                 raise ValueError(f"client #{self.count}[{names[j]!r}]: integer values up to {big} x weight {q}{grid} "
                                  "overflow the int64 accumulator")
+        # -- floating tensors: the scale E for this weight and these values (nothing changes yet)
+        scale, total, bound, big = self._scale, self._total, list(self._bound), self._big
+        top = w if w > self._top else self._top
+        amax = [0.0, 0.0]  # this client's largest finite |value| in float32 / float64 accumulators
+        if floats and w and max_abs is not None:
+            for j in floats:
+                amax[1 if lst[j].dtype == torch.float64 else 0] = max_abs
+        elif floats and w:
+            with torch.no_grad():
+                for j in floats:
+                    t = lst[j]
+                    if t.numel():
+                        lo, hi = torch.aminmax(t)  # no model-sized temporary (unlike abs)
+                        m = max(-float(lo), float(hi))
+                        k = 1 if t.dtype == torch.float64 else 0
+                        if math.isfinite(m):  # NaN/Inf propagate to the result as they would anyway
+                            amax[k] = max(amax[k], m)
+        if w:
+            ref = 0 if scale is None else scale
+            # the exponent of the total after this fold, unscaled (it may lie past float64's range)
+            t_exp = _sum_exp([(total, ref), (w, 0)])
+            new_scale = self._target_scale(top, t_exp)
+            if scale is not None:
+                new_scale = max(new_scale, scale)
+            # the accumulators' bounds after this fold at the new scale: shrink further if near their range
+            for k, limit in ((0, _ACC32_BITS), (1, _ACC64_BITS)):
+                if amax[k]:
+                    m, e = _exact.frexp(amax[k])
+                    mw, ew = _exact.frexp(w)
+                    # + 1: a binade of margin for the rounding of the float32 weight and of the sums
+                    b_exp = _sum_exp([(bound[k], ref - new_scale), (m * mw, e + ew - new_scale)]) + 1
+                    if b_exp > limit:
+                        new_scale += b_exp - limit
+        # -- fold: nothing above raised
         with torch.no_grad():
-            for j, a, t in ints:
+            if self._template is None:
+                self._names, self._rebuild = names, rebuild
+                self._template = [(t.shape, t.dtype, t.device) for t in lst]
+                self._acc = [
+                    torch.zeros(
+                        t.shape,
+                        dtype=(torch.float64 if t.dtype == torch.float64 else torch.float32)
+                        if t.dtype.is_floating_point
+                        else torch.int64,
+                        device=t.device,
+                    )
+                    for t in lst
+                ]
+            for j in ints:
+                a = self._acc[j]
                 if rescale != 1:
                     a.mul_(rescale)
                 if q:
-                    a.add_(t.to(torch.int64), alpha=q)
-            accs = [a for a in self._acc if a.dtype.is_floating_point]
-            if accs:
-                xs = [in_layout(t, a.stride()) for a, t in zip(self._acc, lst) if a.dtype.is_floating_point]
-                OPS.accumulate_list_(accs, xs, w)
+                    a.add_(lst[j].to(torch.int64), alpha=q)
+            if w:
+                if scale is not None and new_scale > scale:
+                    d = new_scale - scale
+                    _scale_down([self._acc[j] for j in floats], d)
+                    total = math.ldexp(total, -d)
+                    bound = [math.ldexp(b, -d) for b in bound]
+                scale = new_scale
+            ws = _exact.ldexp(w, -scale) if w else 0.0
+            if floats:
+                accs = [self._acc[j] for j in floats]
+                xs = [in_layout(lst[j], a.stride()) for j, a in zip(floats, accs)]
+                OPS.accumulate_list_(accs, xs, ws)
+            for k in (0, 1):
+                bound[k] += ws * amax[k] * (1 + 2.0**-20)
+        self._scale, self._total, self._bound = scale, total + ws, bound
+        self._big = max(big, amax[0])
+        self._top = top
         self._fixed = fixed
         self._int_total = int_total
-        self._total += w
         self.count += 1
 
     def result(self, out=None, *, consume: bool = False):
@@ -340,19 +483,23 @@ class StreamingAverage:
             fake_ref = [torch.empty(s, dtype=d, device="meta") for s, d, _ in self._template]
             if len(out_list) != len(fake_ref):
                 raise ValueError(f"out must hold {len(fake_ref)} tensors, got {len(out_list)}")
+        careful = self._big >= math.ldexp(1.0, _DIV_BITS)  # a float32 quotient could round past float32's max
         res = []
         with torch.no_grad():
             for j, (a, (shape, dtype, device)) in enumerate(zip(self._acc, self._template)):
                 o = None if out_list is None else out_list[j]
                 if o is not None and (o.shape != shape or o.dtype != dtype):
                     raise ValueError(f"out[{self._names[j]!r}] must be ({tuple(shape)}, {dtype})")
-                if a.dtype.is_floating_point:
+                if a.dtype == torch.float32 and careful:
+                    r = a.double() / self._total
+                    r = torch.where(torch.isinf(a), r, r.clamp(-_F32_MAX, _F32_MAX)).to(dtype)
+                elif a.dtype.is_floating_point:
                     r = a.div_(self._total) if consume and a.dtype == dtype else (a / self._total).to(dtype)
                 else:
                     if self._int_total <= 0:
-                        raise ValueError(f"{self._names[j]!r}: the weights (sum {self._total:g}) round to zero on "
-                                         f"the 2**-{_exact.GRID_BITS} grid integer tensors are averaged on; scale "
-                                         "the weights (only their ratios matter) or use weighted_average")
+                        raise ValueError(f"{self._names[j]!r}: the weights round to zero on the 2**-{_exact.GRID_BITS} "
+                                         "grid integer tensors are averaged on; scale the weights (only their ratios "
+                                         "matter) or use weighted_average")
                     r = _exact.round_div(a, self._int_total).to(dtype)
                 if o is not None:
                     o.copy_(r)

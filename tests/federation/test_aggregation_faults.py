@@ -213,8 +213,13 @@ def test_state_dicts_match_by_key_set_not_order():
 def test_streaming_average_refuses_what_it_cannot_fold_exactly():
     from fedsq_fast import StreamingAverage
 
-    for w in (1e39, 1e-46):
-        with pytest.raises(ValueError, match="outside float32's range"):
+    for w in (1e39, 1e-46, 1.7e308, 10**400):  # outside float32's range: folded on a power-of-two scale
+        sa = StreamingAverage()
+        sa.add(torch.tensor([1.0, -3.0]), w)
+        sa.add(torch.tensor([3.0, 5.0]), w)
+        assert sa.result().tolist() == [2.0, 1.0]
+    for w, err in ((-1, ValueError), (float("nan"), ValueError), (float("inf"), ValueError), ("3", TypeError)):
+        with pytest.raises(err, match="weight must be "):
             StreamingAverage().add(torch.ones(2), w)
     with pytest.raises(TypeError, match="weight must be a real number"):
         StreamingAverage().add(torch.ones(2), "3")

@@ -220,13 +220,14 @@ EDGE_INTS = [-2**63, 2**63 - 1, 2**62, -2**62, -2**63 + 1, 0, 1, -1]
 
 def _stream_refuses(cols_by_client, ws):
     """Does the documented bound refuse some add()? Step k refuses when
-    max|x_k| q_k + max|acc_(k-1)| reaches 2**63, with every q on the grid in force
-    at step k (the integers themselves until the first non-integer weight)."""
+    max(acc_(k-1)) + max(x_k) q_k reaches 2**63 or min(acc_(k-1)) + min(x_k) q_k falls
+    below -2**63 (int64's range; q_k >= 0), with every q on the grid in force at step k (the
+    integers themselves until the first non-integer weight). -2**63 alone fits."""
     for k in range(len(ws)):
         qs = _spec_weights_stream(ws[: k + 1])
         acc = [sum(q * c[i] for q, c in zip(qs[:k], cols_by_client[:k])) for i in range(len(cols_by_client[0]))]
-        big = max((abs(v) for v in cols_by_client[k]), default=0)
-        if qs[k] and cols_by_client[k] and big * qs[k] + max(abs(a) for a in acc) >= 2**63:
+        x = cols_by_client[k]
+        if qs[k] and x and (max(acc) + max(x) * qs[k] >= 2**63 or min(acc) + min(x) * qs[k] < -2**63):
             return True
     return False
 
