@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from .prepare import (FedData, build_method_model, call_model_fn, place_data,  #
                       prepare_data, warn_little_data)
 from .seeds import client_seed, failure_draws, sample_clients  # noqa: F401 (API)
 from .strategy import AggregateStats
-from .transport import FoldTotals, InProcessTransport, RoundTask, Transport, fold
+from .transport import FoldTotals, InProcessTransport, RoundTask, Transport, cap_counts, fold
 from .trainer import new_mask_cache
 
 log = logging.getLogger("fedsq_fast.federation")
@@ -157,6 +158,19 @@ class Federation:
     def sample_clients(self, rnd: int) -> list[int]:
         return sample_clients(self.cfg, rnd)
 
+    def partition_size(self, cid) -> int | None:
+        """The samples client ``cid`` holds as the server partitioned the data (the cap on
+        the count its reply may claim: an honest client reports exactly this), or None for
+        an id that is not a client of this run."""
+        parts = self.data.parts
+        try:
+            i = operator.index(cid)
+        except TypeError:
+            return None
+        if isinstance(cid, bool) or not 0 <= i < len(parts):
+            return None
+        return len(parts[i])
+
     def train_client(self, rnd: int, cid: int, glob: dict, lcfg: LocalConfig | None = None) -> tuple[dict, dict]:
         """One client's local step in this process (tools and tests): (payload state, info)."""
         return self.trainer.train(rnd, cid, glob, lcfg or self.local_config(rnd))
@@ -214,7 +228,14 @@ class Federation:
                 cb.on_reply(self, r)
 
         stats = AggregateStats()
-        new = self.strategy.aggregate(glob, fold(self.transport.replies(task), totals, drop, seen), stats,
+
+        def capped(r, claimed, cap):
+            stats.capped.append([int(r.cid), claimed, int(cap)])
+            log_drop(logging.WARNING, "round %d: client %d claimed %s samples, its partition holds %d: weighted by %d",
+                     rnd, r.cid, claimed, cap, cap)
+
+        replies = cap_counts(self.transport.replies(task), self.partition_size, capped)
+        new = self.strategy.aggregate(glob, fold(replies, totals, drop, seen), stats,
                                       copy_held=self.transport.replies_alias)
         for cid, reason in stats.rejected:
             dropped.append((cid, f"update rejected: {reason}"))
@@ -241,6 +262,8 @@ class Federation:
             update_norm=stats.update_norm, structural_refreshed=refreshed, bytes_up=totals.bytes_up,
             bytes_down=(len(chosen) if task.sent is None else task.sent) * self.payload_bytes,
             time_client_s=totals.client_s)
+        if stats.capped:  # a key of its own, only where counts were capped: honest runs' records unchanged
+            rec["counts_capped"] = stats.capped
         log.info("round %d: val_acc %.4f, %d/%d clients, dropped %s", rnd, vacc, stats.num_clients,
                  len(chosen), drops_text(rec.clients_dropped))
         return self._finish(rec, t0, t_eval)

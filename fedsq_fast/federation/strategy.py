@@ -10,10 +10,12 @@ stay on the clients; FedProx's proximal term is a client-side option.
 from __future__ import annotations
 
 import math
+import numbers
 import statistics
 from dataclasses import dataclass, field
 from typing import Iterable
 
+import numpy as np
 import torch
 
 from ..ops import StreamingAverage, sq_dist
@@ -70,6 +72,7 @@ class AggregateStats:
     client_drift: float = float("nan")  # sqrt(weighted mean ||d_k - d_avg||^2)
     update_norm: float = float("nan")  # ||d_avg||
     rolled_back: str | None = None  # why the aggregate was discarded (the global model kept)
+    capped: list = field(default_factory=list)  # [client id, claimed count, the count it was weighted by]
 
 
 # How far one client's values may lie from the global model's, in magnitude: far beyond what
@@ -150,6 +153,43 @@ def _sq_dist(state: dict, ref: dict, check: bool = False) -> float | str:
 AGGREGATORS = ("mean", "median", "trimmed_mean")
 
 
+def plain_count(n):
+    """A reply's sample count with numpy scalars and one-element real tensors as Python
+    numbers (a Python int stays exact at any size); anything else as given."""
+    if isinstance(n, np.generic):
+        return n.item()
+    if isinstance(n, torch.Tensor) and n.numel() == 1 and not n.dtype.is_complex and n.dtype != torch.bool:
+        return n.item()
+    return n
+
+
+def count_problem(n) -> str | None:
+    """Why ``n`` (after :func:`plain_count`) is not a sample count a reply can be weighted by
+    (not an int or float, not finite, not > 0), or None. Size is not judged here (the
+    averaging takes any finite count; caps are :func:`cap_counts`')."""
+    if isinstance(n, bool) or not isinstance(n, (int, float)):
+        return f"num_samples must be an int or a float, got {type(n).__name__} {_short_repr(n)}"
+    if isinstance(n, float) and not math.isfinite(n) or not n > 0:
+        return f"num_samples must be > 0, got {n!r}"
+    return None
+
+
+def _short_repr(v, limit: int = 60) -> str:
+    try:
+        r = repr(v)
+    except Exception:  # noqa: BLE001 - a hostile __repr__
+        return "(no repr)"
+    return r if len(r) <= limit else r[:limit] + "..."
+
+
+def count_as_float(n) -> float:
+    """A count as a float: inf for a Python int past float64's range (no OverflowError)."""
+    try:
+        return float(n)
+    except OverflowError:
+        return math.inf
+
+
 def _valid_replies(global_state: dict, replies: Iterable, stats: AggregateStats,
                    plausible_scale: float | None = PLAUSIBLE_SCALE):
     """``(client, state, num_samples, ||update||^2)`` of each valid reply, in arrival order;
@@ -161,9 +201,9 @@ def _valid_replies(global_state: dict, replies: Iterable, stats: AggregateStats,
         reason = check_update(global_state, state, finite=False)
         if reason is None and plausible_scale is not None:
             reason = implausible(global_state, state, plausible_scale)
-        if reason is None and not (isinstance(n, (int, float)) and not isinstance(n, bool)
-                                   and math.isfinite(n) and n > 0):
-            reason = f"num_samples must be > 0, got {n!r}"
+        if reason is None:
+            n = plain_count(n)
+            reason = count_problem(n)
         sq = _sq_dist(state, global_state, check=True) if reason is None else reason
         if isinstance(sq, str):
             stats.rejected.append((cid, sq))
@@ -187,7 +227,7 @@ def local_batches(num_samples: float, batch_size: int) -> int:
 
 def _screened(global_state: dict, replies: Iterable, stats: AggregateStats,
               plausible_scale: float | None, norm_bound: float | None, batch_size: int,
-              hold: bool = False, copy_held: bool = True):
+              hold: bool = False, copy_held: bool = True, with_cid: bool = False):
     """The replies to aggregate, as ``(state, num_samples, ||update||^2)``, counted in
     ``stats``: the valid ones (:func:`_valid_replies`), streamed one at a time when
     ``norm_bound`` is None and ``hold`` is False; otherwise held (copied unless ``copy_held``
@@ -195,20 +235,21 @@ def _screened(global_state: dict, replies: Iterable, stats: AggregateStats,
     those whose update norm per local batch exceeds ``norm_bound`` x the cohort median are
     rejected with the reason. Fewer than
     NORM_BOUND_MIN_COHORT valid replies, or a zero median: no bound. Arrival order kept, so
-    with nothing rejected the aggregate is bit-identical to the unbounded one."""
+    with nothing rejected the aggregate is bit-identical to the unbounded one.
+    ``with_cid``: ``(client, state, num_samples, ||update||^2)`` instead."""
     valid = _valid_replies(global_state, replies, stats, plausible_scale)
     if norm_bound is None and not hold:
         for cid, state, n, sq in valid:
             stats.num_clients += 1
             stats.num_samples += int(n)
-            yield state, n, sq
+            yield (cid, state, n, sq) if with_cid else (state, n, sq)
             del state
         return
     held = []
     for cid, state, n, sq in valid:
         held.append((cid, {k: v.detach().clone() for k, v in state.items()} if copy_held else state, n, sq))
         del state
-    per = [math.sqrt(sq) / local_batches(n, batch_size) for _, _, n, sq in held]
+    per = [math.sqrt(sq) / local_batches(count_as_float(n), batch_size) for _, _, n, sq in held]
     bound = None
     if norm_bound is not None and len(held) >= NORM_BOUND_MIN_COHORT:
         med = statistics.median(per)
@@ -221,14 +262,30 @@ def _screened(global_state: dict, replies: Iterable, stats: AggregateStats,
             continue
         stats.num_clients += 1
         stats.num_samples += int(n)
-        yield state, n, sq
+        yield (cid, state, n, sq) if with_cid else (state, n, sq)
         del state
 
 
 def _record_drift(stats: AggregateStats, result: dict, global_state: dict, sq_sum: float) -> None:
     upd = _sq_dist(result, global_state)
     stats.update_norm = math.sqrt(upd)
-    stats.client_drift = math.sqrt(max(sq_sum / stats.num_samples - upd, 0.0))
+    d = sq_sum / count_as_float(stats.num_samples) - upd
+    stats.client_drift = math.sqrt(d) if d > 0 else (0.0 if d <= 0 else math.nan)  # NaN stays NaN
+
+
+def _plausible_max_abs(global_state: dict, plausible_scale: float | None) -> float | None:
+    """The largest |value| a reply that passed :func:`implausible` can hold in a floating
+    tensor (its bound over every key), or None (no plausibility check, or a non-finite
+    global model): the streaming average then reads each reply's own."""
+    if plausible_scale is None:
+        return None
+    top = 0.0
+    with torch.no_grad():
+        for t in global_state.values():
+            if t.dtype.is_floating_point and t.numel():
+                top = max(top, _max_abs(t))
+    bound = plausible_scale * (1.0 + top)
+    return bound if math.isfinite(bound) else None
 
 
 def stream_average(global_state: dict, replies: Iterable, stats: AggregateStats | None = None,
@@ -247,11 +304,19 @@ def stream_average(global_state: dict, replies: Iterable, stats: AggregateStats 
     stats = stats if stats is not None else AggregateStats()
     avg = StreamingAverage()
     sq_sum = 0.0
-    for state, n, sq in _screened(global_state, replies, stats, plausible_scale, norm_bound, batch_size,
-                                  copy_held=copy_held):
-        sq_sum += n * sq
-        avg.add(state, n)
-        del state  # let the client's tensors go before the next reply is produced
+    max_abs = _plausible_max_abs(global_state, plausible_scale)  # else each add reads the reply's own
+    for cid, state, n, sq in _screened(global_state, replies, stats, plausible_scale, norm_bound, batch_size,
+                                       copy_held=copy_held, with_cid=True):
+        try:
+            avg.add(state, n, max_abs=max_abs)
+        except (ValueError, TypeError) as e:  # refused before it was folded (e.g. an int64 sum past range)
+            stats.num_clients -= 1
+            stats.num_samples -= int(n)
+            stats.rejected.append((cid, f"the average cannot take it: {e}"))
+            continue
+        finally:
+            del state  # let the client's tensors go before the next reply is produced
+        sq_sum += count_as_float(n) * sq
     if avg.count == 0:
         return None
     result = avg.result(consume=True)  # the accumulator becomes the result: one buffer, not two
@@ -278,7 +343,7 @@ def robust_average(global_state: dict, replies: Iterable, stats: AggregateStats 
     for state, n, sq in _screened(global_state, replies, stats, plausible_scale, norm_bound, batch_size,
                                   hold=True, copy_held=copy_held):
         kept.append(state)
-        sq_sum += n * sq
+        sq_sum += count_as_float(n) * sq
     if not kept:
         return None
     k = len(kept)

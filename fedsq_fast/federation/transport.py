@@ -9,11 +9,14 @@ SuperNodes through a Grid (simulation is just another transport, as in Flower).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .adapter import state_bytes
+import torch
+
 from .client import ClientTimeout, LocalConfig
+from .strategy import count_as_float, count_problem, plain_count
 from .trainer import ClientTrainer
 
 
@@ -54,25 +57,78 @@ class FoldTotals:
 
     @property
     def train_loss(self) -> float:
-        return self.loss_sum / self.samples if self.samples else math.nan
+        return self.loss_sum / count_as_float(self.samples) if self.samples else math.nan
+
+
+def _reply_bytes(state) -> int:
+    """The bytes of a reply's tensors (anything else in it counts 0: the strategy rejects it)."""
+    if not isinstance(state, dict):
+        return 0
+    return int(sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor)))
+
+
+def _real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and type(v).__name__ != "bool_"
+
+
+def malformed(r: "Reply") -> str | None:
+    """Why reply ``r`` (no ``error``) cannot be counted at all, or None: its sample count is
+    not a finite number > 0 (``count_problem``), its loss or seconds are not real numbers.
+    ``r.num_samples`` is made a plain Python number on the way. The state itself is the
+    strategy's to check (``check_update``: keys, tensors, shapes, dtypes, values)."""
+    r.num_samples = plain_count(r.num_samples)
+    why = count_problem(r.num_samples)
+    if why is not None:
+        return why
+    for name in ("loss", "seconds"):
+        v = plain_count(getattr(r, name))
+        if not _real(v):
+            return f"{name} must be a number, got {type(v).__name__}"
+        setattr(r, name, float(v))
+    return None
 
 
 def fold(replies, totals: FoldTotals, on_error, on_reply=None):
     """``(client, state, n)`` for a strategy's aggregation from Reply objects, one in memory
-    at a time; a reply with ``error`` goes to ``on_error(reply)`` instead. Every runtime's
-    replies are counted here (the engine's round loop and Flower's own strategy loop)."""
+    at a time; a reply with ``error`` goes to ``on_error(reply)`` instead, and so does a
+    reply that cannot be counted (:func:`malformed`: its ``error`` then says why), so no
+    reply can end the round. Every runtime's replies are counted here (the engine's round
+    loop and Flower's own strategy loop)."""
     for r in replies:
         if on_reply is not None:
             on_reply(r)
+        if r.error is None:
+            try:
+                why = malformed(r)
+            except Exception as e:  # noqa: BLE001 - a hostile object: that client's drop, not the run's end
+                why = f"{type(e).__name__}: {e}"
+            if why is not None:
+                r.error, r.state = f"malformed reply: {why}", None
         if r.error is not None:
             on_error(r)
             continue
         totals.client_s += r.seconds
-        totals.bytes_up += state_bytes(r.state) if isinstance(r.state, dict) else 0
-        totals.loss_sum += r.loss * r.num_samples  # a NaN loss makes the round's NaN, as it should
+        totals.bytes_up += _reply_bytes(r.state)
+        totals.loss_sum += r.loss * count_as_float(r.num_samples)  # a NaN loss makes the round's NaN, as it should
         totals.samples += r.num_samples
         yield r.cid, r.state, r.num_samples
         r.state = None  # released before the next reply is decoded
+
+
+def cap_counts(replies, cap_of, on_cap):
+    """The replies with each claimed sample count above what the server knows the client
+    holds lowered to that (``cap_of(client)``: the cap, or None for none); each capped reply
+    goes to ``on_cap(reply, claimed, cap)`` first. Counts that are not finite numbers > 0
+    pass unchanged (:func:`fold` drops them)."""
+    for r in replies:
+        if r.error is None:
+            n = plain_count(r.num_samples)
+            if count_problem(n) is None:
+                cap = cap_of(r.cid)
+                if cap is not None and n > cap:
+                    on_cap(r, n, cap)
+                    r.num_samples = cap
+        yield r
 
 
 class Transport:
@@ -130,7 +186,11 @@ class InProcessTransport(Transport):
             except Exception as e:  # a failing client leaves the round, not the run
                 yield Reply(cid, error=f"error: {type(e).__name__}: {e}")
                 continue
-            self.trainer.keep_local(cid, task.payload, state)
+            try:
+                self.trainer.keep_local(cid, task.payload, state)
+            except Exception as e:  # noqa: BLE001 - FedBN layers that are not tensors: a malformed reply
+                yield Reply(cid, error=f"malformed reply: its own layers cannot be kept: {type(e).__name__}: {e}")
+                continue
             yield Reply(cid, state, info["num_samples"], info["seconds"], info["loss"])
 
     def refresh(self) -> None:

@@ -79,7 +79,7 @@ def test_plausible_scale_sets_the_bound_and_none_averages_as_recorded_runs_did(s
 
 
 @pytest.mark.parametrize("name", ["fedavg", "fedadam"])
-def test_a_non_finite_aggregate_is_rolled_back_with_the_server_state(name):
+def test_a_non_finite_aggregate_is_rolled_back_with_the_server_state(name, monkeypatch):
     gen = torch.Generator().manual_seed(7)
     g = _bn_state(gen)
     g["bn.running_mean"] = g["bn.running_mean"] * 0 + 1e37  # a bound that lets 3e38 through ...
@@ -88,9 +88,19 @@ def test_a_non_finite_aggregate_is_rolled_back_with_the_server_state(name):
     strat.aggregate(g, [(0, ok, 1)], AggregateStats())  # one normal round: FedAdam has state now
     before = strat.state_dict()
     c = {k: t.clone() for k, t in g.items()}
-    c["bn.running_mean"].fill_(3.0e38)  # ... but two of them overflow float32 in the average (statistics are not squared)
+    c["bn.running_mean"].fill_(3.0e38)  # ... two of them used to overflow float32 in the average (issue 24)
     stats = AggregateStats()
     out = strat.aggregate(g, [(0, c, 1), (1, {k: t.clone() for k, t in c.items()}, 1)], stats)
+    assert stats.rolled_back is None and torch.equal(out["bn.running_mean"], c["bn.running_mean"])  # 3e38: kept
+    # no finite replies make a non-finite average now; one that is not finite (a custom aggregation,
+    # a server update) is still rolled back with the server optimizer's state
+    from fedsq_fast.federation import strategy as S
+
+    real = S.stream_average
+    monkeypatch.setattr(S, "stream_average", lambda *a, **k: {**real(*a, **k), "bn.running_mean": g["bn.running_mean"] * float("inf")})
+    strat.load_state_dict(before)
+    stats = AggregateStats()
+    out = strat.aggregate(g, [(0, ok, 1), (1, {k: t.clone() for k, t in ok.items()}, 1)], stats)
     assert stats.rolled_back and "not finite" in stats.rolled_back and stats.num_clients == 2
     assert all(torch.equal(out[k], g[k]) for k in g)
     after = strat.state_dict()
