@@ -267,6 +267,7 @@ class WorkerPoolTransport(Transport):
         self._setup = None
         self.local_states: dict[int, dict] = {}
         self._test_fault: dict = {}
+        self._warned_threads = False
 
     # ------------------------------------------------------------------ engine hooks
     def bind(self, fed) -> None:
@@ -334,6 +335,13 @@ class WorkerPoolTransport(Transport):
         """A live worker with the current model in every slot (dead ones replaced)."""
         self._model_blob()
         threads = _threads(self.threads if self.threads is not None else self.fed.cfg.threads, self.workers)
+        if threads != torch.get_num_threads() and not self._warned_threads:
+            self._warned_threads = True
+            log.warning("workers: each of the %d workers trains with %d torch thread(s), a workers = 1 run with %d: "
+                        "torch's CPU kernels round differently per thread count, so the model and every "
+                        "number differ in the last bits (about 1e-8 relative); set threads (e.g. --threads 1) "
+                        "for results bit-identical across worker counts", self.workers, threads,
+                        torch.get_num_threads())
         if not self._tmp:
             import tempfile
 
@@ -451,14 +459,23 @@ class WorkerPoolTransport(Transport):
                 if cid in lost:
                     yield Reply(cid, error=lost.pop(cid))
                     continue
-                msg = pickle.loads(got.pop(cid))
-                if msg[1] != cid:  # workers answer their clients in the order dealt
-                    raise RuntimeError(f"workers: internal error: reply for client {msg[1]} where {cid} was due")
-                if msg[0] == "error":
-                    yield Reply(cid, error=msg[2])
+                try:
+                    msg = pickle.loads(got.pop(cid))
+                    kind, who = msg[0], msg[1]
+                except Exception as e:  # noqa: BLE001 - bytes that are no reply: this client's drop
+                    yield Reply(cid, error=f"malformed reply from its worker: {type(e).__name__}: {e}")
                     continue
-                _, _, state, num, secs, loss = msg
-                self._keep_local(cid, task.payload, state)
+                if who != cid:  # workers answer their clients in the order dealt
+                    raise RuntimeError(f"workers: internal error: reply for client {who} where {cid} was due")
+                if kind == "error":
+                    yield Reply(cid, error=str(msg[2]))
+                    continue
+                try:
+                    _, _, state, num, secs, loss = msg
+                    self._keep_local(cid, task.payload, state)
+                except Exception as e:  # noqa: BLE001 - a reply of the wrong shape or kind: this client's drop
+                    yield Reply(cid, error=f"malformed reply from its worker: {type(e).__name__}: {e}")
+                    continue
                 yield Reply(cid, state, num, secs, loss)
         finally:
             # a round abandoned half-way (an exception or Ctrl-C in the fold) leaves workers

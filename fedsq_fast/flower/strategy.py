@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import math
+import statistics
 from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -130,6 +131,40 @@ def log_rejected(rnd: int, stats: AggregateStats) -> None:
         log.warning("round %d: client %s update rejected: %s", rnd, cid, reason)
 
 
+# Flower's own round loop (FedSQStrategy) has no data on the server, so it cannot know what a
+# node holds: a claimed num-examples above COUNT_CAP x the cohort's median claim (cohorts of
+# COUNT_CAP_MIN_COHORT or more) is weighted by that instead, and by max_count when one is set.
+# Honest cohorts are far inside it (a quantity-skewed split's largest client held 12x the median);
+# it bounds one liar's share of a round of K clients to COUNT_CAP / (COUNT_CAP + K - 1), no more:
+# the engine's round loop (the ServerApp, simulation) caps by the partition sizes instead.
+COUNT_CAP = 100.0
+COUNT_CAP_MIN_COHORT = 3
+
+
+def cohort_capped(claims: list, count_cap: float | None, max_count: int | None, stats: AggregateStats,
+                  rnd: int) -> list:
+    """The counts of ``claims`` (``(client, num-examples)``, already checked to be finite
+    numbers > 0) that replies are weighted by: each claim capped at ``count_cap`` x the
+    cohort's median claim (cohorts of COUNT_CAP_MIN_COHORT or more) and at ``max_count``;
+    each capping logged and recorded in ``stats.capped``."""
+    ns = [n for _, n in claims]
+    cap = None
+    if count_cap is not None and len(ns) >= COUNT_CAP_MIN_COHORT:
+        cap = count_cap * statistics.median(float(n) for n in ns)
+    if max_count is not None:
+        cap = max_count if cap is None else min(cap, max_count)
+    out = []
+    for cid, n in claims:
+        if cap is not None and n > cap:
+            lim = max(1, math.floor(cap))
+            stats.capped.append([cid, n, lim])
+            log.warning("round %d: client %s claimed %s samples, above the cap %d (count_cap %s x the cohort "
+                        "median, max_count %s): weighted by %d", rnd, cid, n, lim, count_cap, max_count, lim)
+            n = lim
+        out.append(n)
+    return out
+
+
 class FedSQStrategy(FlowerStrategy):
     """A Flower strategy whose aggregation is the engine's (FedSQ = the DualCopy payload
     under any engine strategy), for Flower's own ``start()`` loop and wrappers.
@@ -144,9 +179,16 @@ class FedSQStrategy(FlowerStrategy):
     def __init__(self, cfg: RunConfig, method: str = "fedsq", *, strategy: Strategy | None = None,
                  fraction_train: float = 1.0, min_train_nodes: int = 2, min_available_nodes: int = 2,
                  arrayrecord_key: str = ARRAYS_KEY, metrics_key: str = METRICS_KEY,
-                 fingerprint: str | None = None) -> None:
+                 fingerprint: str | None = None, count_cap: float | None = COUNT_CAP,
+                 max_count: int | None = None) -> None:
         if not isinstance(cfg, RunConfig):
             raise TypeError(f"cfg must be a RunConfig, got {type(cfg).__name__}")
+        if count_cap is not None and (isinstance(count_cap, bool) or not isinstance(count_cap, (int, float))
+                                      or not 1 <= count_cap < math.inf):
+            raise ValueError(f"count_cap must be a finite number >= 1 or None, got {count_cap!r}")
+        if max_count is not None and (isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1):
+            raise ValueError(f"max_count must be an integer >= 1 or None, got {max_count!r}")
+        self.count_cap, self.max_count = count_cap, max_count
         reject_ablation(method)
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train!r}")
@@ -196,15 +238,18 @@ class FedSQStrategy(FlowerStrategy):
                 continue
             valid.append((client_label(info, node), node, msg, info))
         valid.sort(key=lambda v: (v[0], v[1]))
+        counts = cohort_capped([(cid, info[WEIGHT_KEY]) for cid, _, _, info in valid], self.count_cap,
+                               self.max_count, stats, server_round)
 
         def decoded():
-            for cid, _, msg, info in valid:
+            for (cid, _, msg, info), n in zip(valid, counts):
                 try:
                     state = reply_state(msg, self.arrayrecord_key)
                 except ReplyRejected as e:
                     yield Reply(cid, error=str(e))
                     continue
-                yield Reply(cid, state, info[WEIGHT_KEY], loss=float(info.get("train-loss", math.nan)))
+                # the loss as sent: fold drops a reply whose loss is not a number (a list is a MetricRecord value)
+                yield Reply(cid, state, n, loss=info.get("train-loss", math.nan))
                 del state  # before the next reply is decoded: one client in memory, not two
 
         totals = FoldTotals()
@@ -216,8 +261,10 @@ class FedSQStrategy(FlowerStrategy):
         if stats.num_clients == 0:
             log.warning("round %d: no valid update: global model kept", server_round)
             return None, None
-        metrics = {WEIGHT_KEY: int(stats.num_samples), "clients-ok": stats.num_clients,
+        metrics = {WEIGHT_KEY: int(min(stats.num_samples, 2**63 - 1)), "clients-ok": stats.num_clients,
                    "clients-rejected": len(stats.rejected)}
+        if stats.capped:  # only where counts were capped: an honest round's metrics unchanged
+            metrics["counts-capped"] = len(stats.capped)
         for k, v in (("train-loss", totals.train_loss),
                      ("client-drift", stats.client_drift), ("update-norm", stats.update_norm)):
             if math.isfinite(v):

@@ -177,5 +177,5 @@ class GridTransport(Transport):
             state = {k: t.to(self.fed.device) for k, t in reply_state(msg).items()}  # decoded on the CPU
         except ReplyRejected as e:
             return Reply(pid, error=f"update rejected: {e}")
-        return Reply(pid, state, info[WEIGHT_KEY], float(info.get("client-seconds", 0.0)),
-                     float(info.get("train-loss", float("nan"))))
+        # seconds and loss as sent (a list is a MetricRecord value too): fold drops a reply whose are not numbers
+        return Reply(pid, state, info[WEIGHT_KEY], info.get("client-seconds", 0.0), info.get("train-loss", float("nan")))
