@@ -177,6 +177,52 @@ def test_strategy_rejects_malformed_replies_with_logged_reason(gen, caplog):
     assert strat.aggregate_train(1, replies[1:4]) == (None, None)
 
 
+def test_strategy_caps_counts_at_the_cohort_rule_and_drops_malformed_metrics(gen, caplog):
+    """Issue 24: counts of 2**60 and 3.5e38 (accepted as finite numbers) used to end the run
+    or take it over; a list as train-loss crashed the fold. Now: capped at count_cap x the
+    cohort's median claim (logged, counts-capped), the malformed replies dropped with the
+    reason, the model the engine's average of the capped cohort bit for bit."""
+    glob = _state(gen)
+    strat = FedSQStrategy(_cfg(), "fedsq", min_train_nodes=1, min_available_nodes=1)
+    msgs = _sent(strat, glob, range(7))
+    states = [_state(gen) for _ in range(7)]
+    claims = [10, 12, 2**60, 3.5e38, 11]
+    replies = [_reply(m, s, n=n, pid=i) for i, (m, s, n) in enumerate(zip(msgs, states, claims))]
+    replies.append(_reply(msgs[5], states[5], pid=5, metrics={"num-examples": 9, "train-loss": [1.0, 2.0]}))
+    replies.append(_reply(msgs[6], states[6], pid=6, metrics={"num-examples": [9]}))
+    with caplog.at_level(logging.WARNING, logger="fedsq_fast.flower"):
+        arrays, metrics = strat.aggregate_train(1, replies)
+    cap = 1150  # 100 x the median of the six readable claims (9, 10, 11, 12, 2**60, 3.5e38): 11.5
+    assert strat.last_stats.capped == [[2, 2**60, cap], [3, 3.5e38, cap]]
+    assert metrics["counts-capped"] == 2 and "claimed 1152921504606846976 samples" in caplog.text
+    reasons = dict(strat.last_stats.rejected)
+    assert reasons == {5: "malformed reply: loss must be a number, got list",
+                       6: "num-examples must be a finite number, got [9]"}
+    ref = stream_average(glob, [(i, states[i], n) for i, n in zip(range(5), [10, 12, cap, cap, 11])])
+    out = arrays_to_state(arrays)
+    assert all(torch.equal(out[k], ref[k]) for k in ref)
+    # the rule off: no cap, and still no crash: 2**60 and 3.5e38 x the integer buffer (num_batches_tracked,
+    # up to 1000) cannot be summed in int64, so those replies are rejected before they are folded
+    strat = FedSQStrategy(_cfg(), "fedsq", min_train_nodes=1, min_available_nodes=1, count_cap=None)
+    msgs = _sent(strat, glob, range(5))
+    arrays, _ = strat.aggregate_train(1, [_reply(m, s, n=n, pid=i) for i, (m, s, n) in
+                                          enumerate(zip(msgs, states, claims))])
+    assert [c for c, _ in strat.last_stats.rejected] == [2, 3]
+    assert all("int64" in r for _, r in strat.last_stats.rejected)
+    ref = stream_average(glob, [(i, states[i], claims[i]) for i in (0, 1, 4)])
+    out = arrays_to_state(arrays)
+    assert all(torch.equal(out[k], ref[k]) for k in ref)
+    assert strat.last_stats.capped == [] and arrays is not None
+    strat = FedSQStrategy(_cfg(), "fedsq", min_train_nodes=1, min_available_nodes=1, count_cap=None, max_count=20)
+    msgs = _sent(strat, glob, range(5))
+    strat.aggregate_train(1, [_reply(m, s, n=n, pid=i) for i, (m, s, n) in enumerate(zip(msgs, states, claims))])
+    assert strat.last_stats.capped == [[2, 2**60, 20], [3, 3.5e38, 20]] and not strat.last_stats.rejected
+    for bad, match in (({"count_cap": 0.5}, "count_cap must be a finite number >= 1 or None, got 0.5"),
+                       ({"max_count": 0}, "max_count must be an integer >= 1 or None, got 0")):
+        with pytest.raises(ValueError, match=match):
+            FedSQStrategy(_cfg(), "fedsq", **bad)
+
+
 def test_strategy_refuses_an_update_far_outside_the_cohort_as_the_engine_does(gen):
     """The cohort norm bound on the Flower path: a reply boosted 1000x (finite, plausible) is
     refused with the ratio; the new model is the engine's average of the others, bit for bit."""
