@@ -202,3 +202,28 @@ def test_workers_drop_and_cap_as_in_process(setup):
             pool.close()
         assert_same_state(res.model.state_dict(), ref.model.state_dict())
         assert all(h[key] and h[key][0][0] == VICTIM for h in res.history[1:])
+
+
+def test_the_servers_numbers_do_not_depend_on_the_thread_count():
+    """Issue 24 finding 4, server side: the average, client_drift and update_norm of a round
+    are the same bits under 1 and 2 torch threads (tile-ordered float64 partial sums in the
+    kernels, Python sums in client order); states large enough to be split across threads.
+    (What differs between workers = 1 and 2 with threads unset is the clients' training:
+    torch's own CPU kernels round differently per thread count; set threads.)"""
+    gen = torch.Generator().manual_seed(draw_seed(2**31))
+    g = {"a": torch.randn(300_000, generator=gen), "b": torch.randn(70_001, generator=gen),
+         "bn.running_var": torch.rand(64, generator=gen) + 0.5, "bn.num_batches_tracked": torch.tensor(9)}
+    cohort = [(i, {k: (v + 0.01 * torch.randn(v.shape, generator=gen)) if v.dtype.is_floating_point else v + 1
+                   for k, v in g.items()}, 17 + 5 * i) for i in range(6)]
+    before = torch.get_num_threads()
+    got = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            stats = AggregateStats()
+            out = make_strategy("fedavg").aggregate(g, cohort, stats)
+            got[threads] = (out, stats.client_drift, stats.update_norm)
+    finally:
+        torch.set_num_threads(before)
+    assert_same_state(got[1][0], got[2][0])
+    assert got[1][1:] == got[2][1:] and all(math.isfinite(v) for v in got[1][1:])
