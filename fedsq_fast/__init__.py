@@ -18,7 +18,8 @@ from .ops import (  # noqa: F401
 __version__ = "0.1.0"
 
 # FedSQ layers and DualCopy models (issue 3)
-from .layers import DualMap, GatedActivation, GatedConv2d, GatedLinear, GatedReLU  # noqa: F401,E402
+from .layers import (DualMap, GatedActivation, GatedConv1d, GatedConv2d, GatedConv3d, GatedLinear,  # noqa: F401,E402
+                     GatedReLU)  # noqa: F401,E402
 from . import models  # noqa: F401,E402
 from .models import DualCopyModel, MaskCache, dualcopy, load_dualcopy, save_dualcopy  # noqa: F401,E402
 

@@ -68,8 +68,7 @@ def method_model(model, method: str, dual: bool, *, quant_bn: str = "train", all
         except ValueError as e:  # dualcopy's refusals; internal errors keep their traceback
             raise ValueError(
                 f"methods: {method!r} trains a DualCopy model, but {source}'s {type(model).__name__} could not be "
-                f"converted: {e} -- convert it yourself (fedsq_fast.dualcopy(model, leaf_modules=..., "
-                "allow_ungated=...)) and return that from model_fn, or run a method without fedsq") from e
+                f"converted: {e} -- or run a method without fedsq (e.g. 'fedavg')") from e
         converted = True
     elif not dual and is_dualcopy(model):
         raise ValueError(

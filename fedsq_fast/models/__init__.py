@@ -9,6 +9,7 @@ from .dualcopy import (  # noqa: F401
     save_dualcopy,
 )
 from .stability import gate_stability  # noqa: F401
+from .trace import activation_sites  # noqa: F401
 from .zoo import (  # noqa: F401
     ChecksumError,
     SVHNCNN,

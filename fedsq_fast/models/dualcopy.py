@@ -37,7 +37,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from ..layers import struct_site
+from ..layers import fold_bias_bn, struct_site
 from .quant import QuantGraphModule, _build_quantitative
 from .trace import (GATEABLE, UNSUPPORTED_ACTIVATIONS, GateSite, _maxpool_args, _sites, _struct_maxpool,
                     _trace)
@@ -83,7 +83,16 @@ def _params_to_buffers(module: nn.Module) -> None:
 
 
 _FRESH_FUNCS = {operator.add, operator.iadd, torch.add}
-_AFFINE = (nn.Conv2d, nn.Linear, nn.Conv1d)
+# Layers whose bias (and a BatchNorm after them) fold into a gate site's epilogue, with
+# the channel dim of their output (layers.struct_site's ``cdim``): the last for Linear
+# (it takes any rank), -(N+1) for ConvNd (dim 1 batched, dim 0 unbatched).
+_AFFINE = {nn.Linear: -1, nn.Conv1d: -2, nn.Conv2d: -3, nn.Conv3d: -4}
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _affine_cdim(m):
+    """The output channel dim of an affine layer (see _AFFINE), or None."""
+    return next((c for t, c in _AFFINE.items() if isinstance(m, t)), None)
 
 
 def _const(gm, graph, name, value):
@@ -131,35 +140,34 @@ def _build_structural(model, gate, gate_maxpool, allow_ungated, leaf_modules):
         else:
             scale = shift = None
             bn = None
-            # conv/linear [-> eval BN] -> act: bias and BN go into the epilogue.
-            if (inp.op == "call_module" and isinstance(modules[inp.target], nn.BatchNorm2d | nn.BatchNorm1d)
+            # affine [-> eval BN] -> act: bias and BN go into the epilogue.
+            if (inp.op == "call_module" and isinstance(modules[inp.target], _BN)
                     and len(inp.users) == 1 and calls[inp.target] == 1
                     and modules[inp.target].running_var is not None):
                 bn, inp_bn = modules[inp.target], inp
                 inp = inp.args[0]
-            aff = (inp.op == "call_module" and isinstance(modules[inp.target], _AFFINE)
-                   and len(inp.users) == 1 and calls[inp.target] == 1)
+            cdim = _affine_cdim(modules[inp.target]) if inp.op == "call_module" else None
+            aff = cdim is not None and len(inp.users) == 1 and calls[inp.target] == 1
+            split = None
             if aff:
                 lin = modules[inp.target]
-                shift = None if lin.bias is None else lin.bias.detach().float()
+                scale, shift, split = fold_bias_bn(lin.bias, bn)
                 lin.bias = None
-            if bn is not None and aff:
-                inv = torch.rsqrt(bn.running_var.float() + bn.eps)
-                g = bn.weight.detach().float() if bn.weight is not None else torch.ones_like(inv)
-                b = bn.bias.detach().float() if bn.bias is not None else torch.zeros_like(inv)
-                scale = g * inv
-                shift = ((-bn.running_mean.float()) if shift is None else shift - bn.running_mean.float()) * scale + b
-                inp_bn.replace_all_uses_with(inp)
-                graph.erase_node(inp_bn)
+                if bn is not None:
+                    inp_bn.replace_all_uses_with(inp)
+                    graph.erase_node(inp_bn)
             elif bn is not None:
                 inp = inp_bn  # BN without a conv before it: leave it as is
-            fresh = aff or (inp.op == "call_module" and isinstance(modules[inp.target], nn.BatchNorm2d | nn.BatchNorm1d)) \
+            fresh = aff or (inp.op == "call_module" and isinstance(modules[inp.target], _BN)) \
                 or (inp.op == "call_function" and inp.target in _FRESH_FUNCS)
             fresh = fresh and len(inp.users) == 1
             with graph.inserting_before(node):
                 s_node = None if scale is None else _const(gm, graph, f"_fedsq_scale_{i}", scale)
                 t_node = None if shift is None else _const(gm, graph, f"_fedsq_shift_{i}", shift)
-            args = (inp, s_node, t_node, site.kind, site.p1, site.p2, fresh)
+                if split is not None:  # bias and BN apart, for input ranks where their dims differ
+                    split = (None if split[0] is None else _const(gm, graph, f"_fedsq_bias_{i}", split[0]),
+                             s_node, _const(gm, graph, f"_fedsq_bnshift_{i}", split[2]))
+            args = (inp, s_node, t_node, site.kind, site.p1, site.p2, fresh, cdim if aff else 1, split)
             fn = struct_site
             kw = {}
         with graph.inserting_before(node):
@@ -230,6 +238,9 @@ class DualCopyModel(nn.Module):
             x_q = x_s = x
         elif isinstance(x, (tuple, list)) and len(x) == 2 and all(isinstance(t, torch.Tensor) for t in x):
             x_q, x_s = x
+            if x_q.shape != x_s.shape:
+                raise ValueError(f"x = (x_q, x_s) must have the same shape, got {tuple(x_q.shape)} and "
+                                 f"{tuple(x_s.shape)}")
         else:
             raise TypeError(f"x must be a Tensor or a pair (x_q, x_s), got {type(x).__name__}")
         if masks is None:
@@ -377,8 +388,6 @@ def dualcopy(
     leaf_modules = tuple(leaf_modules)
     was_training = model.training
     structural, sites = _build_structural(model, gate, gate_maxpool, allow_ungated, leaf_modules)
-    if not any(s.kind != "maxpool" for s in sites):
-        raise ValueError("model has no gateable activation (ReLU/ReLU6/Hardtanh/LeakyReLU)")
     qmodel = copy.deepcopy(model) if copy_model else model
     if num_classes is not None:
         head = replace_head(qmodel, num_classes, head)

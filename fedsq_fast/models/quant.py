@@ -31,8 +31,9 @@ def _site_label(node):
 
 def _rewrite_quant_graph(graph, found):
     """Replace each gate-site node by quant_site / _quant_maxpool with that site's masks."""
-    last_ph = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    with graph.inserting_after(last_ph):
+    # right after the input: the forward's other inputs (fixed at their defaults) follow
+    first_ph = next(n for n in graph.nodes if n.op == "placeholder")
+    with graph.inserting_after(first_ph):
         masks = graph.placeholder("fedsq_masks")
     for i, (node, site) in enumerate(found):
         with graph.inserting_before(node):

@@ -117,6 +117,31 @@ def _quant_maxpool(z, m: SiteMasks):
     return z.reshape(n, c, -1).gather(2, idx.reshape(n, c, -1)).view(idx.shape)
 
 
+# fx keeps every torch.nn module a leaf; these hold their activation inside their forward
+# (F.relu by default), so they are traced into to reach it. Their attention stays a leaf.
+_ENTERED_TORCH_MODULES = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
+                          nn.TransformerDecoder, nn.Transformer)
+
+
+def _concrete_args(model):
+    """The root forward's inputs past the first, at their defaults: DualCopyModel feeds
+    one tensor, and fx would otherwise trace ``if mask is not None`` with a proxy."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    pos = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if len(pos) <= 1:
+        return None
+    required = [p.name for p in pos[1:] if p.default is p.empty]
+    if required:
+        raise ValueError(f"dualcopy: {type(model).__name__}.forward needs inputs {required} beside the first: a "
+                         "DualCopy model is fed one tensor (wrap the model so that forward(x) supplies the rest)")
+    return {p.name: p.default for p in pos[1:]}
+
+
 class _LeafTracer(fx.Tracer):
     """fx tracer that does not enter ``leaf_types`` (module level: graphs pickle).
 
@@ -131,7 +156,11 @@ class _LeafTracer(fx.Tracer):
         self._reuse = list(reuse)
 
     def is_leaf_module(self, m, qualname):
-        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
+        if isinstance(m, self.leaf_types):
+            return True
+        if isinstance(m, _ENTERED_TORCH_MODULES):
+            return False  # torch.nn modules that hold a gateable activation inside
+        return super().is_leaf_module(m, qualname)
 
     def create_arg(self, a):
         if (self._reuse and isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter)
@@ -236,8 +265,13 @@ def _trace_graph(model, leaf_modules, mode="eval", reuse=()):
     graph take one fixed branch / constant forever."""
     tracer = _LeafTracer(leaf_modules, reuse)
     before = _rng_states()
+    concrete = _concrete_args(model)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
-        graph = tracer.trace(model)
+        # the attention fast path fuses a transformer layer's ReLU into one op: trace the
+        # ordinary path (the same numbers; the fast path is an inference-only shortcut)
+        torch.backends.mha.set_fastpath_enabled(False)
+        graph = tracer.trace(model, concrete_args=concrete)
     except Exception as e:  # fx raises many types; name the user's line and say what to do
         _set_rng_states(before)
         where = _user_frame_of_tb(e.__traceback__)
@@ -248,11 +282,13 @@ def _trace_graph(model, leaf_modules, mode="eval", reuse=()):
             + (f" (module {mods[-1]!r})" if mods else "")
             + f": {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. " + _TRACE_HINT
         ) from e
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     after = _rng_states()
     if _rng_changed(before, after):
         # the trace consumed random numbers: restore the caller's streams, find the line
         _set_rng_states(before)
-        where = _locate_rng_draw(lambda: _LeafTracer(leaf_modules).trace(model))
+        where = _locate_rng_draw(lambda: _LeafTracer(leaf_modules).trace(model, concrete_args=concrete))
         _set_rng_states(before)
         raise ValueError(
             f"dualcopy: model ({type(model).__name__}) draws a random number at trace time in {mode} mode"
@@ -267,18 +303,45 @@ def _trace(model, leaf_modules, mode="eval"):
     return fx.GraphModule(model, _trace_graph(model, leaf_modules, mode))
 
 
+def _where(node):
+    """A site for messages: 'path' of its module, or 'node' (in module 'path') for a function call."""
+    if node.op == "call_module":
+        return repr(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    path = next(reversed(stack.values()))[0] if stack else ""
+    return repr(node.name) + (f" (in {path!r})" if path else "")
+
+
+def _summary(items, first=3):
+    """'N: A x3, B x1; first: a, b, c' for a long list of (label, where) pairs."""
+    from collections import Counter
+
+    counts = Counter(label for label, _ in items)
+    kinds = ", ".join(f"{k} x{n}" for k, n in counts.most_common())
+    shown = ", ".join(f"{label} at {where}" for label, where in items[:first])
+    more = f", ... (+{len(items) - first} more)" if len(items) > first else ""
+    return f"{len(items)} ({kinds}): {shown}{more}"
+
+
+_FULL_LIST = "every site: fedsq_fast.models.activation_sites(model)"
+
+
 def _sites(graph, modules, gate, gate_maxpool, allow_ungated):
     """The gate-site nodes of a traced graph, in order, with GateSite records
-    (``modules``: the traced root's ``dict(named_modules())``)."""
-    out, bad, seen = [], [], {}
+    (``modules``: the traced root's ``dict(named_modules())``). Refuses, before any
+    work, a model with smooth activations (unless ``allow_ungated``) and one with
+    nothing to gate, saying which activations it has and what FedSQ gates."""
+    out, bad, left_out, seen = [], [], [], {}
     for node in graph.nodes:
         c = _classify(node, modules)
         if c is not None:
             kind, p1, p2, label = c
-            if kind == "unsupported" or _option_name(kind, p1, p2) not in gate:
-                if kind == "unsupported" and not allow_ungated:
-                    where = node.target if node.op == "call_module" else node.name
-                    bad.append(f"{label} at {where!r}")
+            where = _where(node)
+            if kind == "unsupported":
+                bad.append((label, where))
+                continue
+            if _option_name(kind, p1, p2) not in gate:
+                left_out.append((label, where))
                 continue
         elif gate_maxpool and _is_maxpool(node, modules):
             kind, p1, p2 = "maxpool", 0.0, 0.0
@@ -288,11 +351,42 @@ def _sites(graph, modules, gate, gate_maxpool, allow_ungated):
         k = seen.get(base, 0)
         seen[base] = k + 1
         out.append((node, GateSite(base if k == 0 else f"{base}#{k}", kind, p1, p2)))
-    if bad:
+    gated = sum(1 for _, s in out if s.kind != "maxpool")
+    families = "ReLU, ReLU6/Hardtanh and LeakyReLU (binary or 2-bit regime gates)"
+    if not gated:
+        found = []
+        if bad:
+            found.append(f"activations it does not gate {_summary(bad)}")
+        if left_out:
+            found.append(f"activations left out by gate={tuple(gate)}: {_summary(left_out)}")
         raise ValueError(
-            "dualcopy: unsupported activation(s) with no piecewise-linear regime code: "
-            + ", ".join(bad)
-            + ". FedSQ gates ReLU, ReLU6/Hardtanh and LeakyReLU; pass allow_ungated=True to keep "
-            "these as ordinary (ungated) activations in both copies."
+            "dualcopy: FedSQ needs ReLU-like gating and this model has no activation it can gate; FedSQ gates "
+            f"{families}. Found: " + ("; ".join(found) if found else "no activation at all") + ". "
+            + ("Widen gate= to include them. " if left_out else "")
+            + f"({_FULL_LIST})"
+        )
+    if bad and not allow_ungated:
+        raise ValueError(
+            f"dualcopy: {len(bad)} activation(s) that FedSQ does not gate: "
+            f"{_summary(bad)}. FedSQ gates {families}; this model also has {gated} such site(s). "
+            f"allow_ungated=True converts it with those {gated} gated and the {len(bad)} others left as ordinary "
+            f"activations in both copies (only part of the network is then FedSQ). ({_FULL_LIST})"
         )
     return out
+
+
+def activation_sites(model, leaf_modules=()):
+    """Every activation call of ``model`` (traced in eval mode, as dualcopy's structural
+    copy is) as ``(site, activation, gateable)``: the module path or fx node name, the
+    activation's name, and whether FedSQ gates it (ReLU, ReLU6/Hardtanh, LeakyReLU)."""
+    import copy as _copy
+
+    root = _copy.deepcopy(model).eval()
+    graph = _trace_graph(root, tuple(leaf_modules))
+    modules = dict(root.named_modules())
+    rows = []
+    for node in graph.nodes:
+        c = _classify(node, modules)
+        if c is not None:
+            rows.append((_where(node), c[3], c[0] != "unsupported"))
+    return rows

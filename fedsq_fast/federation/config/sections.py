@@ -47,7 +47,7 @@ class ModelConfig:
     model: str = _key("svhn_cnn", "zoo model name (fedsq_fast.models.list_models()), tiny_cnn or mlp")
     weights: str | None = _key("default", "default, none, or a weights file")
     quant_bn: str = _key("train", "fedsq conversion: BatchNorm of the quantitative copy, train or frozen")
-    allow_ungated: bool = _key(False, "fedsq conversion: accept a model without gate sites")
+    allow_ungated: bool = _key(False, "fedsq conversion: leave smooth activations (GELU, SiLU, ...) ungated beside the gated ReLU-like ones")
     mask_cache: bool = _key(True, "FedSQ: cache structural masks per sample (no augmentation here)")
 
 
