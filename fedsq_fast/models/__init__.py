@@ -3,6 +3,7 @@ from .cache import IndexedDataset, MaskCache, MaskCacheFullError  # noqa: F401
 from .dualcopy import (  # noqa: F401
     DualCopyModel,
     GateSite,
+    TrainModeGateWarning,
     dualcopy,
     load_dualcopy,
     replace_head,

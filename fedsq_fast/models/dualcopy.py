@@ -51,6 +51,7 @@ __all__ = [
     "replace_head",
     "QuantGraphModule",
     "UNSUPPORTED_ACTIVATIONS",
+    "TrainModeGateWarning",
 ]
 
 # ---------------------------------------------------------------------------
@@ -192,6 +193,10 @@ def _build_structural(model, gate, gate_maxpool, allow_ungated, leaf_modules):
     return gm, [s for _, s in sites]
 
 
+class TrainModeGateWarning(UserWarning):
+    """dualcopy: some gate sites are fed by train-only randomness (see ``random_fed_sites``)."""
+
+
 # ---------------------------------------------------------------------------
 class DualCopyModel(nn.Module):
     """A FedSQ DualCopy model (build it with :func:`dualcopy`).
@@ -213,6 +218,7 @@ class DualCopyModel(nn.Module):
         self.sites = list(sites)
         self.config = dict(config)
         self.mask_cache = None
+        self.random_fed_sites = []  # gate sites fed by train-only randomness (set by dualcopy)
         self._record = None  # set by gate_stability to capture quantitative regimes
         self.structural.eval()
 
@@ -398,6 +404,18 @@ def dualcopy(
         if hasattr(model, attr):
             config[attr] = getattr(model, attr)
     dc = DualCopyModel(structural, quantitative, sites, config)
+    dc.random_fed_sites = list(getattr(quantitative, "random_fed_sites", []))
+    if dc.random_fed_sites:
+        import warnings
+
+        n = len(dc.random_fed_sites)
+        warnings.warn(
+            f"dualcopy: {n} gate site(s) of {type(model).__name__} are fed by train-only randomness (dropout or "
+            f"stochastic depth before the activation: {', '.join(dc.random_fed_sites[:3])}{', ...' if n > 3 else ''}; "
+            "all in dc.random_fed_sites). In train mode their gates come from the structural copy, which is eval "
+            "and noise-free, so the DualCopy model's train-mode output differs from the original's there: FedSQ's "
+            "fixed gates, not a conversion error (docs/models.md, 'Train-only logic'). Eval mode is exact.",
+            TrainModeGateWarning, stacklevel=2)
     # The architecture without gate rewrites, on the meta device (no memory):
     # set_structural_from_quantitative() rebuilds the structural copy from it.
     dc._template = [copy.deepcopy(qmodel).to("meta") if copy_model else None, leaf_modules]

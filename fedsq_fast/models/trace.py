@@ -3,6 +3,7 @@ activation classifier, and the refusals with file:line (random draws at trace ti
 untraceable branches) that make a conversion faithful or impossible."""
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -142,6 +143,24 @@ def _concrete_args(model):
     return {p.name: p.default for p in pos[1:]}
 
 
+def _plain_encoder_call(args, kwargs):
+    """A TransformerEncoder call without masks (what a DualCopy model's forward gives it)."""
+    names = ("mask", "src_key_padding_mask", "is_causal")
+    extra = dict(zip(names, args[1:]), **kwargs)
+    return (extra.get("mask") is None and extra.get("src_key_padding_mask") is None
+            and extra.get("is_causal") in (None, False))
+
+
+def _encoder_forward(m, src, mask=None, src_key_padding_mask=None, is_causal=None):
+    """nn.TransformerEncoder.forward without masks, as torch computes it when no nested
+    tensor is made (its fast-path checks ask `src.is_nested` and `len(src.size())`, which a
+    traced input cannot answer): each layer in turn, then the norm."""
+    out = src
+    for layer in m.layers:
+        out = layer(out, src_mask=None, is_causal=False, src_key_padding_mask=None)
+    return out if m.norm is None else m.norm(out)
+
+
 class _LeafTracer(fx.Tracer):
     """fx tracer that does not enter ``leaf_types`` (module level: graphs pickle).
 
@@ -161,6 +180,11 @@ class _LeafTracer(fx.Tracer):
         if isinstance(m, _ENTERED_TORCH_MODULES):
             return False  # torch.nn modules that hold a gateable activation inside
         return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        if type(m) is nn.TransformerEncoder and _plain_encoder_call(args, kwargs):
+            forward = functools.partial(_encoder_forward, m)
+        return super().call_module(m, forward, args, kwargs)
 
     def create_arg(self, a):
         if (self._reuse and isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter)
