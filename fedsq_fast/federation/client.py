@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("constant", "step", "cosine")
 
 
 class ClientTimeout(RuntimeError):
@@ -47,6 +48,36 @@ class ClientConfig:
     min_batch_size: int = field(default=2, metadata=_opt("smaller local batches are skipped"))
     client_timeout_s: float | None = field(default=None, metadata=_opt(
         "a client past it is dropped (checked between batches); none: no limit"))
+    # Fine-tuning knobs (defaults: off, so recorded runs reproduce). The schedule runs over
+    # rounds (the server sets each round's lr; a client trains with one lr per round).
+    lr_schedule: str = field(default="constant", metadata=_opt(
+        "client lr over rounds: " + ", ".join(LR_SCHEDULES) + " (after warmup_rounds)"))
+    warmup_rounds: int = field(default=0, metadata=_opt("rounds of linear lr warm-up: round r <= W trains at lr*r/W"))
+    lr_step_rounds: int = field(default=10, metadata=_opt("step: lr x lr_gamma every this many rounds"))
+    lr_gamma: float = field(default=0.1, metadata=_opt("step: the factor, in (0, 1]"))
+    lr_min: float = field(default=0.0, metadata=_opt("cosine: the lr of the last round, in [0, lr]"))
+    clip_grad_norm: float | None = field(default=None, metadata=_opt(
+        "clip each local step's gradient to this global L2 norm; none: off"))
+    label_smoothing: float = field(default=0.0, metadata=_opt("cross-entropy label smoothing, in [0, 1)"))
+
+
+def round_lr(c: ClientConfig, rnd: int, rounds: int) -> float:
+    """The client learning rate of round ``rnd`` (1-based) of ``rounds``: linear warm-up
+    over ``warmup_rounds`` (round r <= W: lr * r / W), then ``lr_schedule`` over the rounds
+    left: constant; step (lr * lr_gamma ** (k // lr_step_rounds), k rounds after warm-up);
+    cosine from lr down to lr_min at the last round."""
+    import math
+
+    w = c.warmup_rounds
+    if rnd <= w:
+        return c.lr * rnd / w
+    k, left = rnd - w - 1, max(1, rounds - w - 1)  # k = 0 at the first round after warm-up
+    if c.lr_schedule == "step":
+        return c.lr * c.lr_gamma ** (k // c.lr_step_rounds)
+    if c.lr_schedule == "cosine":
+        t = min(1.0, k / left)
+        return c.lr_min + 0.5 * (c.lr - c.lr_min) * (1.0 + math.cos(math.pi * t))
+    return c.lr
 
 
 @dataclass
@@ -121,6 +152,8 @@ def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalCo
     dev = _device_of(model)
     n = int(y.numel())
     total, steps = 0.0, 0
+    smoothing = getattr(cfg, "label_smoothing", 0.0)
+    clip = getattr(cfg, "clip_grad_norm", None)
     for _ in range(cfg.local_epochs):
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n, cfg.batch_size):
@@ -134,7 +167,7 @@ def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalCo
             if transform is not None:
                 xb = transform(xb)
             out = model(xb) if sample_idx is None else model(xb, sample_idx[idx])
-            loss = F.cross_entropy(out, y[idx].to(dev, non_blocking=True))
+            loss = F.cross_entropy(out, y[idx].to(dev, non_blocking=True), label_smoothing=smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if anchor is not None:
@@ -142,11 +175,36 @@ def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalCo
                     for p, a in zip(params, anchor):
                         if p.grad is not None:
                             p.grad.add_(p - a, alpha=cfg.prox_mu)
+            if clip is not None:
+                _clip_(params, clip)
             opt.step()
-            total += float(loss.detach()) * idx.numel()
+            # on the device, in float64: no host sync per batch, the same sums as in Python floats
+            total = total + loss.detach().double() * idx.numel()
             steps += 1
+    total = float(total)
     return {"num_samples": n, "loss": total / max(1, n * cfg.local_epochs), "steps": steps,
             "seconds": time.perf_counter() - t0}
+
+
+@torch.no_grad()
+def _clip_(params, max_norm: float) -> None:
+    """Scale the gradients so that their global L2 norm is at most ``max_norm`` (as
+    torch.nn.utils.clip_grad_norm_), with the norm summed in fixed tiles (fedsq_fast's
+    sq_dist): the same number for any thread or worker count, so runs stay identical."""
+    from ..ops import sq_dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    if grads[0].is_cuda:  # a tensor factor, no host sync per batch (GPU reductions do not depend on threads)
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+        return
+    norm = sq_dist(grads, [torch.zeros_like(g) for g in grads]) ** 0.5
+    if norm > max_norm:  # NaN/Inf gradients pass unchanged: the server refuses such an update
+        coef = max_norm / (norm + 1e-6)
+        for g in grads:
+            g.mul_(coef)
 
 
 @torch.no_grad()

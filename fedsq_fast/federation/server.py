@@ -152,7 +152,7 @@ class Federation:
         return None if self.out_dir is None else self.out_dir / "checkpoint.safetensors"
 
     def local_config(self, rnd: int) -> LocalConfig:
-        return local_config(self.cfg, self.strategy.client_config(rnd).get("prox_mu", 0.0))
+        return local_config(self.cfg, self.strategy.client_config(rnd).get("prox_mu", 0.0), rnd)
 
     def sample_clients(self, rnd: int) -> list[int]:
         return sample_clients(self.cfg, rnd)

@@ -33,7 +33,9 @@ OLD_DEFAULTS = {
     'target_accuracy': None, 'probe_size': 64, 'eval_batch_size': 512, 'out_dir': 'runs/default',
     'checkpoint': True, 'threads': None, 'device': 'auto'}
 # keys added since, appended in this order (recorded configs without them: C.LEGACY_VALUES)
-ADDED = {'plausible_scale': 1e6, 'workers': 1, 'norm_bound': 10.0, 'in_memory': 'auto'}
+ADDED = {'plausible_scale': 1e6, 'workers': 1, 'norm_bound': 10.0, 'in_memory': 'auto',
+         'lr_schedule': 'constant', 'warmup_rounds': 0, 'lr_step_rounds': 10, 'lr_gamma': 0.1, 'lr_min': 0.0,
+         'clip_grad_norm': None, 'label_smoothing': 0.0}
 FULL = {**OLD_DEFAULTS, **ADDED}
 
 # where each key is read (docs/federation.md, "Configuration keys")
@@ -43,7 +45,8 @@ SECTION = {
                      "shards_per_client"], "data"),
     **dict.fromkeys(["model", "weights", "quant_bn", "allow_ungated", "mask_cache"], "model"),
     **dict.fromkeys(["optimizer", "lr", "momentum", "weight_decay", "local_epochs", "batch_size",
-                     "min_batch_size", "client_timeout_s"], "client"),
+                     "min_batch_size", "client_timeout_s", "lr_schedule", "warmup_rounds", "lr_step_rounds",
+                     "lr_gamma", "lr_min", "clip_grad_norm", "label_smoothing"], "client"),
     **dict.fromkeys(["methods", "aggregator", "trim_fraction", "plausible_scale", "norm_bound", "prox_mu", "server_lr", "server_momentum",
                      "beta1", "beta2", "tau"], "strategy"),
     **dict.fromkeys(["rounds", "fraction", "min_clients", "failure_rate", "seed", "target_accuracy",
@@ -98,7 +101,16 @@ def random_flat(rng) -> dict:
         "in_memory": pick(["auto", True, False]),
         "device": device,
         "workers": int(rng.integers(1, 9)),
+        **_random_knobs(rng, pick, maybe_none),
     }
+
+
+def _random_knobs(rng, pick, maybe_none):
+    """Values for the fine-tuning keys (lr_schedule ... label_smoothing)."""
+    return {"lr_schedule": pick(["constant", "step", "cosine"]), "warmup_rounds": 0,
+            "lr_step_rounds": int(rng.integers(1, 50)), "lr_gamma": float(rng.uniform(0.01, 1.0)),
+            "lr_min": float(rng.uniform(0, 1e-4)), "clip_grad_norm": maybe_none(float(rng.uniform(0.01, 100))),
+            "label_smoothing": float(rng.uniform(0, 0.5))}
 
 
 @pytest.fixture

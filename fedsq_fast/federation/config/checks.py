@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from ..client import OPTIMIZERS
+from ..client import LR_SCHEDULES, OPTIMIZERS
 from ..data import DATASETS
 from ..lazy import in_memory_choice
 from ..partition import PARTITIONS
@@ -101,6 +101,9 @@ def check_options_used(cfg: RunConfig) -> RunConfig:
             _fail(k, f"set to {getattr(cfg, k)!r}, but none of the methods ({', '.join(cfg.methods)}) reads it: "
                      f"it is an option of {', '.join(takers)} (e.g. methods {takers[0]} or fedsq+{takers[0]}); "
                      "remove it or add such a method")
+    for key, schedules in (("lr_step_rounds", ("step",)), ("lr_gamma", ("step",)), ("lr_min", ("cosine",))):
+        if key in explicit and cfg.lr_schedule not in schedules:
+            _fail(key, f"is read only by lr_schedule = {schedules[0]!r}, and lr_schedule is {cfg.lr_schedule!r}")
     if "trim_fraction" in explicit and cfg.aggregator != "trimmed_mean":
         _fail("trim_fraction", f"set to {cfg.trim_fraction!r}, but aggregator is {cfg.aggregator!r}; only "
                                "aggregator = 'trimmed_mean' reads it")
@@ -138,6 +141,19 @@ def validate(cfg: RunConfig, model_names=None, *, own_data: bool = False) -> Run
     _num(cfg, "beta2", lo=0, hi=1, hi_open=True)
     _num(cfg, "tau", lo=0, lo_open=True)
     _num(cfg, "client_timeout_s", lo=0, lo_open=True, allow_none=True)
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        _fail("lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}; got {cfg.lr_schedule!r}")
+    _int(cfg, "warmup_rounds", lo=0)
+    if cfg.warmup_rounds >= cfg.rounds and cfg.warmup_rounds:
+        _fail("warmup_rounds", f"({cfg.warmup_rounds}) must be below rounds ({cfg.rounds}): no round would "
+                               "train at the full lr")
+    _int(cfg, "lr_step_rounds", lo=1)
+    _num(cfg, "lr_gamma", lo=0, hi=1, lo_open=True)
+    _num(cfg, "lr_min", lo=0)
+    if cfg.lr_min > cfg.lr:
+        _fail("lr_min", f"({cfg.lr_min}) must not exceed lr ({cfg.lr})")
+    _num(cfg, "clip_grad_norm", lo=0, lo_open=True, allow_none=True)
+    _num(cfg, "label_smoothing", lo=0, hi=1, hi_open=True)
     _num(cfg, "target_accuracy", lo=0, hi=1, lo_open=True, allow_none=True)
     for k in ("num_clients", "rounds", "local_epochs", "batch_size", "min_clients",
               "shards_per_client", "probe_size", "eval_batch_size"):

@@ -193,7 +193,8 @@ KEYS = ("dataset", "data_root", "download", "max_train_samples", "val_size", "ma
         "client_timeout_s", "optimizer", "lr", "momentum", "weight_decay", "local_epochs", "batch_size",
         "min_batch_size", "prox_mu", "aggregator", "trim_fraction", "server_lr", "server_momentum", "beta1",
         "beta2", "tau", "mask_cache", "seed", "target_accuracy", "probe_size", "eval_batch_size", "out_dir",
-        "checkpoint", "threads", "device", "plausible_scale", "workers", "norm_bound", "in_memory")
+        "checkpoint", "threads", "device", "plausible_scale", "workers", "norm_bound", "in_memory",
+        "lr_schedule", "warmup_rounds", "lr_step_rounds", "lr_gamma", "lr_min", "clip_grad_norm", "label_smoothing")
 # What a key added after runs were recorded meant before it existed: a recorded config without
 # the key reproduces its run with this value (config_differences, from_mapping(recorded=True)).
 # plausible_scale, norm_bound: the reply checks of 2026-12-02/03 changed what such runs average.
@@ -223,7 +224,13 @@ def config_differences(mine: RunConfig, theirs: dict, ignore=()) -> list:
             if k not in PLACEMENT_KEYS + tuple(ignore) and v != theirs.get(k, defaults[k])]
 
 
-def local_config(cfg: RunConfig, prox_mu: float) -> LocalConfig:
-    """The client's training options for one round: the client section of ``cfg`` and
-    ``prox_mu`` from the strategy."""
-    return LocalConfig(**dataclasses.asdict(cfg.section("client")), prox_mu=prox_mu)
+def local_config(cfg: RunConfig, prox_mu: float, rnd: int | None = None) -> LocalConfig:
+    """The client's training options for round ``rnd``: the client section of ``cfg`` with
+    that round's learning rate (``round_lr``: warm-up and schedule) and ``prox_mu`` from
+    the strategy."""
+    from ..client import round_lr
+
+    client = cfg.section("client")
+    if rnd is not None:
+        client.lr = round_lr(client, rnd, cfg.rounds)
+    return LocalConfig(**dataclasses.asdict(client), prox_mu=prox_mu)
