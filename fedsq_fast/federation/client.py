@@ -16,6 +16,8 @@ from torch import nn
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "step", "cosine")
+PRECISIONS = ("fp32", "bf16", "fp16")
+_AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class ClientTimeout(RuntimeError):
@@ -59,6 +61,8 @@ class ClientConfig:
     clip_grad_norm: float | None = field(default=None, metadata=_opt(
         "clip each local step's gradient to this global L2 norm; none: off"))
     label_smoothing: float = field(default=0.0, metadata=_opt("cross-entropy label smoothing, in [0, 1)"))
+    precision: str = field(default="fp32", metadata=_opt(
+        "local training and evaluation: fp32, bf16 (autocast), fp16 (autocast + gradient scaler; CUDA only)"))
 
 
 def round_lr(c: ClientConfig, rnd: int, rounds: int) -> float:
@@ -154,6 +158,9 @@ def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalCo
     total, steps = 0.0, 0
     smoothing = getattr(cfg, "label_smoothing", 0.0)
     clip = getattr(cfg, "clip_grad_norm", None)
+    precision = getattr(cfg, "precision", "fp32")
+    # fp16's narrow range needs the loss scaled (and steps with Inf/NaN gradients skipped)
+    scaler = torch.amp.GradScaler(dev.type) if precision == "fp16" else None
     for _ in range(cfg.local_epochs):
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n, cfg.batch_size):
@@ -166,10 +173,13 @@ def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalCo
             xb = x[idx].to(dev, non_blocking=True)  # no-op when the data lives there
             if transform is not None:
                 xb = transform(xb)
-            out = model(xb) if sample_idx is None else model(xb, sample_idx[idx])
-            loss = F.cross_entropy(out, y[idx].to(dev, non_blocking=True), label_smoothing=smoothing)
+            with autocast(dev, precision):
+                out = model(xb) if sample_idx is None else model(xb, sample_idx[idx])
+                loss = F.cross_entropy(out, y[idx].to(dev, non_blocking=True), label_smoothing=smoothing)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if scaler is None else scaler.scale(loss)).backward()
+            if scaler is not None:
+                scaler.unscale_(opt)  # FedProx's term and clipping see the true gradient
             if anchor is not None:
                 with torch.no_grad():
                     for p, a in zip(params, anchor):
@@ -177,13 +187,26 @@ def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalCo
                             p.grad.add_(p - a, alpha=cfg.prox_mu)
             if clip is not None:
                 _clip_(params, clip)
-            opt.step()
+            if scaler is None:
+                opt.step()
+            else:
+                scaler.step(opt)
+                scaler.update()
             # on the device, in float64: no host sync per batch, the same sums as in Python floats
             total = total + loss.detach().double() * idx.numel()
             steps += 1
     total = float(total)
     return {"num_samples": n, "loss": total / max(1, n * cfg.local_epochs), "steps": steps,
             "seconds": time.perf_counter() - t0}
+
+
+def autocast(dev: torch.device, precision: str):
+    """The autocast context of a ``precision`` (fp32: none) on device ``dev``."""
+    import contextlib
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=dev.type, dtype=_AMP[precision])
 
 
 @torch.no_grad()
@@ -209,7 +232,8 @@ def _clip_(params, max_norm: float) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, transform=None,
-             batch_size: int = 512, sample_idx: torch.Tensor | None = None) -> tuple[float, float]:
+             batch_size: int = 512, sample_idx: torch.Tensor | None = None,
+             precision: str = "fp32") -> tuple[float, float]:
     """(mean cross-entropy, accuracy) in eval mode (``sample_idx``: as in local_train); ``x``
     a tensor or a :class:`~fedsq_fast.federation.lazy.LazyImages` (read per batch)."""
     from .lazy import rows
@@ -224,7 +248,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, transform=None,
             yb = y[i:i + batch_size].to(dev, non_blocking=True)
             if transform is not None:
                 xb = transform(xb)
-            out = model(xb) if sample_idx is None else model(xb, sample_idx[i:i + batch_size])
+            with autocast(dev, precision):
+                out = model(xb) if sample_idx is None else model(xb, sample_idx[i:i + batch_size])
+            out = out.float()  # the loss and argmax in float32 whatever the precision
             loss += float(F.cross_entropy(out, yb, reduction="sum"))
             correct += int((out.argmax(1) == yb).sum())
     finally:

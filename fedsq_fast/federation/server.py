@@ -179,7 +179,7 @@ class Federation:
             x, y = self.data.val_x, self.data.val_y
             if getattr(self.model, "mask_cache", None) is not None:
                 idx = torch.arange(len(y))
-        return evaluate(self.model, x, y, self.data.transform, self.cfg.eval_batch_size, idx)
+        return evaluate(self.model, x, y, self.data.transform, self.cfg.eval_batch_size, idx, self.cfg.precision)
 
     # ------------------------------------------------------------------ round
     def run_round(self, rnd: int) -> RoundRecord:

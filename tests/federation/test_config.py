@@ -35,7 +35,7 @@ OLD_DEFAULTS = {
 # keys added since, appended in this order (recorded configs without them: C.LEGACY_VALUES)
 ADDED = {'plausible_scale': 1e6, 'workers': 1, 'norm_bound': 10.0, 'in_memory': 'auto',
          'lr_schedule': 'constant', 'warmup_rounds': 0, 'lr_step_rounds': 10, 'lr_gamma': 0.1, 'lr_min': 0.0,
-         'clip_grad_norm': None, 'label_smoothing': 0.0}
+         'clip_grad_norm': None, 'label_smoothing': 0.0, 'precision': 'fp32'}
 FULL = {**OLD_DEFAULTS, **ADDED}
 
 # where each key is read (docs/federation.md, "Configuration keys")
@@ -46,7 +46,7 @@ SECTION = {
     **dict.fromkeys(["model", "weights", "quant_bn", "allow_ungated", "mask_cache"], "model"),
     **dict.fromkeys(["optimizer", "lr", "momentum", "weight_decay", "local_epochs", "batch_size",
                      "min_batch_size", "client_timeout_s", "lr_schedule", "warmup_rounds", "lr_step_rounds",
-                     "lr_gamma", "lr_min", "clip_grad_norm", "label_smoothing"], "client"),
+                     "lr_gamma", "lr_min", "clip_grad_norm", "label_smoothing", "precision"], "client"),
     **dict.fromkeys(["methods", "aggregator", "trim_fraction", "plausible_scale", "norm_bound", "prox_mu", "server_lr", "server_momentum",
                      "beta1", "beta2", "tau"], "strategy"),
     **dict.fromkeys(["rounds", "fraction", "min_clients", "failure_rate", "seed", "target_accuracy",
@@ -110,7 +110,7 @@ def _random_knobs(rng, pick, maybe_none):
     return {"lr_schedule": pick(["constant", "step", "cosine"]), "warmup_rounds": 0,
             "lr_step_rounds": int(rng.integers(1, 50)), "lr_gamma": float(rng.uniform(0.01, 1.0)),
             "lr_min": float(rng.uniform(0, 1e-4)), "clip_grad_norm": maybe_none(float(rng.uniform(0.01, 100))),
-            "label_smoothing": float(rng.uniform(0, 0.5))}
+            "label_smoothing": float(rng.uniform(0, 0.5)), "precision": pick(["fp32", "bf16"])}
 
 
 @pytest.fixture

@@ -138,3 +138,46 @@ def test_engine_trains_each_round_at_the_scheduled_lr(small_cfg, tmp_path, bundl
     # warm-up round 1 (0.08 * 1/1), then 0.08, 0.04, 0.02: 5 clients each round
     assert seen == {0.08: 10, 0.04: 5, 0.02: 5}
     assert all(math.isfinite(h["train_loss"]) for h in res.history[1:])
+
+
+def test_precision_bf16_against_hand_autocast_loop_and_fp16_refused_on_cpu():
+    import fedsq_fast as fs
+
+    seed = draw_seed(2**31)
+    torch.manual_seed(seed)
+    x, y = torch.randn(40, 7), torch.randint(0, 4, (40,))
+    m0 = _net()
+    for dual in (False, True):
+        ours = fs.dualcopy(_net_from(m0)) if dual else _net_from(m0)
+        ref = fs.dualcopy(_net_from(m0)) if dual else _net_from(m0)
+        info = local_train(ours, x, y, LocalConfig(lr=0.1, batch_size=16, precision="bf16"), seed)
+        opt = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+        gen = torch.Generator().manual_seed(seed)
+        ref.train()
+        perm = torch.randperm(40, generator=gen)
+        for i in range(0, 40, 16):
+            idx = perm[i:i + 16]
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(ref(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        for a, b in zip(ours.parameters(), ref.parameters()):
+            assert torch.equal(a, b)
+        assert math.isfinite(info["loss"])
+        # evaluation in bf16 is not fp32's (the autocast ran) but close
+        from fedsq_fast.federation.client import evaluate
+
+        l16, a16 = evaluate(ours, x, y, precision="bf16")
+        l32, a32 = evaluate(ours, x, y)
+        assert l16 != l32 and abs(l16 - l32) < 0.05 * abs(l32) + 0.05
+    with pytest.raises(ConfigError, match=r"^precision: 'fp16' needs a CUDA GPU"):
+        validate(from_mapping(dict(precision="fp16", device="cpu")))
+    with pytest.raises(ConfigError, match=r"^precision: must be one of fp32, bf16, fp16"):
+        validate(from_mapping(dict(precision="fp64")))
+
+
+def _net_from(m0):
+    m = _net()
+    m.load_state_dict(m0.state_dict())
+    return m

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from ..client import LR_SCHEDULES, OPTIMIZERS
+from ..client import LR_SCHEDULES, OPTIMIZERS, PRECISIONS
 from ..data import DATASETS
 from ..lazy import in_memory_choice
 from ..partition import PARTITIONS
@@ -80,6 +80,21 @@ def _check_device(spec) -> None:
                             f"(built with CUDA {torch.version.cuda}); use 'auto' or 'cpu'")
         if d.index is not None and d.index >= torch.cuda.device_count():
             _fail("device", f"{spec!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+
+
+def _check_precision(precision, device) -> None:
+    if precision not in PRECISIONS:
+        _fail("precision", f"must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision == "fp32":
+        return
+    import torch
+
+    dev = resolve_device(device)
+    if precision == "fp16" and dev.type != "cuda":
+        _fail("precision", f"'fp16' needs a CUDA GPU (device resolves to {dev.type}): its gradient scaler and "
+                           "speed are GPU features; use 'bf16' or 'fp32' here")
+    if precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        _fail("precision", f"'bf16' is not supported by {torch.cuda.get_device_name(dev)}; use 'fp16' or 'fp32'")
 
 
 # Keys that name where data and model come from: not used when the caller brings its own
@@ -189,6 +204,7 @@ def validate(cfg: RunConfig, model_names=None, *, own_data: bool = False) -> Run
     _int(cfg, "num_clients", lo=1, hi=MAX_CLIENTS, why="every client is simulated in this process")
     _int(cfg, "shards_per_client", lo=1, hi=MAX_SHARDS_PER_CLIENT)
     _check_device(cfg.device)
+    _check_precision(cfg.precision, cfg.device)
     _int(cfg, "workers", lo=1, hi=MAX_WORKERS)
     _int(cfg, "min_batch_size", lo=1)
     if cfg.min_batch_size > cfg.batch_size:
