@@ -492,7 +492,8 @@ def _from_dataset(ds, arg: str, kind: str = "images"):
         item = read_item(ds, i, arg)
         img, label = item_image(item, arg, i, kind), item[1]  # the per-batch reader's conversion
         if xs and img.shape != xs[0].shape:
-            raise ValueError(f"{arg}[{i}]: sample shape {tuple(img.shape)} differs from item 0's "
+            raise ValueError(f"{arg}[{i}]: {'image' if kind == 'images' else 'sample'} shape {tuple(img.shape)} "
+                             "differs from item 0's "
                              f"{tuple(xs[0].shape)}; give the dataset a transform that resizes "
                              "(e.g. torchvision.transforms.Resize((32, 32)))")
         xs.append(img)

@@ -154,7 +154,8 @@ def item_image(item, arg: str, i: int, kind: str = "images") -> torch.Tensor:
     (``kind="images"``; (H, W) gets C = 1, a PIL image is converted), any other sample as
     the tensor it is (``kind="tensor"``)."""
     if not isinstance(item, (tuple, list)) or len(item) < 2:
-        raise ValueError(f"{arg}[{i}]: items must be (sample, label) pairs, got {type(item).__name__}")
+        what = "image" if kind == "images" else "sample"
+        raise ValueError(f"{arg}[{i}]: items must be ({what}, label) pairs, got {type(item).__name__}")
     img = item[0]
     if kind == "tensor":
         if not isinstance(img, (torch.Tensor, np.ndarray)):
@@ -197,11 +198,13 @@ class _DatasetSource:
         for j, i in enumerate(base.tolist()):
             img = item_image(read_item(self.ds, i, self.arg), self.arg, i, self.kind)
             if tuple(img.shape) != self.item_shape:
-                raise ValueError(f"{self.arg}[{i}]: sample shape {tuple(img.shape)} differs from item 0's "
+                raise ValueError(f"{self.arg}[{i}]: {'image' if self.kind == 'images' else 'sample'} shape "
+                                 f"{tuple(img.shape)} differs from item 0's "
                                  f"{self.item_shape}; give the dataset a transform that resizes "
                                  "(e.g. torchvision.transforms.Resize((32, 32)))")
             if img.dtype != self.dtype:
-                raise TypeError(f"{self.arg}[{i}]: image dtype {img.dtype} differs from item 0's {self.dtype}")
+                raise TypeError(f"{self.arg}[{i}]: {'image' if self.kind == 'images' else 'sample'} dtype "
+                                f"{img.dtype} differs from item 0's {self.dtype}")
             out[j] = img
         return out
 
