@@ -169,10 +169,10 @@ def test_sequence_federations_learn_token_ids_and_feature_sequences(tmp_path):
     conf = {"num_clients": 5, "rounds": 6, "val_size": 100, "batch_size": 16, "lr": 0.3, "partition": "iid",
             "checkpoint": False, "min_partition_size": 5, "seed": draw_seed(), "threads": 1}
     res = federate(Bag, (tok[:700], y[:700]), (tok[700:], y[700:]), methods=["fedavg", "fedsq"], quiet=True,
-                   out_dir=tmp_path / "tokens", config=conf)
-    majority = max(y[700:].mean(), 1 - y[700:].mean())
-    for m, r in res.items():
-        assert r.summary["test_acc"] > majority + 0.1, (m, r.summary["test_acc"], majority)
+                   out_dir=tmp_path / "tokens", config={**conf, "optimizer": "adam", "lr": 0.01, "local_epochs": 3})
+    majority = max(y[700:].mean(), 1 - y[700:].mean())  # about 0.6
+    for m, r in res.items():  # measured 0.915-0.945 over three seeds
+        assert r.summary["test_acc"] > max(0.85, majority + 0.2), (m, r.summary["test_acc"], majority)
     seq = rng.standard_normal((n, length, 3)).astype(np.float32)
     y2 = (seq[:, :, 0].max(1) > seq[:, :, 1].max(1)).astype(np.int64)  # which channel peaks higher
     res = federate(ConvSeq, (seq[:700], y2[:700]), (seq[700:], y2[700:]), methods=["fedavg", "fedsq"], quiet=True,
