@@ -202,8 +202,8 @@ KEYS = ("dataset", "data_root", "download", "max_train_samples", "val_size", "ma
 # What a key added after runs were recorded meant before it existed: a recorded config without
 # the key reproduces its run with this value (config_differences, from_mapping(recorded=True)).
 # plausible_scale, norm_bound: the reply checks of 2026-12-02/03 changed what such runs average.
-# augment: runs recorded before the key trained without augmentation (also the default).
-LEGACY_VALUES = {"plausible_scale": None, "norm_bound": None, "augment": "none"}
+# (augment needs no entry: its default, "none", is what runs recorded before it did.)
+LEGACY_VALUES = {"plausible_scale": None, "norm_bound": None}
 # The keys every recorded config has held since the first recordings (2026-11-22): a mapping
 # holding all of them is a recording (from_mapping), even when it lacks keys added since.
 RECORDED_CORE = frozenset((
