@@ -72,6 +72,18 @@ def test_a_dataset_of_feature_rows_is_tensor_data_in_memory_or_per_batch(in_memo
     assert got.dtype == torch.int64 and torch.equal(got, torch.from_numpy(x))
 
 
+def test_a_table_past_memory_is_read_per_batch_as_given(tmp_path):
+    rng = _rng()
+    x = rng.integers(-5, 500, (31, 7)).astype(np.int32)
+    np.save(tmp_path / "x.npy", x)
+    mm = np.load(tmp_path / "x.npy", mmap_mode="r")
+    b = make_bundle((mm, np.arange(31) % 2), (mm, np.arange(31) % 2), in_memory=False)
+    assert b.train.kind == "tensor" and type(b.train.x).__name__ == "LazyImages"
+    assert tuple(b.train.x.shape) == (31, 7) and b.train.x.dtype == torch.int64
+    idx = torch.from_numpy(rng.permutation(31)[:9])
+    assert torch.equal(b.train.x[idx], torch.from_numpy(x.astype(np.int64))[idx])
+
+
 def test_token_ids_reach_an_embedding_as_integers_and_a_linear_as_floats():
     rng = _rng()
     tok = rng.integers(0, 50, (40, 9))
