@@ -230,7 +230,8 @@ def _describe_layer(m) -> str:
     if name == "Linear":
         return f"(batch, ..., {m.in_features}) ({name} with in_features={m.in_features})"
     if name in ("Embedding", "EmbeddingBag"):
-        return f"integer token ids in [0, {m.num_embeddings}), (batch, L) ({name}({m.num_embeddings}, {m.embedding_dim}))"
+        return (f"integer token ids in [0, {m.num_embeddings}), (batch, L) "
+                f"({name}({m.num_embeddings}, {m.embedding_dim}))")
     if name in ("RNN", "LSTM", "GRU"):
         order = "(batch, L, " if m.batch_first else "(L, batch, "
         return f"{order}{m.input_size}) ({name} with input_size={m.input_size}, batch_first={m.batch_first})"

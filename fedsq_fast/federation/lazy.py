@@ -271,7 +271,8 @@ class LazyImages:
         return self
 
     def __repr__(self):
-        return f"LazyImages({tuple(self.shape)}, kind={self.kind}{', random' if self.random else ''}, source={type(self._src.arr if isinstance(self._src, _ArraySource) else self._src.ds).__name__})"
+        src = type(self._src.arr if isinstance(self._src, _ArraySource) else self._src.ds).__name__
+        return f"LazyImages({tuple(self.shape)}, kind={self.kind}{', random' if self.random else ''}, source={src})"
 
     # ------------------------------------------------------------------ indexing
     def _positions(self, key) -> np.ndarray:
