@@ -152,6 +152,9 @@ def _transform(cfg, tr, te, model_name, model, input_spec, augment_fn):
             raise ValueError(f"input_spec: InputSpec describes images, but the data is {tuple(tr.x.shape[1:])} "
                              "samples used as given (features, token ids or sequences); pass a model without a "
                              "Conv2d, or image data (N, C, H, W)")
+        if cfg.image_size is not None:
+            raise ValueError(f"image_size: {cfg.image_size} resizes images; this data is {tuple(tr.x.shape[1:])} "
+                             "samples used as given (features, token ids or sequences): remove image_size")
         if aug is not None and aug.images_only:
             raise ValueError(f"augment: {cfg.augment!r} augments images (N, C, H, W); this data is "
                              f"{tuple(tr.x.shape[1:])} samples used as given (features, token ids or sequences): "

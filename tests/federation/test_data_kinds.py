@@ -93,6 +93,8 @@ def test_token_ids_reach_an_embedding_as_integers_and_a_linear_as_floats():
     as_ids = prepare_data(cfg, b, input_spec=TensorSpec("long"))
     xb = as_ids.transform(as_ids.x[:4])
     assert xb.dtype == torch.int64 and torch.equal(xb, as_ids.x[:4])
+    with pytest.raises(ValueError, match=r"^image_size: 16 resizes images; this data is \(9,\) samples used as given"):
+        prepare_data(cfg.replace(image_size=16), b)
     as_numbers = prepare_data(cfg, b, input_spec=TensorSpec("float"))
     assert torch.equal(as_numbers.transform(as_numbers.x[:4]), as_ids.x[:4].float())
     emb = nn.Sequential(nn.Embedding(50, 4), nn.Flatten(), nn.Linear(36, 2))
