@@ -137,20 +137,31 @@ def make_optimizer(params, cfg: LocalConfig):
 
 
 def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalConfig, seed: int,
-                transform=None, sample_idx: torch.Tensor | None = None) -> dict:
+                transform=None, sample_idx: torch.Tensor | None = None, augment=None) -> dict:
     """Train ``model`` in place on (x, y); returns {num_samples, loss, steps, seconds}.
 
     FedProx: the gradient of (mu/2)||w - w0||^2, mu (w - w0), is added after
     backward (w0: the weights received). A client past ``client_timeout_s`` raises
     :class:`ClientTimeout` at the next batch. ``sample_idx`` (one dataset index
     per row of x) goes to the model's forward: a DualCopy model with a MaskCache
-    then reuses each sample's structural masks.
+    then reuses each sample's structural masks. ``augment(x, generator)``
+    (:class:`~fedsq_fast.federation.augment.Augment`) augments each batch where it lives,
+    before ``transform``, with a CPU generator seeded from ``seed`` (so from (seed, round,
+    client)): give no ``sample_idx`` with it (augmented masks are not the cached ones).
     """
+    if augment is not None and sample_idx is not None:
+        raise ValueError("local_train: sample_idx (the mask cache) with augment: cached masks belong to "
+                         "unaugmented samples; pass sample_idx=None")
     t0 = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if cfg.prox_mu > 0 else None
     opt = make_optimizer(params, cfg)
     gen = torch.Generator().manual_seed(seed)
+    aug_gen = None
+    if augment is not None:
+        from .augment import AUGMENT_SEED_TAG
+
+        aug_gen = torch.Generator().manual_seed(derive_seed(seed, AUGMENT_SEED_TAG))
     torch.manual_seed(seed)  # dropout and any other global-RNG use inside the model
     model.train()
     dev = _device_of(model)
@@ -171,6 +182,8 @@ def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalCo
             if idx.numel() < cfg.min_batch_size and n >= cfg.min_batch_size:
                 continue  # a batch of one breaks BatchNorm's training statistics; of 2-3, it can blow up
             xb = x[idx].to(dev, non_blocking=True)  # no-op when the data lives there
+            if augment is not None:
+                xb = augment(xb, aug_gen)
             if transform is not None:
                 xb = transform(xb)
             with autocast(dev, precision):

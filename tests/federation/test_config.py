@@ -35,14 +35,15 @@ OLD_DEFAULTS = {
 # keys added since, appended in this order (recorded configs without them: C.LEGACY_VALUES)
 ADDED = {'plausible_scale': 1e6, 'workers': 1, 'norm_bound': 10.0, 'in_memory': 'auto',
          'lr_schedule': 'constant', 'warmup_rounds': 0, 'lr_step_rounds': 10, 'lr_gamma': 0.1, 'lr_min': 0.0,
-         'clip_grad_norm': None, 'label_smoothing': 0.0, 'precision': 'fp32'}
+         'clip_grad_norm': None, 'label_smoothing': 0.0, 'precision': 'fp32',
+         'augment': 'none'}
 FULL = {**OLD_DEFAULTS, **ADDED}
 
 # where each key is read (docs/federation.md, "Configuration keys")
 SECTION = {
     **dict.fromkeys(["dataset", "data_root", "download", "max_train_samples", "val_size", "max_test_samples",
                      "image_size", "in_memory", "num_clients", "partition", "alpha", "min_partition_size",
-                     "shards_per_client"], "data"),
+                     "shards_per_client", "augment"], "data"),
     **dict.fromkeys(["model", "weights", "quant_bn", "allow_ungated", "mask_cache"], "model"),
     **dict.fromkeys(["optimizer", "lr", "momentum", "weight_decay", "local_epochs", "batch_size",
                      "min_batch_size", "client_timeout_s", "lr_schedule", "warmup_rounds", "lr_step_rounds",
@@ -102,6 +103,7 @@ def random_flat(rng) -> dict:
         "device": device,
         "workers": int(rng.integers(1, 9)),
         **_random_knobs(rng, pick, maybe_none),
+        "augment": pick(["none", "flip", "crop_flip"]),
     }
 
 

@@ -183,6 +183,7 @@ def validate(cfg: RunConfig, model_names=None, *, own_data: bool = False) -> Run
         in_memory_choice(cfg.in_memory)
     except ValueError as e:
         _fail("in_memory", str(e).removeprefix("in_memory: "))
+    _check_augment(cfg.augment, own_data)
     if cfg.quant_bn not in ("train", "frozen"):
         _fail("quant_bn", f"must be 'train' or 'frozen', got {cfg.quant_bn!r}")
     for k in ("download", "checkpoint", "mask_cache", "allow_ungated"):
@@ -221,6 +222,18 @@ def validate(cfg: RunConfig, model_names=None, *, own_data: bool = False) -> Run
     # whether the files are on this machine is check_sources' job
     _check_sources(cfg, model_names, own_data, check_files=False)
     return cfg
+
+
+def _check_augment(value, own_data: bool) -> None:
+    from ..augment import AUGMENTS, CALLABLE_PREFIX
+
+    if isinstance(value, str) and value.startswith(CALLABLE_PREFIX) and len(value) > len(CALLABLE_PREFIX):
+        if not own_data:
+            _fail("augment", f"{value!r} names a Python callable, which only the Python API can pass: "
+                             f"federate(..., augment=fn); here use one of {', '.join(AUGMENTS)}")
+        return
+    if value not in AUGMENTS:
+        _fail("augment", f"must be one of {', '.join(AUGMENTS)} (a callable: federate(augment=fn)); got {value!r}")
 
 
 def _check_sources(cfg, model_names, own_data, check_files):
