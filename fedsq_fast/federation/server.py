@@ -23,6 +23,7 @@ from . import adapter, checkpoint
 from .callbacks import GateStability, Progress
 from .client import LocalConfig, evaluate
 from .config import MethodSpec, RunConfig, config_differences, local_config, resolve_device, strategy_from_config
+from .lazy import is_random
 from .metrics import RoundRecord, drops_text, summarize, write_metrics
 from .prepare import (FedData, build_method_model, call_model_fn, place_data,  # noqa: F401 (API)
                       prepare_data, warn_little_data)
@@ -120,8 +121,9 @@ class Federation:
     # ------------------------------------------------------------------ pieces
     def _new_val_cache(self) -> None:
         """A fresh mask cache over the validation split for the global model (FedSQ): its
-        structural copy is fixed, so validation is then one quantitative forward."""
-        if self.cfg.mask_cache:
+        structural copy is fixed, so validation is then one quantitative forward. None for
+        validation data that changes between reads (a Dataset with random transforms)."""
+        if self.cfg.mask_cache and not is_random(self.data.val_x):
             new_mask_cache(self.model, len(self.data.val_y))
 
     def close_caches(self) -> None:
