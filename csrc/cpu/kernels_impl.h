@@ -116,6 +116,11 @@ static inline VF vfma(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
 static inline VF vrelu(VF t) { return _mm512_max_ps(_mm512_setzero_ps(), t); }  // NaN -> t
 static inline VF vloadf(const float* p) { return _mm512_loadu_ps(p); }
 static inline void vstoref(float* p, VF v) { _mm512_storeu_ps(p, v); }
+// finite lanes (v - v is 0 for finite v, NaN for NaN and +-Inf), and min/max over them
+static inline VM vfinite(VF v) { return _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), _mm512_setzero_ps(), _CMP_EQ_OQ); }
+static inline int vcount(VM m) { return __builtin_popcount(uint32_t(m)); }
+static inline VF vmin_where(VF acc, VF x, VM m) { return _mm512_mask_min_ps(acc, m, acc, x); }
+static inline VF vmax_where(VF acc, VF x, VM m) { return _mm512_mask_max_ps(acc, m, acc, x); }
 #elif FEDSQ_ISA == 1
 static constexpr int VW = 8;
 using VF = __m256;
@@ -161,6 +166,10 @@ static inline VF vfma(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
 static inline VF vrelu(VF t) { return _mm256_max_ps(_mm256_setzero_ps(), t); }  // NaN -> t
 static inline VF vloadf(const float* p) { return _mm256_loadu_ps(p); }
 static inline void vstoref(float* p, VF v) { _mm256_storeu_ps(p, v); }
+static inline VM vfinite(VF v) { return _mm256_cmp_ps(_mm256_sub_ps(v, v), _mm256_setzero_ps(), _CMP_EQ_OQ); }
+static inline int vcount(VM m) { return __builtin_popcount(uint32_t(_mm256_movemask_ps(m))); }
+static inline VF vmin_where(VF acc, VF x, VM m) { return _mm256_blendv_ps(acc, _mm256_min_ps(acc, x), m); }
+static inline VF vmax_where(VF acc, VF x, VM m) { return _mm256_blendv_ps(acc, _mm256_max_ps(acc, x), m); }
 #endif
 
 #if FEDSQ_ISA > 0
@@ -427,6 +436,56 @@ static double sq_dist_range(const T* x, const T* ref, int64_t i0, int64_t i1) {
   return total;
 }
 
+// One read of a reply for every check the server makes (issue 28): min/max over the finite
+// values, the NaN/Inf count, and the squared distance to the global model with exactly
+// sq_dist_range's blocks, lanes and order (the norm bound's numbers do not move).
+template <class T>
+static void reply_stats_range(const T* x, const T* ref, int64_t i0, int64_t i1, double* out) {
+  using A = acc_t<T>;
+  double total = 0.0, lo = HUGE_VAL, hi = -HUGE_VAL;
+  int64_t bad = 0, i = i0;
+#if FEDSQ_ISA > 0
+  if constexpr (kVec<T>) {
+    alignas(64) float lanes[VW];
+    VF vlo = vset1(HUGE_VALF), vhi = vset1(-HUGE_VALF);
+    while (i + VW <= i1) {
+      const int64_t end = std::min(i1, i + 4096);
+      VF acc = vset1(0.0f);
+      for (; i + VW <= end; i += VW) {
+        const VF xv = vload(x + i);
+        const VF d = vadd(xv, vmul(vset1(-1.0f), vload(ref + i)));
+        acc = vfma(d, d, acc);
+        const VM fin = vfinite(xv);
+        bad += VW - vcount(fin);
+        vlo = vmin_where(vlo, xv, fin);
+        vhi = vmax_where(vhi, xv, fin);
+      }
+      vstoref(lanes, acc);
+      for (int j = 0; j < VW; ++j) total += double(lanes[j]);
+    }
+    vstoref(lanes, vlo);
+    for (int j = 0; j < VW; ++j) lo = std::min(lo, double(lanes[j]));
+    vstoref(lanes, vhi);
+    for (int j = 0; j < VW; ++j) hi = std::max(hi, double(lanes[j]));
+  }
+#endif
+  for (; i < i1; ++i) {
+    const A v = ld(x, i);
+    const A d = v - ld(ref, i);
+    total += double(d) * double(d);
+    if (std::isfinite(v)) {
+      lo = std::min(lo, double(v));
+      hi = std::max(hi, double(v));
+    } else {
+      ++bad;
+    }
+  }
+  out[0] = lo;
+  out[1] = hi;
+  out[2] = double(bad);
+  out[3] = total;
+}
+
 // ---------------------------------------------------------------------------
 // Type dispatch and the exported table.
 #define FEDSQ_DISPATCH(dt, ...)                                   \
@@ -465,7 +524,10 @@ static double k_sq_dist(DType dt, const void* x, const void* ref, int64_t i0, in
   FEDSQ_DISPATCH(dt, r = sq_dist_range<T>(static_cast<const T*>(x), static_cast<const T*>(ref), i0, i1));
   return r;
 }
+static void k_reply_stats(DType dt, const void* x, const void* ref, int64_t i0, int64_t i1, double* out) {
+  FEDSQ_DISPATCH(dt, reply_stats_range<T>(static_cast<const T*>(x), static_cast<const T*>(ref), i0, i1, out));
+}
 #undef FEDSQ_DISPATCH
 
 static const KernelTable kTable = {FEDSQ_ISA_NAME, k_pack, k_apply, k_gate, k_epilogue, k_wsum, k_accumulate,
-                                   k_sq_dist};
+                                   k_sq_dist, k_reply_stats};
