@@ -319,7 +319,7 @@ struct CpuBackend {
   }
 };
 
-// Per tensor j: row j = (min and max over the finite values, count of NaN/Inf, ||xs[j] - refs[j]||^2);
+// Per tensor j: row j = (min and max over the non-NaN values, count of NaN/Inf, ||xs[j] - refs[j]||^2);
 // row K = (0, 0, 0, the sum of the squares over the tensors with in_total[j] != 0, tile partials
 // added in order: sq_dist_list's total over those tensors). Every check of a reply in one read,
 // the same numbers for any thread count. CPU only; CUDA tensors run the reference.
@@ -398,7 +398,7 @@ TORCH_LIBRARY(fedsq_fast, m) {
   m.def("accumulate_list_(Tensor(a!)[] acc, Tensor[] x, float weight) -> ()");
   // A 0-dim float64 tensor on the inputs' device: traceable (a float is not) and no host sync on CUDA.
   m.def("sq_dist_list(Tensor[] xs, Tensor[] refs) -> Tensor");
-  // (K + 1, 4) float64 on the CPU: per tensor min/max of the finite values, NaN/Inf count, squared
+  // (K + 1, 4) float64 on the CPU: per tensor min/max of the non-NaN values, NaN/Inf count, squared
   // distance; last row: the squared distance over the tensors marked in in_total (a reply's checks).
   m.def("reply_stats_list(Tensor[] xs, Tensor[] refs, int[] in_total) -> Tensor");
   // Not a tensor op: selects the CPU kernel variant (tests run every ISA the CPU has).

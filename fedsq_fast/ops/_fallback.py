@@ -91,7 +91,7 @@ def sq_dist_list(xs, refs):
 
 
 def reply_stats_list(xs, refs, in_total):
-    """(K + 1, 4) float64 on the CPU, like the kernel: per tensor (min and max over the finite
+    """(K + 1, 4) float64 on the CPU, like the kernel: per tensor (min and max over the non-NaN
     values, NaN/Inf count, squared distance), last row (0, 0, 0, squared distance over the
     tensors with in_total[j])."""
     out = torch.zeros(len(xs) + 1, 4, dtype=torch.float64)
@@ -99,7 +99,7 @@ def reply_stats_list(xs, refs, in_total):
     for j, (x, r) in enumerate(zip(xs, refs)):
         xa = x.to(_acc_dtype(x.dtype))
         fin = torch.isfinite(xa)
-        vals = xa[fin]
+        vals = xa[~torch.isnan(xa)]
         out[j, 0] = vals.min().double() if vals.numel() else float("inf")
         out[j, 1] = vals.max().double() if vals.numel() else float("-inf")
         out[j, 2] = float(x.numel() - int(fin.sum()))

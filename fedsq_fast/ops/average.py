@@ -212,7 +212,7 @@ def sq_dist(xs, refs) -> float:
 def reply_stats(xs, refs, in_total=None):
     """Every check of a reply in one read (issue 28): ``(stats, total)`` where ``stats`` is a
     (K, 4) float64 CPU tensor whose row j holds, for ``xs[j]``: the min and the max over its
-    finite values (+Inf / -Inf when it has none), its count of NaN/Inf, and
+    non-NaN values (+Inf / -Inf when it has none; an Inf counts, as in torch.aminmax), its count of NaN/Inf, and
     ||xs[j] - refs[j]||^2 (NaN/Inf when it has such values); ``total`` is the sum of those
     squares over the tensors with ``in_total[j]`` true (default: all), equal bit for bit to
     :func:`sq_dist` over them. Float tensors only; pairs must match in shape, dtype and
