@@ -33,7 +33,7 @@ OLD_DEFAULTS = {
     'target_accuracy': None, 'probe_size': 64, 'eval_batch_size': 512, 'out_dir': 'runs/default',
     'checkpoint': True, 'threads': None, 'device': 'auto'}
 # keys added since, appended in this order (recorded configs without them: C.LEGACY_VALUES)
-ADDED = {'plausible_scale': 1e6, 'workers': 1, 'norm_bound': 10.0, 'in_memory': 'auto'}
+ADDED = {'plausible_scale': 1e6, 'workers': 1, 'norm_bound': 10.0, 'in_memory': 'auto', 'soft_gates': False}
 FULL = {**OLD_DEFAULTS, **ADDED}
 
 # where each key is read (docs/federation.md, "Configuration keys")
@@ -41,7 +41,7 @@ SECTION = {
     **dict.fromkeys(["dataset", "data_root", "download", "max_train_samples", "val_size", "max_test_samples",
                      "image_size", "in_memory", "num_clients", "partition", "alpha", "min_partition_size",
                      "shards_per_client"], "data"),
-    **dict.fromkeys(["model", "weights", "quant_bn", "allow_ungated", "mask_cache"], "model"),
+    **dict.fromkeys(["model", "weights", "quant_bn", "allow_ungated", "mask_cache", "soft_gates"], "model"),
     **dict.fromkeys(["optimizer", "lr", "momentum", "weight_decay", "local_epochs", "batch_size",
                      "min_batch_size", "client_timeout_s"], "client"),
     **dict.fromkeys(["methods", "aggregator", "trim_fraction", "plausible_scale", "norm_bound", "prox_mu", "server_lr", "server_momentum",

@@ -49,6 +49,9 @@ class ModelConfig:
     quant_bn: str = _key("train", "fedsq conversion: BatchNorm of the quantitative copy, train or frozen")
     allow_ungated: bool = _key(False, "fedsq conversion: leave smooth activations (GELU, SiLU, ...) ungated beside the gated ReLU-like ones")
     mask_cache: bool = _key(True, "FedSQ: cache structural masks per sample (no augmentation here)")
+    # beyond the paper (binary ReLU-like gates only): fixed soft gates y_q = z_q * g(z_s)
+    soft_gates: bool = _key(False, "fedsq conversion: also gate SiLU, GELU, Hardswish, Mish and squeeze-excitation "
+                                   "sigmoids with fixed soft gates (beyond the paper; the mask cache steps aside)")
 
 
 @dataclass
@@ -193,7 +196,7 @@ KEYS = ("dataset", "data_root", "download", "max_train_samples", "val_size", "ma
         "client_timeout_s", "optimizer", "lr", "momentum", "weight_decay", "local_epochs", "batch_size",
         "min_batch_size", "prox_mu", "aggregator", "trim_fraction", "server_lr", "server_momentum", "beta1",
         "beta2", "tau", "mask_cache", "seed", "target_accuracy", "probe_size", "eval_batch_size", "out_dir",
-        "checkpoint", "threads", "device", "plausible_scale", "workers", "norm_bound", "in_memory")
+        "checkpoint", "threads", "device", "plausible_scale", "workers", "norm_bound", "in_memory", "soft_gates")
 # What a key added after runs were recorded meant before it existed: a recorded config without
 # the key reproduces its run with this value (config_differences, from_mapping(recorded=True)).
 # plausible_scale, norm_bound: the reply checks of 2026-12-02/03 changed what such runs average.
