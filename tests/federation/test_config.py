@@ -76,7 +76,7 @@ def random_flat(rng) -> dict:
         "val_size": int(rng.integers(1, 500)), "max_test_samples": maybe_none(int(rng.integers(1, 5000))),
         "image_size": maybe_none(int(rng.integers(8, 1025))), "model": pick(["tiny_cnn", "mlp", "svhn_cnn"]),
         "weights": pick(["default", None]), "quant_bn": pick(["train", "frozen"]),
-        "allow_ungated": bool(rng.integers(2)), "methods": methods, "num_clients": clients,
+        "allow_ungated": bool(rng.integers(2)), "soft_gates": bool(rng.integers(2)), "methods": methods, "num_clients": clients,
         "partition": pick(["iid", "dirichlet", "shards", "quantity"]), "alpha": float(rng.uniform(0.01, 10)),
         "min_partition_size": int(rng.integers(0, 10)), "shards_per_client": int(rng.integers(1, 10)),
         "rounds": int(rng.integers(1, 100)), "fraction": float(rng.uniform(0.01, 1.0)),
