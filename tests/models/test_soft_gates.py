@@ -406,6 +406,38 @@ def test_timm_backbones(name, kinds):
     assert _kinds(dc) == kinds
 
 
+@pytest.mark.slow
+def test_vit_b_16_exact_at_224():
+    tv = pytest.importorskip("torchvision.models")
+    torch.manual_seed(draw_seed(2**31))
+    m = _randomise(tv.vit_b_16(weights=None, num_classes=7)).eval()
+    dc = fs.dualcopy(m, soft_gates=True).eval()
+    assert _kinds(dc) == {"gelu": 12}
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ref = m(x)
+        torch.testing.assert_close(dc(x), ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.slow
+def test_timm_backbones_that_needed_allow_ungated_are_fedsq_throughout():
+    """mobilenetv3, ghostnet and rexnet converted only with allow_ungated before (issue 27):
+    every activation is a gate site now, and the conversion is exact."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(draw_seed(2**31))
+    want = {"mobilenetv3_small_100": {"hardswish": 19, "relu": 14, "hardsigmoid": 9},
+            "ghostnet_100": {"relu": 42, "hardsigmoid": 7},
+            "rexnet_100": {"silu": 17, "hardtanh": 16, "relu": 13, "sigmoid": 13}}
+    x = torch.randn(2, 3, 64, 64)
+    for name, kinds in want.items():
+        m = _randomise(timm.create_model(name, pretrained=False, num_classes=5)).eval()
+        dc = fs.dualcopy(m, soft_gates=True).eval()
+        assert _kinds(dc) == kinds, name
+        with torch.no_grad():
+            ref = m(x)
+            torch.testing.assert_close(dc(x), ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()), msg=name)
+
+
 # ---------------------------------------------------------------------------
 # cache, stability, files
 def test_mask_cache_steps_aside_for_soft_sites():
@@ -452,6 +484,13 @@ def test_gate_stability_soft_is_mean_absolute_gate_change():
     # two versions: a DualCopy model and the plain original, probed with soft gates
     two = fs.models.gate_stability(dc, m, x)
     assert two["act1"] == pytest.approx(want, rel=1e-4)
+    # the refresh ablation: the structural copy becomes the moved quantitative one, gates with it
+    dc.set_structural_from_quantitative()
+    assert all(v < 1e-5 for v in fs.models.gate_stability(dc, None, x).values())
+    plain = copy.deepcopy(m)
+    plain.load_state_dict(dc.quantitative_state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(dc.eval()(x), plain.eval()(x), rtol=1e-5, atol=1e-6)
 
 
 def test_save_load_and_half_precision(tmp_path):
