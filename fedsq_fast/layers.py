@@ -13,6 +13,19 @@ Regime codes per activation kind (bits index the tensor's memory order):
   ``top = z_s >= hi``; y_q = z_q*lin + hi*top + lo*(neither) (the lo term is
   skipped when lo == 0). Strict bounds match PyTorch's hardtanh gradient.
 
+Soft gates (opt-in, beyond the paper: ``dualcopy(..., soft_gates=True)``): the site
+stores the gate tensor ``g = g(z_s)`` itself (``SiteMasks.gate``, one value per
+element in the activation's dtype, against 1 bit for a binary gate):
+
+* ``silu`` (g = sigmoid), ``gelu`` (g = Phi), ``gelu_tanh`` (g = 0.5*(1 + tanh(
+  sqrt(2/pi)*(z + 0.044715 z^3)))), ``hardswish`` (g = hardsigmoid), ``mish``
+  (g = tanh(softplus)): each activation is z * g(z), and y_q = z_q * g(z_s);
+* ``sigmoid``, ``hardsigmoid`` (a squeeze-excitation gate, whose output multiplies
+  a feature map): y_q = g(s_s), the structural gate value itself, so nothing
+  reaches the quantitative side branch that computed s_q.
+
+No gradient flows through g: autograd saves g alone (the multiply's other operand).
+
 Layers take a Tensor (both streams equal: the first layer) or a pair
 ``(x_q, x_s)`` and return a pair ``(y_q, y_s)``.
 """
@@ -39,28 +52,83 @@ __all__ = [
     "quant_site",
 ]
 
-KINDS = ("relu", "leaky_relu", "hardtanh")
+BINARY_KINDS = ("relu", "leaky_relu", "hardtanh")
+# y = z * g(z): the quantitative copy computes z_q * g(z_s)
+MULT_KINDS = ("silu", "gelu", "gelu_tanh", "hardswish", "mish")
+# y = g(s), a gate that multiplies a feature map (squeeze-excitation): y_q = g(s_s)
+SE_KINDS = ("sigmoid", "hardsigmoid")
+SOFT_KINDS = MULT_KINDS + SE_KINDS
+KINDS = BINARY_KINDS + SOFT_KINDS
+
+_SQRT_2_OVER_PI = 0.7978845608028654
+
+
+def _gelu_tanh_gate(z):
+    return 0.5 * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)))
+
+
+# g of each soft kind (computed in float32 for half inputs, float64 for float64)
+_GATE_FNS = {
+    "silu": torch.sigmoid,
+    "gelu": lambda z: 0.5 * (1.0 + torch.erf(z * 0.7071067811865476)),
+    "gelu_tanh": _gelu_tanh_gate,
+    "hardswish": F.hardsigmoid,
+    "mish": lambda z: torch.tanh(F.softplus(z)),
+    "sigmoid": torch.sigmoid,
+    "hardsigmoid": F.hardsigmoid,
+}
+# the activation itself, as the original network computes it (the structural output)
+_ACT_FNS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+    "hardswish": F.hardswish,
+    "mish": F.mish,
+    "sigmoid": torch.sigmoid,
+    "hardsigmoid": F.hardsigmoid,
+}
+
+
+def soft_gate(z: torch.Tensor, kind: str) -> torch.Tensor:
+    """The gate ``g(z)`` of a soft kind (see the module docstring), in ``z``'s dtype
+    (computed in float32 for float16/bfloat16). ``kind`` in :data:`SOFT_KINDS`."""
+    if kind not in _GATE_FNS:
+        raise ValueError(f"kind must be one of {SOFT_KINDS}, got {kind!r}")
+    acc = z if z.dtype in (torch.float32, torch.float64) else z.float()
+    return _GATE_FNS[kind](acc).to(z.dtype)
 
 
 class SiteMasks:
-    """Packed regime bits of one gate site for one batch.
+    """The gates of one gate site for one batch.
 
-    ``bits``: tuple of 1-D uint8 tensors (1 for relu/leaky_relu, 2 for hardtanh);
-    ``channels_last``: the memory order the bits index (4-D tensors only).
+    ``bits``: tuple of 1-D uint8 tensors (1 for relu/leaky_relu, 2 for hardtanh;
+    empty for a soft site); ``channels_last``: the memory order the bits index
+    (4-D tensors only); ``gate``: a soft site's gate tensor ``g(z_s)`` (the
+    activation's shape and dtype: one value per element, e.g. 4 bytes in float32,
+    where a binary gate takes 1 bit), else None.
     """
 
-    __slots__ = ("bits", "channels_last", "numel", "shape")
+    __slots__ = ("bits", "channels_last", "numel", "shape", "gate")
 
-    def __init__(self, bits, channels_last=False, numel=None, shape=None):
+    def __init__(self, bits, channels_last=False, numel=None, shape=None, gate=None):
         self.bits = tuple(bits)
         self.channels_last = bool(channels_last)
-        self.numel = numel  # elements the bits cover (the batch's activation)
+        self.numel = numel  # elements the gates cover (the batch's activation)
         self.shape = shape  # the structural activation's shape, where known
+        self.gate = gate
+
+    @property
+    def soft(self) -> bool:
+        """True for a soft site (a gate tensor, no bits)."""
+        return self.gate is not None
 
     def nbytes(self) -> int:
-        return sum(b.numel() for b in self.bits)
+        n = sum(b.numel() for b in self.bits)
+        return n if self.gate is None else n + self.gate.numel() * self.gate.element_size()
 
     def __repr__(self):
+        if self.gate is not None:
+            return f"SiteMasks(gate {tuple(self.gate.shape)} {self.gate.dtype}, {self.nbytes()} B)"
         return f"SiteMasks({len(self.bits)} x {self.bits[0].numel()} B, channels_last={self.channels_last})"
 
 
@@ -171,11 +239,20 @@ def struct_site(z_s, scale=None, shift=None, kind="relu", p1=0.0, p2=0.0, inplac
     inputs where the two dims differ (a Linear on sequences, an unbatched conv) the two
     affines are applied one after the other, as the original computes them.
     ``p1, p2``: negative_slope (leaky_relu) or min/max (hardtanh). ``inplace`` lets
-    the epilogue overwrite z_s (only when nothing else reads it).
+    the epilogue overwrite z_s (only when nothing else reads it). A soft ``kind``
+    (:data:`SOFT_KINDS`) returns the activation and ``SiteMasks`` holding the gate
+    tensor ``g(t)`` (``t``: z_s after the affine) instead of bits.
     """
     shape = z_s.shape
     z_s, scale, shift, inplace = site_affine(z_s, scale, shift, cdim, split, inplace)
-    y, m = _struct_site(_canonical(z_s), scale, shift, kind, p1, p2, inplace)
+    if kind in SOFT_KINDS:
+        # soft site: the activation as the original computes it, and its gate g(t)
+        t = _affine(z_s, scale, shift)
+        y = _ACT_FNS[kind](t)
+        g = y if kind in SE_KINDS else soft_gate(t, kind)
+        m = SiteMasks((), _is_cl(g), g.numel(), gate=g.view(shape) if g.shape != shape else g)
+    else:
+        y, m = _struct_site(_canonical(z_s), scale, shift, kind, p1, p2, inplace)
     if y.shape != shape:
         y = y.view(shape)
     m.shape = shape
@@ -210,7 +287,10 @@ def _match(z_q: torch.Tensor, m: SiteMasks) -> torch.Tensor:
 
 
 def quant_site(z_q, masks: SiteMasks, kind="relu", p1=0.0, p2=0.0):
-    """Quantitative side of a gate site (differentiable in z_q)."""
+    """Quantitative side of a gate site (differentiable in z_q): ``z_q`` gated by the
+    structural regime bits, or for a soft kind ``z_q * g`` (``silu``, ``gelu``, ...)
+    or ``g`` itself (``sigmoid``/``hardsigmoid``: a squeeze-excitation gate, which
+    then takes no gradient), with ``g = masks.gate`` a constant."""
     if not isinstance(masks, SiteMasks):
         raise TypeError(f"masks must be SiteMasks, got {type(masks).__name__}")
     # the bits are padded to a 32-bit word: a z_q of another shape would still find bits
@@ -220,6 +300,14 @@ def quant_site(z_q, masks: SiteMasks, kind="relu", p1=0.0, p2=0.0):
     if masks.numel is not None and z_q.numel() != masks.numel:
         raise ValueError(f"quantitative activation has {z_q.numel()} elements, its gates cover {masks.numel}: "
                          "x_q and x_s must have the same shape")
+    if kind in SOFT_KINDS:
+        g = masks.gate
+        if g is None:
+            raise ValueError(f"masks of a {kind!r} site must hold a gate tensor (SiteMasks.gate), got bits")
+        if g.dtype != z_q.dtype:
+            g = g.to(z_q.dtype)
+        # g is a constant (no grad): the multiply saves g alone for backward
+        return g if kind in SE_KINDS else z_q * g
     z = _match(z_q, masks)
     if kind == "relu":
         return ops.apply_mask(z, masks.bits[0])
@@ -257,11 +345,14 @@ def _split(x, name="x"):
     raise TypeError(f"{name} must be a Tensor or a pair (x_q, x_s) of Tensors, got {type(x).__name__}")
 
 
+ACTIVATIONS = ("relu", "relu6", "leaky_relu", "hardtanh") + SOFT_KINDS
+
+
 def _check_kind(activation, negative_slope, min_val, max_val):
-    if activation not in ("relu", "relu6", "leaky_relu", "hardtanh"):
-        raise ValueError(
-            f"activation must be 'relu', 'relu6', 'leaky_relu' or 'hardtanh', got {activation!r}"
-        )
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if activation in SOFT_KINDS:
+        return (activation, 0.0, 0.0)
     if activation == "relu":
         return ("relu", 0.0, 0.0)
     if activation == "relu6":
@@ -277,7 +368,10 @@ class GatedActivation(nn.Module):
     """Gated activation for models whose activations stand alone.
 
     ``forward((z_q, z_s)) -> (y_q, y_s)``: y_s = act(z_s) and y_q = z_q gated by
-    z_s's regime (a Tensor counts as z_q = z_s). No parameters.
+    z_s's regime (a Tensor counts as z_q = z_s). No parameters. ``activation``:
+    'relu', 'relu6', 'leaky_relu', 'hardtanh', or a soft gate (beyond the paper):
+    'silu', 'gelu', 'gelu_tanh', 'hardswish', 'mish' (y_q = z_q * g(z_s)),
+    'sigmoid', 'hardsigmoid' (y_q = g(z_s): a squeeze-excitation gate).
     """
 
     def __init__(self, activation="relu", *, negative_slope=0.01, min_val=-1.0, max_val=1.0):

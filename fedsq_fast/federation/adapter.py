@@ -49,12 +49,12 @@ def check_model_fn(model_fn) -> None:
 
 
 def method_model(model, method: str, dual: bool, *, quant_bn: str = "train", allow_ungated: bool = False,
-                 source: str = "model_fn") -> tuple[nn.Module, dict]:
+                 source: str = "model_fn", soft_gates: bool = False) -> tuple[nn.Module, dict]:
     """The model a method trains, and a record of what it is (for metrics.json).
 
     The rule (no silent fallback): a fedsq method always trains a DualCopy model. A plain
-    model is converted with :func:`fedsq_fast.dualcopy` (``quant_bn``, ``allow_ungated``
-    from the config); one that cannot be converted is refused with the reason. A model
+    model is converted with :func:`fedsq_fast.dualcopy` (``quant_bn``, ``allow_ungated``,
+    ``soft_gates`` from the config); one that cannot be converted is refused with the reason. A model
     that already is a DualCopy model is used as is for fedsq methods and refused for the
     others (it would train FedSQ under another method's name)."""
     if not isinstance(model, nn.Module):
@@ -66,7 +66,7 @@ def method_model(model, method: str, dual: bool, *, quant_bn: str = "train", all
         from ..models import dualcopy
 
         try:
-            model = dualcopy(model, quant_bn=quant_bn, allow_ungated=allow_ungated)
+            model = dualcopy(model, quant_bn=quant_bn, allow_ungated=allow_ungated, soft_gates=soft_gates)
         except ValueError as e:  # dualcopy's refusals; internal errors keep their traceback
             raise ValueError(
                 f"methods: {method!r} trains a DualCopy model, but {source}'s {type(model).__name__} could not be "
@@ -84,6 +84,9 @@ def method_model(model, method: str, dual: bool, *, quant_bn: str = "train", all
     if dual:
         info["gate_sites"] = sum(1 for s in model.sites if s.kind != "maxpool")
         info["quant_bn"] = model.config.get("quant_bn")
+        soft = sum(1 for s in model.sites if getattr(s, "soft", False))
+        if soft:  # recorded only for soft-gated models: binary runs' records stay as they were
+            info["soft_gate_sites"] = soft
     return model, info
 
 

@@ -148,7 +148,7 @@ def preflight_models(cfg: RunConfig, data, model_fn=None) -> None:
         source = "model_fn" if model_fn is not None else f"model {cfg.model!r}"
         model = call_model_fn(model_fn, cfg.seed) if model_fn is not None else build_method_model(cfg, dual, data)
         model, _ = adapter.method_model(model, method, dual, quant_bn=cfg.quant_bn,
-                                        allow_ungated=cfg.allow_ungated, source=source)
+                                        allow_ungated=cfg.allow_ungated, soft_gates=cfg.soft_gates, source=source)
         adapter.check_model_io(model.to(data.val_x.device), data.val_x, data.transform, data.num_classes, source)
 
 

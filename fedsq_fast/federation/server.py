@@ -85,7 +85,8 @@ class Federation:
         if model_fn is not None and isinstance(model, nn.Module) and not (self.dual and not adapter.is_dualcopy(model)):
             model = copy.deepcopy(model)  # a model_fn that returns one shared object must not leak training across methods
         model, self.model_info = adapter.method_model(model, method, self.dual, quant_bn=cfg.quant_bn,
-                                                      allow_ungated=cfg.allow_ungated, source=source)
+                                                      allow_ungated=cfg.allow_ungated, soft_gates=cfg.soft_gates,
+                                                      source=source)
         self.model = model.to(self.device)
         adapter.check_model_io(self.model, data.val_x, data.transform, data.num_classes, source)
         if self.ablation and not callable(getattr(self.model, "set_structural_from_quantitative", None)):

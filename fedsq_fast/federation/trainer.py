@@ -130,7 +130,8 @@ def client_trainer(cfg, method: str, cid: int, data=None, model: nn.Module | Non
     if model is None:
         model = build_method_model(cfg, dual, data)
         model, _ = adapter.method_model(model, method, dual, quant_bn=cfg.quant_bn,
-                                        allow_ungated=cfg.allow_ungated, source=f"model {cfg.model!r}")
+                                        allow_ungated=cfg.allow_ungated, soft_gates=cfg.soft_gates,
+                                        source=f"model {cfg.model!r}")
     device = resolve_device(cfg.device)
     return ClientTrainer(model.to(device), x.to(device), y.to(device), {cid: np.arange(len(y))}, data.transform.to(device),
                          seed=cfg.seed, mask_cache=cfg.mask_cache,

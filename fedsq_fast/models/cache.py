@@ -20,6 +20,12 @@ removes (a finalizer too, if nobody calls it). Where the disk has no room for
 the spilled rows, 'spill' recomputes them as 'partial' does (with a warning):
 writing a memmap past a full disk would kill the process.
 
+Soft gates (``dualcopy(soft_gates=True)`` with a SiLU/GELU/... site): their gates
+are tensors of the activation's dtype, not bits, so a cache bound to such a model
+steps aside: every batch runs the structural copy, nothing is stored (``nbytes``
+stays 0, every sample counts as a miss) and :attr:`MaskCache.stepped_aside` says why.
+A soft-gated model whose sites are all ReLU-like caches as before.
+
 Random data pipelines: masks are a function of the input, so a random
 transform (augmentation) makes cached masks wrong. The cache refuses a
 dataset whose transforms look random (``check_pipeline``) and, by default,
@@ -192,6 +198,14 @@ class MaskCache:
         if self._owner is not None and self._owner != fp:
             raise ValueError("this MaskCache holds masks of another structural copy; use a new cache")
         self._owner = fp
+        soft = [s.name for s in model.sites if getattr(s, "soft", False)]
+        # a soft gate is one value per element (4 bytes in float32), not a bit: storing
+        # it per sample would cost 32x a binary cache, and the structural forward up to
+        # the last soft site is most of the forward anyway
+        if soft:
+            self.stepped_aside = (
+                f"{len(soft)} soft gate site(s) ({', '.join(soft[:3])}{', ...' if len(soft) > 3 else ''}): their "
+                "gates are tensors, not bits; the structural copy runs on every batch and nothing is cached")
 
     # -- size ------------------------------------------------------------------
     @property
@@ -210,6 +224,8 @@ class MaskCache:
         return int(self._filled.sum())
 
     def __repr__(self):
+        if self.stepped_aside is not None:
+            return f"MaskCache(steps aside: {self.stepped_aside})"
         return (f"MaskCache({len(self)}/{self.num_samples} samples, {self.nbytes} B, "
                 f"row={self.row_bytes} B, policy={self.policy!r}, path={self.path!r})")
 

@@ -121,11 +121,11 @@ def _fold_conv_bn(gm):
             gm.graph.erase_node(n)
 
 
-def _build_structural(model, gate, gate_maxpool, allow_ungated, leaf_modules):
+def _build_structural(model, gate, gate_maxpool, allow_ungated, leaf_modules, soft=False):
     root = copy.deepcopy(model).eval()
     gm = _trace(root, leaf_modules, "eval")
     modules = dict(gm.named_modules())
-    sites = _sites(gm.graph, modules, gate, gate_maxpool, allow_ungated)
+    sites = _sites(gm.graph, modules, gate, gate_maxpool, allow_ungated, soft)
     graph = gm.graph
     calls = {}
     for n in graph.nodes:
@@ -317,7 +317,7 @@ class DualCopyModel(nn.Module):
                                for k, v in self.quantitative.state_dict().items()})
         cfg = self.config
         structural, sites = _build_structural(plain, cfg["gate"], cfg["gate_maxpool"], cfg["allow_ungated"],
-                                              leaf_modules)
+                                              leaf_modules, cfg.get("soft_gates", False))
         if sites != self.sites:
             raise RuntimeError("internal: the rebuilt structural copy has other gate sites")
         ref = next(iter(self.structural.buffers()), None)
@@ -351,6 +351,7 @@ def dualcopy(
     allow_ungated: bool = False,
     copy_model: bool = True,
     leaf_modules=(),
+    soft_gates: bool = False,
 ) -> DualCopyModel:
     """Turn ``model`` into a FedSQ DualCopy model (both copies start equal).
 
@@ -366,6 +367,12 @@ def dualcopy(
     copy_model: deep-copy the quantitative copy (DEFAULT True); False reuses
       ``model``'s modules (saves memory; training then changes ``model``).
     leaf_modules: module types fx should not trace into.
+    soft_gates: also gate SiLU, GELU (exact, tanh), Hardswish and Mish as
+      ``y_q = z_q * g(z_s)`` (g = sigmoid, Phi, hardsigmoid, tanh(softplus)) and
+      Sigmoid/Hardsigmoid whose output multiplies a feature map (squeeze-excitation)
+      as ``y_q = g(s_s)``; g from the structural copy, no gradient through it.
+      Beyond the paper (binary gates only): DEFAULT False, which converts exactly as
+      before. See docs/models.md, "Soft gates".
 
     Train-only logic is kept: the converted model equals ``model`` in eval mode,
     and in train mode its dropout / stochastic depth / ``if self.training:``
@@ -389,17 +396,20 @@ def dualcopy(
         raise ValueError(f"quant_bn must be 'train' or 'frozen', got {quant_bn!r}")
     if not isinstance(gate_maxpool, bool):
         raise TypeError(f"gate_maxpool must be a bool, got {type(gate_maxpool).__name__}")
+    if not isinstance(soft_gates, bool):
+        raise TypeError(f"soft_gates must be a bool, got {type(soft_gates).__name__}")
     if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
         raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
     leaf_modules = tuple(leaf_modules)
     was_training = model.training
-    structural, sites = _build_structural(model, gate, gate_maxpool, allow_ungated, leaf_modules)
+    structural, sites = _build_structural(model, gate, gate_maxpool, allow_ungated, leaf_modules, soft_gates)
     qmodel = copy.deepcopy(model) if copy_model else model
     if num_classes is not None:
         head = replace_head(qmodel, num_classes, head)
-    quantitative = _build_quantitative(qmodel, sites, gate, gate_maxpool, allow_ungated, leaf_modules, quant_bn)
+    quantitative = _build_quantitative(qmodel, sites, gate, gate_maxpool, allow_ungated, leaf_modules, quant_bn,
+                                       soft_gates)
     config = dict(gate=gate, gate_maxpool=gate_maxpool, quant_bn=quant_bn, num_classes=num_classes,
-                  head=head, allow_ungated=allow_ungated, arch=type(model).__name__)
+                  head=head, allow_ungated=allow_ungated, soft_gates=soft_gates, arch=type(model).__name__)
     for attr in ("input_size", "input_channels", "input_mean", "input_std"):
         if hasattr(model, attr):
             config[attr] = getattr(model, attr)

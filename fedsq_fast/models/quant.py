@@ -1,6 +1,8 @@
 """The quantitative copy: the traced model with every gated activation replaced by
 ``quant_site`` (BatchNorm trains normally), one graph per mode when eval and train
-traces differ (:class:`QuantGraphModule`)."""
+traces differ (:class:`QuantGraphModule`). A soft squeeze-excitation site (``sigmoid``,
+``hardsigmoid``) becomes the structural gate value itself: the side branch before it
+still runs (its parameters keep their keys) but takes no gradient."""
 from __future__ import annotations
 
 import copy
@@ -91,7 +93,8 @@ def _set_modes(model, train, quant_bn):
                 m.eval()
 
 
-def _build_quantitative(model, sites, gate, gate_maxpool, allow_ungated, leaf_modules, quant_bn="train"):
+def _build_quantitative(model, sites, gate, gate_maxpool, allow_ungated, leaf_modules, quant_bn="train",
+                        soft=False):
     """Trace ``model`` in eval and in train mode (fx freezes every ``self.training``
     test into the graph) and rewrite its gate sites; one graph when both traces
     give the same code, else both, picked by ``training`` at call time."""
@@ -110,7 +113,7 @@ def _build_quantitative(model, sites, gate, gate_maxpool, allow_ungated, leaf_mo
             # tensors the forward creates (torch.tensor(...)) are stored on the root
             constants = [(k, v) for k, v in model.__dict__.items()
                          if k not in known and k.startswith("_tensor_constant")]
-            found[train] = _sites(graphs[train], modules, gate, gate_maxpool, allow_ungated)
+            found[train] = _sites(graphs[train], modules, gate, gate_maxpool, allow_ungated, soft)
     finally:
         for m, t in saved:  # the caller's modes, module by module
             m.training = t

@@ -4,6 +4,7 @@ untraceable branches) that make a conversion faithful or impossible."""
 from __future__ import annotations
 
 import functools
+import operator
 import os
 from dataclasses import dataclass
 
@@ -12,10 +13,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import SiteMasks, activation_kind
+from ..layers import SE_KINDS, SOFT_KINDS, SiteMasks, activation_kind
 
 
 GATEABLE = ("relu", "relu6", "hardtanh", "leaky_relu")
+# with soft_gates=True (beyond the paper): z * g(z) activations and squeeze-excitation gates
+SOFT_GATEABLE = SOFT_KINDS
 
 # Smooth or learnable activations: no finite regime code, so no FedSQ gate.
 _UNSUPPORTED_MODULES = (
@@ -35,13 +38,19 @@ UNSUPPORTED_ACTIVATIONS = tuple(m.__name__ for m in _UNSUPPORTED_MODULES)
 @dataclass(frozen=True)
 class GateSite:
     """One gate site: ``name`` (module path, ``#k`` for the k-th reuse, or the
-    fx node name), ``kind`` ('relu' | 'leaky_relu' | 'hardtanh' | 'maxpool'),
-    ``p1``/``p2`` (slope, or min/max)."""
+    fx node name), ``kind`` ('relu' | 'leaky_relu' | 'hardtanh' | 'maxpool', or a
+    soft kind: 'silu' | 'gelu' | 'gelu_tanh' | 'hardswish' | 'mish' | 'sigmoid' |
+    'hardsigmoid'), ``p1``/``p2`` (slope, or min/max)."""
 
     name: str
     kind: str
     p1: float = 0.0
     p2: float = 0.0
+
+    @property
+    def soft(self) -> bool:
+        """A soft gate (``soft_gates=True``): its gate is a tensor g(z_s), not bits."""
+        return self.kind in SOFT_KINDS
 
 
 # ---------------------------------------------------------------------------
@@ -52,8 +61,82 @@ def _arg(node, pos, key, default):
     return node.kwargs.get(key, default)
 
 
-def _classify(node, modules):
-    """(kind, p1, p2, label) for an activation node, ('unsupported', .., label), or None."""
+# shape-only ops a squeeze-excitation gate may pass through before its multiply
+_SHAPE_METHODS = {"view", "reshape", "expand", "expand_as", "unsqueeze", "squeeze", "flatten", "unflatten",
+                  "permute", "transpose", "contiguous"}
+_SHAPE_FUNCS = {torch.reshape, torch.flatten, torch.unsqueeze, torch.squeeze, torch.permute, torch.transpose}
+_MUL_FUNCS = {operator.mul, torch.mul}
+
+
+def _feeds_multiply(node, _depth=0) -> bool:
+    """True when every use of ``node``'s value (through shape-only ops) multiplies it into
+    another tensor: a gate (``x * sigmoid(s)``), not an output. An in-place multiply of
+    the value itself (``g.mul_(x)``) does not count: it would write over the gate."""
+    if not node.users or _depth > 8:
+        return False
+    for u in node.users:
+        first = bool(u.args) and u.args[0] is node
+        if u.op == "call_function" and u.target in _MUL_FUNCS:
+            continue
+        if u.op == "call_function" and u.target is operator.imul and not first:
+            continue
+        if u.op == "call_method" and (u.target == "mul" or (u.target == "mul_" and not first)):
+            continue
+        shape_op = (u.op == "call_method" and u.target in _SHAPE_METHODS) or \
+            (u.op == "call_function" and u.target in _SHAPE_FUNCS)
+        if shape_op and first and _feeds_multiply(u, _depth + 1):
+            continue
+        return False
+    return True
+
+
+def _soft_module(m):
+    """The soft kind of an activation module (exact types: a subclass may compute else), or None."""
+    t = type(m)
+    if t is nn.SiLU:
+        return "silu"
+    if t is nn.GELU:
+        return "gelu_tanh" if m.approximate == "tanh" else "gelu"
+    return {nn.Hardswish: "hardswish", nn.Mish: "mish", nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid"}.get(t)
+
+
+_SOFT_FUNCS = {F.silu: "silu", F.hardswish: "hardswish", F.mish: "mish", torch.sigmoid: "sigmoid",
+               torch.sigmoid_: "sigmoid", F.sigmoid: "sigmoid", F.hardsigmoid: "hardsigmoid"}
+_SOFT_METHODS = {"sigmoid": "sigmoid", "sigmoid_": "sigmoid"}
+
+
+def _soft_kind(node, modules):
+    """The soft kind of an activation node (a squeeze-excitation kind only where its
+    output is multiplied into a feature map), or None."""
+    kind = None
+    if node.op == "call_module":
+        kind = _soft_module(modules[node.target])
+    elif node.op == "call_function":
+        if node.target is F.gelu:
+            kind = "gelu_tanh" if _arg(node, 1, "approximate", "none") == "tanh" else "gelu"
+        else:
+            kind = _SOFT_FUNCS.get(node.target)
+    elif node.op == "call_method":
+        kind = _SOFT_METHODS.get(node.target)
+    if kind in SE_KINDS and not _feeds_multiply(node):
+        return None
+    return kind
+
+
+def _classify(node, modules, soft=False):
+    """(kind, p1, p2, label) for an activation node, ('unsupported', .., label), or None.
+    ``soft``: SiLU, GELU, Hardswish, Mish and squeeze-excitation Sigmoid/Hardsigmoid are
+    soft gate sites (their kinds), else unsupported."""
+    c = _classify_binary(node, modules)
+    if soft and (c is None or c[0] == "unsupported"):
+        kind = _soft_kind(node, modules)
+        if kind is not None:
+            label = c[3] if c is not None else getattr(node.target, "__name__", str(node.target))
+            return (kind, 0.0, 0.0, label)
+    return c
+
+
+def _classify_binary(node, modules):
     if node.op == "call_module":
         m = modules[node.target]
         k = activation_kind(m)
@@ -350,21 +433,30 @@ def _summary(items, first=3):
 _FULL_LIST = "every site: fedsq_fast.models.activation_sites(model)"
 
 
-def _sites(graph, modules, gate, gate_maxpool, allow_ungated):
+_SOFT_FAMILIES = ("SiLU, GELU (exact and tanh), Hardswish, Mish, and Sigmoid/Hardsigmoid where their output "
+                  "multiplies a feature map (squeeze-excitation)")
+_SOFT_HINT = (f"soft_gates=True gates {_SOFT_FAMILIES} with fixed soft gates y_q = z_q * g(z_s) (beyond the "
+              "paper, which gates ReLU-like activations only; docs/models.md, 'Soft gates')")
+
+
+def _sites(graph, modules, gate, gate_maxpool, allow_ungated, soft=False):
     """The gate-site nodes of a traced graph, in order, with GateSite records
     (``modules``: the traced root's ``dict(named_modules())``). Refuses, before any
-    work, a model with smooth activations (unless ``allow_ungated``) and one with
-    nothing to gate, saying which activations it has and what FedSQ gates."""
+    work, a model with activations it does not gate (unless ``allow_ungated``) and one
+    with nothing to gate, saying which activations it has and what FedSQ gates.
+    ``soft``: soft gate sites too (``dualcopy(soft_gates=True)``)."""
     out, bad, left_out, seen = [], [], [], {}
+    softable = 0  # refused sites that soft_gates=True would gate
     for node in graph.nodes:
-        c = _classify(node, modules)
+        c = _classify(node, modules, soft)
         if c is not None:
             kind, p1, p2, label = c
             where = _where(node)
             if kind == "unsupported":
                 bad.append((label, where))
+                softable += (not soft) and _soft_kind(node, modules) is not None
                 continue
-            if _option_name(kind, p1, p2) not in gate:
+            if _option_name(kind, p1, p2) not in gate and kind not in SOFT_GATEABLE:
                 left_out.append((label, where))
                 continue
         elif gate_maxpool and _is_maxpool(node, modules):
@@ -377,6 +469,15 @@ def _sites(graph, modules, gate, gate_maxpool, allow_ungated):
         out.append((node, GateSite(base if k == 0 else f"{base}#{k}", kind, p1, p2)))
     gated = sum(1 for _, s in out if s.kind != "maxpool")
     families = "ReLU, ReLU6/Hardtanh and LeakyReLU (binary or 2-bit regime gates)"
+    if soft:
+        families += f"; with soft_gates=True also {_SOFT_FAMILIES} (soft gates)"
+    hint = ""
+    if softable:
+        hint = f"{softable} of them would be gated: {_SOFT_HINT}. "
+    elif soft and bad:
+        hint = ("Soft gates cover activations of the form z * g(z) with g in [0, 1] and squeeze-excitation "
+                "gates; Tanh, ELU, Softplus, PReLU and a Sigmoid whose output is not multiplied into a feature "
+                "map are not of that form. ")
     if not gated:
         found = []
         if bad:
@@ -386,23 +487,24 @@ def _sites(graph, modules, gate, gate_maxpool, allow_ungated):
         raise ValueError(
             "dualcopy: FedSQ needs ReLU-like gating and this model has no activation it can gate; FedSQ gates "
             f"{families}. Found: " + ("; ".join(found) if found else "no activation at all") + ". "
-            + ("Widen gate= to include them. " if left_out else "")
+            + ("Widen gate= to include them. " if left_out else "") + hint
             + f"({_FULL_LIST})"
         )
     if bad and not allow_ungated:
         raise ValueError(
             f"dualcopy: {len(bad)} activation(s) that FedSQ does not gate: "
-            f"{_summary(bad)}. FedSQ gates {families}; this model also has {gated} such site(s). "
-            f"allow_ungated=True converts it with those {gated} gated and the {len(bad)} others left as ordinary "
+            f"{_summary(bad)}. FedSQ gates {families}; this model also has {gated} such site(s). " + hint
+            + f"allow_ungated=True converts it with those {gated} gated and the {len(bad)} others left as ordinary "
             f"activations in both copies (only part of the network is then FedSQ). ({_FULL_LIST})"
         )
     return out
 
 
-def activation_sites(model, leaf_modules=()):
+def activation_sites(model, leaf_modules=(), soft_gates=False):
     """Every activation call of ``model`` (traced in eval mode, as dualcopy's structural
     copy is) as ``(site, activation, gateable)``: the module path or fx node name, the
-    activation's name, and whether FedSQ gates it (ReLU, ReLU6/Hardtanh, LeakyReLU)."""
+    activation's name, and whether FedSQ gates it (ReLU, ReLU6/Hardtanh, LeakyReLU; with
+    ``soft_gates=True`` also SiLU, GELU, Hardswish, Mish and squeeze-excitation gates)."""
     import copy as _copy
 
     root = _copy.deepcopy(model).eval()
@@ -410,7 +512,7 @@ def activation_sites(model, leaf_modules=()):
     modules = dict(root.named_modules())
     rows = []
     for node in graph.nodes:
-        c = _classify(node, modules)
+        c = _classify(node, modules, bool(soft_gates))
         if c is not None:
             rows.append((_where(node), c[3], c[0] != "unsupported"))
     return rows

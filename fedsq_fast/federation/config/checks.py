@@ -186,7 +186,7 @@ def validate(cfg: RunConfig, model_names=None, *, own_data: bool = False) -> Run
     _check_augment(cfg.augment, own_data)
     if cfg.quant_bn not in ("train", "frozen"):
         _fail("quant_bn", f"must be 'train' or 'frozen', got {cfg.quant_bn!r}")
-    for k in ("download", "checkpoint", "mask_cache", "allow_ungated"):
+    for k in ("download", "checkpoint", "mask_cache", "allow_ungated", "soft_gates"):
         if not isinstance(getattr(cfg, k), bool):
             _fail(k, f"must be true or false, got {getattr(cfg, k)!r}")
     for k in ("data_root", "weights"):

@@ -54,6 +54,9 @@ class ModelConfig:
     allow_ungated: bool = _key(False, "fedsq conversion: leave smooth activations (GELU, SiLU, ...) ungated beside the gated ReLU-like ones")
     mask_cache: bool = _key(True, "FedSQ: cache structural masks per sample (steps aside for augmented or "
                                   "random data)")
+    # beyond the paper (binary ReLU-like gates only): fixed soft gates y_q = z_q * g(z_s)
+    soft_gates: bool = _key(False, "fedsq conversion: also gate SiLU, GELU, Hardswish, Mish and squeeze-excitation "
+                                   "sigmoids with fixed soft gates (beyond the paper; the mask cache steps aside)")
 
 
 @dataclass
@@ -200,7 +203,7 @@ KEYS = ("dataset", "data_root", "download", "max_train_samples", "val_size", "ma
         "beta2", "tau", "mask_cache", "seed", "target_accuracy", "probe_size", "eval_batch_size", "out_dir",
         "checkpoint", "threads", "device", "plausible_scale", "workers", "norm_bound", "in_memory",
         "lr_schedule", "warmup_rounds", "lr_step_rounds", "lr_gamma", "lr_min", "clip_grad_norm", "label_smoothing",
-        "precision", "augment")
+        "precision", "augment", "soft_gates")
 # What a key added after runs were recorded meant before it existed: a recorded config without
 # the key reproduces its run with this value (config_differences, from_mapping(recorded=True)).
 # plausible_scale, norm_bound: the reply checks of 2026-12-02/03 changed what such runs average.
