@@ -7,6 +7,7 @@ import datetime as _dt
 import json
 from pathlib import Path
 
+from ..cli_common import Parser, guarded, interruptible
 from ..federation import adapter
 from ..federation.metrics import jsonable
 from .report import report
@@ -59,8 +60,6 @@ def run_from_args(ns) -> int:
     exit 2, checked before any data loads; internal errors keep their traceback."""
     import warnings
 
-    from ..cli import guarded
-
     warnings.filterwarnings("ignore", message="fedsq_fast is using its pure-PyTorch reference ops")
     return guarded(_run_from_args, ns)
 
@@ -105,6 +104,7 @@ def _run_from_args(ns) -> int:
             check_out_dir(out)  # before any data loads
         except ValueError as e:
             raise ValueError(str(e).replace("out_dir:", "--out:", 1)) from None
+        ns._out_dir = out  # what Ctrl-C reports
         run_suite(suite, out, resume=ns.resume, max_runs=ns.max_runs, deadline=deadline, shard=shard,
                   echo=lambda *a: print(*a, flush=True))
     elif ns.suite_command == "summary":
@@ -130,8 +130,12 @@ def _run_from_args(ns) -> int:
 
 def main(argv=None) -> int:
     """``python -m fedsq_fast.experiments ...``: the same commands as ``fedsq-fast suite ...``."""
-    from ..cli import _Parser
+    import sys
 
-    p = _Parser(prog="python -m fedsq_fast.experiments", description=DESCRIPTION)
+    p = Parser(prog="python -m fedsq_fast.experiments", description=DESCRIPTION)
     add_arguments(p)
-    return run_from_args(p.parse_args(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        p.print_help()
+        return 0
+    return interruptible(run_from_args, p.parse_args(argv), argv)

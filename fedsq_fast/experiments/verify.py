@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 
 from ..federation.data import load_dataset
 from ..federation.metrics import jsonable
+from ..outputs import write_text
 from ..federation.server import Federation, prepare_data
 from .mask_metrics import MaskMetrics
 from .provenance import code_version, machine_info, utc
@@ -204,8 +204,6 @@ def compare_prefix(root, other, echo=print, record: bool = True) -> list:
 def _record_checks(root: Path, rows: list, drop=lambda r: False) -> None:
     log = root / "verification.json"
     kept = [r for r in (json.loads(log.read_text()) if log.is_file() else []) if not drop(r)]
-    tmp = log.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(jsonable(kept + rows), indent=1))
-    os.replace(tmp, log)  # atomic: an interrupted check never leaves a half-written log
+    write_text(log, json.dumps(jsonable(kept + rows), indent=1))  # atomic, never through a link
 
 

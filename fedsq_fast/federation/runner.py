@@ -10,6 +10,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..outputs import write_text
 from ..plots import plot_partition
 from . import adapter
 from .config import DATA_KEYS, MODEL_KEYS, MethodSpec, RunConfig, check_sources, from_mapping, validate
@@ -76,7 +77,7 @@ def run_methods(cfg: RunConfig, out_dir=None, resume=False, quiet=False, echo=pr
     data = prepare_data(cfg, bundle, input_spec=input_spec)
     preflight_models(cfg, data, model_fn)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "partition.txt").write_text(partition_table(data.counts, data.classes) + "\n")  # every client
+    write_text(out / "partition.txt", partition_table(data.counts, data.classes) + "\n")  # every client
     plot_partition(data.counts, out / "partition.png", data.classes,
                    f"{cfg.dataset}, {partition_tag(cfg.to_dict())}, seed {cfg.seed}")
     if not quiet:
@@ -137,6 +138,8 @@ def preflight_models(cfg: RunConfig, data, model_fn=None) -> None:
 
 def check_out_dir(out: Path) -> None:
     """Refuse an output folder that cannot be one, before any data is loaded."""
+    import tempfile
+
     p = Path(out)
     for q in (p, *p.parents):
         if q.exists():
@@ -144,6 +147,11 @@ def check_out_dir(out: Path) -> None:
                 raise ValueError(f"out_dir: {q} exists and is not a folder")
             if not os.access(q, os.W_OK | os.X_OK):
                 raise ValueError(f"out_dir: {q} is not writable")
+            try:  # what access() cannot tell (root, /proc, /sys, a read-only mount): make a folder there
+                os.rmdir(tempfile.mkdtemp(prefix=".fedsq-probe-", dir=q))
+            except OSError as e:
+                raise ValueError(f"out_dir: cannot create folders in {q} "
+                                 f"({e.strerror or type(e).__name__}; {p} would be made there)") from None
             break
 
 
