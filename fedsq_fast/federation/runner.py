@@ -12,7 +12,7 @@ from torch import nn
 
 from ..outputs import write_text
 from ..plots import plot_partition
-from . import adapter
+from . import adapter, checkpoint
 from .config import DATA_KEYS, MODEL_KEYS, MethodSpec, RunConfig, check_sources, from_mapping, validate
 from .data import InputSpec, input_spec_of, make_bundle
 from .partition import PARTITIONS, partition_report, partition_table
@@ -73,6 +73,10 @@ def run_methods(cfg: RunConfig, out_dir=None, resume=False, quiet=False, echo=pr
     check_sources(cfg, names, own_data=bundle is not None)  # data_root and weights files, before loading
     out = Path(out_dir or cfg.out_dir)
     check_out_dir(out)
+    if cfg.checkpoint:  # a checkpoint path that is a folder, or a bad signing key: before any data loads
+        for m in cfg.methods:
+            checkpoint.check_path(out / method_slug(m) / "checkpoint.safetensors")
+        checkpoint.signing_key()
     t0 = time.perf_counter()
     data = prepare_data(cfg, bundle, input_spec=input_spec)
     preflight_models(cfg, data, model_fn)
