@@ -29,6 +29,7 @@ def replacing(path, mode: str = "w", *, newline=None, encoding: str | None = "ut
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # what open() would have given (mkstemp makes 0600)
         binary = "b" in mode
         with os.fdopen(fd, "wb" if binary else "w", newline=None if binary else newline,
                        encoding=None if binary else encoding) as f:
@@ -41,6 +42,12 @@ def replacing(path, mode: str = "w", *, newline=None, encoding: str | None = "ut
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path, text: str) -> None:

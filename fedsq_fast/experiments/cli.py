@@ -14,7 +14,7 @@ from .report import report
 from .runner import run_suite
 from .suite import default_out, fail, load_suite
 from .summary import summarize_suites
-from .verify import compare_prefix, verify_runs
+from .verify import compare_prefix, exit_code, verify_runs
 
 DESCRIPTION = ("Experiment suites: a fixed grid (settings x partitions x methods x seeds, plus "
                "structural-copy ablations) run from one TOML file, and a Markdown report with "
@@ -121,7 +121,7 @@ def _run_from_args(ns) -> int:
                 verify_runs(ns.dir, ns.cell, ns.sample, ns.seed, echo=echo, record=not ns.no_record))
         if ns.json:
             Path(ns.json).write_text(json.dumps(jsonable(rows), indent=1))
-        return 0 if all(r["match"] for r in rows) else 1
+        return exit_code(rows) if not ns.against else (0 if all(r["match"] for r in rows) else 1)
     else:
         _need_dir("dir", ns.dir)
         report(ns.dir)
