@@ -15,7 +15,7 @@ from ..federation.metrics import jsonable
 from ..outputs import write_text
 from ..federation.server import Federation, prepare_data
 from .mask_metrics import MaskMetrics
-from .provenance import code_version, machine_info, utc
+from .provenance import AVX2_PIN, code_version, machine_info, utc
 from .provenance import rel as relpath
 from .suite import cell_dir, fail, load_suite
 
@@ -313,6 +313,10 @@ def verify_runs(root, cells: list | None = None, sample: int = 3, seed: int = 0,
             "expected (same CPU, ISA and torch)" if exp else
             f"not expected ({'; '.join(why)}): differences are judged statistically" if exp is False else
             f"cannot tell (the recording does not say: {', '.join(why)}); differences are judged statistically"))
+    cap = str(now_cpu.get("torch_cpu_capability") or "")
+    if cap.upper().startswith("AVX512") and not now_cpu.get("isa_env") and any(
+            str(_run_info(root / r).get("torch_cpu_capability") or "AVX2").upper() == "AVX2" for r in chosen):
+        echo(f"(this CPU runs AVX-512 paths; to take the AVX2 paths of the recording: export {AVX2_PIN})")
     with tempfile.TemporaryDirectory(prefix="fedsq-verify-") as tmp:
         for rel in chosen:
             s, p, m = by_dir[rel]
