@@ -10,6 +10,7 @@ from pathlib import Path
 from ..cli_common import Parser, guarded, interruptible
 from ..federation import adapter
 from ..federation.metrics import jsonable
+from ..outputs import write_text
 from .report import report
 from .runner import run_suite
 from .suite import default_out, fail, load_suite
@@ -40,7 +41,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                        "(from <dir>/<suite>/summary.json)")
     m.add_argument("dir", nargs="?", default="experiments/results")
     v = sub.add_parser("verify", help="run recorded runs again with the current code and check that "
-                                      "every recorded number comes out the same (timings excluded)")
+                                      "every recorded number comes out the same (timings excluded)",
+                       description="Rerun recorded runs and compare every number. Prints the recording and the "
+                                   "verifying machine and whether bit-identity can be expected; where it cannot, "
+                                   "judges reproduction statistically. Exit codes: 0 identical, 3 reproduced "
+                                   "statistically, 1 differs, 4 could not verify, 2 a mistake in the command "
+                                   "(experiments/README.md, 'Reproducing runs').")
     v.add_argument("dir", help="a suite's results folder")
     v.add_argument("--cell", action="append", default=None,
                    help="a run folder relative to DIR, e.g. dirichlet_0.5/seed2/fedavg (repeatable)")
@@ -120,7 +126,7 @@ def _run_from_args(ns) -> int:
         rows = (compare_prefix(ns.dir, ns.against, echo=echo, record=not ns.no_record) if ns.against else
                 verify_runs(ns.dir, ns.cell, ns.sample, ns.seed, echo=echo, record=not ns.no_record))
         if ns.json:
-            Path(ns.json).write_text(json.dumps(jsonable(rows), indent=1))
+            write_text(ns.json, json.dumps(jsonable(rows), indent=1))
         return exit_code(rows) if not ns.against else (0 if all(r["match"] for r in rows) else 1)
     else:
         _need_dir("dir", ns.dir)

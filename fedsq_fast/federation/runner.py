@@ -10,7 +10,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..outputs import write_text
+from ..outputs import remove_stale_temps, write_text
 from ..plots import plot_partition
 from . import adapter, checkpoint
 from .config import DATA_KEYS, MODEL_KEYS, MethodSpec, RunConfig, check_sources, from_mapping, validate
@@ -18,6 +18,10 @@ from .data import InputSpec, input_spec_of, make_bundle
 from .partition import PARTITIONS, partition_report, partition_table
 from .prepare import build_method_model, call_model_fn, prepare_data
 from .server import Federation
+
+
+# The files a run writes into its output folder itself (beside the methods' folders).
+RUN_FILES = ("partition.txt", "partition.png", "summary.md", "summary.csv", "accuracy.png", "rounds_to_best.png")
 
 
 def method_slug(method: str) -> str:
@@ -77,6 +81,8 @@ def run_methods(cfg: RunConfig, out_dir=None, resume=False, quiet=False, echo=pr
         for m in cfg.methods:
             checkpoint.check_path(out / method_slug(m) / "checkpoint.safetensors")
         checkpoint.signing_key()
+    if resume:  # what a killed write of the folder's own files left (our names only)
+        remove_stale_temps(out, tuple(f".{n}.*.tmp" for n in RUN_FILES))
     t0 = time.perf_counter()
     data = prepare_data(cfg, bundle, input_spec=input_spec)
     preflight_models(cfg, data, model_fn)

@@ -312,7 +312,10 @@ class Federation:
         if self.cfg.plausible_scale is not None:  # the bound replies get, against the model the run starts from
             from .strategy import implausible
 
-            why = implausible(own, model, self.cfg.plausible_scale)
+            sc = self.cfg.plausible_scale  # a variance is a squared scale: its bound squared
+            var = {k for k in own if k.endswith("running_var")}
+            why = (implausible({k: own[k] for k in own if k not in var}, model, sc)
+                   or implausible({k: own[k] for k in var}, model, sc * sc))
             if why is not None:
                 bad(f"model {why} (plausible_scale = {self.cfg.plausible_scale:g}); no client update could "
                     "repair it")
