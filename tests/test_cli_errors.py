@@ -381,3 +381,14 @@ def test_the_two_command_lines_do_not_import_each_other():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stderr
+
+
+def test_suite_resume_over_a_malformed_metrics_json_names_the_file(tmp_path):
+    from fedsq_fast.experiments import _cell_state
+
+    (tmp_path / "metrics.json").write_text('{"config": {"seed": 1},\n "config": {}}')
+    with pytest.raises(cfgmod.ConfigError, match=rf"out: {tmp_path / 'metrics.json'}: line 2: duplicate key 'config'"):
+        _cell_state(tmp_path, cfgmod.RunConfig())
+    (tmp_path / "metrics.json").write_text("[1]")
+    with pytest.raises(ValueError, match="not a metrics.json"):
+        _cell_state(tmp_path, cfgmod.RunConfig())

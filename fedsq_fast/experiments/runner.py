@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from ..federation.config import RunConfig, config_differences
+from ..federation.config import RunConfig, config_differences, read_json
 from ..federation.data import load_dataset
 from ..outputs import write_text
 from .grid import run_grid
@@ -21,7 +21,9 @@ def _cell_state(d: Path, cfg: RunConfig) -> str:
     """'done' | 'partial' (a checkpoint) | 'new'; refuses results written with other settings."""
     mj = d / "metrics.json"
     if mj.is_file():
-        doc = json.loads(mj.read_text())
+        doc = read_json(mj, "out")
+        if not isinstance(doc, dict) or not isinstance(doc.get("config", {}), dict):
+            raise ValueError(f"out: {mj}: not a metrics.json (a JSON object with a config object)")
         diff = config_differences(cfg, doc.get("config", {}))
         if diff:
             raise ValueError(f"out: {mj} was written with other settings (differing keys: {diff}); "
