@@ -187,3 +187,24 @@ def test_ctrl_c_prints_one_line_with_the_resume_command_which_ends_bit_exact(tmp
     for d in (resumed, whole):
         d["config"].pop("out_dir")
     assert _strip_timings(resumed) == _strip_timings(whole)
+
+
+def test_outputs_replacing_is_atomic_and_never_follows_a_link(tmp_path):
+    from fedsq_fast import outputs
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    target = tmp_path / "out.txt"
+    target.symlink_to(victim)
+    with pytest.raises(RuntimeError):
+        with outputs.replacing(target) as f:
+            f.write("half")
+            raise RuntimeError("interrupted mid-write")
+    assert target.is_symlink() and victim.read_text() == "precious"  # untouched on an error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt", "victim"]  # no temp left
+    outputs.write_text(target, "new")
+    assert not target.is_symlink() and target.read_text() == "new" and victim.read_text() == "precious"
+    (tmp_path / ".ckpt-x.tmp").write_text("stale")
+    (tmp_path / ".ckpt-link.tmp").symlink_to(victim)
+    assert [p.name for p in outputs.remove_stale_temps(tmp_path)] == [".ckpt-x.tmp"]
+    assert victim.read_text() == "precious" and (tmp_path / ".ckpt-link.tmp").is_symlink()
