@@ -10,8 +10,9 @@ from pathlib import Path
 
 from torch import nn
 
+from ..outputs import remove_stale_temps, write_text
 from ..plots import plot_partition
-from . import adapter
+from . import adapter, checkpoint
 from .config import DATA_KEYS, MODEL_KEYS, MethodSpec, RunConfig, check_sources, from_mapping, validate
 from .augment import CALLABLE_PREFIX, callable_name
 from .data import InputSpec, input_spec_of, make_bundle
@@ -20,6 +21,10 @@ from .lazy import is_lazy, rows
 from .partition import PARTITIONS, partition_report, partition_table
 from .prepare import build_method_model, call_model_fn, prepare_data
 from .server import Federation
+
+
+# The files a run writes into its output folder itself (beside the methods' folders).
+RUN_FILES = ("partition.txt", "partition.png", "summary.md", "summary.csv", "accuracy.png", "rounds_to_best.png")
 
 
 def method_slug(method: str) -> str:
@@ -84,11 +89,17 @@ def run_methods(cfg: RunConfig, out_dir=None, resume=False, quiet=False, echo=pr
     check_sources(cfg, names, own_data=bundle is not None)  # data_root and weights files, before loading
     out = Path(out_dir or cfg.out_dir)
     check_out_dir(out)
+    if cfg.checkpoint:  # a checkpoint path that is a folder, or a bad signing key: before any data loads
+        for m in cfg.methods:
+            checkpoint.check_path(out / method_slug(m) / "checkpoint.safetensors")
+        checkpoint.signing_key()
+    if resume:  # what a killed write of the folder's own files left (our names only)
+        remove_stale_temps(out, tuple(f".{n}.*.tmp" for n in RUN_FILES))
     t0 = time.perf_counter()
     data = prepare_data(cfg, bundle, input_spec=input_spec, augment_fn=augment_fn)
     preflight_models(cfg, data, model_fn)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "partition.txt").write_text(partition_table(data.counts, data.classes) + "\n")  # every client
+    write_text(out / "partition.txt", partition_table(data.counts, data.classes) + "\n")  # every client
     plot_partition(data.counts, out / "partition.png", data.classes,
                    f"{cfg.dataset}, {partition_tag(cfg.to_dict())}, seed {cfg.seed}")
     if not quiet:
@@ -154,6 +165,8 @@ def preflight_models(cfg: RunConfig, data, model_fn=None) -> None:
 
 def check_out_dir(out: Path) -> None:
     """Refuse an output folder that cannot be one, before any data is loaded."""
+    import tempfile
+
     p = Path(out)
     for q in (p, *p.parents):
         if q.exists():
@@ -161,6 +174,11 @@ def check_out_dir(out: Path) -> None:
                 raise ValueError(f"out_dir: {q} exists and is not a folder")
             if not os.access(q, os.W_OK | os.X_OK):
                 raise ValueError(f"out_dir: {q} is not writable")
+            try:  # what access() cannot tell (root, /proc, /sys, a read-only mount): make a folder there
+                os.rmdir(tempfile.mkdtemp(prefix=".fedsq-probe-", dir=q))
+            except OSError as e:
+                raise ValueError(f"out_dir: cannot create folders in {q} "
+                                 f"({e.strerror or type(e).__name__}; {p} would be made there)") from None
             break
 
 

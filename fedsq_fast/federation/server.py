@@ -312,6 +312,16 @@ class Federation:
                 bad(f"model[{k!r}] is {t.dtype} {tuple(t.shape)}, this model has {own[k].dtype} {tuple(own[k].shape)}")
             if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
                 bad(f"model[{k!r}] holds NaN or Inf")
+        if self.cfg.plausible_scale is not None:  # the bound replies get, against the model the run starts from
+            from .strategy import implausible
+
+            sc = self.cfg.plausible_scale  # a variance is a squared scale: its bound squared
+            var = {k for k in own if k.endswith("running_var")}
+            why = (implausible({k: own[k] for k in own if k not in var}, model, sc)
+                   or implausible({k: own[k] for k in var}, model, sc * sc))
+            if why is not None:
+                bad(f"model {why} (plausible_scale = {self.cfg.plausible_scale:g}); no client update could "
+                    "repair it")
         server = groups.get("server", {})
         stepped = any(h.get("clients_ok", 0) > 0 for h in hist[1:])  # a server step ran at least once
         expect = self.strategy.expected_state_keys(adapter.payload_state(self.model)) if stepped else set()
@@ -364,6 +374,12 @@ class Federation:
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         start = 1
+        if self.ckpt_path is not None and self.cfg.checkpoint:  # before round 1, not after it
+            checkpoint.check_path(self.ckpt_path)
+            checkpoint.signing_key()
+        if resume and self.ckpt_path is not None:
+            for f in checkpoint.remove_stale_temps(self.ckpt_path):
+                log.info("%s: removed %s, left by a save that was killed", self.method, f)
         if resume and self.ckpt_path is not None and (
                 self.ckpt_path.exists() or checkpoint.previous(self.ckpt_path).exists()):
             start = self.load_checkpoint() + 1

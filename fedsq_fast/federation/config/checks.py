@@ -47,6 +47,29 @@ MAX_CLIENTS = 100_000
 MAX_SHARDS_PER_CLIENT = 10_000  # shards are sorted-label slices of at least one sample
 MAX_THREADS = 1024  # torch.set_num_threads would start that many threads
 MAX_WORKERS = 256  # each worker is a process holding a model (and imports torch at start)
+# Run length: a value past these cannot finish in any reasonable time (the tiniest round, 8x8
+# digits on one client, takes ~10 ms, so 10^5 rounds are already hours at the default sizes and
+# days for a real model; 10^4 local epochs of one client are as many passes over its data
+# per round). A typo such as rounds = 9223372036854775807 would otherwise run until killed.
+# FEDSQ_FAST_NO_LIMITS=1 in the environment lifts these two (not the memory bounds above).
+MAX_ROUNDS = 100_000
+MAX_LOCAL_EPOCHS = 10_000
+NO_LIMITS_ENV = "FEDSQ_FAST_NO_LIMITS"
+
+
+def limits_lifted() -> bool:
+    """Whether ``FEDSQ_FAST_NO_LIMITS`` (1/true/yes/on) lifts the run-length bounds
+    :data:`MAX_ROUNDS` and :data:`MAX_LOCAL_EPOCHS`."""
+    import os
+
+    return os.environ.get(NO_LIMITS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _run_length(cfg, key, bound) -> None:
+    v = getattr(cfg, key)
+    if isinstance(v, int) and not isinstance(v, bool) and v > bound and not limits_lifted():
+        _fail(key, f"must be <= {bound}, got {v}: a run that long does not finish in any reasonable time "
+                   f"(set {NO_LIMITS_ENV}=1 in the environment to lift this bound)")
 
 
 def _num(cfg, key, lo=None, hi=None, lo_open=False, hi_open=False, allow_none=False):
@@ -173,6 +196,8 @@ def validate(cfg: RunConfig, model_names=None, *, own_data: bool = False) -> Run
     for k in ("num_clients", "rounds", "local_epochs", "batch_size", "min_clients",
               "shards_per_client", "probe_size", "eval_batch_size"):
         _int(cfg, k, lo=1)
+    _run_length(cfg, "rounds", MAX_ROUNDS)
+    _run_length(cfg, "local_epochs", MAX_LOCAL_EPOCHS)
     if cfg.aggregator not in AGGREGATORS:
         _fail("aggregator", f"must be one of {', '.join(AGGREGATORS)}; got {cfg.aggregator!r}")
     _num(cfg, "trim_fraction", lo=0, hi=0.5, hi_open=True)
