@@ -145,6 +145,42 @@ def test_pack_numpy(benchmark, gate_inputs):
 
 
 # ---------------------------------------------------------------------------
+# the server's checks of one reply (ResNet-18-sized, 100 tensors): one fused read (reply_stats)
+# against the separate passes it replaces (aminmax per tensor for the NaN/Inf, plausibility and
+# BatchNorm-domain checks, then sq_dist for the update norm), and a plain read (sum) as the floor
+@pytest.fixture(scope="module")
+def reply_pair():
+    return _split(_gen(P, 3)), _split(_gen(P, 4))
+
+
+def test_reply_checks_fused(benchmark, reply_pair):
+    xs, refs = reply_pair
+    _bench.run(benchmark, "reply-checks", "fedsq reply_stats (one read)", lambda: ff.ops.reply_stats(xs, refs),
+               ROUNDS)
+
+
+def test_reply_checks_separate(benchmark, reply_pair):
+    xs, refs = reply_pair
+
+    def separate():
+        for x in xs:
+            torch.aminmax(x)
+        ff.ops.sq_dist(xs, refs)
+
+    _bench.run(benchmark, "reply-checks", "aminmax per tensor + sq_dist", separate, ROUNDS)
+
+
+def test_reply_checks_read_floor(benchmark, reply_pair):
+    xs, refs = reply_pair
+    _bench.run(benchmark, "reply-checks", "floor: torch.sum of x and ref", lambda: [(x.sum(), r.sum()) for x, r in
+                                                                                   zip(xs, refs)], ROUNDS)
+
+
+_bench.ratio("reply checks: fused vs separate", "reply-checks", "fedsq reply_stats (one read)",
+             "aminmax per tensor + sq_dist", 1.5)
+
+
+# ---------------------------------------------------------------------------
 # weighted average of K clients, P fp32 elements each
 @pytest.fixture(scope="module", params=[4, 8, 16], ids=lambda k: f"K{k}")
 def clients(request):

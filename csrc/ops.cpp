@@ -319,6 +319,58 @@ struct CpuBackend {
   }
 };
 
+// Per tensor j: row j = (min and max over the non-NaN values, count of NaN/Inf, ||xs[j] - refs[j]||^2);
+// row K = (0, 0, 0, the sum of the squares over the tensors with in_total[j] != 0, tile partials
+// added in order: sq_dist_list's total over those tensors). Every check of a reply in one read,
+// the same numbers for any thread count. CPU only; CUDA tensors run the reference.
+at::Tensor reply_stats_list(at::TensorList xs, at::TensorList refs, at::IntArrayRef in_total) {
+  TORCH_CHECK_VALUE(xs.size() == refs.size(), "xs and refs must hold the same number of tensors, got ", xs.size(),
+                    " and ", refs.size());
+  TORCH_CHECK_VALUE(in_total.size() == xs.size(), "in_total must have one entry per tensor (", xs.size(), "), got ",
+                    in_total.size());
+  const int64_t K = static_cast<int64_t>(xs.size());
+  at::Tensor out = at::zeros({K + 1, 4}, at::kDouble);
+  double* o = out.data_ptr<double>();
+  std::vector<ListItem> items;
+  std::vector<int64_t> index;  // items[i] is xs[index[i]]
+  for (int64_t j = 0; j < K; ++j) {
+    const std::string xn = "xs[" + std::to_string(j) + "]", rn = "refs[" + std::to_string(j) + "]";
+    TORCH_CHECK_VALUE(xs[j].device().is_cpu(), xn, " must be on the CPU, got ", xs[j].device());
+    check_same(refs[j], rn, xs[j], xn);
+    o[j * 4 + 0] = HUGE_VAL;
+    o[j * 4 + 1] = -HUGE_VAL;
+    ListItem it{dtype_of(xs[j], xn.c_str()), xs[j].numel(), const_cast<void*>(refs[j].data_ptr()), {xs[j].data_ptr()}};
+    if (it.n) {
+      items.push_back(std::move(it));
+      index.push_back(j);
+    }
+  }
+  if (items.empty()) return out;
+  const KernelTable& T = cpu_kernels();
+  std::vector<int64_t> first(items.size() + 1, 0);
+  for (size_t i = 0; i < items.size(); ++i) first[i + 1] = first[i] + (items[i].n + kTile - 1) / kTile;
+  std::vector<double> part(first.back() * 4, 0.0);
+  CpuBackend::over_tiles(items, [&](const ListItem& it, int64_t i0, int64_t i1) {
+    const size_t i = static_cast<size_t>(&it - items.data());
+    for (int64_t a = i0; a < i1; a += kTile)
+      T.reply_stats(it.dt, it.xs[0], it.out, a, std::min(a + kTile, i1), &part[(first[i] + a / kTile) * 4]);
+  });
+  double total = 0.0;
+  for (size_t i = 0; i < items.size(); ++i) {
+    double* r = o + index[i] * 4;
+    for (int64_t t = first[i]; t < first[i + 1]; ++t) {
+      const double* p = &part[t * 4];
+      r[0] = std::min(r[0], p[0]);
+      r[1] = std::max(r[1], p[1]);
+      r[2] += p[2];
+      r[3] += p[3];
+      if (in_total[index[i]]) total += p[3];
+    }
+  }
+  o[K * 4 + 3] = total;
+  return out;
+}
+
 std::string cpu_isa(c10::string_view isa) {
   if (isa.empty()) return cpu_kernels().name;
   const std::string want(isa);
@@ -346,8 +398,14 @@ TORCH_LIBRARY(fedsq_fast, m) {
   m.def("accumulate_list_(Tensor(a!)[] acc, Tensor[] x, float weight) -> ()");
   // A 0-dim float64 tensor on the inputs' device: traceable (a float is not) and no host sync on CUDA.
   m.def("sq_dist_list(Tensor[] xs, Tensor[] refs) -> Tensor");
+  // (K + 1, 4) float64 on the CPU: per tensor min/max of the non-NaN values, NaN/Inf count, squared
+  // distance; last row: the squared distance over the tensors marked in in_total (a reply's checks).
+  m.def("reply_stats_list(Tensor[] xs, Tensor[] refs, int[] in_total) -> Tensor");
   // Not a tensor op: selects the CPU kernel variant (tests run every ISA the CPU has).
   m.def("cpu_isa(str isa='') -> str", &fedsq::cpu_isa);
 }
 
-TORCH_LIBRARY_IMPL(fedsq_fast, CPU, m) { fedsq::Ops<fedsq::CpuBackend>::register_impls(m); }
+TORCH_LIBRARY_IMPL(fedsq_fast, CPU, m) {
+  fedsq::Ops<fedsq::CpuBackend>::register_impls(m);
+  m.impl("reply_stats_list", &fedsq::reply_stats_list);
+}

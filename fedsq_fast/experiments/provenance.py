@@ -16,15 +16,18 @@ AVX2_PIN = "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCT
 
 
 def machine_info() -> dict:
-    """CPU (model, SIMD flags, the code paths torch and fedsq_fast take), GPU, versions."""
+    """CPU (vendor, model, SIMD flags, the code paths torch and fedsq_fast take: ISA in use and
+    the environment switches that pin them), GPU, versions (torch, numpy, python, the torch
+    fedsq_fast's library was built for)."""
     from .. import backend
 
-    cpu, simd = platform.processor() or platform.machine(), None
+    cpu, simd, vendor = platform.processor() or platform.machine(), None, None
     try:
         info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
                     if ":" in line)
         info = {k.strip(): v.strip() for k, v in info.items()}
         cpu = info.get("model name", cpu)
+        vendor = info.get("vendor_id")
         have = set(info.get("flags", "").split())
         simd = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile") if f in have]
     except OSError:
@@ -35,9 +38,15 @@ def machine_info() -> dict:
     isa = {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "fedsq_fast_cpu_isa": torch.ops.fedsq_fast.cpu_isa("") if backend() == "compiled" else None,
            "isa_env": {k: os.environ[k] for k in ISA_ENV if k in os.environ}}
-    return {"host_cpu": cpu, "cpu_simd": simd, **isa, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "gpu": gpu, "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "fedsq_fast_backend": backend()}
+    import numpy
+
+    from .. import backend_info
+
+    built = (backend_info().get("build") or {}).get("torch_version")
+    return {"host_cpu": cpu, "cpu_vendor": vendor, "cpu_simd": simd, **isa, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "gpu": gpu, "torch": torch.__version__,
+            "numpy": numpy.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "fedsq_fast_backend": backend(), "fedsq_fast_built_for_torch": built}
 
 
 def loadavg():

@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..federation.metrics import jsonable
+from ..outputs import replacing, write_text
 from ..federation.runner import partition_tag
 from ..plots import group_histories, plot_accuracy, plot_gate_stability, plot_rounds_to_best
 from .analysis import analyse
@@ -29,16 +30,66 @@ from .verdicts import GATE_METHODS, ci_txt
 def load_docs(root, complete_only: bool = True) -> list:
     """The metrics.json documents under ``root`` (sorted by path), each with ``path`` (relative
     to ``root``) and ``run_info`` (run_info.json, or {}); ``complete_only``: runs that ended."""
+    from ..federation.config import read_json
+
     docs = []
     for p in sorted(Path(root).rglob("metrics.json")):
-        d = json.loads(p.read_text())
+        d = check_doc(p, read_json(p, "report"))
         if complete_only and not d.get("summary", {}).get("complete", True):
             continue
         d["path"] = str(p.relative_to(root))
         info = p.parent / "run_info.json"
-        d["run_info"] = json.loads(info.read_text()) if info.is_file() else {}
+        d["run_info"] = read_json(info, "report") if info.is_file() else {}
+        if not isinstance(d["run_info"], dict):
+            raise ValueError(f"report: {info}: top level must be a JSON object")
         docs.append(d)
     return docs
+
+
+def _is_num(x, none_ok=True) -> bool:
+    return (x is None and none_ok) or (isinstance(x, (int, float)) and not isinstance(x, bool))
+
+
+def check_doc(path, d) -> dict:
+    """``d`` (the content of metrics.json file ``path``) if it holds what the reports read
+    (``method``, ``config`` with the partition keys, ``summary`` numbers, ``history`` rounds
+    with ``round`` and ``val_acc``), else a ValueError naming the file and the key; a
+    hand-written or damaged file is refused in one line, never a KeyError."""
+    def bad(what):
+        raise ValueError(f"report: {path}: {what} (a metrics.json as fedsq-fast writes it: method, config, "
+                         "summary, history)")
+
+    if not isinstance(d, dict):
+        bad(f"top level must be a JSON object, got {type(d).__name__}")
+    for k, t, name in (("method", str, "a string"), ("config", dict, "an object"), ("summary", dict, "an object"),
+                       ("history", list, "a list")):
+        if k not in d:
+            bad(f"key {k!r} missing")
+        if not isinstance(d[k], t):
+            bad(f"key {k!r} must be {name}, got {type(d[k]).__name__}")
+    cfg = d["config"]
+    part = cfg.get("partition")
+    if not isinstance(part, str):
+        bad("key 'config.partition' missing or not a string")
+    need = {"dirichlet": "alpha", "quantity": "alpha", "shards": "shards_per_client"}.get(part)
+    if need is not None and not _is_num(cfg.get(need), none_ok=False):
+        bad(f"key 'config.{need}' missing or not a number (partition {part!r} needs it)")
+    if "seed" in cfg and not _is_num(cfg["seed"], none_ok=False):
+        bad("key 'config.seed' is not a number")
+    for k, v in d["summary"].items():
+        if k in SUMMARY_KEYS and not _is_num(v):
+            bad(f"key 'summary.{k}' must be a number or null, got {v!r}")
+    if not d["history"]:
+        bad("key 'history' holds no rounds")
+    for i, h in enumerate(d["history"]):
+        if not isinstance(h, dict):
+            bad(f"history[{i}] must be an object, got {type(h).__name__}")
+        if not _is_num(h.get("round"), none_ok=False):
+            bad(f"key 'history[{i}].round' missing or not a number")
+        for k in ("val_acc", "gate_change"):
+            if k in h and not _is_num(h[k]):
+                bad(f"key 'history[{i}].{k}' must be a number or null, got {h[k]!r}")
+    return d
 
 
 def _f(x, nd=4):
@@ -207,8 +258,8 @@ def report(root, suite: Suite | None = None, echo=print) -> Path:
     if not docs:
         fail("dir", f"no completed runs (metrics.json) under {root}")
     res = analyse(docs, suite)
-    (root / "summary.json").write_text(json.dumps(jsonable(res), indent=1))
-    with open(root / "summary.csv", "w", newline="") as f:
+    write_text(root / "summary.json", json.dumps(jsonable(res), indent=1))
+    with replacing(root / "summary.csv", "w", newline="") as f:
         keys = [k for k in res["rows"][0] if k != "seeds"] + ["seeds"]
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
@@ -307,7 +358,7 @@ def report(root, suite: Suite | None = None, echo=print) -> Path:
            "`run_info.json` (start/end time, machine), `checkpoint.safetensors` (the final global model; "
            "not committed); `<partition>/seed<s>/partition.txt`: class counts per client. "
            "Plots: " + ", ".join(files) + ".", ""]
-    (root / "REPORT.md").write_text("\n".join(md))
+    write_text(root / "REPORT.md", "\n".join(md))
     echo(f"written: {root / 'REPORT.md'}, summary.json, summary.csv, {', '.join(files)}")
     return root / "REPORT.md"
 
@@ -357,8 +408,8 @@ def table_report(root, echo=print) -> list[dict]:
         raise ValueError(f"report: no metrics.json under {root}")
     rows = summary_rows(docs)
     table = format_table(rows)
-    (root / "summary.md").write_text("```\n" + table + "\n```\n")
-    with open(root / "summary.csv", "w", newline="") as f:
+    write_text(root / "summary.md", "```\n" + table + "\n```\n")
+    with replacing(root / "summary.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
         w.writeheader()
         w.writerows(rows)

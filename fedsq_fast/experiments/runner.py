@@ -7,8 +7,9 @@ import json
 import os
 from pathlib import Path
 
-from ..federation.config import RunConfig, config_differences
+from ..federation.config import RunConfig, config_differences, read_json
 from ..federation.data import load_dataset
+from ..outputs import write_text
 from .grid import run_grid
 from .mask_metrics import MaskMetrics
 from .provenance import machine_info, rel
@@ -20,7 +21,9 @@ def _cell_state(d: Path, cfg: RunConfig) -> str:
     """'done' | 'partial' (a checkpoint) | 'new'; refuses results written with other settings."""
     mj = d / "metrics.json"
     if mj.is_file():
-        doc = json.loads(mj.read_text())
+        doc = read_json(mj, "out")
+        if not isinstance(doc, dict) or not isinstance(doc.get("config", {}), dict):
+            raise ValueError(f"out: {mj}: not a metrics.json (a JSON object with a config object)")
         diff = config_differences(cfg, doc.get("config", {}))
         if diff:
             raise ValueError(f"out: {mj} was written with other settings (differing keys: {diff}); "
@@ -63,7 +66,7 @@ def run_suite(suite: Suite | str | os.PathLike, out=None, resume: bool = False, 
         first = suite.cell_config(todo[0][1], todo[0][0], todo[0][2])
         bundle = load_dataset(first.dataset, first.data_root, first.download, first.in_memory)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "suite.toml").write_text(suite.text)
+    write_text(out / "suite.toml", suite.text)
     mine = sum(1 for i in range(len(cells)) if i % n_ == k_ - 1)
     echo(f"suite {suite.name}: {len(cells)} runs" + (f" (shard {k_}/{n_}: {mine} of them)" if n_ > 1 else "")
          + f", {mine - len(todo)} already done, {len(todo)} to run -> {out}")
@@ -80,7 +83,7 @@ def run_suite(suite: Suite | str | os.PathLike, out=None, resume: bool = False, 
         nonlocal ran, longest
         s, p, m = cell
         info = {**info, "suite": suite.name, "suite_file": rel(suite.path), **machine_info()}
-        (d / "run_info.json").write_text(json.dumps(info, indent=1))
+        write_text(d / "run_info.json", json.dumps(info, indent=1))
         ran += 1
         longest = max(longest, info["wall_s"])
         sm = res.summary

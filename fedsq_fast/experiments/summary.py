@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..outputs import write_text
 from .provenance import rel, utc
 from .report import suite_status, load_docs, report
 from .suite import fail, load_suite
@@ -122,7 +123,7 @@ def summarize_suites(root, echo=print, refresh: bool = True) -> Path:
                "`... summary` rewrites this page."]
     md.append("")
     out = root / "SUMMARY.md"
-    out.write_text("\n".join(md))
+    write_text(out, "\n".join(md))
     echo(f"written: {out}")
     return out
 

@@ -15,6 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("constant", "step", "cosine")
+PRECISIONS = ("fp32", "bf16", "fp16")
+_AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class ClientTimeout(RuntimeError):
@@ -47,6 +50,38 @@ class ClientConfig:
     min_batch_size: int = field(default=2, metadata=_opt("smaller local batches are skipped"))
     client_timeout_s: float | None = field(default=None, metadata=_opt(
         "a client past it is dropped (checked between batches); none: no limit"))
+    # Fine-tuning knobs (defaults: off, so recorded runs reproduce). The schedule runs over
+    # rounds (the server sets each round's lr; a client trains with one lr per round).
+    lr_schedule: str = field(default="constant", metadata=_opt(
+        "client lr over rounds: " + ", ".join(LR_SCHEDULES) + " (after warmup_rounds)"))
+    warmup_rounds: int = field(default=0, metadata=_opt("rounds of linear lr warm-up: round r <= W trains at lr*r/W"))
+    lr_step_rounds: int = field(default=10, metadata=_opt("step: lr x lr_gamma every this many rounds"))
+    lr_gamma: float = field(default=0.1, metadata=_opt("step: the factor, in (0, 1]"))
+    lr_min: float = field(default=0.0, metadata=_opt("cosine: the lr of the last round, in [0, lr]"))
+    clip_grad_norm: float | None = field(default=None, metadata=_opt(
+        "clip each local step's gradient to this global L2 norm; none: off"))
+    label_smoothing: float = field(default=0.0, metadata=_opt("cross-entropy label smoothing, in [0, 1)"))
+    precision: str = field(default="fp32", metadata=_opt(
+        "local training and evaluation: fp32, bf16 (autocast), fp16 (autocast + gradient scaler; CUDA only)"))
+
+
+def round_lr(c: ClientConfig, rnd: int, rounds: int) -> float:
+    """The client learning rate of round ``rnd`` (1-based) of ``rounds``: linear warm-up
+    over ``warmup_rounds`` (round r <= W: lr * r / W), then ``lr_schedule`` over the rounds
+    left: constant; step (lr * lr_gamma ** (k // lr_step_rounds), k rounds after warm-up);
+    cosine from lr down to lr_min at the last round."""
+    import math
+
+    w = c.warmup_rounds
+    if rnd <= w:
+        return c.lr * rnd / w
+    k, left = rnd - w - 1, max(1, rounds - w - 1)  # k = 0 at the first round after warm-up
+    if c.lr_schedule == "step":
+        return c.lr * c.lr_gamma ** (k // c.lr_step_rounds)
+    if c.lr_schedule == "cosine":
+        t = min(1.0, k / left)
+        return c.lr_min + 0.5 * (c.lr - c.lr_min) * (1.0 + math.cos(math.pi * t))
+    return c.lr
 
 
 @dataclass
@@ -102,25 +137,41 @@ def make_optimizer(params, cfg: LocalConfig):
 
 
 def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalConfig, seed: int,
-                transform=None, sample_idx: torch.Tensor | None = None) -> dict:
+                transform=None, sample_idx: torch.Tensor | None = None, augment=None) -> dict:
     """Train ``model`` in place on (x, y); returns {num_samples, loss, steps, seconds}.
 
     FedProx: the gradient of (mu/2)||w - w0||^2, mu (w - w0), is added after
     backward (w0: the weights received). A client past ``client_timeout_s`` raises
     :class:`ClientTimeout` at the next batch. ``sample_idx`` (one dataset index
     per row of x) goes to the model's forward: a DualCopy model with a MaskCache
-    then reuses each sample's structural masks.
+    then reuses each sample's structural masks. ``augment(x, generator)``
+    (:class:`~fedsq_fast.federation.augment.Augment`) augments each batch where it lives,
+    before ``transform``, with a CPU generator seeded from ``seed`` (so from (seed, round,
+    client)): give no ``sample_idx`` with it (augmented masks are not the cached ones).
     """
+    if augment is not None and sample_idx is not None:
+        raise ValueError("local_train: sample_idx (the mask cache) with augment: cached masks belong to "
+                         "unaugmented samples; pass sample_idx=None")
     t0 = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if cfg.prox_mu > 0 else None
     opt = make_optimizer(params, cfg)
     gen = torch.Generator().manual_seed(seed)
+    aug_gen = None
+    if augment is not None:
+        from .augment import AUGMENT_SEED_TAG
+
+        aug_gen = torch.Generator().manual_seed(derive_seed(seed, AUGMENT_SEED_TAG))
     torch.manual_seed(seed)  # dropout and any other global-RNG use inside the model
     model.train()
     dev = _device_of(model)
     n = int(y.numel())
     total, steps = 0.0, 0
+    smoothing = getattr(cfg, "label_smoothing", 0.0)
+    clip = getattr(cfg, "clip_grad_norm", None)
+    precision = getattr(cfg, "precision", "fp32")
+    # fp16's narrow range needs the loss scaled (and steps with Inf/NaN gradients skipped)
+    scaler = torch.amp.GradScaler(dev.type) if precision == "fp16" else None
     for _ in range(cfg.local_epochs):
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n, cfg.batch_size):
@@ -131,27 +182,71 @@ def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalCo
             if idx.numel() < cfg.min_batch_size and n >= cfg.min_batch_size:
                 continue  # a batch of one breaks BatchNorm's training statistics; of 2-3, it can blow up
             xb = x[idx].to(dev, non_blocking=True)  # no-op when the data lives there
+            if augment is not None:
+                xb = augment(xb, aug_gen)
             if transform is not None:
                 xb = transform(xb)
-            out = model(xb) if sample_idx is None else model(xb, sample_idx[idx])
-            loss = F.cross_entropy(out, y[idx].to(dev, non_blocking=True))
+            with autocast(dev, precision):
+                out = model(xb) if sample_idx is None else model(xb, sample_idx[idx])
+                loss = F.cross_entropy(out, y[idx].to(dev, non_blocking=True), label_smoothing=smoothing)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if scaler is None else scaler.scale(loss)).backward()
+            if scaler is not None:
+                scaler.unscale_(opt)  # FedProx's term and clipping see the true gradient
             if anchor is not None:
                 with torch.no_grad():
                     for p, a in zip(params, anchor):
                         if p.grad is not None:
                             p.grad.add_(p - a, alpha=cfg.prox_mu)
-            opt.step()
-            total += float(loss.detach()) * idx.numel()
+            if clip is not None:
+                _clip_(params, clip)
+            if scaler is None:
+                opt.step()
+            else:
+                scaler.step(opt)
+                scaler.update()
+            # on the device, in float64: no host sync per batch, the same sums as in Python floats
+            total = total + loss.detach().double() * idx.numel()
             steps += 1
+    total = float(total)
     return {"num_samples": n, "loss": total / max(1, n * cfg.local_epochs), "steps": steps,
             "seconds": time.perf_counter() - t0}
 
 
+def autocast(dev: torch.device, precision: str):
+    """The autocast context of a ``precision`` (fp32: none) on device ``dev``."""
+    import contextlib
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=dev.type, dtype=_AMP[precision])
+
+
+@torch.no_grad()
+def _clip_(params, max_norm: float) -> None:
+    """Scale the gradients so that their global L2 norm is at most ``max_norm`` (as
+    torch.nn.utils.clip_grad_norm_), with the norm summed in fixed tiles (fedsq_fast's
+    sq_dist): the same number for any thread or worker count, so runs stay identical."""
+    from ..ops import sq_dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    if grads[0].is_cuda:  # a tensor factor, no host sync per batch (GPU reductions do not depend on threads)
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+        return
+    norm = sq_dist(grads, [torch.zeros_like(g) for g in grads]) ** 0.5
+    if norm > max_norm:  # NaN/Inf gradients pass unchanged: the server refuses such an update
+        coef = max_norm / (norm + 1e-6)
+        for g in grads:
+            g.mul_(coef)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, transform=None,
-             batch_size: int = 512, sample_idx: torch.Tensor | None = None) -> tuple[float, float]:
+             batch_size: int = 512, sample_idx: torch.Tensor | None = None,
+             precision: str = "fp32") -> tuple[float, float]:
     """(mean cross-entropy, accuracy) in eval mode (``sample_idx``: as in local_train); ``x``
     a tensor or a :class:`~fedsq_fast.federation.lazy.LazyImages` (read per batch)."""
     from .lazy import rows
@@ -166,7 +261,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, transform=None,
             yb = y[i:i + batch_size].to(dev, non_blocking=True)
             if transform is not None:
                 xb = transform(xb)
-            out = model(xb) if sample_idx is None else model(xb, sample_idx[i:i + batch_size])
+            with autocast(dev, precision):
+                out = model(xb) if sample_idx is None else model(xb, sample_idx[i:i + batch_size])
+            out = out.float()  # the loss and argmax in float32 whatever the precision
             loss += float(F.cross_entropy(out, yb, reduction="sum"))
             correct += int((out.argmax(1) == yb).sum())
     finally:

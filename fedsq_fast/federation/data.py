@@ -12,18 +12,22 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
+import logging
 import math
 import pickle
 import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .lazy import DEFAULT_MEMORY_BUDGET, LazyImages, in_memory_choice, is_lazy, item_image, take
+from .lazy import KINDS, DEFAULT_MEMORY_BUDGET, LazyImages, in_memory_choice, is_lazy, item_image, read_item, take
 from .inputs import (IMAGENET_MEAN, IMAGENET_STD, MODEL_INPUT, SVHN_MEAN, SVHN_STD, InputSpec,  # noqa: F401 (API)
                      InputTransform, input_spec_of, input_transform_for)
+
+log = logging.getLogger("fedsq_fast.federation")
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cinic10")
 CIFAR10_DIR = "cifar-10-batches-py"  # what torchvision's CIFAR10 reads under its root
@@ -38,23 +42,28 @@ CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
 
 @dataclass
 class InMemoryDataset:
-    """Images (N, C, H, W) float32 (in [0, 1] for the built-in datasets) and int64 labels.
-    The labels are in memory; the images too, unless ``x`` is a :class:`~.lazy.LazyImages`
-    (read per batch: your own data past :func:`make_bundle`'s memory budget). Build one from
-    your own data with :func:`make_bundle`."""
+    """Samples and int64 labels. ``kind="images"``: ``x`` is (N, C, H, W) float32 (in [0, 1]
+    for the built-in datasets); ``kind="tensor"``: ``x`` is any other tensor data used as
+    given, (N, F) features, (N, L) token ids, (N, L, F) sequences (float32, or int64 for
+    integer samples). The labels are in memory; the samples too, unless ``x`` is a
+    :class:`~.lazy.LazyImages` (read per batch: your own data past :func:`make_bundle`'s
+    memory budget, or a Dataset whose items change between reads). Build one from your own
+    data with :func:`make_bundle`."""
 
     x: torch.Tensor | LazyImages
     y: torch.Tensor
     num_classes: int
     classes: tuple = ()
     source: str = ""
+    kind: str = "images"
 
     def __len__(self) -> int:
         return int(self.y.numel())
 
     def subset(self, idx) -> "InMemoryDataset":
         idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
-        return InMemoryDataset(take(self.x, idx), self.y[idx], self.num_classes, self.classes, self.source)
+        return InMemoryDataset(take(self.x, idx), self.y[idx], self.num_classes, self.classes, self.source,
+                               self.kind)
 
 
 @dataclass
@@ -352,6 +361,7 @@ def load_image_folder(root: str, name: str = "cinic10", train_dirs=("train", "va
     force either."""
     if not root:
         raise ValueError(f"dataset {name!r} needs data_root (ImageFolder with train/valid/test)")
+    from PIL.Image import DecompressionBombError as _Bomb
     from torchvision.datasets import ImageFolder
 
     def mk(dirs):
@@ -379,8 +389,9 @@ def load_image_folder(root: str, name: str = "cinic10", train_dirs=("train", "va
             for path, label in ds.samples:
                 try:
                     img = np.array(ds.loader(path).convert("RGB"), dtype=np.uint8)
-                except OSError as e:  # PIL's UnidentifiedImageError, a truncated file
-                    raise ValueError(f"data_root: {path}: not a readable image ({e})") from e
+                except (OSError, _Bomb) as e:  # PIL's UnidentifiedImageError, a truncated file, too many pixels
+                    raise ValueError(f"data_root: {path}: not a readable image ({type(e).__name__}: "
+                                     f"{str(e).splitlines()[0] if str(e) else ''})") from None
                 xs.append(torch.from_numpy(img).permute(2, 0, 1))
                 ys.append(label)
         x = torch.stack(xs).float() / 255.0
@@ -410,9 +421,11 @@ def load_dataset(name: str, root: str | None = None, download: bool = False, in_
 
 
 
-def _to_float_images(x, arg: str) -> torch.Tensor:
-    """(N, C, H, W) float32 from a tensor/array: uint8 is scaled to [0, 1]; (N, H, W) gets C = 1.
-    Images read per batch (:class:`LazyImages`) are read whole (``in_memory=True``)."""
+def _to_float_images(x, arg: str, kind: str = "images") -> torch.Tensor:
+    """Images: (N, C, H, W) float32 from a tensor/array: uint8 is scaled to [0, 1]; (N, H, W)
+    gets C = 1. ``kind="tensor"``: the samples as given, (N, ...) with at least one sample
+    dim; floats as float32, integers (token ids) as int64, never scaled. Samples read per
+    batch (:class:`LazyImages`) are read whole (``in_memory=True``)."""
     if is_lazy(x):
         return x.read()
     if isinstance(x, np.ndarray):
@@ -424,12 +437,22 @@ def _to_float_images(x, arg: str) -> torch.Tensor:
         raise TypeError(f"{arg}: expected a tensor or numpy array of images, got {type(x).__name__}")
     if x.dtype == torch.bool or x.is_complex():
         raise TypeError(f"{arg}: images must be real numbers, got dtype {x.dtype}")
-    if x.dim() == 3:
-        x = x.unsqueeze(1)
-    if x.dim() != 4:
-        raise ValueError(f"{arg}: images must be (N, C, H, W) or (N, H, W), got shape {tuple(x.shape)}")
-    x = x.detach().cpu()
-    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    if kind == "tensor":
+        if x.dim() < 2:
+            raise ValueError(f"{arg}: samples must be at least (N, F) (features), got shape {tuple(x.shape)}")
+        x = x.detach().cpu()
+        x = x.float() if x.dtype.is_floating_point else x.long()  # token ids stay integers
+    else:
+        if x.dim() == 3:
+            x = x.unsqueeze(1)
+        if x.dim() != 4:
+            raise ValueError(f"{arg}: images must be (N, C, H, W) or (N, H, W), got shape {tuple(x.shape)}; "
+                             "features (N, F) and sequences (N, L) / (N, L, F) are taken as given by a model "
+                             "without a Conv2d (make_bundle(kind='tensor'))")
+        x = x.detach().cpu()
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    if not x.dtype.is_floating_point:
+        return x.contiguous()
     if x.numel() and not bool(torch.isfinite(x).all()):
         bad = int(torch.nonzero(~torch.isfinite(x.reshape(len(x), -1)).all(1))[0, 0])
         raise ValueError(f"{arg}: image {bad} holds NaN or Inf")
@@ -454,9 +477,11 @@ def _to_labels(y, arg: str) -> torch.Tensor:
     return y.detach().cpu().long()
 
 
-def _from_dataset(ds, arg: str):
-    """Images and labels of a map-style dataset (items ``(image, label)``; images as tensors,
-    arrays or PIL images, e.g. torchvision's ImageFolder), read once into memory."""
+def _from_dataset(ds, arg: str, kind: str = "images"):
+    """Samples and labels of a map-style dataset (items ``(image, label)``; images as tensors,
+    arrays or PIL images, e.g. torchvision's ImageFolder; ``kind="tensor"``: any tensor or
+    array), read once into memory (the items do not change between reads: see
+    :func:`random_reads`)."""
     try:
         n = len(ds)
     except TypeError:
@@ -464,10 +489,11 @@ def _from_dataset(ds, arg: str):
                         f"got {type(ds).__name__}") from None
     xs, ys = [], []
     for i in range(n):
-        item = ds[i]
-        img, label = item_image(item, arg, i), item[1]  # the per-batch reader's conversion
+        item = read_item(ds, i, arg)
+        img, label = item_image(item, arg, i, kind), item[1]  # the per-batch reader's conversion
         if xs and img.shape != xs[0].shape:
-            raise ValueError(f"{arg}[{i}]: image shape {tuple(img.shape)} differs from item 0's "
+            raise ValueError(f"{arg}[{i}]: {'image' if kind == 'images' else 'sample'} shape {tuple(img.shape)} "
+                             "differs from item 0's "
                              f"{tuple(xs[0].shape)}; give the dataset a transform that resizes "
                              "(e.g. torchvision.transforms.Resize((32, 32)))")
         xs.append(img)
@@ -477,14 +503,14 @@ def _from_dataset(ds, arg: str):
     return torch.stack(xs), torch.tensor(ys, dtype=torch.long)
 
 
-def _as_images_labels(data, arg: str):
+def _as_images_labels(data, arg: str, kind: str = "images"):
     if isinstance(data, InMemoryDataset):
         return data.x, data.y
     if isinstance(data, (tuple, list)) and len(data) == 2 \
             and all(isinstance(t, (torch.Tensor, np.ndarray, list, LazyImages)) for t in data):
         return data[0], data[1]
     if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
-        return _from_dataset(data, arg)
+        return _from_dataset(data, arg, kind)
     raise TypeError(f"{arg}: expected (images, labels) tensors/arrays or a map-style Dataset, "
                     f"got {type(data).__name__}")
 
@@ -505,19 +531,20 @@ def _dataset_labels(ds, n: int, arg: str) -> torch.Tensor:
         if len(y) != n:
             raise ValueError(f"{arg}.targets: {len(y)} labels for {n} items")
         for i in sorted({0, n - 1}):
-            if int(ds[i][1]) != int(y[i]):
-                raise ValueError(f"{arg}.targets[{i}] is {int(y[i])} but item {i}'s label is {int(ds[i][1])}")
+            label = int(read_item(ds, i, arg)[1])
+            if label != int(y[i]):
+                raise ValueError(f"{arg}.targets[{i}] is {int(y[i])} but item {i}'s label is {label}")
         return y
     ys = []
     for i in range(n):
-        item = ds[i]
+        item = read_item(ds, i, arg)
         if not isinstance(item, (tuple, list)) or len(item) < 2:
             raise ValueError(f"{arg}[{i}]: items must be (image, label) pairs, got {type(item).__name__}")
         ys.append(item[1])
     return _to_labels(torch.as_tensor(ys), f"{arg} labels")
 
 
-def _lazy_split(data, arg: str, in_memory, budget: int):
+def _lazy_split(data, arg: str, in_memory, budget: int, kind: str = "images"):
     """(images, labels) with the images read per batch (:class:`LazyImages`), or None where the
     in-memory path applies: ``in_memory=True``, tensors already in memory (unless
     ``in_memory=False``), or data whose float32 copy fits in ``budget`` (``"auto"``)."""
@@ -534,7 +561,8 @@ def _lazy_split(data, arg: str, in_memory, budget: int):
             return None  # already in memory
         if in_memory == "auto" and _float_bytes(len(imgs), imgs.shape[1:]) <= budget:
             return None
-        return LazyImages(imgs, f"{arg} images"), _to_labels(labels, f"{arg} labels")
+        return LazyImages(imgs, f"{arg} {'images' if kind == 'images' else 'samples'}", kind), \
+            _to_labels(labels, f"{arg} labels")
     if isinstance(data, (tuple, list)) or not (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
         return None  # _as_images_labels names what is wrong
     try:
@@ -543,19 +571,104 @@ def _lazy_split(data, arg: str, in_memory, budget: int):
         return None
     if n == 0:
         raise ValueError(f"{arg}: the dataset is empty")
-    x = LazyImages(data, arg)  # reads item 0: its type and shape are checked here
+    x = LazyImages(data, arg, kind)  # reads item 0: its type and shape are checked here
     if in_memory == "auto" and _float_bytes(n, x.shape[1:]) <= budget:
         return None
     return x, _dataset_labels(data, n, arg)
 
 
-def _checked_split(data, arg: str, in_memory="auto", budget: int = DEFAULT_MEMORY_BUDGET):
-    """Float images (a tensor, or :class:`LazyImages` read per batch) and int64 labels of one
-    split, of equal and non-zero length."""
-    lazy = _lazy_split(data, arg, in_memory, budget)
+# Items of a Dataset read twice at load to see whether they change between reads (random
+# transforms in __getitem__): a coin-flip augmentation escapes 8 items with probability 2^-8.
+RANDOM_CHECK_ITEMS = 8
+
+
+def _is_dataset(data) -> bool:
+    return not isinstance(data, (InMemoryDataset, tuple, list)) and hasattr(data, "__getitem__") \
+        and hasattr(data, "__len__")
+
+
+def _same_sample(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and bool(((a == b) | (a != a) & (b != b)).all())
+
+
+def random_reads(ds, arg: str = "train", kind: str = "images", items: int = RANDOM_CHECK_ITEMS) -> str | None:
+    """Why the items of map-style Dataset ``ds`` change between reads (a random transform in
+    ``__getitem__``: augmentation), or None when they do not: ``items`` items spread over the
+    dataset are each read twice and compared (sample and label), and its transforms are
+    looked at (torchvision's ``Random*``, ColorJitter, AutoAugment, ...:
+    :func:`fedsq_fast.models.random_transforms_in`). Such data must be read per batch, never
+    frozen at load."""
+    from ..models.cache import random_transforms_in
+
+    n = len(ds)
+    if n == 0:
+        return None
+    for i in sorted({int(round(v)) for v in np.linspace(0, n - 1, min(n, items))}):
+        a, b = read_item(ds, i, arg), read_item(ds, i, arg)
+        xa, xb = item_image(a, arg, i, kind), item_image(b, arg, i, kind)
+        if not _same_sample(xa, xb):
+            return f"item {i} read twice gave two different samples"
+        if not isinstance(a, (tuple, list)) or len(a) < 2 or not isinstance(b, (tuple, list)) or len(b) < 2 \
+                or not _same_sample(torch.as_tensor(a[1]), torch.as_tensor(b[1])):
+            return f"item {i} read twice gave two different labels"
+    names = sorted(set(random_transforms_in(ds)))
+    if names:
+        return f"its transforms are random ({', '.join(names)})"
+    return None
+
+
+def data_kind(data, arg: str = "train", kind: str = "auto") -> str:
+    """What a split's samples are (:data:`~.lazy.KINDS`): ``kind`` when it is ``"images"`` or
+    ``"tensor"``; for ``"auto"``: images for (N, C, H, W) and (N, H, W) arrays and for Dataset
+    items that are PIL images or (C, H, W) / (H, W) arrays, tensor data ((N, F) features,
+    (N, L) token ids) for 2-D arrays and Dataset items of one dim. (N, L, F) sequences need
+    ``kind="tensor"`` (``federate`` picks it when the model has no Conv2d)."""
+    if kind not in ("auto", *KINDS):
+        raise ValueError(f"kind must be 'auto', 'images' or 'tensor', got {kind!r}")
+    if kind != "auto":
+        return kind
+    if isinstance(data, InMemoryDataset):
+        return data.kind
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        x = data[0]
+        if is_lazy(x):
+            return x.kind
+        ndim = np.ndim(x) if not isinstance(x, torch.Tensor) else x.dim()
+        return "tensor" if ndim == 2 else "images"
+    if _is_dataset(data):
+        try:
+            n = len(data)
+        except TypeError:
+            return "images"  # _as_images_labels names what is wrong
+        if n == 0:
+            return "images"
+        item = read_item(data, 0, arg)
+        if isinstance(item, (tuple, list)) and len(item) >= 2 and isinstance(item[0], (torch.Tensor, np.ndarray)) \
+                and np.ndim(item[0]) == 1:
+            return "tensor"
+    return "images"
+
+
+def _checked_split(data, arg: str, in_memory="auto", budget: int = DEFAULT_MEMORY_BUDGET, kind: str = "auto"):
+    """Samples (a tensor, or :class:`LazyImages` read per batch) and int64 labels of one
+    split, of equal and non-zero length. A Dataset whose items change between reads
+    (:func:`random_reads`) is always read per batch, never frozen at load."""
+    kind = data_kind(data, arg, kind)
+    why = random_reads(data, arg, kind) if _is_dataset(data) and len(data) > 0 else None
+    if why is not None:
+        if in_memory is True:
+            warnings.warn(f"in_memory=True: {arg} is read per batch all the same: {why}, and reading it into "
+                          "memory would freeze one draw for every epoch and round", UserWarning, stacklevel=4)
+        log.info("%s: read per batch, never frozen: %s (augmentation); every epoch of every round sees fresh "
+                 "draws, and FedSQ's mask cache steps aside for it", arg, why)
+        x = LazyImages(data, arg, kind, random=True)
+        lazy = x, _dataset_labels(data, len(data), arg)
+    else:
+        lazy = _lazy_split(data, arg, in_memory, budget, kind)
     if lazy is None:
-        x, y = _as_images_labels(data, arg)
-        x, y = _to_float_images(x, f"{arg} images"), _to_labels(y, f"{arg} labels")
+        x, y = _as_images_labels(data, arg, kind)
+        x, y = _to_float_images(x, f"{arg} {'images' if kind == 'images' else 'samples'}", kind), \
+            _to_labels(y, f"{arg} labels")
     else:
         x, y = lazy
     if len(x) != len(y):
@@ -570,12 +683,21 @@ def _checked_split(data, arg: str, in_memory="auto", budget: int = DEFAULT_MEMOR
 
 def make_bundle(train, test=None, *, num_classes: int | None = None, classes=(), name: str = "custom",
                 test_fraction: float = 0.2, seed: int = 12345, in_memory="auto",
-                memory_budget: int | None = None) -> DataBundle:
-    """Your own data as a :class:`DataBundle`: ``train`` (and ``test``) are ``(images, labels)``
-    (tensors or numpy arrays, memmaps included; images (N, C, H, W) or (N, H, W), uint8 scaled
-    to [0, 1], float used as given) or any map-style ``torch.utils.data.Dataset`` of
-    ``(image, label)`` items (ImageFolder included). Without ``test``, a seeded
+                memory_budget: int | None = None, kind: str = "auto") -> DataBundle:
+    """Your own data as a :class:`DataBundle`: ``train`` (and ``test``) are ``(samples, labels)``
+    (tensors or numpy arrays, memmaps included) or any map-style ``torch.utils.data.Dataset``
+    of ``(sample, label)`` items (ImageFolder included). Without ``test``, a seeded
     ``test_fraction`` of ``train`` is held out. ``num_classes`` defaults to max(label) + 1.
+
+    ``kind`` (:func:`data_kind`): ``"images"``, (N, C, H, W) or (N, H, W), uint8 scaled to
+    [0, 1], float used as given, resized and normalised for the model later; ``"tensor"``,
+    features (N, F), token ids (N, L), sequences (N, L, F), ...: used as given (floats as
+    float32, integers kept as int64, never scaled); ``"auto"`` (default): tensor for 2-D data
+    (and Dataset items of one dim), images otherwise.
+
+    A Dataset whose items change between reads (random transforms: augmentation) is found
+    here (:func:`random_reads`) and read per batch whatever ``in_memory`` says, so that every
+    epoch sees fresh draws (logged).
 
     ``in_memory``: ``"auto"`` (default) reads a split into memory when its float32 copy fits
     in ``memory_budget`` bytes (default :data:`~.lazy.DEFAULT_MEMORY_BUDGET`, a quarter of
@@ -594,7 +716,8 @@ def make_bundle(train, test=None, *, num_classes: int | None = None, classes=(),
         memory_budget = DEFAULT_MEMORY_BUDGET
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 0:
         raise ValueError(f"memory_budget must be a number of bytes >= 0, got {memory_budget!r}")
-    x, y = _checked_split(train, "train", in_memory, memory_budget)
+    kind = data_kind(train, "train", kind)
+    x, y = _checked_split(train, "train", in_memory, memory_budget, kind)
     if test is None:
         if not (isinstance(test_fraction, (int, float)) and 0 < test_fraction < 1):
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
@@ -605,9 +728,9 @@ def make_bundle(train, test=None, *, num_classes: int | None = None, classes=(),
         tx, ty = take(x, perm[:n_test]), y[perm[:n_test]]
         x, y = take(x, perm[n_test:]), y[perm[n_test:]]
     else:
-        tx, ty = _checked_split(test, "test", in_memory, memory_budget)
+        tx, ty = _checked_split(test, "test", in_memory, memory_budget, kind)
         if tx.shape[1:] != x.shape[1:]:
-            raise ValueError(f"test: images of shape {tuple(tx.shape[1:])}, train's are {tuple(x.shape[1:])}")
+            raise ValueError(f"test: samples of shape {tuple(tx.shape[1:])}, train's are {tuple(x.shape[1:])}")
     lo = int(min(y.min(), ty.min()))
     hi = int(max(y.max(), ty.max()))
     if num_classes is None:
@@ -619,8 +742,8 @@ def make_bundle(train, test=None, *, num_classes: int | None = None, classes=(),
     classes = tuple(str(c) for c in classes) if classes else tuple(str(i) for i in range(num_classes))
     if len(classes) != num_classes:
         raise ValueError(f"classes: {len(classes)} names for num_classes={num_classes}")
-    return DataBundle(name, InMemoryDataset(x, y, num_classes, classes, "user"),
-                      InMemoryDataset(tx, ty, num_classes, classes, "user"))
+    return DataBundle(name, InMemoryDataset(x, y, num_classes, classes, "user", kind),
+                      InMemoryDataset(tx, ty, num_classes, classes, "user", kind))
 
 
 def __getattr__(name):

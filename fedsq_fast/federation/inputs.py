@@ -1,7 +1,10 @@
-"""What a model expects of its input and the per-batch transform that gives it: channels,
-size and normalisation (:class:`InputSpec`) read from the argument, the model or the zoo,
-applied by :class:`InputTransform` (resize once at load time; grey -> RGB and
-normalisation per batch, both cheap elementwise ops)."""
+"""What a model expects of its input and the per-batch transform that gives it. Images:
+channels, size and normalisation (:class:`InputSpec`) read from the argument, the model or
+the zoo, applied by :class:`InputTransform` (resize once at load time; grey -> RGB and
+normalisation per batch, both cheap elementwise ops). Other tensor data (features, token
+ids, sequences) is used as given: :class:`TensorSpec` / :class:`TensorTransform` only say
+whether integer samples are token ids (kept) or numbers (cast to float32).
+:func:`expected_input` names what a model takes, from its first layer."""
 from __future__ import annotations
 
 import math
@@ -89,12 +92,16 @@ def input_spec_of(model) -> InputSpec | None:
 @dataclass
 class InputTransform:
     """Per-batch: grey -> `channels` by repetition, then (x - mean) / std (identity when
-    mean/std are None)."""
+    mean/std are None). ``augment``: the training batches' augmentation
+    (:class:`~.augment.Augment`, applied by local training before this transform; never in
+    evaluation), or None."""
 
     channels: int
     size: int | None
     mean: tuple | None
     std: tuple | None
+    augment: object = None
+    kind = "images"
 
     def __post_init__(self):
         mean = self.mean if self.mean is not None else (0.0,) * self.channels
@@ -159,3 +166,123 @@ def input_transform_for(model_name: str | None, model=None, image_size: int | No
 
 
 # ---------------------------------------------------------------- your own data
+
+
+# ---------------------------------------------------------------- tensor data
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a model expects of tensor data (features, token ids, sequences), which is used as
+    given: ``integers`` says what integer samples become, ``"long"`` (token ids for an
+    ``nn.Embedding``: kept, never cast or scaled) or ``"float"`` (numbers for a Linear or a
+    conv: cast to float32). ``expects``: the model's input as words, for error messages."""
+
+    integers: str = "float"
+    expects: str = ""
+
+    def __post_init__(self):
+        if self.integers not in ("long", "float"):
+            raise ValueError(f"TensorSpec.integers must be 'long' or 'float', got {self.integers!r}")
+
+
+@dataclass
+class TensorTransform:
+    """Per-batch for tensor data: integer samples cast to float32 unless they are token ids
+    (``integers="long"``); nothing else (no resize, no normalisation, no channel mapping).
+    ``augment``: a callable augmentation of training batches (see :class:`InputTransform`)."""
+
+    integers: str = "float"
+    augment: object = None
+    kind = "tensor"
+    channels = None
+    size = None
+    mean = None
+    std = None
+
+    def resize(self, x: torch.Tensor, batch: int = 2048) -> torch.Tensor:
+        """Identity: tensor data keeps its shape."""
+        return x
+
+    def check_channels(self, data_channels) -> None:
+        """Nothing to check: tensor data has no channels to map."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.dtype.is_floating_point and self.integers == "float":
+            return x.float()
+        return x
+
+    def to(self, device) -> "TensorTransform":
+        """Itself (no constants to move)."""
+        return self
+
+
+# the layers a model's input meets first, and what each takes
+_INPUT_LAYERS = ("Conv1d", "Conv2d", "Conv3d", "Linear", "Bilinear", "Embedding", "EmbeddingBag",
+                 "RNN", "LSTM", "GRU", "TransformerEncoderLayer", "TransformerEncoder", "MultiheadAttention",
+                 "LayerNorm", "BatchNorm1d", "BatchNorm2d")
+
+
+def _describe_layer(m) -> str:
+    """What layer ``m`` takes, as the shape a batch must have."""
+    name = type(m).__name__
+    if name in ("Conv1d", "Conv2d", "Conv3d"):
+        dims = {"Conv1d": "L", "Conv2d": "H, W", "Conv3d": "D, H, W"}[name]
+        return f"(batch, {m.in_channels}, {dims}) ({name} with in_channels={m.in_channels})"
+    if name == "Linear":
+        return f"(batch, ..., {m.in_features}) ({name} with in_features={m.in_features})"
+    if name in ("Embedding", "EmbeddingBag"):
+        return (f"integer token ids in [0, {m.num_embeddings}), (batch, L) "
+                f"({name}({m.num_embeddings}, {m.embedding_dim}))")
+    if name in ("RNN", "LSTM", "GRU"):
+        order = "(batch, L, " if m.batch_first else "(L, batch, "
+        return f"{order}{m.input_size}) ({name} with input_size={m.input_size}, batch_first={m.batch_first})"
+    if name in ("TransformerEncoderLayer", "TransformerEncoder", "MultiheadAttention"):
+        layer = m.layers[0] if name == "TransformerEncoder" else m
+        attn = layer if name == "MultiheadAttention" else layer.self_attn
+        bf = getattr(attn, "batch_first", False)
+        return f"{'(batch, L, ' if bf else '(L, batch, '}{attn.embed_dim}) ({name}, batch_first={bf})"
+    if name == "LayerNorm":
+        return f"(batch, ..., {', '.join(map(str, m.normalized_shape))}) (LayerNorm)"
+    if name in ("BatchNorm1d", "BatchNorm2d"):
+        return f"(batch, {m.num_features}, ...) ({name} with num_features={m.num_features})"
+    return name
+
+
+def first_layer(model, x: torch.Tensor | None = None):
+    """The first layer ``model``'s input meets: the first module called when ``model`` runs on
+    ``x`` (a probe forward, eval mode, modes restored; its errors are ignored, the module that
+    raised is still the first one called), else the first of :data:`_INPUT_LAYERS` in
+    definition order. None when neither finds one."""
+    from torch import nn
+
+    if x is not None:
+        seen = []
+        hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append(mod) if not seen else None)
+                 for m in model.modules() if type(m).__name__ in _INPUT_LAYERS or
+                 (not list(m.children()) and any(True for _ in m.parameters(recurse=False)))]
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(x)
+        except Exception:  # noqa: BLE001 - the probe only looks for the first module called
+            pass
+        finally:
+            model.train(was)
+            for h in hooks:
+                h.remove()
+        if seen:
+            return seen[0]
+    return next((m for m in model.modules() if type(m).__name__ in _INPUT_LAYERS and isinstance(m, nn.Module)), None)
+
+
+def expected_input(model, x: torch.Tensor | None = None) -> str:
+    """What ``model`` takes, in words, from its first layer (:func:`first_layer`), e.g.
+    ``"(batch, ..., 30) (Linear with in_features=30)"``; "" when no layer says."""
+    m = first_layer(model, x)
+    return "" if m is None else _describe_layer(m)
+
+
+def takes_token_ids(model, x: torch.Tensor | None = None) -> bool:
+    """Whether the first layer of ``model`` is an embedding (integer samples are token ids)."""
+    m = first_layer(model, x)
+    return m is not None and type(m).__name__ in ("Embedding", "EmbeddingBag")

@@ -28,7 +28,13 @@ import os
 import numpy as np
 import torch
 
-__all__ = ["LazyImages", "DEFAULT_MEMORY_BUDGET", "is_lazy", "take", "rows", "resized"]
+__all__ = ["LazyImages", "DEFAULT_MEMORY_BUDGET", "is_lazy", "is_random", "take", "rows", "resized",
+           "KINDS", "read_item"]
+
+# What a split's samples are: "images" ((C, H, W); uint8 scaled to [0, 1], resized and
+# normalised for the model) or "tensor" (features (F,), token ids (L,), sequences (L, F), ...:
+# used as given, floats as float32, integers kept as integers).
+KINDS = ("images", "tensor")
 
 
 def _default_budget() -> int:
@@ -71,8 +77,8 @@ def _memmap_file_offset(arr: np.memmap) -> int:
 class _ArraySource:
     """Rows of a numpy array (memmap) or torch tensor, read by fancy indexing."""
 
-    def __init__(self, arr, arg: str):
-        self.arr, self.arg = arr, arg
+    def __init__(self, arr, arg: str, kind: str = "images"):
+        self.arr, self.arg, self.kind = arr, arg, kind
         if isinstance(arr, torch.Tensor):
             dt = arr.dtype
             if dt == torch.bool or dt.is_complex:
@@ -80,11 +86,15 @@ class _ArraySource:
         else:
             if arr.dtype.kind not in "uif":
                 raise TypeError(f"{arg}: images must be real numbers, got numpy dtype {arr.dtype}")
-        if arr.ndim not in (3, 4):
+        if kind == "images" and arr.ndim not in (3, 4):
             raise ValueError(f"{arg}: images must be (N, C, H, W) or (N, H, W), got shape {tuple(arr.shape)}")
+        if kind == "tensor" and arr.ndim < 2:
+            raise ValueError(f"{arg}: samples must be at least (N, F) (features), got shape {tuple(arr.shape)}")
         self.n = int(arr.shape[0])
-        self.item_shape = tuple(int(s) for s in arr.shape[1:]) if arr.ndim == 4 else (1, *map(int, arr.shape[1:]))
+        self.item_shape = (tuple(int(s) for s in arr.shape[1:]) if arr.ndim != 3 or kind == "tensor"
+                           else (1, *map(int, arr.shape[1:])))
         self.uint8 = (arr.dtype == torch.uint8) if isinstance(arr, torch.Tensor) else arr.dtype == np.uint8
+        self.integer = (not arr.dtype.is_floating_point) if isinstance(arr, torch.Tensor) else arr.dtype.kind in "iu"
 
     def read(self, base: np.ndarray) -> torch.Tensor:
         if isinstance(self.arr, torch.Tensor):
@@ -100,20 +110,57 @@ class _ArraySource:
                 raise ValueError(f"{self.arg}: a memmap view that is not C-contiguous cannot be opened again in a "
                                  "worker process; pass a contiguous memmap of the file")
             arr = (_open_memmap, (a.filename, a.dtype.str, a.shape, _memmap_file_offset(a)))
-            return (_rebuild_array_source, (arr, self.arg))
-        return (_ArraySource, (a, self.arg))
+            return (_rebuild_array_source, (arr, self.arg, self.kind))
+        return (_ArraySource, (a, self.arg, self.kind))
 
 
-def _rebuild_array_source(opener, arg):
+def _rebuild_array_source(opener, arg, kind="images"):
     fn, args = opener
-    return _ArraySource(fn(*args), arg)
+    return _ArraySource(fn(*args), arg, kind)
 
 
-def item_image(item, arg: str, i: int) -> torch.Tensor:
-    """The image of one Dataset item as a (C, H, W) tensor in its own dtype."""
+def _item_path(ds, i: int):
+    """The file behind item ``i`` of an ImageFolder-like Dataset (``samples``), if it says."""
+    try:
+        folders = getattr(ds, "folders", None)
+        if folders is not None and hasattr(ds, "offsets"):  # data._Folders
+            k = int(np.searchsorted(ds.offsets, i, side="right")) - 1
+            return _item_path(folders[k], int(i - ds.offsets[k]))
+        samples = getattr(ds, "samples", None)
+        return str(samples[i][0]) if samples is not None else None
+    except Exception:  # only a hint for the error message
+        return None
+
+
+def read_item(ds, i: int, arg: str):
+    """``ds[i]``, with an image file that cannot be decoded (PIL's UnidentifiedImageError, a
+    truncated file, a decompression bomb: an image of more pixels than PIL allows) reported as
+    a one-line ValueError naming ``arg[i]`` and the file, as a bad image is everywhere."""
+    try:
+        from PIL.Image import DecompressionBombError as _Bomb
+    except ImportError:  # pragma: no cover - torchvision brings PIL
+        _Bomb = OSError
+    try:
+        return ds[i]
+    except (OSError, _Bomb) as e:
+        path = _item_path(ds, i)
+        where = f" ({path})" if path else ""
+        raise ValueError(f"{arg}[{i}]{where}: not a readable image ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def item_image(item, arg: str, i: int, kind: str = "images") -> torch.Tensor:
+    """The sample of one Dataset item in its own dtype: an image as a (C, H, W) tensor
+    (``kind="images"``; (H, W) gets C = 1, a PIL image is converted), any other sample as
+    the tensor it is (``kind="tensor"``)."""
     if not isinstance(item, (tuple, list)) or len(item) < 2:
-        raise ValueError(f"{arg}[{i}]: items must be (image, label) pairs, got {type(item).__name__}")
+        what = "image" if kind == "images" else "sample"
+        raise ValueError(f"{arg}[{i}]: items must be ({what}, label) pairs, got {type(item).__name__}")
     img = item[0]
+    if kind == "tensor":
+        if not isinstance(img, (torch.Tensor, np.ndarray)):
+            raise TypeError(f"{arg}[{i}]: sample must be a tensor or array, got {type(img).__name__}")
+        return torch.as_tensor(img)
     if not isinstance(img, (torch.Tensor, np.ndarray)):
         if hasattr(img, "convert") and hasattr(img, "size"):  # a PIL image
             from torchvision.transforms.functional import pil_to_tensor
@@ -130,29 +177,34 @@ def item_image(item, arg: str, i: int) -> torch.Tensor:
 class _DatasetSource:
     """Items of a map-style Dataset, read one by one and stacked per batch."""
 
-    def __init__(self, ds, arg: str):
-        self.ds, self.arg = ds, arg
+    def __init__(self, ds, arg: str, kind: str = "images"):
+        self.ds, self.arg, self.kind = ds, arg, kind
         self.n = len(ds)
         if self.n == 0:
             raise ValueError(f"{arg}: the dataset is empty")
-        first = item_image(ds[0], arg, 0)
-        if first.dim() != 3:
+        first = item_image(read_item(ds, 0, arg), arg, 0, kind)
+        if kind == "images" and first.dim() != 3:
             raise ValueError(f"{arg}[0]: image must be (C, H, W) or (H, W), got shape {tuple(first.shape)}")
+        if kind == "tensor" and first.dim() < 1:
+            raise ValueError(f"{arg}[0]: sample must be at least (F,) (features), got a scalar")
         if first.dtype == torch.bool or first.is_complex():
-            raise TypeError(f"{arg}[0]: images must be real numbers, got dtype {first.dtype}")
+            raise TypeError(f"{arg}[0]: samples must be real numbers, got dtype {first.dtype}")
         self.item_shape, self.dtype = tuple(first.shape), first.dtype
         self.uint8 = first.dtype == torch.uint8
+        self.integer = not first.dtype.is_floating_point
 
     def read(self, base: np.ndarray) -> torch.Tensor:
         out = torch.empty((len(base), *self.item_shape), dtype=self.dtype)
         for j, i in enumerate(base.tolist()):
-            img = item_image(self.ds[i], self.arg, i)
+            img = item_image(read_item(self.ds, i, self.arg), self.arg, i, self.kind)
             if tuple(img.shape) != self.item_shape:
-                raise ValueError(f"{self.arg}[{i}]: image shape {tuple(img.shape)} differs from item 0's "
+                raise ValueError(f"{self.arg}[{i}]: {'image' if self.kind == 'images' else 'sample'} shape "
+                                 f"{tuple(img.shape)} differs from item 0's "
                                  f"{self.item_shape}; give the dataset a transform that resizes "
                                  "(e.g. torchvision.transforms.Resize((32, 32)))")
             if img.dtype != self.dtype:
-                raise TypeError(f"{self.arg}[{i}]: image dtype {img.dtype} differs from item 0's {self.dtype}")
+                raise TypeError(f"{self.arg}[{i}]: {'image' if self.kind == 'images' else 'sample'} dtype "
+                                f"{img.dtype} differs from item 0's {self.dtype}")
             out[j] = img
         return out
 
@@ -164,11 +216,13 @@ class LazyImages:
     give views; index tensors/arrays read. Build one with :func:`~.data.make_bundle`
     (``in_memory=False``, or data past its memory budget) rather than by hand."""
 
-    def __init__(self, source, arg: str = "images"):
+    def __init__(self, source, arg: str = "images", kind: str = "images", random: bool = False):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
         if isinstance(source, (np.ndarray, torch.Tensor)):
-            self._src = _ArraySource(source, arg)
+            self._src = _ArraySource(source, arg, kind)
         elif hasattr(source, "__getitem__") and hasattr(source, "__len__"):
-            self._src = _DatasetSource(source, arg)
+            self._src = _DatasetSource(source, arg, kind)
         else:
             raise TypeError(f"{arg}: expected a numpy array/memmap, a tensor or a map-style Dataset, "
                             f"got {type(source).__name__}")
@@ -176,6 +230,13 @@ class LazyImages:
         self._index = None  # positions -> source rows; None: the identity
         self._resize = None  # an InputTransform whose resize() runs per batch
         self.reads = 0  # samples read so far (this view; a diagnostic)
+        # a Dataset whose items change between reads (random transforms): never read into memory
+        self.random = bool(random)
+
+    @property
+    def kind(self) -> str:
+        """``"images"`` or ``"tensor"`` (see :data:`KINDS`)."""
+        return self._src.kind
 
     # ------------------------------------------------------------------ tensor-like
     def __len__(self) -> int:
@@ -183,17 +244,24 @@ class LazyImages:
 
     @property
     def shape(self) -> torch.Size:
-        c, h, w = self._src.item_shape
+        shape = self._src.item_shape
         if self._resize is not None and self._resize.size is not None:
-            h = w = int(self._resize.size)
-        return torch.Size((len(self), c, h, w))
+            shape = (*shape[:-2], int(self._resize.size), int(self._resize.size))
+        return torch.Size((len(self), *shape))
 
-    dtype = torch.float32
+    @property
+    def dtype(self) -> torch.dtype:
+        """float32, but integer samples of kind "tensor" (token ids), which stay int64."""
+        return torch.int64 if self._src.kind == "tensor" and self._src.integer else torch.float32
+
     device = torch.device("cpu")
-    ndim = 4
+
+    @property
+    def ndim(self) -> int:
+        return 1 + len(self._src.item_shape)
 
     def dim(self) -> int:
-        return 4
+        return self.ndim
 
     def size(self, d=None):
         return self.shape if d is None else self.shape[d]
@@ -203,7 +271,8 @@ class LazyImages:
         return self
 
     def __repr__(self):
-        return f"LazyImages({tuple(self.shape)}, source={type(self._src.arr if isinstance(self._src, _ArraySource) else self._src.ds).__name__})"
+        src = type(self._src.arr if isinstance(self._src, _ArraySource) else self._src.ds).__name__
+        return f"LazyImages({tuple(self.shape)}, kind={self.kind}{', random' if self.random else ''}, source={src})"
 
     # ------------------------------------------------------------------ indexing
     def _positions(self, key) -> np.ndarray:
@@ -233,6 +302,7 @@ class LazyImages:
     def _view(self, index, resize) -> "LazyImages":
         v = object.__new__(LazyImages)
         v._src, v.arg, v._index, v._resize, v.reads = self._src, self.arg, index, resize, 0
+        v.random = self.random
         return v
 
     def select(self, key) -> "LazyImages":
@@ -248,15 +318,19 @@ class LazyImages:
         return self._view(self._index, transform)
 
     def read(self, key=None) -> torch.Tensor:
-        """Samples ``key`` (all when None) as a float32 ``(B, C, H, W)`` tensor."""
+        """Samples ``key`` (all when None) as a float32 ``(B, C, H, W)`` tensor (kind
+        "tensor": ``(B, *sample shape)``, float32, or int64 for integer samples)."""
         pos = np.arange(len(self), dtype=np.int64) if key is None else self._positions(key)
         base = self._base(pos)
         if len(base) == 0:
-            return torch.zeros((0, *self.shape[1:]), dtype=torch.float32)
+            return torch.zeros((0, *self.shape[1:]), dtype=self.dtype)
         x = self._src.read(base)
         self.reads += len(base)
         floating = x.dtype.is_floating_point
-        x = x.float() / 255.0 if self._src.uint8 else x.float()
+        if self._src.kind == "tensor":
+            x = x.float() if floating else x.long()  # token ids stay integers
+        else:
+            x = x.float() / 255.0 if self._src.uint8 else x.float()
         bad = ~torch.isfinite(x.reshape(len(x), -1)).all(1) if floating else None  # integers are finite
         if bad is not None and bool(bad.any()):
             raise ValueError(f"{self.arg}: image {int(base[int(torch.nonzero(bad)[0, 0])])} holds NaN or Inf")
@@ -278,6 +352,12 @@ class LazyImages:
 def is_lazy(x) -> bool:
     """Whether ``x`` is images read per batch (:class:`LazyImages`)."""
     return isinstance(x, LazyImages)
+
+
+def is_random(x) -> bool:
+    """Whether ``x`` is samples that change between reads (a Dataset with random transforms,
+    read per batch: :class:`LazyImages` with ``random=True``)."""
+    return isinstance(x, LazyImages) and x.random
 
 
 def take(x, idx):

@@ -176,10 +176,10 @@ def write_metrics(out_dir: Path, method: str, cfg, history: list, summary: dict)
     """OUT/metrics.json (atomic: config, summary, per-round history) and OUT/metrics.csv."""
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = {"method": method, "config": cfg.to_dict(), "summary": summary, "history": history}
-    tmp = out_dir / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(jsonable(doc), indent=1))
-    tmp.replace(out_dir / "metrics.json")
-    with open(out_dir / "metrics.csv", "w", newline="") as f:
+    from ..outputs import replacing, write_text
+
+    write_text(out_dir / "metrics.json", json.dumps(jsonable(doc), indent=1))  # atomic, never through a link
+    with replacing(out_dir / "metrics.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
         for h in history:

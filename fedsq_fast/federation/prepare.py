@@ -16,8 +16,10 @@ from . import adapter, seeds
 from .client import derive_seed
 from .config import RunConfig, resolve_device
 from .data import DataBundle, load_dataset
-from .inputs import InputSpec, InputTransform, input_transform_for
-from .lazy import LazyImages, is_lazy, resized, rows, take
+from .augment import make_augment
+from .config import MethodSpec
+from .inputs import InputSpec, InputTransform, TensorSpec, TensorTransform, input_transform_for
+from .lazy import LazyImages, is_lazy, is_random, resized, rows, take
 from .partition import ClientRanges, class_counts, make_partition
 
 log = logging.getLogger("fedsq_fast.federation")
@@ -35,7 +37,7 @@ class FedData:
     test_x: torch.Tensor | LazyImages
     test_y: torch.Tensor
     probe: torch.Tensor  # fixed batch for gate stability
-    transform: InputTransform
+    transform: InputTransform | TensorTransform
     num_classes: int
     classes: tuple = ()
     counts: np.ndarray | None = None
@@ -84,15 +86,23 @@ def place_data(data: FedData, device) -> FedData:
 
 
 def prepare_data(cfg: RunConfig, bundle: DataBundle | None = None, model_name: str | None = None,
-                 *, input_spec: InputSpec | None = None, model=None) -> FedData:
+                 *, input_spec: InputSpec | TensorSpec | None = None, model=None, augment_fn=None) -> FedData:
     """Load, split (server validation / client pool), subsample, resize and partition;
     the tensors end on ``cfg.device`` when they fit (:func:`place_data`), which saves a
     host-to-device copy per batch.
 
     The model's input spec (channels, size, normalisation) is, in order: ``input_spec``,
     what ``model`` states (:func:`~fedsq_fast.federation.data.input_spec_of`), the zoo spec
-    of ``model_name`` or ``cfg.model``. ``bundle``: your own data (:func:`make_bundle`);
-    default: ``cfg.dataset`` loaded from its source."""
+    of ``model_name`` or ``cfg.model``. Tensor data (``bundle.train.kind == "tensor"``:
+    features, token ids, sequences) is used as given; ``input_spec`` may then be a
+    :class:`TensorSpec` (integers as token ids or numbers; default numbers). ``bundle``: your
+    own data (:func:`make_bundle`); default: ``cfg.dataset`` loaded from its source.
+
+    ``cfg.augment`` (none, flip, crop_flip; ``"callable:..."`` with ``augment_fn``, the
+    callable itself) is set on the transform, which local training applies to each training
+    batch (:mod:`.augment`). With augmentation, or a training Dataset whose items change
+    between reads, FedSQ's mask cache steps aside for training (logged): the gates are
+    computed from each batch as it is fed."""
     bundle = bundle if bundle is not None else load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.in_memory)
     tr = bundle.train
     n = len(tr)
@@ -116,8 +126,7 @@ def prepare_data(cfg: RunConfig, bundle: DataBundle | None = None, model_name: s
     te_idx = np.random.default_rng(derive_seed(cfg.seed, seeds.SPLIT, 1)).permutation(len(te))
     if cfg.max_test_samples is not None:
         te_idx = te_idx[:cfg.max_test_samples]
-    tf = input_transform_for(model_name or cfg.model, model=model, image_size=cfg.image_size,
-                             data_channels=tr.x.shape[1], spec=input_spec)
+    tf = _transform(cfg, tr, te, model_name, model, input_spec, augment_fn)
     pool, val, test = tr.subset(pool_idx), tr.subset(val_idx), te.subset(te_idx)
     parts = make_partition(cfg.partition, pool.y.numpy(), cfg.num_clients, alpha=cfg.alpha,
                            min_partition_size=cfg.min_partition_size,
@@ -132,6 +141,45 @@ def prepare_data(cfg: RunConfig, bundle: DataBundle | None = None, model_name: s
     data = FedData(resized(tf, take(pool.x, order)), pool.y[order], parts, vx, val.y, resized(tf, test.x), test.y,
                    rows(vx, slice(0, cfg.probe_size)), tf, tr.num_classes, tr.classes, counts)
     return place_data(data, resolve_device(cfg.device))
+
+
+def _transform(cfg, tr, te, model_name, model, input_spec, augment_fn):
+    """The per-batch input transform of the data's kind, with the run's augmentation."""
+    kind = getattr(tr, "kind", "images")
+    aug = make_augment(cfg.augment, augment_fn)
+    if kind == "tensor":
+        if isinstance(input_spec, InputSpec):
+            raise ValueError(f"input_spec: InputSpec describes images, but the data is {tuple(tr.x.shape[1:])} "
+                             "samples used as given (features, token ids or sequences); pass a model without a "
+                             "Conv2d, or image data (N, C, H, W)")
+        if cfg.image_size is not None:
+            raise ValueError(f"image_size: {cfg.image_size} resizes images; this data is {tuple(tr.x.shape[1:])} "
+                             "samples used as given (features, token ids or sequences): remove image_size")
+        if aug is not None and aug.images_only:
+            raise ValueError(f"augment: {cfg.augment!r} augments images (N, C, H, W); this data is "
+                             f"{tuple(tr.x.shape[1:])} samples used as given (features, token ids or sequences): "
+                             "use augment = 'none', or a callable through federate(augment=fn)")
+        spec = input_spec if isinstance(input_spec, TensorSpec) else TensorSpec()
+        tf = TensorTransform(spec.integers, augment=aug)
+    else:
+        if isinstance(input_spec, TensorSpec):
+            raise ValueError("input_spec: TensorSpec describes tensor data, but the data is images "
+                             f"{tuple(tr.x.shape[1:])}; pass an InputSpec(channels, size, mean, std) or none")
+        tf = input_transform_for(model_name or cfg.model, model=model, image_size=cfg.image_size,
+                                 data_channels=tr.x.shape[1], spec=input_spec)
+        tf.augment = aug
+    fedsq = any(MethodSpec.parse(m).dual for m in cfg.methods)
+    why = (f"augment = {aug.name!r} draws new training batches every step" if aug is not None
+           else "the training data changes between reads (random transforms)" if is_random(tr.x) else None)
+    if why is not None:
+        log.info("%s: %s", "data" if aug is None else "augment", why + (
+            "; FedSQ's mask cache steps aside for training: the gates are computed from each batch as fed"
+            if fedsq and cfg.mask_cache else ""))
+    if is_random(te.x) or is_random(tr.x):
+        log.info("data: validation%s read through a random transform: its numbers vary with the draws; "
+                 "give federate a test set without augmentation for stable ones",
+                 " and test data are" if is_random(te.x) else " data is")
+    return tf
 
 
 def warn_little_data(cfg: RunConfig, n_train: int, sizes: list) -> list[str]:

@@ -10,13 +10,21 @@ from pathlib import Path
 
 from torch import nn
 
+from ..outputs import remove_stale_temps, write_text
 from ..plots import plot_partition
-from . import adapter
+from . import adapter, checkpoint
 from .config import DATA_KEYS, MODEL_KEYS, MethodSpec, RunConfig, check_sources, from_mapping, validate
+from .augment import CALLABLE_PREFIX, callable_name
 from .data import InputSpec, input_spec_of, make_bundle
+from .inputs import TensorSpec, expected_input, takes_token_ids
+from .lazy import is_lazy, rows
 from .partition import PARTITIONS, partition_report, partition_table
 from .prepare import build_method_model, call_model_fn, prepare_data
 from .server import Federation
+
+
+# The files a run writes into its output folder itself (beside the methods' folders).
+RUN_FILES = ("partition.txt", "partition.png", "summary.md", "summary.csv", "accuracy.png", "rounds_to_best.png")
 
 
 def method_slug(method: str) -> str:
@@ -53,7 +61,7 @@ def parse_partition(spec: str) -> dict:
 
 def run_methods(cfg: RunConfig, out_dir=None, resume=False, quiet=False, echo=print, *, bundle=None,
                 model_fn=None, input_spec=None, progress: bool | None = None, transport_fn=None,
-                callbacks_fn=None, before_methods=None) -> dict:
+                callbacks_fn=None, before_methods=None, augment_fn=None) -> dict:
     """All of ``cfg.methods`` on one data split; returns {method: RunResult}. The one driver
     of every runtime: validate, check files, prepare data, write the partition, run each
     method's round loop.
@@ -63,28 +71,48 @@ def run_methods(cfg: RunConfig, out_dir=None, resume=False, quiet=False, echo=pr
     terminal, else one line per round (default: not ``quiet``). ``transport_fn(method)``:
     how clients are reached (default in process; Flower passes a GridTransport);
     ``callbacks_fn(method)``: extra callbacks per method; ``before_methods(data)``: called
-    once the data is ready (Flower waits for its nodes there)."""
+    once the data is ready (Flower waits for its nodes there); ``augment_fn``: the callable a
+    ``"callable:..."`` value of ``cfg.augment`` stands for (:func:`federate`)."""
     names = None if model_fn is not None else adapter.list_models()
     validate(cfg, names, own_data=bundle is not None)
     if transport_fn is not None and cfg.workers > 1:
         raise ValueError(f"workers: {cfg.workers} asked for, but this runtime's transport reaches the clients "
                          "(Flower: the SuperNodes train them); set workers = 1")
+    if augment_fn is not None and cfg.workers > 1:
+        import pickle
+
+        try:
+            pickle.dumps(augment_fn)
+        except (pickle.PicklingError, AttributeError, TypeError) as e:
+            raise ValueError(f"augment: the callable must be picklable (a module-level function) for workers = "
+                             f"{cfg.workers} to apply it: {e}") from None
     check_sources(cfg, names, own_data=bundle is not None)  # data_root and weights files, before loading
     out = Path(out_dir or cfg.out_dir)
     check_out_dir(out)
+    if cfg.checkpoint:  # a checkpoint path that is a folder, or a bad signing key: before any data loads
+        for m in cfg.methods:
+            checkpoint.check_path(out / method_slug(m) / "checkpoint.safetensors")
+        checkpoint.signing_key()
+    if resume:  # what a killed write of the folder's own files left (our names only)
+        remove_stale_temps(out, tuple(f".{n}.*.tmp" for n in RUN_FILES))
     t0 = time.perf_counter()
-    data = prepare_data(cfg, bundle, input_spec=input_spec)
+    data = prepare_data(cfg, bundle, input_spec=input_spec, augment_fn=augment_fn)
     preflight_models(cfg, data, model_fn)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "partition.txt").write_text(partition_table(data.counts, data.classes) + "\n")  # every client
+    write_text(out / "partition.txt", partition_table(data.counts, data.classes) + "\n")  # every client
     plot_partition(data.counts, out / "partition.png", data.classes,
                    f"{cfg.dataset}, {partition_tag(cfg.to_dict())}, seed {cfg.seed}")
     if not quiet:
         tf = data.transform
-        echo(f"data: {cfg.dataset} pool {len(data.y)}, val {len(data.val_y)}, test {len(data.test_y)}, "
-             f"input {tuple(data.x.shape[1:])} -> {tf.channels} ch, "
-             f"{'no normalisation' if tf.mean is None else 'normalised'} "
-             f"({time.perf_counter() - t0:.1f} s)")
+        what = (f"input {tuple(data.x.shape[1:])} {data.x.dtype} used as given"
+                if getattr(tf, "kind", "images") == "tensor" else
+                f"input {tuple(data.x.shape[1:])} -> {tf.channels} ch, "
+                f"{'no normalisation' if tf.mean is None else 'normalised'}")
+        aug = getattr(tf, "augment", None)
+        echo(f"data: {cfg.dataset} pool {len(data.y)}, val {len(data.val_y)}, test {len(data.test_y)}, {what}"
+             + (f", augment {aug.name}" if aug is not None else "")
+             + (", read per batch (items change between reads)" if getattr(data.x, "random", False) else "")
+             + f" ({time.perf_counter() - t0:.1f} s)")
         echo(partition_report(data.counts, data.classes))  # beyond 50 clients: quantiles, not rows
     if before_methods is not None:
         before_methods(data)
@@ -131,12 +159,14 @@ def preflight_models(cfg: RunConfig, data, model_fn=None) -> None:
         source = "model_fn" if model_fn is not None else f"model {cfg.model!r}"
         model = call_model_fn(model_fn, cfg.seed) if model_fn is not None else build_method_model(cfg, dual, data)
         model, _ = adapter.method_model(model, method, dual, quant_bn=cfg.quant_bn,
-                                        allow_ungated=cfg.allow_ungated, source=source)
+                                        allow_ungated=cfg.allow_ungated, soft_gates=cfg.soft_gates, source=source)
         adapter.check_model_io(model.to(data.val_x.device), data.val_x, data.transform, data.num_classes, source)
 
 
 def check_out_dir(out: Path) -> None:
     """Refuse an output folder that cannot be one, before any data is loaded."""
+    import tempfile
+
     p = Path(out)
     for q in (p, *p.parents):
         if q.exists():
@@ -144,12 +174,18 @@ def check_out_dir(out: Path) -> None:
                 raise ValueError(f"out_dir: {q} exists and is not a folder")
             if not os.access(q, os.W_OK | os.X_OK):
                 raise ValueError(f"out_dir: {q} is not writable")
+            try:  # what access() cannot tell (root, /proc, /sys, a read-only mount): make a folder there
+                os.rmdir(tempfile.mkdtemp(prefix=".fedsq-probe-", dir=q))
+            except OSError as e:
+                raise ValueError(f"out_dir: cannot create folders in {q} "
+                                 f"({e.strerror or type(e).__name__}; {p} would be made there)") from None
             break
 
 
 def federate(model_fn, train, test=None, *, config=None, methods=None, input_spec=None,
              num_classes: int | None = None, classes=(), out_dir=None, resume: bool = False,
-             quiet: bool = False, echo=print, in_memory="auto", memory_budget: int | None = None) -> dict:
+             quiet: bool = False, echo=print, in_memory="auto", memory_budget: int | None = None,
+             augment=None) -> dict:
     """Federated fine-tuning of your own model on your own data, in one call.
 
     ``model_fn()``: builds the initial model (a plain ``nn.Module``; fedsq methods convert
@@ -163,8 +199,17 @@ def federate(model_fn, train, test=None, *, config=None, methods=None, input_spe
     (``model.input_spec``, the zoo attributes, or its first conv's ``in_channels``), else
     the data as given. ``in_memory`` / ``memory_budget``: whether the images are read into
     memory or per batch (:func:`make_bundle`; default: into memory when they fit in a quarter
-    of the machine's memory; the results are the same). Every argument is checked before any
-    training; returns ``{method: RunResult}``."""
+    of the machine's memory; the results are the same). ``augment``: per-batch augmentation
+    of the training images, ``"none"``, ``"flip"``, ``"crop_flip"`` (the config key
+    ``augment``; docs/federation.md) or a callable ``fn(x, generator) -> x``
+    (:mod:`fedsq_fast.federation.augment`; recorded as ``"callable:<module>.<name>"``).
+
+    Data: images (N, C, H, W) / (N, H, W), features (N, F), token ids (N, L) (integers, kept
+    as such for a model whose first layer is an ``nn.Embedding``, else cast to float32) and
+    sequences (N, L, F): a model with a Conv2d (or an ``input_spec``) takes images; any other
+    model takes the samples as given (no resize, no normalisation). A Dataset whose items
+    change between reads (random transforms) is read per batch, never frozen (logged).
+    Every argument is checked before any training; returns ``{method: RunResult}``."""
     adapter.check_model_fn(model_fn)
     config = dict(config or {})
     unused = sorted(k for k in config if k.replace("-", "_") in DATA_KEYS + MODEL_KEYS)
@@ -175,20 +220,66 @@ def federate(model_fn, train, test=None, *, config=None, methods=None, input_spe
         config["methods"] = list(methods) if not isinstance(methods, str) else methods
     if out_dir is not None:
         config["out_dir"] = str(out_dir)
-    bundle = make_bundle(train, test, num_classes=num_classes, classes=classes, in_memory=in_memory,
-                         memory_budget=memory_budget)
+    augment_fn = None
+    if augment is not None:
+        if "augment" in config:
+            raise ValueError("augment: given as an argument and in config; give it once")
+        if callable(augment):
+            augment_fn, config["augment"] = augment, CALLABLE_PREFIX + callable_name(augment)
+        else:
+            config["augment"] = augment
     cfg = from_mapping(config)
-    probe = call_model_fn(model_fn, cfg.seed)
-    if not isinstance(probe, nn.Module):
-        raise TypeError(f"model_fn must return a torch.nn.Module, got {type(probe).__name__}")
     if input_spec is not None and not isinstance(input_spec, InputSpec):
         input_spec = InputSpec(*input_spec) if isinstance(input_spec, (tuple, list)) else input_spec
         if not isinstance(input_spec, InputSpec):
             raise TypeError(f"input_spec must be an InputSpec or (channels, size, mean, std), got "
                             f"{type(input_spec).__name__}")
-    spec = input_spec or input_spec_of(probe) or InputSpec(int(bundle.train.x.shape[1]))
+    probe = call_model_fn(model_fn, cfg.seed)
+    if not isinstance(probe, nn.Module):
+        raise TypeError(f"model_fn must return a torch.nn.Module, got {type(probe).__name__}")
+    image_model = input_spec is not None or input_spec_of(probe) is not None
+    bundle = make_bundle(train, test, num_classes=num_classes, classes=classes, in_memory=in_memory,
+                         memory_budget=memory_budget, kind="auto" if image_model else _sample_kind(train))
+    if bundle.train.kind == "tensor":
+        sample = rows(bundle.train.x, slice(0, 1))
+        if image_model:
+            raise ValueError(f"train: samples of shape {tuple(bundle.train.x.shape[1:])} (features, token ids or "
+                             f"sequences), but the model takes images: "
+                             f"{expected_input(probe, sample) or 'it has a Conv2d'}"
+                             + ("; input_spec describes images too" if input_spec is not None else "")
+                             + "; give image data (N, C, H, W) or a model for this data")
+        spec = TensorSpec("long" if takes_token_ids(probe, sample) else "float", expected_input(probe, sample))
+    else:
+        spec = input_spec or input_spec_of(probe) or InputSpec(int(bundle.train.x.shape[1]))
     del probe
     arch = "model_fn"
     cfg = cfg.replace(dataset=bundle.name, model=arch, weights=None)  # keeps the user's keys for validate
     return run_methods(cfg, cfg.out_dir, resume=resume, quiet=quiet, echo=echo, bundle=bundle,
-                       model_fn=model_fn, input_spec=spec)
+                       model_fn=model_fn, input_spec=spec, augment_fn=augment_fn)
+
+
+def _sample_kind(data) -> str:
+    """How :func:`federate` reads ``data`` for a model without a Conv2d: 3-D arrays (and
+    Datasets of 2-D items) that are not uint8 pixels are (N, L, F) sequences ("tensor"), not
+    grey images; everything else as :func:`~.data.data_kind` decides ("auto")."""
+    import numpy as np
+    import torch
+
+    from .data import InMemoryDataset, _is_dataset
+    from .lazy import read_item
+
+    x = None
+    if isinstance(data, (tuple, list)) and len(data) == 2 and not is_lazy(data[0]):
+        x = data[0]
+    elif _is_dataset(data) and not isinstance(data, InMemoryDataset):
+        try:
+            item = read_item(data, 0, "train") if len(data) else None
+        except (TypeError, IndexError):
+            return "auto"  # make_bundle names what is wrong
+        if isinstance(item, (tuple, list)) and item and isinstance(item[0], (torch.Tensor, np.ndarray)) \
+                and np.ndim(item[0]) == 2:
+            return "tensor" if torch.as_tensor(item[0]).dtype != torch.uint8 else "auto"
+        return "auto"
+    if isinstance(x, (torch.Tensor, np.ndarray)) and np.ndim(x) == 3:
+        return "tensor" if torch.as_tensor(x[:0]).dtype != torch.uint8 else "auto"
+    return "auto"

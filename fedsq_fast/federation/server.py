@@ -24,6 +24,7 @@ from . import adapter, checkpoint
 from .callbacks import GateStability, Progress
 from .client import LocalConfig, evaluate
 from .config import MethodSpec, RunConfig, config_differences, local_config, resolve_device, strategy_from_config
+from .lazy import is_random
 from .metrics import RoundRecord, drops_text, summarize, write_metrics
 from .prepare import (FedData, build_method_model, call_model_fn, place_data,  # noqa: F401 (API)
                       prepare_data, warn_little_data)
@@ -85,7 +86,8 @@ class Federation:
         if model_fn is not None and isinstance(model, nn.Module) and not (self.dual and not adapter.is_dualcopy(model)):
             model = copy.deepcopy(model)  # a model_fn that returns one shared object must not leak training across methods
         model, self.model_info = adapter.method_model(model, method, self.dual, quant_bn=cfg.quant_bn,
-                                                      allow_ungated=cfg.allow_ungated, source=source)
+                                                      allow_ungated=cfg.allow_ungated, soft_gates=cfg.soft_gates,
+                                                      source=source)
         self.model = model.to(self.device)
         adapter.check_model_io(self.model, data.val_x, data.transform, data.num_classes, source)
         if self.ablation and not callable(getattr(self.model, "set_structural_from_quantitative", None)):
@@ -121,8 +123,9 @@ class Federation:
     # ------------------------------------------------------------------ pieces
     def _new_val_cache(self) -> None:
         """A fresh mask cache over the validation split for the global model (FedSQ): its
-        structural copy is fixed, so validation is then one quantitative forward."""
-        if self.cfg.mask_cache:
+        structural copy is fixed, so validation is then one quantitative forward. None for
+        validation data that changes between reads (a Dataset with random transforms)."""
+        if self.cfg.mask_cache and not is_random(self.data.val_x):
             new_mask_cache(self.model, len(self.data.val_y))
 
     def close_caches(self) -> None:
@@ -153,7 +156,7 @@ class Federation:
         return None if self.out_dir is None else self.out_dir / "checkpoint.safetensors"
 
     def local_config(self, rnd: int) -> LocalConfig:
-        return local_config(self.cfg, self.strategy.client_config(rnd).get("prox_mu", 0.0))
+        return local_config(self.cfg, self.strategy.client_config(rnd).get("prox_mu", 0.0), rnd)
 
     def sample_clients(self, rnd: int) -> list[int]:
         return sample_clients(self.cfg, rnd)
@@ -193,7 +196,7 @@ class Federation:
             x, y = self.data.val_x, self.data.val_y
             if getattr(self.model, "mask_cache", None) is not None:
                 idx = torch.arange(len(y))
-        return evaluate(self.model, x, y, self.data.transform, self.cfg.eval_batch_size, idx)
+        return evaluate(self.model, x, y, self.data.transform, self.cfg.eval_batch_size, idx, self.cfg.precision)
 
     # ------------------------------------------------------------------ round
     def run_round(self, rnd: int) -> RoundRecord:
@@ -332,6 +335,16 @@ class Federation:
                 bad(f"model[{k!r}] is {t.dtype} {tuple(t.shape)}, this model has {own[k].dtype} {tuple(own[k].shape)}")
             if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
                 bad(f"model[{k!r}] holds NaN or Inf")
+        if self.cfg.plausible_scale is not None:  # the bound replies get, against the model the run starts from
+            from .strategy import implausible
+
+            sc = self.cfg.plausible_scale  # a variance is a squared scale: its bound squared
+            var = {k for k in own if k.endswith("running_var")}
+            why = (implausible({k: own[k] for k in own if k not in var}, model, sc)
+                   or implausible({k: own[k] for k in var}, model, sc * sc))
+            if why is not None:
+                bad(f"model {why} (plausible_scale = {self.cfg.plausible_scale:g}); no client update could "
+                    "repair it")
         server = groups.get("server", {})
         stepped = any(h.get("clients_ok", 0) > 0 for h in hist[1:])  # a server step ran at least once
         expect = self.strategy.expected_state_keys(adapter.payload_state(self.model)) if stepped else set()
@@ -384,6 +397,12 @@ class Federation:
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         start = 1
+        if self.ckpt_path is not None and self.cfg.checkpoint:  # before round 1, not after it
+            checkpoint.check_path(self.ckpt_path)
+            checkpoint.signing_key()
+        if resume and self.ckpt_path is not None:
+            for f in checkpoint.remove_stale_temps(self.ckpt_path):
+                log.info("%s: removed %s, left by a save that was killed", self.method, f)
         if resume and self.ckpt_path is not None and (
                 self.ckpt_path.exists() or checkpoint.previous(self.ckpt_path).exists()):
             start = self.load_checkpoint() + 1

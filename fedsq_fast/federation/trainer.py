@@ -19,7 +19,7 @@ from ..models import MaskCache
 from . import adapter
 from .client import LocalConfig, local_train
 from .config import MethodSpec, resolve_device, strategy_from_config
-from .lazy import is_lazy
+from .lazy import is_lazy, is_random
 from .prepare import build_method_model, prepare_data
 from .seeds import client_seed
 
@@ -49,7 +49,9 @@ def new_mask_cache(model: nn.Module, num_samples: int):
     old = getattr(model, "mask_cache", None)
     if old is not None:
         old.close()
-    cache = MaskCache(num_samples, max_bytes=MASK_CACHE_BYTES, policy="spill")
+    # inputs that change between reads (a random transform the load-time check missed) make the
+    # cache step aside (logged) instead of failing the run: masks are then computed per batch
+    cache = MaskCache(num_samples, max_bytes=MASK_CACHE_BYTES, policy="spill", on_change="step_aside")
     model.attach_cache(cache)
     return cache
 
@@ -61,12 +63,18 @@ class ClientTrainer:
     clients' samples stored client by client; ``parts``: client id -> contiguous index range
     into x (a list indexed by id in process, a one-entry dict on a SuperNode); ``seed``: the
     run's seed; ``local_keys(state)``: the payload keys a client keeps (FedBN's layers).
+    ``transform.augment`` (the run's augmentation, or None) is applied to every training
+    batch. The mask cache steps aside (``cache`` None, ``cache_off`` says why) where training
+    batches change between reads: augmentation, or data read through random transforms.
     """
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, parts, transform, *,
                  seed: int, mask_cache: bool = True, local_keys=None, own_model: bool = False):
         self.x, self.y, self.parts, self.transform, self.seed = x, y, parts, transform, seed
-        self.use_cache = mask_cache
+        self.augment = getattr(transform, "augment", None)
+        self.cache_off = (f"augment {self.augment.name!r}" if self.augment is not None
+                          else "random training data" if is_random(x) else None) if mask_cache else None
+        self.use_cache = mask_cache and self.cache_off is None
         self.local_keys = local_keys or (lambda state: set())
         self.local_states: dict[int, dict] = {}
         self.reset(model, own_model)
@@ -93,7 +101,7 @@ class ClientTrainer:
         sl = slice(int(part[0]), int(part[-1]) + 1) if len(part) else slice(0, 0)
         idx = torch.from_numpy(np.asarray(part)) if self.cache is not None else None
         info = local_train(self.worker, self.x[sl], self.y[sl], lcfg, client_seed(self.seed, rnd, cid),
-                           self.transform, idx)
+                           self.transform, idx, augment=self.augment)
         return adapter.payload_state(self.worker), info
 
     def keep_local(self, cid: int, glob: dict, state) -> None:
@@ -122,7 +130,8 @@ def client_trainer(cfg, method: str, cid: int, data=None, model: nn.Module | Non
     if model is None:
         model = build_method_model(cfg, dual, data)
         model, _ = adapter.method_model(model, method, dual, quant_bn=cfg.quant_bn,
-                                        allow_ungated=cfg.allow_ungated, source=f"model {cfg.model!r}")
+                                        allow_ungated=cfg.allow_ungated, soft_gates=cfg.soft_gates,
+                                        source=f"model {cfg.model!r}")
     device = resolve_device(cfg.device)
     return ClientTrainer(model.to(device), x.to(device), y.to(device), {cid: np.arange(len(y))}, data.transform.to(device),
                          seed=cfg.seed, mask_cache=cfg.mask_cache,

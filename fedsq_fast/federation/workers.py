@@ -141,7 +141,7 @@ def _build_model(recipe: dict, x, transform):
         data = SimpleNamespace(num_classes=recipe["num_classes"], transform=transform, x=x)
         model, source = build_method_model(cfg, dual, data), f"model {cfg.model!r}"
     model, _ = adapter.method_model(model, method, dual, quant_bn=cfg.quant_bn, allow_ungated=cfg.allow_ungated,
-                                    source=source)
+                                    soft_gates=cfg.soft_gates, source=source)
     return model
 
 

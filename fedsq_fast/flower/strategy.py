@@ -206,7 +206,7 @@ class FedSQStrategy(FlowerStrategy):
                  self.method, self.engine.name, self.fraction_train, self.min_train_nodes)
 
     def local_config(self, rnd: int) -> LocalConfig:
-        return local_config(self.cfg, self.engine.client_config(rnd).get("prox_mu", 0.0))
+        return local_config(self.cfg, self.engine.client_config(rnd).get("prox_mu", 0.0), rnd)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid
                         ) -> Iterable[Message]:

@@ -20,15 +20,25 @@ removes (a finalizer too, if nobody calls it). Where the disk has no room for
 the spilled rows, 'spill' recomputes them as 'partial' does (with a warning):
 writing a memmap past a full disk would kill the process.
 
+Soft gates (``dualcopy(soft_gates=True)`` with a SiLU/GELU/... site): their gates
+are tensors of the activation's dtype, not bits, so a cache bound to such a model
+steps aside: every batch runs the structural copy, nothing is stored (``nbytes``
+stays 0, every sample counts as a miss) and :attr:`MaskCache.stepped_aside` says why.
+A soft-gated model whose sites are all ReLU-like caches as before.
+
 Random data pipelines: masks are a function of the input, so a random
 transform (augmentation) makes cached masks wrong. The cache refuses a
 dataset whose transforms look random (``check_pipeline``) and, by default,
 checks a fingerprint of every cached sample's input on each hit
-(``check_inputs=True``); both are skipped with ``allow_random_transforms=True``.
+(``check_inputs=True``); both are skipped with ``allow_random_transforms=True``. A changed
+input raises (``on_change='error'``, DEFAULT) or makes the cache step aside for good
+(``on_change='step_aside'``, what the federation engine uses: logged once, every batch's
+masks are then computed by the structural copy from the batch as fed, nothing is stored).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -44,6 +54,8 @@ from .. import reference as _ref
 __all__ = ["MaskCache", "MaskCacheFullError", "IndexedDataset", "random_transforms_in"]
 
 DEFAULT_MAX_BYTES = 1 << 30
+ON_CHANGE = ("error", "step_aside")
+log = logging.getLogger("fedsq_fast.federation")
 
 
 class MaskCacheFullError(RuntimeError):
@@ -120,17 +132,22 @@ class MaskCache:
     dataset: a dataset/DataLoader to check for random transforms now.
     allow_random_transforms: skip the pipeline check and input fingerprints.
     check_inputs: verify each hit's input fingerprint (DEFAULT True; ~1 cheap pass).
+    on_change: what a changed input does: ``'error'`` (DEFAULT) raises ValueError;
+    ``'step_aside'`` logs once and stops caching (:attr:`stepped_aside` says why): masks are
+    computed from each batch from then on, so results equal an uncached run.
     """
 
     def __init__(self, num_samples: int, *, max_bytes: int = DEFAULT_MAX_BYTES, policy: str = "error",
                  path=None, dataset=None, allow_random_transforms: bool = False,
-                 check_inputs: bool = True, spill_dir=None):
+                 check_inputs: bool = True, spill_dir=None, on_change: str = "error"):
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         if not isinstance(max_bytes, int) or max_bytes < 1:
             raise ValueError(f"max_bytes must be a positive int, got {max_bytes!r}")
         if policy not in ("error", "partial", "spill"):
             raise ValueError(f"policy must be 'error', 'partial' or 'spill', got {policy!r}")
+        if on_change not in ON_CHANGE:
+            raise ValueError(f"on_change must be 'error' or 'step_aside', got {on_change!r}")
         if policy == "spill" and path is not None:
             raise ValueError("policy='spill' writes the rows past max_bytes to a temporary file; path= puts "
                              "every row in a file of yours: give one or the other")
@@ -140,6 +157,8 @@ class MaskCache:
         self.path = None if path is None else os.fspath(path)
         self.allow_random_transforms = bool(allow_random_transforms)
         self.check_inputs = bool(check_inputs) and not self.allow_random_transforms
+        self.on_change = on_change
+        self.stepped_aside = None  # why the cache stepped aside (on_change='step_aside'), or None
         self.layout = None  # [(n_bit_tensors, k per sample, channels_last)] per site
         self.row_bytes = None
         self.capacity = None
@@ -179,6 +198,14 @@ class MaskCache:
         if self._owner is not None and self._owner != fp:
             raise ValueError("this MaskCache holds masks of another structural copy; use a new cache")
         self._owner = fp
+        soft = [s.name for s in model.sites if getattr(s, "soft", False)]
+        # a soft gate is one value per element (4 bytes in float32), not a bit: storing
+        # it per sample would cost 32x a binary cache, and the structural forward up to
+        # the last soft site is most of the forward anyway
+        if soft:
+            self.stepped_aside = (
+                f"{len(soft)} soft gate site(s) ({', '.join(soft[:3])}{', ...' if len(soft) > 3 else ''}): their "
+                "gates are tensors, not bits; the structural copy runs on every batch and nothing is cached")
 
     # -- size ------------------------------------------------------------------
     @property
@@ -197,6 +224,8 @@ class MaskCache:
         return int(self._filled.sum())
 
     def __repr__(self):
+        if self.stepped_aside is not None:
+            return f"MaskCache(steps aside: {self.stepped_aside})"
         return (f"MaskCache({len(self)}/{self.num_samples} samples, {self.nbytes} B, "
                 f"row={self.row_bytes} B, policy={self.policy!r}, path={self.path!r})")
 
@@ -265,8 +294,9 @@ class MaskCache:
             new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
             return new
         new = type(self)(self.num_samples, max_bytes=self.max_bytes, policy=self.policy,
-                         allow_random_transforms=self.allow_random_transforms, spill_dir=self.spill_dir)
-        new.check_inputs, new._owner = self.check_inputs, self._owner
+                         allow_random_transforms=self.allow_random_transforms, spill_dir=self.spill_dir,
+                         on_change=self.on_change)
+        new.check_inputs, new._owner, new.stepped_aside = self.check_inputs, self._owner, self.stepped_aside
         memo[id(self)] = new
         return new
 
@@ -303,6 +333,9 @@ class MaskCache:
             self.bind(model)
         if model.mask_cache is not self:
             model.attach_cache(self)
+        if self.stepped_aside is not None:
+            self.misses += idx.numel()
+            return model.structural_masks(x_s)
         fp = _fingerprint(x_s) if self.check_inputs else None
         if self._rows is not None:
             cached = idx < self.capacity
@@ -312,6 +345,8 @@ class MaskCache:
                 old = self._fp[idx[filled]]
                 new = fp[filled]
                 if not torch.allclose(old, new, rtol=1e-9, atol=1e-6 * (1 + float(new.abs().max()))):
+                    if self.on_change == "step_aside":
+                        return self._step_aside(model, x_s, idx)
                     raise ValueError(
                         "MaskCache: the input of a cached sample changed (random transform or wrong "
                         "sample_idx?); pass allow_random_transforms=True to reuse the first masks on purpose"
@@ -323,6 +358,17 @@ class MaskCache:
         self.misses += idx.numel()
         self._store(idx, masks, fp, x_s.shape[0])
         return masks
+
+    def _step_aside(self, model, x_s, idx):
+        """Stop caching for good (the inputs change between reads): drop the rows, log why,
+        and compute this and every later batch's masks from the batch itself."""
+        self.stepped_aside = ("the input of a cached sample changed between reads (random transforms or "
+                              "augmentation)")
+        log.warning("mask cache steps aside: %s; FedSQ computes the gates from each batch as fed from now on "
+                    "(the same results, one structural pass per batch)", self.stepped_aside)
+        self.close()
+        self.misses += idx.numel()
+        return model.structural_masks(x_s)
 
     def _store(self, idx, masks, fp, batch):
         if self._rows is None:

@@ -37,7 +37,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from ..layers import struct_site
+from ..layers import fold_bias_bn, struct_site
 from .quant import QuantGraphModule, _build_quantitative
 from .trace import (GATEABLE, UNSUPPORTED_ACTIVATIONS, GateSite, _maxpool_args, _sites, _struct_maxpool,
                     _trace)
@@ -51,6 +51,7 @@ __all__ = [
     "replace_head",
     "QuantGraphModule",
     "UNSUPPORTED_ACTIVATIONS",
+    "TrainModeGateWarning",
 ]
 
 # ---------------------------------------------------------------------------
@@ -83,7 +84,16 @@ def _params_to_buffers(module: nn.Module) -> None:
 
 
 _FRESH_FUNCS = {operator.add, operator.iadd, torch.add}
-_AFFINE = (nn.Conv2d, nn.Linear, nn.Conv1d)
+# Layers whose bias (and a BatchNorm after them) fold into a gate site's epilogue, with
+# the channel dim of their output (layers.struct_site's ``cdim``): the last for Linear
+# (it takes any rank), -(N+1) for ConvNd (dim 1 batched, dim 0 unbatched).
+_AFFINE = {nn.Linear: -1, nn.Conv1d: -2, nn.Conv2d: -3, nn.Conv3d: -4}
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _affine_cdim(m):
+    """The output channel dim of an affine layer (see _AFFINE), or None."""
+    return next((c for t, c in _AFFINE.items() if isinstance(m, t)), None)
 
 
 def _const(gm, graph, name, value):
@@ -111,11 +121,11 @@ def _fold_conv_bn(gm):
             gm.graph.erase_node(n)
 
 
-def _build_structural(model, gate, gate_maxpool, allow_ungated, leaf_modules):
+def _build_structural(model, gate, gate_maxpool, allow_ungated, leaf_modules, soft=False):
     root = copy.deepcopy(model).eval()
     gm = _trace(root, leaf_modules, "eval")
     modules = dict(gm.named_modules())
-    sites = _sites(gm.graph, modules, gate, gate_maxpool, allow_ungated)
+    sites = _sites(gm.graph, modules, gate, gate_maxpool, allow_ungated, soft)
     graph = gm.graph
     calls = {}
     for n in graph.nodes:
@@ -131,35 +141,34 @@ def _build_structural(model, gate, gate_maxpool, allow_ungated, leaf_modules):
         else:
             scale = shift = None
             bn = None
-            # conv/linear [-> eval BN] -> act: bias and BN go into the epilogue.
-            if (inp.op == "call_module" and isinstance(modules[inp.target], nn.BatchNorm2d | nn.BatchNorm1d)
+            # affine [-> eval BN] -> act: bias and BN go into the epilogue.
+            if (inp.op == "call_module" and isinstance(modules[inp.target], _BN)
                     and len(inp.users) == 1 and calls[inp.target] == 1
                     and modules[inp.target].running_var is not None):
                 bn, inp_bn = modules[inp.target], inp
                 inp = inp.args[0]
-            aff = (inp.op == "call_module" and isinstance(modules[inp.target], _AFFINE)
-                   and len(inp.users) == 1 and calls[inp.target] == 1)
+            cdim = _affine_cdim(modules[inp.target]) if inp.op == "call_module" else None
+            aff = cdim is not None and len(inp.users) == 1 and calls[inp.target] == 1
+            split = None
             if aff:
                 lin = modules[inp.target]
-                shift = None if lin.bias is None else lin.bias.detach().float()
+                scale, shift, split = fold_bias_bn(lin.bias, bn)
                 lin.bias = None
-            if bn is not None and aff:
-                inv = torch.rsqrt(bn.running_var.float() + bn.eps)
-                g = bn.weight.detach().float() if bn.weight is not None else torch.ones_like(inv)
-                b = bn.bias.detach().float() if bn.bias is not None else torch.zeros_like(inv)
-                scale = g * inv
-                shift = ((-bn.running_mean.float()) if shift is None else shift - bn.running_mean.float()) * scale + b
-                inp_bn.replace_all_uses_with(inp)
-                graph.erase_node(inp_bn)
+                if bn is not None:
+                    inp_bn.replace_all_uses_with(inp)
+                    graph.erase_node(inp_bn)
             elif bn is not None:
                 inp = inp_bn  # BN without a conv before it: leave it as is
-            fresh = aff or (inp.op == "call_module" and isinstance(modules[inp.target], nn.BatchNorm2d | nn.BatchNorm1d)) \
+            fresh = aff or (inp.op == "call_module" and isinstance(modules[inp.target], _BN)) \
                 or (inp.op == "call_function" and inp.target in _FRESH_FUNCS)
             fresh = fresh and len(inp.users) == 1
             with graph.inserting_before(node):
                 s_node = None if scale is None else _const(gm, graph, f"_fedsq_scale_{i}", scale)
                 t_node = None if shift is None else _const(gm, graph, f"_fedsq_shift_{i}", shift)
-            args = (inp, s_node, t_node, site.kind, site.p1, site.p2, fresh)
+                if split is not None:  # bias and BN apart, for input ranks where their dims differ
+                    split = (None if split[0] is None else _const(gm, graph, f"_fedsq_bias_{i}", split[0]),
+                             s_node, _const(gm, graph, f"_fedsq_bnshift_{i}", split[2]))
+            args = (inp, s_node, t_node, site.kind, site.p1, site.p2, fresh, cdim if aff else 1, split)
             fn = struct_site
             kw = {}
         with graph.inserting_before(node):
@@ -184,6 +193,10 @@ def _build_structural(model, gate, gate_maxpool, allow_ungated, leaf_modules):
     return gm, [s for _, s in sites]
 
 
+class TrainModeGateWarning(UserWarning):
+    """dualcopy: some gate sites are fed by train-only randomness (see ``random_fed_sites``)."""
+
+
 # ---------------------------------------------------------------------------
 class DualCopyModel(nn.Module):
     """A FedSQ DualCopy model (build it with :func:`dualcopy`).
@@ -205,6 +218,7 @@ class DualCopyModel(nn.Module):
         self.sites = list(sites)
         self.config = dict(config)
         self.mask_cache = None
+        self.random_fed_sites = []  # gate sites fed by train-only randomness (set by dualcopy)
         self._record = None  # set by gate_stability to capture quantitative regimes
         self.structural.eval()
 
@@ -230,6 +244,9 @@ class DualCopyModel(nn.Module):
             x_q = x_s = x
         elif isinstance(x, (tuple, list)) and len(x) == 2 and all(isinstance(t, torch.Tensor) for t in x):
             x_q, x_s = x
+            if x_q.shape != x_s.shape:
+                raise ValueError(f"x = (x_q, x_s) must have the same shape, got {tuple(x_q.shape)} and "
+                                 f"{tuple(x_s.shape)}")
         else:
             raise TypeError(f"x must be a Tensor or a pair (x_q, x_s), got {type(x).__name__}")
         if masks is None:
@@ -300,7 +317,7 @@ class DualCopyModel(nn.Module):
                                for k, v in self.quantitative.state_dict().items()})
         cfg = self.config
         structural, sites = _build_structural(plain, cfg["gate"], cfg["gate_maxpool"], cfg["allow_ungated"],
-                                              leaf_modules)
+                                              leaf_modules, cfg.get("soft_gates", False))
         if sites != self.sites:
             raise RuntimeError("internal: the rebuilt structural copy has other gate sites")
         ref = next(iter(self.structural.buffers()), None)
@@ -334,6 +351,7 @@ def dualcopy(
     allow_ungated: bool = False,
     copy_model: bool = True,
     leaf_modules=(),
+    soft_gates: bool = False,
 ) -> DualCopyModel:
     """Turn ``model`` into a FedSQ DualCopy model (both copies start equal).
 
@@ -349,6 +367,12 @@ def dualcopy(
     copy_model: deep-copy the quantitative copy (DEFAULT True); False reuses
       ``model``'s modules (saves memory; training then changes ``model``).
     leaf_modules: module types fx should not trace into.
+    soft_gates: also gate SiLU, GELU (exact, tanh), Hardswish and Mish as
+      ``y_q = z_q * g(z_s)`` (g = sigmoid, Phi, hardsigmoid, tanh(softplus)) and
+      Sigmoid/Hardsigmoid whose output multiplies a feature map (squeeze-excitation)
+      as ``y_q = g(s_s)``; g from the structural copy, no gradient through it.
+      Beyond the paper (binary gates only): DEFAULT False, which converts exactly as
+      before. See docs/models.md, "Soft gates".
 
     Train-only logic is kept: the converted model equals ``model`` in eval mode,
     and in train mode its dropout / stochastic depth / ``if self.training:``
@@ -372,23 +396,36 @@ def dualcopy(
         raise ValueError(f"quant_bn must be 'train' or 'frozen', got {quant_bn!r}")
     if not isinstance(gate_maxpool, bool):
         raise TypeError(f"gate_maxpool must be a bool, got {type(gate_maxpool).__name__}")
+    if not isinstance(soft_gates, bool):
+        raise TypeError(f"soft_gates must be a bool, got {type(soft_gates).__name__}")
     if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
         raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
     leaf_modules = tuple(leaf_modules)
     was_training = model.training
-    structural, sites = _build_structural(model, gate, gate_maxpool, allow_ungated, leaf_modules)
-    if not any(s.kind != "maxpool" for s in sites):
-        raise ValueError("model has no gateable activation (ReLU/ReLU6/Hardtanh/LeakyReLU)")
+    structural, sites = _build_structural(model, gate, gate_maxpool, allow_ungated, leaf_modules, soft_gates)
     qmodel = copy.deepcopy(model) if copy_model else model
     if num_classes is not None:
         head = replace_head(qmodel, num_classes, head)
-    quantitative = _build_quantitative(qmodel, sites, gate, gate_maxpool, allow_ungated, leaf_modules, quant_bn)
+    quantitative = _build_quantitative(qmodel, sites, gate, gate_maxpool, allow_ungated, leaf_modules, quant_bn,
+                                       soft_gates)
     config = dict(gate=gate, gate_maxpool=gate_maxpool, quant_bn=quant_bn, num_classes=num_classes,
-                  head=head, allow_ungated=allow_ungated, arch=type(model).__name__)
+                  head=head, allow_ungated=allow_ungated, soft_gates=soft_gates, arch=type(model).__name__)
     for attr in ("input_size", "input_channels", "input_mean", "input_std"):
         if hasattr(model, attr):
             config[attr] = getattr(model, attr)
     dc = DualCopyModel(structural, quantitative, sites, config)
+    dc.random_fed_sites = list(getattr(quantitative, "random_fed_sites", []))
+    if dc.random_fed_sites:
+        import warnings
+
+        n = len(dc.random_fed_sites)
+        warnings.warn(
+            f"dualcopy: {n} gate site(s) of {type(model).__name__} are fed by train-only randomness (dropout or "
+            f"stochastic depth before the activation: {', '.join(dc.random_fed_sites[:3])}{', ...' if n > 3 else ''}; "
+            "all in dc.random_fed_sites). In train mode their gates come from the structural copy, which is eval "
+            "and noise-free, so the DualCopy model's train-mode output differs from the original's there: FedSQ's "
+            "fixed gates, not a conversion error (docs/models.md, 'Train-only logic'). Eval mode is exact.",
+            TrainModeGateWarning, stacklevel=2)
     # The architecture without gate rewrites, on the meta device (no memory):
     # set_structural_from_quantitative() rebuilds the structural copy from it.
     dc._template = [copy.deepcopy(qmodel).to("meta") if copy_model else None, leaf_modules]

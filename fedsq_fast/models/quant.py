@@ -1,12 +1,16 @@
 """The quantitative copy: the traced model with every gated activation replaced by
 ``quant_site`` (BatchNorm trains normally), one graph per mode when eval and train
-traces differ (:class:`QuantGraphModule`)."""
+traces differ (:class:`QuantGraphModule`). A soft squeeze-excitation site (``sigmoid``,
+``hardsigmoid``) becomes the structural gate value itself: the side branch before it
+still runs (its parameters keep their keys) but takes no gradient."""
 from __future__ import annotations
 
 import copy
 import operator
 
+import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from ..layers import quant_site
@@ -31,8 +35,9 @@ def _site_label(node):
 
 def _rewrite_quant_graph(graph, found):
     """Replace each gate-site node by quant_site / _quant_maxpool with that site's masks."""
-    last_ph = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    with graph.inserting_after(last_ph):
+    # right after the input: the forward's other inputs (fixed at their defaults) follow
+    first_ph = next(n for n in graph.nodes if n.op == "placeholder")
+    with graph.inserting_after(first_ph):
         masks = graph.placeholder("fedsq_masks")
     for i, (node, site) in enumerate(found):
         with graph.inserting_before(node):
@@ -46,6 +51,38 @@ def _rewrite_quant_graph(graph, found):
     graph.lint()
 
 
+_RANDOM_FUNCS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+                 F.rrelu, torch.dropout, torch.bernoulli, torch.rand, torch.rand_like, torch.randn,
+                 torch.randn_like, torch.randint, torch.randint_like, torch.randperm, torch.normal,
+                 torch.multinomial, torch.poisson}
+_RANDOM_METHODS = {"bernoulli", "bernoulli_", "uniform_", "normal_", "random_", "exponential_",
+                   "geometric_", "cauchy_", "log_normal_"}
+
+
+def _is_random(node, modules):
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        return isinstance(m, (nn.modules.dropout._DropoutNd, nn.RReLU)) or type(m).__name__ == "StochasticDepth"
+    if node.op == "call_function":
+        if node.target in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout):
+            p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+            return not (isinstance(p, (int, float)) and p == 0)
+        return node.target in _RANDOM_FUNCS or getattr(node.target, "__name__", "") == "stochastic_depth"
+    return node.op == "call_method" and node.target in _RANDOM_METHODS
+
+
+def random_fed_sites(graph, found, modules):
+    """Names of the gate sites whose input depends on a random draw in ``graph`` (the train
+    trace): dropout, stochastic depth, in-graph bernoulli/rand. The original model in train
+    mode gates those activations by its own noisy pre-activation; the DualCopy model by
+    the structural copy's, which is eval and noise-free."""
+    tainted = set()
+    for node in graph.nodes:
+        if _is_random(node, modules) or any(a in tainted for a in node.all_input_nodes):
+            tainted.add(node)
+    return [site.name for node, site in found if node.args and node.args[0] in tainted]
+
+
 def _set_modes(model, train, quant_bn):
     """The modes DualCopyModel.train(train) gives the quantitative copy (the
     model's own ``train()``, so an override that keeps e.g. BN frozen counts)."""
@@ -56,7 +93,8 @@ def _set_modes(model, train, quant_bn):
                 m.eval()
 
 
-def _build_quantitative(model, sites, gate, gate_maxpool, allow_ungated, leaf_modules, quant_bn="train"):
+def _build_quantitative(model, sites, gate, gate_maxpool, allow_ungated, leaf_modules, quant_bn="train",
+                        soft=False):
     """Trace ``model`` in eval and in train mode (fx freezes every ``self.training``
     test into the graph) and rewrite its gate sites; one graph when both traces
     give the same code, else both, picked by ``training`` at call time."""
@@ -75,7 +113,7 @@ def _build_quantitative(model, sites, gate, gate_maxpool, allow_ungated, leaf_mo
             # tensors the forward creates (torch.tensor(...)) are stored on the root
             constants = [(k, v) for k, v in model.__dict__.items()
                          if k not in known and k.startswith("_tensor_constant")]
-            found[train] = _sites(graphs[train], modules, gate, gate_maxpool, allow_ungated)
+            found[train] = _sites(graphs[train], modules, gate, gate_maxpool, allow_ungated, soft)
     finally:
         for m, t in saved:  # the caller's modes, module by module
             m.training = t
@@ -117,11 +155,14 @@ def _build_quantitative(model, sites, gate, gate_maxpool, allow_ungated, leaf_mo
             "traced in eval mode. Disable that branch before converting (e.g. aux_logits=False), or pass "
             "its module type in leaf_modules=(...) so it runs as an ordinary, ungated submodule."
         )
+    noisy = random_fed_sites(graphs[True], found[True], modules)
     _rewrite_quant_graph(graphs[False], found[False])
     _rewrite_quant_graph(graphs[True], found[True])
     if graphs[True].python_code("self").src == graphs[False].python_code("self").src:
         graphs[True] = graphs[False]  # train-only logic lives in leaf modules (Dropout, BN)
-    return QuantGraphModule(model, graphs, eval_in_train)
+    q = QuantGraphModule(model, graphs, eval_in_train)
+    q.random_fed_sites = noisy
+    return q
 
 
 class QuantGraphModule(nn.Module):

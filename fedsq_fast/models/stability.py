@@ -4,6 +4,12 @@
 differ}. A gate "differs" when the activation regime differs (on/off for ReLU
 and LeakyReLU; off/linear/clipped for ReLU6/Hardtanh).
 
+Soft gate sites (``soft_gates=True``): the mean absolute gate difference,
+``mean |g_a - g_b|`` over the site's elements (for the DualCopy probe
+``mean |g(z_q) - g(z_s)|``), in [0, 1] since every soft gate lies in [0, 1]. For
+0/1 gates this is exactly the fraction that differs, so both read alike: 0 for
+gates that did not move, 1 for gates that all flipped from 0 to 1 or back.
+
 * ``gate_stability(dc, None, x)`` for a DualCopyModel: structural gates vs the
   gates the quantitative copy's own pre-activations would choose.
 * ``gate_stability(a, b, x)``: two versions of a network (plain modules or
@@ -57,14 +63,19 @@ def _quant_codes(dc: DualCopyModel, x):
     return gated, rec
 
 
-def _codes(model, x):
+def _codes(model, x, soft_gates=False):
     if isinstance(model, DualCopyModel):
         return _quant_codes(model, x)[1], [s.name for s in model.sites if s.kind != "maxpool"]
-    dc = dualcopy(model, copy_model=True)
+    dc = dualcopy(model, copy_model=True, soft_gates=soft_gates)
     return dc.structural_masks(x), [s.name for s in dc.sites if s.kind != "maxpool"]
 
 
 def _diff_fraction(m1, m2):
+    if m1.gate is not None or m2.gate is not None:
+        if m1.gate is None or m2.gate is None:
+            raise ValueError("model_a and model_b gate a site differently (soft vs binary): "
+                             "not two versions of one network")
+        return float((m1.gate.double() - m2.gate.double()).abs().mean()) if m1.gate.numel() else 0.0
     x = None
     for a, b in zip(m1.bits, m2.bits):
         d = (a ^ b).cpu()
@@ -73,6 +84,10 @@ def _diff_fraction(m1, m2):
 
 
 def gate_stability(model_a: nn.Module, model_b: nn.Module | None, probe_batch: torch.Tensor) -> dict:
+    """{site name: how much the gates differ} on ``probe_batch``: the fraction of regimes
+    that differ at a binary site, ``mean |g_a - g_b|`` at a soft site (see the module
+    docstring). ``model_b=None``: a DualCopy model's structural gates against those its
+    quantitative pre-activations would choose."""
     if not isinstance(model_a, nn.Module):
         raise TypeError(f"model_a must be an nn.Module, got {type(model_a).__name__}")
     if model_b is not None and not isinstance(model_b, nn.Module):
@@ -91,12 +106,16 @@ def gate_stability(model_a: nn.Module, model_b: nn.Module | None, probe_batch: t
                 s, q = _quant_codes(model_a, probe_batch)
                 names = [x.name for x in model_a.sites if x.kind != "maxpool"]
                 return {n: _diff_fraction(a, b) for n, a, b in zip(names, s, q)}
-            ca, names = _codes(model_a, probe_batch)
-            cb, names_b = _codes(model_b, probe_batch)
+            # a plain model is probed with the gates of the DualCopy model beside it
+            soft = any(getattr(m, "config", {}).get("soft_gates", False) for m in models
+                       if isinstance(m, DualCopyModel))
+            ca, names = _codes(model_a, probe_batch, soft)
+            cb, names_b = _codes(model_b, probe_batch, soft)
     finally:
         for m, t in zip(models, modes):
             m.train(t)
-    if len(ca) != len(cb) or any(a.numel != b.numel or len(a.bits) != len(b.bits) for a, b in zip(ca, cb)):
+    if len(ca) != len(cb) or any(a.numel != b.numel or len(a.bits) != len(b.bits)
+                                 or (a.gate is None) != (b.gate is None) for a, b in zip(ca, cb)):
         raise ValueError(f"model_a and model_b have different gate sites ({len(ca)} vs {len(cb)} "
                          "or different shapes): not two versions of one network")
     return {n: _diff_fraction(a, b) for n, a, b in zip(names, ca, cb)}

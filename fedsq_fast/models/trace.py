@@ -3,6 +3,8 @@ activation classifier, and the refusals with file:line (random draws at trace ti
 untraceable branches) that make a conversion faithful or impossible."""
 from __future__ import annotations
 
+import functools
+import operator
 import os
 from dataclasses import dataclass
 
@@ -11,10 +13,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import SiteMasks, activation_kind
+from ..layers import SE_KINDS, SOFT_KINDS, SiteMasks, activation_kind
 
 
 GATEABLE = ("relu", "relu6", "hardtanh", "leaky_relu")
+# with soft_gates=True (beyond the paper): z * g(z) activations and squeeze-excitation gates
+SOFT_GATEABLE = SOFT_KINDS
 
 # Smooth or learnable activations: no finite regime code, so no FedSQ gate.
 _UNSUPPORTED_MODULES = (
@@ -34,13 +38,19 @@ UNSUPPORTED_ACTIVATIONS = tuple(m.__name__ for m in _UNSUPPORTED_MODULES)
 @dataclass(frozen=True)
 class GateSite:
     """One gate site: ``name`` (module path, ``#k`` for the k-th reuse, or the
-    fx node name), ``kind`` ('relu' | 'leaky_relu' | 'hardtanh' | 'maxpool'),
-    ``p1``/``p2`` (slope, or min/max)."""
+    fx node name), ``kind`` ('relu' | 'leaky_relu' | 'hardtanh' | 'maxpool', or a
+    soft kind: 'silu' | 'gelu' | 'gelu_tanh' | 'hardswish' | 'mish' | 'sigmoid' |
+    'hardsigmoid'), ``p1``/``p2`` (slope, or min/max)."""
 
     name: str
     kind: str
     p1: float = 0.0
     p2: float = 0.0
+
+    @property
+    def soft(self) -> bool:
+        """A soft gate (``soft_gates=True``): its gate is a tensor g(z_s), not bits."""
+        return self.kind in SOFT_KINDS
 
 
 # ---------------------------------------------------------------------------
@@ -51,8 +61,82 @@ def _arg(node, pos, key, default):
     return node.kwargs.get(key, default)
 
 
-def _classify(node, modules):
-    """(kind, p1, p2, label) for an activation node, ('unsupported', .., label), or None."""
+# shape-only ops a squeeze-excitation gate may pass through before its multiply
+_SHAPE_METHODS = {"view", "reshape", "expand", "expand_as", "unsqueeze", "squeeze", "flatten", "unflatten",
+                  "permute", "transpose", "contiguous"}
+_SHAPE_FUNCS = {torch.reshape, torch.flatten, torch.unsqueeze, torch.squeeze, torch.permute, torch.transpose}
+_MUL_FUNCS = {operator.mul, torch.mul}
+
+
+def _feeds_multiply(node, _depth=0) -> bool:
+    """True when every use of ``node``'s value (through shape-only ops) multiplies it into
+    another tensor: a gate (``x * sigmoid(s)``), not an output. An in-place multiply of
+    the value itself (``g.mul_(x)``) does not count: it would write over the gate."""
+    if not node.users or _depth > 8:
+        return False
+    for u in node.users:
+        first = bool(u.args) and u.args[0] is node
+        if u.op == "call_function" and u.target in _MUL_FUNCS:
+            continue
+        if u.op == "call_function" and u.target is operator.imul and not first:
+            continue
+        if u.op == "call_method" and (u.target == "mul" or (u.target == "mul_" and not first)):
+            continue
+        shape_op = (u.op == "call_method" and u.target in _SHAPE_METHODS) or \
+            (u.op == "call_function" and u.target in _SHAPE_FUNCS)
+        if shape_op and first and _feeds_multiply(u, _depth + 1):
+            continue
+        return False
+    return True
+
+
+def _soft_module(m):
+    """The soft kind of an activation module (exact types: a subclass may compute else), or None."""
+    t = type(m)
+    if t is nn.SiLU:
+        return "silu"
+    if t is nn.GELU:
+        return "gelu_tanh" if m.approximate == "tanh" else "gelu"
+    return {nn.Hardswish: "hardswish", nn.Mish: "mish", nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid"}.get(t)
+
+
+_SOFT_FUNCS = {F.silu: "silu", F.hardswish: "hardswish", F.mish: "mish", torch.sigmoid: "sigmoid",
+               torch.sigmoid_: "sigmoid", F.sigmoid: "sigmoid", F.hardsigmoid: "hardsigmoid"}
+_SOFT_METHODS = {"sigmoid": "sigmoid", "sigmoid_": "sigmoid"}
+
+
+def _soft_kind(node, modules):
+    """The soft kind of an activation node (a squeeze-excitation kind only where its
+    output is multiplied into a feature map), or None."""
+    kind = None
+    if node.op == "call_module":
+        kind = _soft_module(modules[node.target])
+    elif node.op == "call_function":
+        if node.target is F.gelu:
+            kind = "gelu_tanh" if _arg(node, 1, "approximate", "none") == "tanh" else "gelu"
+        else:
+            kind = _SOFT_FUNCS.get(node.target)
+    elif node.op == "call_method":
+        kind = _SOFT_METHODS.get(node.target)
+    if kind in SE_KINDS and not _feeds_multiply(node):
+        return None
+    return kind
+
+
+def _classify(node, modules, soft=False):
+    """(kind, p1, p2, label) for an activation node, ('unsupported', .., label), or None.
+    ``soft``: SiLU, GELU, Hardswish, Mish and squeeze-excitation Sigmoid/Hardsigmoid are
+    soft gate sites (their kinds), else unsupported."""
+    c = _classify_binary(node, modules)
+    if soft and (c is None or c[0] == "unsupported"):
+        kind = _soft_kind(node, modules)
+        if kind is not None:
+            label = c[3] if c is not None else getattr(node.target, "__name__", str(node.target))
+            return (kind, 0.0, 0.0, label)
+    return c
+
+
+def _classify_binary(node, modules):
     if node.op == "call_module":
         m = modules[node.target]
         k = activation_kind(m)
@@ -117,6 +201,49 @@ def _quant_maxpool(z, m: SiteMasks):
     return z.reshape(n, c, -1).gather(2, idx.reshape(n, c, -1)).view(idx.shape)
 
 
+# fx keeps every torch.nn module a leaf; these hold their activation inside their forward
+# (F.relu by default), so they are traced into to reach it. Their attention stays a leaf.
+_ENTERED_TORCH_MODULES = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
+                          nn.TransformerDecoder, nn.Transformer)
+
+
+def _concrete_args(model):
+    """The root forward's inputs past the first, at their defaults: DualCopyModel feeds
+    one tensor, and fx would otherwise trace ``if mask is not None`` with a proxy."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    pos = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if len(pos) <= 1:
+        return None
+    required = [p.name for p in pos[1:] if p.default is p.empty]
+    if required:
+        raise ValueError(f"dualcopy: {type(model).__name__}.forward needs inputs {required} beside the first: a "
+                         "DualCopy model is fed one tensor (wrap the model so that forward(x) supplies the rest)")
+    return {p.name: p.default for p in pos[1:]}
+
+
+def _plain_encoder_call(args, kwargs):
+    """A TransformerEncoder call without masks (what a DualCopy model's forward gives it)."""
+    names = ("mask", "src_key_padding_mask", "is_causal")
+    extra = dict(zip(names, args[1:]), **kwargs)
+    return (extra.get("mask") is None and extra.get("src_key_padding_mask") is None
+            and extra.get("is_causal") in (None, False))
+
+
+def _encoder_forward(m, src, mask=None, src_key_padding_mask=None, is_causal=None):
+    """nn.TransformerEncoder.forward without masks, as torch computes it when no nested
+    tensor is made (its fast-path checks ask `src.is_nested` and `len(src.size())`, which a
+    traced input cannot answer): each layer in turn, then the norm."""
+    out = src
+    for layer in m.layers:
+        out = layer(out, src_mask=None, is_causal=False, src_key_padding_mask=None)
+    return out if m.norm is None else m.norm(out)
+
+
 class _LeafTracer(fx.Tracer):
     """fx tracer that does not enter ``leaf_types`` (module level: graphs pickle).
 
@@ -131,7 +258,16 @@ class _LeafTracer(fx.Tracer):
         self._reuse = list(reuse)
 
     def is_leaf_module(self, m, qualname):
-        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
+        if isinstance(m, self.leaf_types):
+            return True
+        if isinstance(m, _ENTERED_TORCH_MODULES):
+            return False  # torch.nn modules that hold a gateable activation inside
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        if type(m) is nn.TransformerEncoder and _plain_encoder_call(args, kwargs):
+            forward = functools.partial(_encoder_forward, m)
+        return super().call_module(m, forward, args, kwargs)
 
     def create_arg(self, a):
         if (self._reuse and isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter)
@@ -236,8 +372,13 @@ def _trace_graph(model, leaf_modules, mode="eval", reuse=()):
     graph take one fixed branch / constant forever."""
     tracer = _LeafTracer(leaf_modules, reuse)
     before = _rng_states()
+    concrete = _concrete_args(model)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
-        graph = tracer.trace(model)
+        # the attention fast path fuses a transformer layer's ReLU into one op: trace the
+        # ordinary path (the same numbers; the fast path is an inference-only shortcut)
+        torch.backends.mha.set_fastpath_enabled(False)
+        graph = tracer.trace(model, concrete_args=concrete)
     except Exception as e:  # fx raises many types; name the user's line and say what to do
         _set_rng_states(before)
         where = _user_frame_of_tb(e.__traceback__)
@@ -248,11 +389,13 @@ def _trace_graph(model, leaf_modules, mode="eval", reuse=()):
             + (f" (module {mods[-1]!r})" if mods else "")
             + f": {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. " + _TRACE_HINT
         ) from e
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     after = _rng_states()
     if _rng_changed(before, after):
         # the trace consumed random numbers: restore the caller's streams, find the line
         _set_rng_states(before)
-        where = _locate_rng_draw(lambda: _LeafTracer(leaf_modules).trace(model))
+        where = _locate_rng_draw(lambda: _LeafTracer(leaf_modules).trace(model, concrete_args=concrete))
         _set_rng_states(before)
         raise ValueError(
             f"dualcopy: model ({type(model).__name__}) draws a random number at trace time in {mode} mode"
@@ -267,18 +410,54 @@ def _trace(model, leaf_modules, mode="eval"):
     return fx.GraphModule(model, _trace_graph(model, leaf_modules, mode))
 
 
-def _sites(graph, modules, gate, gate_maxpool, allow_ungated):
+def _where(node):
+    """A site for messages: 'path' of its module, or 'node' (in module 'path') for a function call."""
+    if node.op == "call_module":
+        return repr(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    path = next(reversed(stack.values()))[0] if stack else ""
+    return repr(node.name) + (f" (in {path!r})" if path else "")
+
+
+def _summary(items, first=3):
+    """'N: A x3, B x1; first: a, b, c' for a long list of (label, where) pairs."""
+    from collections import Counter
+
+    counts = Counter(label for label, _ in items)
+    kinds = ", ".join(f"{k} x{n}" for k, n in counts.most_common())
+    shown = ", ".join(f"{label} at {where}" for label, where in items[:first])
+    more = f", ... (+{len(items) - first} more)" if len(items) > first else ""
+    return f"{len(items)} ({kinds}): {shown}{more}"
+
+
+_FULL_LIST = "every site: fedsq_fast.models.activation_sites(model)"
+
+
+_SOFT_FAMILIES = ("SiLU, GELU (exact and tanh), Hardswish, Mish, and Sigmoid/Hardsigmoid where their output "
+                  "multiplies a feature map (squeeze-excitation)")
+_SOFT_HINT = (f"soft_gates=True gates {_SOFT_FAMILIES} with fixed soft gates y_q = z_q * g(z_s) (beyond the "
+              "paper, which gates ReLU-like activations only; docs/models.md, 'Soft gates')")
+
+
+def _sites(graph, modules, gate, gate_maxpool, allow_ungated, soft=False):
     """The gate-site nodes of a traced graph, in order, with GateSite records
-    (``modules``: the traced root's ``dict(named_modules())``)."""
-    out, bad, seen = [], [], {}
+    (``modules``: the traced root's ``dict(named_modules())``). Refuses, before any
+    work, a model with activations it does not gate (unless ``allow_ungated``) and one
+    with nothing to gate, saying which activations it has and what FedSQ gates.
+    ``soft``: soft gate sites too (``dualcopy(soft_gates=True)``)."""
+    out, bad, left_out, seen = [], [], [], {}
+    softable = 0  # refused sites that soft_gates=True would gate
     for node in graph.nodes:
-        c = _classify(node, modules)
+        c = _classify(node, modules, soft)
         if c is not None:
             kind, p1, p2, label = c
-            if kind == "unsupported" or _option_name(kind, p1, p2) not in gate:
-                if kind == "unsupported" and not allow_ungated:
-                    where = node.target if node.op == "call_module" else node.name
-                    bad.append(f"{label} at {where!r}")
+            where = _where(node)
+            if kind == "unsupported":
+                bad.append((label, where))
+                softable += (not soft) and _soft_kind(node, modules) is not None
+                continue
+            if _option_name(kind, p1, p2) not in gate and kind not in SOFT_GATEABLE:
+                left_out.append((label, where))
                 continue
         elif gate_maxpool and _is_maxpool(node, modules):
             kind, p1, p2 = "maxpool", 0.0, 0.0
@@ -288,11 +467,52 @@ def _sites(graph, modules, gate, gate_maxpool, allow_ungated):
         k = seen.get(base, 0)
         seen[base] = k + 1
         out.append((node, GateSite(base if k == 0 else f"{base}#{k}", kind, p1, p2)))
-    if bad:
+    gated = sum(1 for _, s in out if s.kind != "maxpool")
+    families = "ReLU, ReLU6/Hardtanh and LeakyReLU (binary or 2-bit regime gates)"
+    if soft:
+        families += f"; with soft_gates=True also {_SOFT_FAMILIES} (soft gates)"
+    hint = ""
+    if softable:
+        hint = f"{softable} of them would be gated: {_SOFT_HINT}. "
+    elif soft and bad:
+        hint = ("Soft gates cover activations of the form z * g(z) with g in [0, 1] and squeeze-excitation "
+                "gates; Tanh, ELU, Softplus, PReLU and a Sigmoid whose output is not multiplied into a feature "
+                "map are not of that form. ")
+    if not gated:
+        found = []
+        if bad:
+            found.append(f"activations it does not gate {_summary(bad)}")
+        if left_out:
+            found.append(f"activations left out by gate={tuple(gate)}: {_summary(left_out)}")
         raise ValueError(
-            "dualcopy: unsupported activation(s) with no piecewise-linear regime code: "
-            + ", ".join(bad)
-            + ". FedSQ gates ReLU, ReLU6/Hardtanh and LeakyReLU; pass allow_ungated=True to keep "
-            "these as ordinary (ungated) activations in both copies."
+            "dualcopy: FedSQ needs ReLU-like gating and this model has no activation it can gate; FedSQ gates "
+            f"{families}. Found: " + ("; ".join(found) if found else "no activation at all") + ". "
+            + ("Widen gate= to include them. " if left_out else "") + hint
+            + f"({_FULL_LIST})"
+        )
+    if bad and not allow_ungated:
+        raise ValueError(
+            f"dualcopy: {len(bad)} activation(s) that FedSQ does not gate: "
+            f"{_summary(bad)}. FedSQ gates {families}; this model also has {gated} such site(s). " + hint
+            + f"allow_ungated=True converts it with those {gated} gated and the {len(bad)} others left as ordinary "
+            f"activations in both copies (only part of the network is then FedSQ). ({_FULL_LIST})"
         )
     return out
+
+
+def activation_sites(model, leaf_modules=(), soft_gates=False):
+    """Every activation call of ``model`` (traced in eval mode, as dualcopy's structural
+    copy is) as ``(site, activation, gateable)``: the module path or fx node name, the
+    activation's name, and whether FedSQ gates it (ReLU, ReLU6/Hardtanh, LeakyReLU; with
+    ``soft_gates=True`` also SiLU, GELU, Hardswish, Mish and squeeze-excitation gates)."""
+    import copy as _copy
+
+    root = _copy.deepcopy(model).eval()
+    graph = _trace_graph(root, tuple(leaf_modules))
+    modules = dict(root.named_modules())
+    rows = []
+    for node in graph.nodes:
+        c = _classify(node, modules, bool(soft_gates))
+        if c is not None:
+            rows.append((_where(node), c[3], c[0] != "unsupported"))
+    return rows

@@ -6,14 +6,14 @@ the wrappers at the pure-PyTorch reference with the same signatures (_fallback.p
 so every function here works either way:
 
 - ``gates``:   pack_mask, apply_mask, gate, struct_epilogue
-- ``average``: weighted_average, StreamingAverage, sq_dist (exact integers: ``_exact``)
+- ``average``: weighted_average, StreamingAverage, sq_dist, reply_stats (exact integers: ``_exact``)
 
 Every public function validates its arguments before any work and raises
 TypeError/ValueError naming the argument.
 """
 from ._checks import FLOAT_DTYPES
 from ._registry import SCHEMAS, backend, backend_info
-from .average import StreamingAverage, sq_dist, weighted_average
+from .average import StreamingAverage, reply_stats, sq_dist, weighted_average
 from .gates import apply_mask, gate, pack_mask, struct_epilogue
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "weighted_average",
     "StreamingAverage",
     "sq_dist",
+    "reply_stats",
     "FLOAT_DTYPES",
     "SCHEMAS",
 ]

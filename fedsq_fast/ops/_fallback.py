@@ -90,11 +90,35 @@ def sq_dist_list(xs, refs):
     return total
 
 
+def reply_stats_list(xs, refs, in_total):
+    """(K + 1, 4) float64 on the CPU, like the kernel: per tensor (min and max over the non-NaN
+    values, NaN/Inf count, squared distance), last row (0, 0, 0, squared distance over the
+    tensors with in_total[j])."""
+    out = torch.zeros(len(xs) + 1, 4, dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64)
+    for j, (x, r) in enumerate(zip(xs, refs)):
+        xa = x.to(_acc_dtype(x.dtype))
+        fin = torch.isfinite(xa)
+        vals = xa[~torch.isnan(xa)]
+        out[j, 0] = vals.min().double() if vals.numel() else float("inf")
+        out[j, 1] = vals.max().double() if vals.numel() else float("-inf")
+        out[j, 2] = float(x.numel() - int(fin.sum()))
+        d = (xa - r.to(_acc_dtype(x.dtype))).double()
+        sq = (d * d).sum().cpu()
+        out[j, 3] = sq
+        if in_total[j]:
+            total = total + sq
+    out[len(xs), 3] = total
+    return out
+
+
 # Every op of csrc/ops.cpp's TORCH_LIBRARY except cpu_isa (a kernel switch, not an op).
 RAW = {f.__name__: f for f in (
     pack_mask, apply_mask, apply_mask_out, gate, gate_out, struct_epilogue, struct_epilogue_,
     weighted_sum_out, accumulate_, weighted_sum_list_out, int_weighted_sum_list_out,
-    accumulate_list_, sq_dist_list)}
+    accumulate_list_, sq_dist_list, reply_stats_list)}
+# Ops the compiled library implements on the CPU only: CUDA tensors run the reference.
+CPU_ONLY = ("reply_stats_list",)
 
 
 # Autograd of the reference gate: the same contract as the compiled one (only the

@@ -69,6 +69,7 @@ FAKES = {
     "int_weighted_sum_list_out": lambda xs, weights, outs: None,
     "accumulate_list_": lambda acc, x, weight: None,
     "sq_dist_list": _fake_sq_dist_list,
+    "reply_stats_list": lambda xs, refs, in_total: torch.empty(len(xs) + 1, 4, dtype=torch.float64),
 }
 
 
@@ -126,8 +127,9 @@ if COMPILED:
         torch.library.register_fake(f"fedsq_fast::{_name}")(_fake)
     for _name, (_backward, _setup) in AUTOGRAD.items():
         torch.library.register_autograd(f"fedsq_fast::{_name}", _backward, setup_context=_setup)
-    if not _loader.BACKEND_INFO["cuda_kernels"]:
-        # Built without CUDA kernels: CUDA tensors run the reference under the same schemas.
-        _CUDA_LIB = torch.library.Library("fedsq_fast", "IMPL")  # kept alive for the process
-        for _name, _impl in _fallback.RAW.items():
+    # Built without CUDA kernels: CUDA tensors run the reference under the same schemas (with
+    # them: only the ops that have no CUDA kernel yet).
+    _CUDA_LIB = torch.library.Library("fedsq_fast", "IMPL")  # kept alive for the process
+    for _name, _impl in _fallback.RAW.items():
+        if not _loader.BACKEND_INFO["cuda_kernels"] or _name in _fallback.CPU_ONLY:
             _CUDA_LIB.impl(_name, _impl, "CUDA")

@@ -20,7 +20,7 @@ from . import _exact
 from ._checks import check_float_tensor, check_pair, in_layout
 from ._registry import OPS
 
-__all__ = ["weighted_average", "StreamingAverage", "sq_dist"]
+__all__ = ["weighted_average", "StreamingAverage", "sq_dist", "reply_stats"]
 
 def _real(w, arg: str):
     """A weight as a number: a Python int for integers (any size: exact, never rounded to a
@@ -241,6 +241,33 @@ def sq_dist(xs, refs) -> float:
             g[1].append(r)
         # one float per device, summed in Python in device order (as before the op returned a tensor)
         return sum(float(OPS.sq_dist_list(a, b)) for a, b in by_device.values())
+
+
+def reply_stats(xs, refs, in_total=None):
+    """Every check of a reply in one read (issue 28): ``(stats, total)`` where ``stats`` is a
+    (K, 4) float64 CPU tensor whose row j holds, for ``xs[j]``: the min and the max over its
+    non-NaN values (+Inf / -Inf when it has none; an Inf counts, as in torch.aminmax), its count of NaN/Inf, and
+    ||xs[j] - refs[j]||^2 (NaN/Inf when it has such values); ``total`` is the sum of those
+    squares over the tensors with ``in_total[j]`` true (default: all), equal bit for bit to
+    :func:`sq_dist` over them. Float tensors only; pairs must match in shape, dtype and
+    device. The compiled CPU kernel reads each element once, in fixed tiles (the same
+    numbers for any thread count); CUDA tensors run the reference."""
+    xs, refs = list(xs), list(refs)
+    if len(xs) != len(refs):
+        raise ValueError(f"xs and refs must hold the same number of tensors, got {len(xs)} and {len(refs)}")
+    flags = [1] * len(xs) if in_total is None else [1 if f else 0 for f in in_total]
+    if len(flags) != len(xs):
+        raise ValueError(f"in_total must have one entry per tensor ({len(xs)}), got {len(flags)}")
+    for j, (x, r) in enumerate(zip(xs, refs)):
+        check_float_tensor(f"xs[{j}]", x)
+        check_pair(f"refs[{j}]", r, f"xs[{j}]", x)
+    if not xs:  # no tensor argument: nothing for the dispatcher to dispatch on
+        return torch.zeros(0, 4, dtype=torch.float64), 0.0
+    with torch.no_grad():
+        pairs = [(x, r) if x.stride() == r.stride() and ref.is_dense(x) else (x.contiguous(), r.contiguous())
+                 for x, r in zip(xs, refs)]
+        out = OPS.reply_stats_list([p[0] for p in pairs], [p[1] for p in pairs], flags)
+    return out[: len(xs)], float(out[len(xs), 3])
 
 
 # StreamingAverage's power-of-two scale (see the class): weights are folded unscaled while the

@@ -341,3 +341,135 @@ def test_mask_metrics_callback_adds_the_suite_metrics(small_cfg):
     norm = math.sqrt(sum(float((w0[k].double() ** 2).sum()) for k in keys))
     assert math.isclose(h[-1]["weight_dist_rel"], dist / norm, rel_tol=1e-12)
     assert 0 <= h[2]["gate_flip_prev"] <= 1 and h[2]["weight_step_rel"] > 0
+
+
+# ---------------------------------------------------------------- issue 24, item 7: verification that travels
+TINY_SUITE = """[suite]
+name = "tiny3"
+title = "three seeds of a tiny federation (digits, tiny_cnn)"
+notes = "test only: its numbers mean nothing"
+seeds = [0, 1, 2]
+partitions = ["iid"]
+methods = ["fedavg", "fedsq"]
+
+[run]
+dataset = "digits"
+model = "tiny_cnn"
+weights = "none"
+max_train_samples = 300
+val_size = 100
+max_test_samples = 100
+num_clients = 3
+min_partition_size = 5
+rounds = 2
+batch_size = 16
+lr = 0.05
+probe_size = 8
+threads = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny3_out(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny3")
+    (d / "tiny3.toml").write_text(TINY_SUITE)
+    assert ex.main(["run", str(d / "tiny3.toml"), "--out", str(d / "out")]) == 0
+    return d / "out"
+
+
+def test_new_runs_record_the_machine_that_decides_their_bits(tiny3_out):
+    info = json.loads((tiny3_out / "iid" / "seed0" / "fedavg" / "run_info.json").read_text())
+    for k in ("host_cpu", "cpu_vendor", "torch_cpu_capability", "fedsq_fast_cpu_isa", "isa_env", "torch",
+              "fedsq_fast_backend", "numpy"):
+        assert k in info, k
+    assert info["torch_cpu_capability"]
+
+
+def _other_machine(monkeypatch):
+    import fedsq_fast.experiments.verify as V
+
+    real = V.machine_info()
+    fake = dict(real, host_cpu="Intel(R) Xeon(R) Platinum 8480+", cpu_vendor="GenuineIntel",
+                torch_cpu_capability="AVX512", fedsq_fast_cpu_isa="avx512")
+    monkeypatch.setattr(V, "machine_info", lambda: fake)
+    return real
+
+
+def _nudge(path, key, by):
+    doc = json.loads(path.read_text())
+    doc["summary"][key] += by
+    path.write_text(json.dumps(doc))
+
+
+def test_verify_on_another_cpu_judges_statistically(tiny3_out, tmp_path, capsys, monkeypatch):
+    """The recorded run came from 'another machine' (the rerun's machine is faked as an Intel
+    AVX-512 one) and its test accuracy is off by 1e-6: not bit-identical, but within the
+    seed-to-seed spread with every verdict unchanged -> exit 3, and the machines are named."""
+    rec = tmp_path / "rec"
+    shutil.copytree(tiny3_out, rec)
+    cell = "iid/seed1/fedsq"
+    _nudge(rec / cell / "metrics.json", "test_acc", 1e-6)
+    real = _other_machine(monkeypatch)
+    assert ex.main(["verify", str(rec), "--cell", cell, "--no-record"]) == 3
+    out = capsys.readouterr().out
+    assert f"recorded on:  {real['host_cpu']} ({real['cpu_vendor']}), torch {real['torch']} at ISA " \
+           f"{real['torch_cpu_capability']}" in out
+    assert "verifying on: Intel(R) Xeon(R) Platinum 8480+ (GenuineIntel)" in out
+    assert "bit-identical numbers: not expected (CPU vendor AuthenticAMD -> GenuineIntel" in out or \
+           "bit-identical numbers: not expected (CPU vendor" in out
+    assert f"{cell}: not bit-identical in test_acc" in out
+    assert "REPRODUCED STATISTICALLY (exit 3)" in out
+    # a difference beyond the seed-to-seed spread is a difference, whatever the machine
+    _nudge(rec / cell / "metrics.json", "bva", 0.5)
+    assert ex.main(["verify", str(rec), "--cell", cell, "--json", str(tmp_path / "v.json")]) == 1
+    out = capsys.readouterr().out
+    assert "DIFFERS (exit 1): " in out and f"{cell} bva: " in out and "seed-to-seed sd" in out
+    logged = json.loads((rec / "verification.json").read_text())
+    assert [(r["run"], r["outcome_code"], r["identity_expected"]) for r in logged] == [(cell, 1, False)]
+    assert json.loads((tmp_path / "v.json").read_text())[0]["outcome"] == "DIFFERS"
+
+
+def test_verify_on_the_same_machine_kind_a_difference_differs(tiny3_out, tmp_path, capsys):
+    rec = tmp_path / "rec"
+    shutil.copytree(tiny3_out, rec)
+    cell = "iid/seed1/fedsq"
+    _nudge(rec / cell / "metrics.json", "test_acc", 1e-6)
+    assert ex.main(["verify", str(rec), "--cell", cell, "--no-record"]) == 1
+    out = capsys.readouterr().out
+    assert "bit-identical numbers: expected (same CPU, ISA and torch)" in out
+    assert "DIFFERS (exit 1): the same machine kind should give the same bits" in out
+
+
+@pytest.mark.slow
+def test_verify_without_a_seed_spread_could_not_verify(smoke_out, tmp_path, capsys, monkeypatch):
+    """One recorded seed per cell (the smoke suite): a difference on another machine cannot be
+    judged -> exit 4, saying why."""
+    rec = tmp_path / "rec"
+    shutil.copytree(smoke_out, rec)
+    cell = "iid/seed0/fedavg"
+    _nudge(rec / cell / "metrics.json", "test_acc", 1e-6)
+    _other_machine(monkeypatch)
+    assert ex.main(["verify", str(rec), "--cell", cell, "--no-record"]) == 4
+    assert "COULD NOT VERIFY (exit 4): not bit-identical, and iid/seed0/fedavg: its cell (iid, fedavg) has 1 " \
+           "recorded seed(s)" in capsys.readouterr().out
+
+
+def test_verify_judge_and_identity_rules():
+    from fedsq_fast.experiments import verify as V
+
+    a = {"host_cpu": "AMD EPYC", "cpu_vendor": "AuthenticAMD", "torch_cpu_capability": "AVX2",
+         "fedsq_fast_cpu_isa": "avx2", "isa_env": {}, "torch": "2.14.1", "fedsq_fast_backend": "compiled"}
+    assert V.identity_expected(a, dict(a)) == (True, [])
+    assert V.identity_expected(a, dict(a, torch="2.15.0")) == (False, ["torch 2.14.1 -> 2.15.0"])
+    exp, why = V.identity_expected({"host_cpu": "AMD EPYC", "torch": "2.14.1"}, a)  # an old recording
+    assert exp is None and "torch's CPU ISA" in why
+    same = [{"match": True}]
+    assert V.judge(same, None)[0] == V.EXIT_IDENTICAL
+    off = [{"match": False, "identity_expected": False}]
+    ok = {"possible": True, "ok": True, "largest_in_sd": 0.1, "verdicts_changed": [], "intervals_changed": [],
+          "outside_spread": []}
+    assert V.judge(off, ok)[0] == V.EXIT_STATISTICAL
+    assert V.judge(off, dict(ok, ok=False, verdicts_changed=["claim: HOLDS -> NOT SHOWN"])) == (
+        V.EXIT_DIFFERS, "claim: HOLDS -> NOT SHOWN")
+    assert V.judge(off, dict(ok, possible=False, ok=False, why="no spread"))[0] == V.EXIT_UNVERIFIED
+    assert V.judge([{"match": False, "identity_expected": True}], ok)[0] == V.EXIT_DIFFERS

@@ -78,7 +78,7 @@ def test_no_good_checkpoint_is_an_error_naming_the_files(tmp_path, bundle):
         _resume(tmp_path, cfg, data, "fedadam")
     ck.unlink()
     ck.mkdir()
-    with pytest.raises(C.CheckpointError, match="is a folder, not a file"):
+    with pytest.raises(C.CheckpointError, match=rf"checkpoint: {ck} is a folder"):  # before any round
         _resume(tmp_path, cfg, data, "fedadam")
 
 
@@ -157,3 +157,91 @@ def test_old_checkpoints_without_a_hash_load_with_a_warning(tmp_path):
         warnings.simplefilter("error")
         C.save(p, groups, meta)
         C.load(p)
+
+
+# ---------------------------------------------------------------- issue 24, item 6: files
+def test_forged_weights_1e30_are_refused_on_resume(tmp_path, bundle):
+    """Weights x 1e30 with a recomputed hash: every later round would keep 0 valid updates and
+    the run would exit 0 with a useless model; the plausibility bound replies get refuses it."""
+    cfg = _cfg(rounds=3)
+    data = prepare_data(cfg, bundle)
+    ck = _interrupted(tmp_path, cfg, data, "fedadam", stop=2)
+    os.unlink(C.previous(ck))
+
+    def edit(g, m):
+        for t in g["model"].values():
+            if t.dtype.is_floating_point:
+                t.mul_(1e30)
+
+    _forge(ck, edit)
+    with pytest.raises(C.CheckpointError, match=r"implausible against the global model's .*plausible_scale = 1e\+06"):
+        _resume(tmp_path, cfg, data, "fedadam")
+
+
+def test_checkpoint_path_that_is_a_folder_is_refused_before_round_1(tmp_path, bundle):
+    cfg = _cfg(rounds=2)
+    data = prepare_data(cfg, bundle)
+    (tmp_path / "checkpoint.safetensors").mkdir()
+    fed = Federation(cfg, "fedadam", data, out_dir=tmp_path, quiet=True)
+    with pytest.raises(C.CheckpointError, match=rf"^checkpoint: {tmp_path / 'checkpoint.safetensors'} is a folder"):
+        fed.run()
+    assert len(fed.history) <= 1  # round 0 at most: no round trained
+    assert not list(tmp_path.glob(".ckpt-*"))
+
+
+def test_stale_temp_files_of_a_killed_save_are_removed_on_resume(tmp_path, uninterrupted):
+    cfg, data, full = uninterrupted
+    ck = _interrupted(tmp_path, cfg, data, "fedadam", stop=2)
+    stale = [tmp_path / ".ckpt-abc123.tmp", tmp_path / ".metrics.json.x1.tmp"]
+    for f in stale:
+        f.write_bytes(b"half a checkpoint")
+    mine = tmp_path / "notes.tmp"  # not a name a save makes: kept
+    mine.write_text("keep")
+    res = _resume(tmp_path, cfg, data, "fedadam")
+    assert not any(f.exists() for f in stale) and mine.read_text() == "keep"
+    assert_same_state(model_state(full.model), model_state(res.model))
+
+
+def test_checkpoint_signed_with_a_key(tmp_path, monkeypatch):
+    """HMAC-SHA256 with a key from the environment: a forged file whose sha256 was recomputed
+    is refused where a key is set; a signed file loaded without a key says it is signed; an
+    unsigned file with a key set is refused; the key is never written into the file."""
+    g = {"model": {"w": torch.randn(4, 3)}}
+    p = tmp_path / "c.safetensors"
+    monkeypatch.setenv(C.KEY_ENV, "s3cret-key")
+    C.save(p, g, {"round": 1})
+    assert b"s3cret-key" not in p.read_bytes()
+    assert torch.equal(C.load(p)[0]["model"]["w"], g["model"]["w"])
+    # a forger without the key: edit the weights and recompute the hash
+    monkeypatch.delenv(C.KEY_ENV)
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(p), framework="pt") as f:
+        header = dict(f.metadata())
+    flat = load_file(str(p))
+    flat["model/w"] = flat["model/w"] * 1e30
+    header["sha256"] = C.digest(flat, header["meta"])
+    save_file(flat, str(p), metadata=header)
+    monkeypatch.setenv(C.KEY_ENV, "s3cret-key")
+    with pytest.raises(C.CheckpointError, match="HMAC signature does not match"):
+        C.load(p)
+    monkeypatch.delenv(C.KEY_ENV)
+    with pytest.raises(C.CheckpointError, match="is signed .*but no key is set: set FEDSQ_CHECKPOINT_KEY"):
+        C.load(p)
+    C.save(p, g, {"round": 1})  # unsigned
+    keyfile = tmp_path / "key"
+    keyfile.write_text("s3cret-key\n")
+    monkeypatch.setenv(C.KEY_FILE_ENV, str(keyfile))
+    with pytest.raises(C.CheckpointError, match="not signed, but a key is set"):
+        C.load(p)
+    C.save(p, g, {"round": 1})
+    monkeypatch.delenv(C.KEY_FILE_ENV)
+    monkeypatch.setenv(C.KEY_ENV, "s3cret-key")  # the same key from the file and from the variable
+    assert torch.equal(C.load(p)[0]["model"]["w"], g["model"]["w"])
+    monkeypatch.setenv(C.KEY_ENV, "another key")
+    with pytest.raises(C.CheckpointError, match="signed with another key"):
+        C.load(p)
+    monkeypatch.setenv(C.KEY_ENV, "")
+    with pytest.raises(ValueError, match="FEDSQ_CHECKPOINT_KEY: is set but empty"):
+        C.save(p, g, {"round": 1})

@@ -33,17 +33,21 @@ OLD_DEFAULTS = {
     'target_accuracy': None, 'probe_size': 64, 'eval_batch_size': 512, 'out_dir': 'runs/default',
     'checkpoint': True, 'threads': None, 'device': 'auto'}
 # keys added since, appended in this order (recorded configs without them: C.LEGACY_VALUES)
-ADDED = {'plausible_scale': 1e6, 'workers': 1, 'norm_bound': 10.0, 'in_memory': 'auto'}
+ADDED = {'plausible_scale': 1e6, 'workers': 1, 'norm_bound': 10.0, 'in_memory': 'auto',
+         'lr_schedule': 'constant', 'warmup_rounds': 0, 'lr_step_rounds': 10, 'lr_gamma': 0.1, 'lr_min': 0.0,
+         'clip_grad_norm': None, 'label_smoothing': 0.0, 'precision': 'fp32',
+         'augment': 'none', 'soft_gates': False}
 FULL = {**OLD_DEFAULTS, **ADDED}
 
 # where each key is read (docs/federation.md, "Configuration keys")
 SECTION = {
     **dict.fromkeys(["dataset", "data_root", "download", "max_train_samples", "val_size", "max_test_samples",
                      "image_size", "in_memory", "num_clients", "partition", "alpha", "min_partition_size",
-                     "shards_per_client"], "data"),
-    **dict.fromkeys(["model", "weights", "quant_bn", "allow_ungated", "mask_cache"], "model"),
+                     "shards_per_client", "augment"], "data"),
+    **dict.fromkeys(["model", "weights", "quant_bn", "allow_ungated", "mask_cache", "soft_gates"], "model"),
     **dict.fromkeys(["optimizer", "lr", "momentum", "weight_decay", "local_epochs", "batch_size",
-                     "min_batch_size", "client_timeout_s"], "client"),
+                     "min_batch_size", "client_timeout_s", "lr_schedule", "warmup_rounds", "lr_step_rounds",
+                     "lr_gamma", "lr_min", "clip_grad_norm", "label_smoothing", "precision"], "client"),
     **dict.fromkeys(["methods", "aggregator", "trim_fraction", "plausible_scale", "norm_bound", "prox_mu", "server_lr", "server_momentum",
                      "beta1", "beta2", "tau"], "strategy"),
     **dict.fromkeys(["rounds", "fraction", "min_clients", "failure_rate", "seed", "target_accuracy",
@@ -76,7 +80,8 @@ def random_flat(rng) -> dict:
         "val_size": int(rng.integers(1, 500)), "max_test_samples": maybe_none(int(rng.integers(1, 5000))),
         "image_size": maybe_none(int(rng.integers(8, 1025))), "model": pick(["tiny_cnn", "mlp", "svhn_cnn"]),
         "weights": pick(["default", None]), "quant_bn": pick(["train", "frozen"]),
-        "allow_ungated": bool(rng.integers(2)), "methods": methods, "num_clients": clients,
+        "allow_ungated": bool(rng.integers(2)), "soft_gates": bool(rng.integers(2)),
+        "methods": methods, "num_clients": clients,
         "partition": pick(["iid", "dirichlet", "shards", "quantity"]), "alpha": float(rng.uniform(0.01, 10)),
         "min_partition_size": int(rng.integers(0, 10)), "shards_per_client": int(rng.integers(1, 10)),
         "rounds": int(rng.integers(1, 100)), "fraction": float(rng.uniform(0.01, 1.0)),
@@ -98,7 +103,17 @@ def random_flat(rng) -> dict:
         "in_memory": pick(["auto", True, False]),
         "device": device,
         "workers": int(rng.integers(1, 9)),
+        **_random_knobs(rng, pick, maybe_none),
+        "augment": pick(["none", "flip", "crop_flip"]),
     }
+
+
+def _random_knobs(rng, pick, maybe_none):
+    """Values for the fine-tuning keys (lr_schedule ... label_smoothing)."""
+    return {"lr_schedule": pick(["constant", "step", "cosine"]), "warmup_rounds": 0,
+            "lr_step_rounds": int(rng.integers(1, 50)), "lr_gamma": float(rng.uniform(0.01, 1.0)),
+            "lr_min": float(rng.uniform(0, 1e-4)), "clip_grad_norm": maybe_none(float(rng.uniform(0.01, 100))),
+            "label_smoothing": float(rng.uniform(0, 0.5)), "precision": pick(["fp32", "bf16"])}
 
 
 @pytest.fixture

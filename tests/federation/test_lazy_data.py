@@ -160,7 +160,9 @@ def test_a_bad_lazy_dataset_is_refused_before_any_work(bad, err, match):
     ds = ItemsDataset(x, np.arange(13) % 3, bad)
     with pytest.raises(err, match=match):
         make_bundle(ds, in_memory=False)  # the first and last items are read up front
-    assert ds.calls <= 5  # item 0, the last item (label and image): not the 13
+    # item 0, the last item (label and image), and the random-transform check (a few items read
+    # twice, data.RANDOM_CHECK_ITEMS): never a pass over the data
+    assert ds.calls <= 6 + 2 * D.RANDOM_CHECK_ITEMS
 
 
 def test_a_bad_item_in_the_middle_is_named_when_read():
@@ -177,9 +179,11 @@ def test_labels_come_from_targets_or_one_pass_and_must_agree():
     x, y = rng.random((9, 1, 6, 6)).astype(np.float32), np.arange(9) % 3
     with_t = ItemsDataset(x, y)
     b = make_bundle(with_t, in_memory=False, test=ItemsDataset(x, y))
-    assert with_t.calls <= 6 and torch.equal(b.train.y, torch.from_numpy(y))  # targets: items 0 and -1 only
+    # targets: items 0 and -1 only, besides the random-transform check (a few items read twice)
+    assert with_t.calls <= 6 + 2 * D.RANDOM_CHECK_ITEMS and torch.equal(b.train.y, torch.from_numpy(y))
     without = ItemsDataset(x, y, targets=False)
     assert torch.equal(make_bundle(without, in_memory=False, test=ItemsDataset(x, y)).train.y, torch.from_numpy(y))
+    assert without.calls >= with_t.calls + len(y) - 2  # one pass over the items where there are no targets
     liar = ItemsDataset(x, y)
     liar.targets = [1] + liar.targets[1:]
     with pytest.raises(ValueError, match=r"train.targets\[0\] is 1 but item 0's label is 0"):

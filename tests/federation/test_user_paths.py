@@ -170,7 +170,9 @@ def test_a_model_that_cannot_take_the_data_is_refused_before_training():
     ("labels_float", "labels must be integers"),
     ("empty", "train: the dataset is empty"),
     ("nan", "train images: image 3 holds NaN or Inf"),
-    ("shape", r"images must be \(N, C, H, W\) or \(N, H, W\)"),
+    ("shape", r"train: samples of shape \(64,\) \(features, token ids or sequences\), but the model takes images: "
+              r"\(batch, 1, H, W\) \(Conv2d with in_channels=1\)"),
+    ("rank", r"images must be \(N, C, H, W\) or \(N, H, W\), got shape \(200, 1, 1, 8, 8\)"),
     ("channels", "the data has 4, the model takes 3"),
     ("too_few", "num_clients: 4 clients need at least 20 samples in the client pool, which holds"),
     ("width", "returns 5 logits, but the data has num_classes=10"),
@@ -198,6 +200,8 @@ def test_federate_bad_input_is_refused_before_any_work(tmp_path, case, match):
         x[3, 0, 2, 2] = float("nan")
     elif case == "shape":
         x = x.reshape(len(x), -1)
+    elif case == "rank":
+        x = x.reshape(len(x), 1, 1, 8, 8)
     elif case == "channels":
         x = x.expand(-1, 4, -1, -1).contiguous()
         model_fn = lambda: UserCNN(in_ch=3)  # noqa: E731

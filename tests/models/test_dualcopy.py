@@ -248,7 +248,7 @@ def test_bad_input_errors():
         fs.dualcopy(UserCNN(), gate=("relu", "gelu"))
     with pytest.raises(ValueError, match="quant_bn"):
         fs.dualcopy(UserCNN(), quant_bn="sync")
-    with pytest.raises(ValueError, match="no gateable"):
+    with pytest.raises(ValueError, match="FedSQ needs ReLU-like gating"):
         fs.dualcopy(nn.Sequential(nn.Conv2d(3, 3, 1)))
     with pytest.raises(TypeError, match="pair"):
         dc((x, x, x))
@@ -264,7 +264,7 @@ def test_relu6_mobilenet_offline_weights_end_to_end():
     with torch.no_grad():
         _close(dc(x), model(x))
     # relu6 not gated: stays an ordinary activation in both copies
-    with pytest.raises(ValueError, match="no gateable"):
+    with pytest.raises(ValueError, match="FedSQ needs ReLU-like gating"):
         fs.dualcopy(model, gate=("relu",))
 
 

@@ -135,7 +135,7 @@ def test_dualmap_and_bad_arguments():
     with pytest.raises(ValueError, match="no parameters"):
         fs.DualMap(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="activation"):
-        fs.GatedActivation("gelu")
+        fs.GatedActivation("tanh")  # gelu is a soft gate now (test_soft_gates.py); tanh is not z * g(z)
     with pytest.raises(TypeError, match="conv"):
         fs.GatedConv2d.from_conv(nn.Linear(2, 2))
     with pytest.raises(TypeError, match="linear"):

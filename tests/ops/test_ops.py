@@ -430,6 +430,7 @@ def test_opcheck_every_op():
         ("sq_dist_list", ([zq, z4.half()], [zs, torch.randn(2, 3, 4, 5).half()])),
         ("sq_dist_list", ([zq_g, torch.randn(7, dtype=torch.float64, requires_grad=True)],
                           [zs.requires_grad_(), torch.randn(7, dtype=torch.float64)])),
+        ("reply_stats_list", ([zq, z4.bfloat16()], [zs, torch.randn(2, 3, 4, 5).bfloat16()], [1, 0])),
     ]
     assert {name for name, _ in cases} == set(ops.SCHEMAS)  # every op, none forgotten
     for name, args in cases:

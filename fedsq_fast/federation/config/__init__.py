@@ -15,10 +15,11 @@ The package: :mod:`.sections` (the dataclasses), :mod:`.files` (mappings and fil
 :mod:`.methods` (MethodSpec, strategies from a config), :mod:`.checks` (validate), and
 :mod:`.errors`; everything public is importable from here.
 """
-from .checks import (DATA_KEYS, IMAGE_SIZE_RANGE, MAX_CLIENTS, MAX_SHARDS_PER_CLIENT, MAX_THREADS,  # noqa: F401
+from .checks import (DATA_KEYS, IMAGE_SIZE_RANGE, MAX_CLIENTS, MAX_LOCAL_EPOCHS, MAX_ROUNDS,  # noqa: F401
+                     MAX_SHARDS_PER_CLIENT, MAX_THREADS, NO_LIMITS_ENV, limits_lifted,
                      MODEL_KEYS, check_options_used, check_sources, resolve_device, validate)
 from .errors import ConfigError, _fail  # noqa: F401
-from .files import flatten, from_mapping, load_config, load_file, read_toml  # noqa: F401
+from .files import flatten, from_mapping, load_config, load_file, read_json, read_toml  # noqa: F401
 from .methods import ABLATIONS, STRATEGY_OPTION_KEYS, MethodSpec, parse_method, strategy_from_config  # noqa: F401
 from .sections import (KEYS, LEGACY_VALUES, PLACEMENT_KEYS, SECTION_OF, SECTIONS, ClientConfig, DataConfig,  # noqa: F401
                        LocalConfig, ModelConfig, RunConfig, RunSection, StrategyConfig, config_differences,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from ..client import OPTIMIZERS
+from ..client import LR_SCHEDULES, OPTIMIZERS, PRECISIONS
 from ..data import DATASETS
 from ..lazy import in_memory_choice
 from ..partition import PARTITIONS
@@ -47,6 +47,29 @@ MAX_CLIENTS = 100_000
 MAX_SHARDS_PER_CLIENT = 10_000  # shards are sorted-label slices of at least one sample
 MAX_THREADS = 1024  # torch.set_num_threads would start that many threads
 MAX_WORKERS = 256  # each worker is a process holding a model (and imports torch at start)
+# Run length: a value past these cannot finish in any reasonable time (the tiniest round, 8x8
+# digits on one client, takes ~10 ms, so 10^5 rounds are already hours at the default sizes and
+# days for a real model; 10^4 local epochs of one client are as many passes over its data
+# per round). A typo such as rounds = 9223372036854775807 would otherwise run until killed.
+# FEDSQ_FAST_NO_LIMITS=1 in the environment lifts these two (not the memory bounds above).
+MAX_ROUNDS = 100_000
+MAX_LOCAL_EPOCHS = 10_000
+NO_LIMITS_ENV = "FEDSQ_FAST_NO_LIMITS"
+
+
+def limits_lifted() -> bool:
+    """Whether ``FEDSQ_FAST_NO_LIMITS`` (1/true/yes/on) lifts the run-length bounds
+    :data:`MAX_ROUNDS` and :data:`MAX_LOCAL_EPOCHS`."""
+    import os
+
+    return os.environ.get(NO_LIMITS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _run_length(cfg, key, bound) -> None:
+    v = getattr(cfg, key)
+    if isinstance(v, int) and not isinstance(v, bool) and v > bound and not limits_lifted():
+        _fail(key, f"must be <= {bound}, got {v}: a run that long does not finish in any reasonable time "
+                   f"(set {NO_LIMITS_ENV}=1 in the environment to lift this bound)")
 
 
 def _num(cfg, key, lo=None, hi=None, lo_open=False, hi_open=False, allow_none=False):
@@ -82,6 +105,21 @@ def _check_device(spec) -> None:
             _fail("device", f"{spec!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
 
 
+def _check_precision(precision, device) -> None:
+    if precision not in PRECISIONS:
+        _fail("precision", f"must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision == "fp32":
+        return
+    import torch
+
+    dev = resolve_device(device)
+    if precision == "fp16" and dev.type != "cuda":
+        _fail("precision", f"'fp16' needs a CUDA GPU (device resolves to {dev.type}): its gradient scaler and "
+                           "speed are GPU features; use 'bf16' or 'fp32' here")
+    if precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        _fail("precision", f"'bf16' is not supported by {torch.cuda.get_device_name(dev)}; use 'fp16' or 'fp32'")
+
+
 # Keys that name where data and model come from: not used when the caller brings its own
 # data (federate(train=...)) and model (model_fn).
 DATA_KEYS = ("dataset", "data_root", "download")
@@ -101,6 +139,9 @@ def check_options_used(cfg: RunConfig) -> RunConfig:
             _fail(k, f"set to {getattr(cfg, k)!r}, but none of the methods ({', '.join(cfg.methods)}) reads it: "
                      f"it is an option of {', '.join(takers)} (e.g. methods {takers[0]} or fedsq+{takers[0]}); "
                      "remove it or add such a method")
+    for key, schedules in (("lr_step_rounds", ("step",)), ("lr_gamma", ("step",)), ("lr_min", ("cosine",))):
+        if key in explicit and cfg.lr_schedule not in schedules:
+            _fail(key, f"is read only by lr_schedule = {schedules[0]!r}, and lr_schedule is {cfg.lr_schedule!r}")
     if "trim_fraction" in explicit and cfg.aggregator != "trimmed_mean":
         _fail("trim_fraction", f"set to {cfg.trim_fraction!r}, but aggregator is {cfg.aggregator!r}; only "
                                "aggregator = 'trimmed_mean' reads it")
@@ -138,10 +179,25 @@ def validate(cfg: RunConfig, model_names=None, *, own_data: bool = False) -> Run
     _num(cfg, "beta2", lo=0, hi=1, hi_open=True)
     _num(cfg, "tau", lo=0, lo_open=True)
     _num(cfg, "client_timeout_s", lo=0, lo_open=True, allow_none=True)
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        _fail("lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}; got {cfg.lr_schedule!r}")
+    _int(cfg, "warmup_rounds", lo=0)
+    if cfg.warmup_rounds >= cfg.rounds and cfg.warmup_rounds:
+        _fail("warmup_rounds", f"({cfg.warmup_rounds}) must be below rounds ({cfg.rounds}): no round would "
+                               "train at the full lr")
+    _int(cfg, "lr_step_rounds", lo=1)
+    _num(cfg, "lr_gamma", lo=0, hi=1, lo_open=True)
+    _num(cfg, "lr_min", lo=0)
+    if cfg.lr_min > cfg.lr:
+        _fail("lr_min", f"({cfg.lr_min}) must not exceed lr ({cfg.lr})")
+    _num(cfg, "clip_grad_norm", lo=0, lo_open=True, allow_none=True)
+    _num(cfg, "label_smoothing", lo=0, hi=1, hi_open=True)
     _num(cfg, "target_accuracy", lo=0, hi=1, lo_open=True, allow_none=True)
     for k in ("num_clients", "rounds", "local_epochs", "batch_size", "min_clients",
               "shards_per_client", "probe_size", "eval_batch_size"):
         _int(cfg, k, lo=1)
+    _run_length(cfg, "rounds", MAX_ROUNDS)
+    _run_length(cfg, "local_epochs", MAX_LOCAL_EPOCHS)
     if cfg.aggregator not in AGGREGATORS:
         _fail("aggregator", f"must be one of {', '.join(AGGREGATORS)}; got {cfg.aggregator!r}")
     _num(cfg, "trim_fraction", lo=0, hi=0.5, hi_open=True)
@@ -152,9 +208,10 @@ def validate(cfg: RunConfig, model_names=None, *, own_data: bool = False) -> Run
         in_memory_choice(cfg.in_memory)
     except ValueError as e:
         _fail("in_memory", str(e).removeprefix("in_memory: "))
+    _check_augment(cfg.augment, own_data)
     if cfg.quant_bn not in ("train", "frozen"):
         _fail("quant_bn", f"must be 'train' or 'frozen', got {cfg.quant_bn!r}")
-    for k in ("download", "checkpoint", "mask_cache", "allow_ungated"):
+    for k in ("download", "checkpoint", "mask_cache", "allow_ungated", "soft_gates"):
         if not isinstance(getattr(cfg, k), bool):
             _fail(k, f"must be true or false, got {getattr(cfg, k)!r}")
     for k in ("data_root", "weights"):
@@ -173,6 +230,7 @@ def validate(cfg: RunConfig, model_names=None, *, own_data: bool = False) -> Run
     _int(cfg, "num_clients", lo=1, hi=MAX_CLIENTS, why="every client is simulated in this process")
     _int(cfg, "shards_per_client", lo=1, hi=MAX_SHARDS_PER_CLIENT)
     _check_device(cfg.device)
+    _check_precision(cfg.precision, cfg.device)
     _int(cfg, "workers", lo=1, hi=MAX_WORKERS)
     _int(cfg, "min_batch_size", lo=1)
     if cfg.min_batch_size > cfg.batch_size:
@@ -189,6 +247,18 @@ def validate(cfg: RunConfig, model_names=None, *, own_data: bool = False) -> Run
     # whether the files are on this machine is check_sources' job
     _check_sources(cfg, model_names, own_data, check_files=False)
     return cfg
+
+
+def _check_augment(value, own_data: bool) -> None:
+    from ..augment import AUGMENTS, CALLABLE_PREFIX
+
+    if isinstance(value, str) and value.startswith(CALLABLE_PREFIX) and len(value) > len(CALLABLE_PREFIX):
+        if not own_data:
+            _fail("augment", f"{value!r} names a Python callable, which only the Python API can pass: "
+                             f"federate(..., augment=fn); here use one of {', '.join(AUGMENTS)}")
+        return
+    if value not in AUGMENTS:
+        _fail("augment", f"must be one of {', '.join(AUGMENTS)} (a callable: federate(augment=fn)); got {value!r}")
 
 
 def _check_sources(cfg, model_names, own_data, check_files):

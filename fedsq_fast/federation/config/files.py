@@ -164,6 +164,75 @@ def read_toml(path, key: str = "config") -> dict:
         _fail(key, f"{p}: {where}: TOML syntax error: {msg}")
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key, line, first):
+        super().__init__(key)
+        self.key, self.line, self.first = key, line, first
+
+
+_LOADER = None
+
+
+def _unique_key_loader():
+    """A yaml.SafeLoader that refuses a key given twice in one mapping (plain SafeLoader keeps
+    the last silently; TOML refuses it too). Keys merged in with ``<<`` may be overridden."""
+    global _LOADER
+    if _LOADER is None:
+        import yaml
+
+        class UniqueKeyLoader(yaml.SafeLoader):
+            def construct_mapping(self, node, deep=False):
+                if isinstance(node, yaml.MappingNode):
+                    seen = {}
+                    for key_node, _ in node.value:
+                        if key_node.tag == "tag:yaml.org,2002:merge":
+                            continue
+                        key = self.construct_object(key_node, deep=True)
+                        try:
+                            first = seen.setdefault(key, key_node.start_mark.line + 1)
+                        except TypeError:  # an unhashable key: SafeLoader refuses it itself
+                            continue
+                        if first != key_node.start_mark.line + 1:
+                            raise _DuplicateKey(key, key_node.start_mark.line + 1, first)
+                return super().construct_mapping(node, deep=deep)
+
+        _LOADER = UniqueKeyLoader
+    return _LOADER
+
+
+def read_json(path, key: str):
+    """A JSON file (a recorded metrics.json, run_info.json, ...) parsed strictly: a file that
+    is missing, not UTF-8, malformed, or that gives one key twice in an object is a
+    :class:`ConfigError` naming ``key``, the file and the line."""
+    import json
+
+    p = Path(path)
+    text = _read_text(p, key)
+
+    def pairs(kv):
+        out = {}
+        for k, v in kv:
+            if k in out:
+                line = _line_of_json_key(text, k)
+                _fail(key, f"{p}: {f'line {line}: ' if line else ''}duplicate key {k!r} in one object")
+            out[k] = v
+        return out
+
+    try:
+        return json.loads(text, object_pairs_hook=pairs)
+    except json.JSONDecodeError as e:
+        _fail(key, f"{p}: line {e.lineno}, column {e.colno}: not valid JSON: {e.msg}")
+
+
+def _line_of_json_key(text: str, k: str) -> int | None:
+    """The line of the second ``"k":`` in ``text`` (where a duplicate is), or None."""
+    import json
+    import re
+
+    hits = [m.start() for m in re.finditer(re.escape(json.dumps(k)) + r"\s*:", text)]
+    return text.count("\n", 0, hits[1]) + 1 if len(hits) > 1 else None
+
+
 def load_file(path) -> dict:
     """The flat config keys of a TOML (.toml) or YAML (.yaml/.yml) file, in any of the forms
     :func:`flatten` reads: flat keys, a legacy ``[run]`` table (YAML: ``run:`` mapping) of
@@ -186,7 +255,10 @@ def load_file(path) -> dict:
 
         text = _read_text(p)
         try:
-            d = yaml.safe_load(text)
+            d = yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 (a SafeLoader)
+        except _DuplicateKey as e:
+            _fail("config", f"{p}: line {e.line}: duplicate key {e.key!r} (first at line {e.first}); "
+                            "a file sets each key once")
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""

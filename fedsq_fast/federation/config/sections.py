@@ -33,6 +33,10 @@ class DataConfig:
     # auto: an image-folder dataset (cinic10) too big for a quarter of the memory is read per
     # batch (the same numbers); true / false force either. File-array datasets fit: in memory.
     in_memory: str = _key("auto", "image folders: auto (per batch past a quarter of the memory), true, false")
+    # per-batch augmentation of the clients' training images (federation/augment.py), seeded from
+    # (seed, round, client): none (recorded runs reproduce), flip, crop_flip (pad 4 + crop + flip)
+    augment: str = _key("none", "training images, per batch: none, flip, crop_flip (pad 4 + random crop + "
+                                "horizontal flip)")
     num_clients: int = _key(10, "number of clients the pool is split among")
     partition: str = _key("dirichlet", "how the pool is split: " + ", ".join(PARTITIONS))
     alpha: float = _key(0.5, "Dirichlet concentration (dirichlet, quantity)")
@@ -47,8 +51,12 @@ class ModelConfig:
     model: str = _key("svhn_cnn", "zoo model name (fedsq_fast.models.list_models()), tiny_cnn or mlp")
     weights: str | None = _key("default", "default, none, or a weights file")
     quant_bn: str = _key("train", "fedsq conversion: BatchNorm of the quantitative copy, train or frozen")
-    allow_ungated: bool = _key(False, "fedsq conversion: accept a model without gate sites")
-    mask_cache: bool = _key(True, "FedSQ: cache structural masks per sample (no augmentation here)")
+    allow_ungated: bool = _key(False, "fedsq conversion: leave smooth activations (GELU, SiLU, ...) ungated beside the gated ReLU-like ones")
+    mask_cache: bool = _key(True, "FedSQ: cache structural masks per sample (steps aside for augmented or "
+                                  "random data)")
+    # beyond the paper (binary ReLU-like gates only): fixed soft gates y_q = z_q * g(z_s)
+    soft_gates: bool = _key(False, "fedsq conversion: also gate SiLU, GELU, Hardswish, Mish and squeeze-excitation "
+                                   "sigmoids with fixed soft gates (beyond the paper; the mask cache steps aside)")
 
 
 @dataclass
@@ -193,10 +201,13 @@ KEYS = ("dataset", "data_root", "download", "max_train_samples", "val_size", "ma
         "client_timeout_s", "optimizer", "lr", "momentum", "weight_decay", "local_epochs", "batch_size",
         "min_batch_size", "prox_mu", "aggregator", "trim_fraction", "server_lr", "server_momentum", "beta1",
         "beta2", "tau", "mask_cache", "seed", "target_accuracy", "probe_size", "eval_batch_size", "out_dir",
-        "checkpoint", "threads", "device", "plausible_scale", "workers", "norm_bound", "in_memory")
+        "checkpoint", "threads", "device", "plausible_scale", "workers", "norm_bound", "in_memory",
+        "lr_schedule", "warmup_rounds", "lr_step_rounds", "lr_gamma", "lr_min", "clip_grad_norm", "label_smoothing",
+        "precision", "augment", "soft_gates")
 # What a key added after runs were recorded meant before it existed: a recorded config without
 # the key reproduces its run with this value (config_differences, from_mapping(recorded=True)).
 # plausible_scale, norm_bound: the reply checks of 2026-12-02/03 changed what such runs average.
+# (augment needs no entry: its default, "none", is what runs recorded before it did.)
 LEGACY_VALUES = {"plausible_scale": None, "norm_bound": None}
 # The keys every recorded config has held since the first recordings (2026-11-22): a mapping
 # holding all of them is a recording (from_mapping), even when it lacks keys added since.
@@ -223,7 +234,13 @@ def config_differences(mine: RunConfig, theirs: dict, ignore=()) -> list:
             if k not in PLACEMENT_KEYS + tuple(ignore) and v != theirs.get(k, defaults[k])]
 
 
-def local_config(cfg: RunConfig, prox_mu: float) -> LocalConfig:
-    """The client's training options for one round: the client section of ``cfg`` and
-    ``prox_mu`` from the strategy."""
-    return LocalConfig(**dataclasses.asdict(cfg.section("client")), prox_mu=prox_mu)
+def local_config(cfg: RunConfig, prox_mu: float, rnd: int | None = None) -> LocalConfig:
+    """The client's training options for round ``rnd``: the client section of ``cfg`` with
+    that round's learning rate (``round_lr``: warm-up and schedule) and ``prox_mu`` from
+    the strategy."""
+    from ..client import round_lr
+
+    client = cfg.section("client")
+    if rnd is not None:
+        client.lr = round_lr(client, rnd, cfg.rounds)
+    return LocalConfig(**dataclasses.asdict(client), prox_mu=prox_mu)

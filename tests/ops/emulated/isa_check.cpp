@@ -217,6 +217,16 @@ static void check_table(const KernelTable& T, const KernelTable& R) {
       const bool close = std::isfinite(d1) && std::isfinite(d2) && std::fabs(d1 - d2) <= 1e-5 * std::fabs(d2) + 1e-30;
       if (!(same_nonfinite || close) && failures++ < 20)
         std::printf("MISMATCH %s sq_dist dtype=%d n=%zu: %.17g vs %.17g\n", T.name, int(dt), n, d1, d2);
+      // reply_stats on values with NaN/Inf/edges: min, max and count exact on every ISA; the
+      // squared distance equal to this ISA's own sq_dist bit for bit
+      double o1[4], o2[4];
+      T.reply_stats(dt, zq.data(), zs.data(), 0, int64_t(n), o1);
+      R.reply_stats(dt, zq.data(), zs.data(), 0, int64_t(n), o2);
+      const double own = T.sq_dist(dt, zq.data(), zs.data(), 0, int64_t(n));
+      const bool same_sq = std::memcmp(&o1[3], &own, 8) == 0 || (std::isnan(o1[3]) && std::isnan(own));
+      if ((o1[0] != o2[0] || o1[1] != o2[1] || o1[2] != o2[2] || !same_sq) && failures++ < 20)
+        std::printf("MISMATCH %s reply_stats dtype=%d n=%zu: (%g %g %g %g) vs (%g %g %g) own sq %g\n", T.name,
+                    int(dt), n, o1[0], o1[1], o1[2], o1[3], o2[0], o2[1], o2[2], own);
     }
   }
 }

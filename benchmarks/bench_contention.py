@@ -1,0 +1,100 @@
+"""Runs sharing a machine (issue 25): N runs started together against the same runs one
+after another, with OpenMP's waiting policy as fedsq_fast sets it (PASSIVE) and as before
+(ACTIVE: threads spin while waiting for work).
+
+The job: the README's main job (``python -m fedsq_fast run``: the SVHN-trained CNN fine-tuned on
+MNIST, FedAvg and FedSQ), reduced so that one run takes seconds, each run a fresh subprocess
+with its own output folder and torch's default thread count (every run wants every core).
+
+Printed per policy: one run alone (wall s), N runs started together (wall s of the last to
+finish), and the ratio ``together / (N x alone)``: 1.0 is a fair share of the cores, and the
+target is <= 1.15; also PASSIVE alone / ACTIVE alone (target: within 3%).
+
+    pytest benchmarks/bench_contention.py --benchmark-only -s
+    python benchmarks/bench_contention.py --runs 2 --rounds 2 --repeat 2
+
+Environment (pytest) / flags: FEDSQ_CONT_RUNS / --runs (2), FEDSQ_CONT_ROUNDS / --rounds (2),
+FEDSQ_CONT_SAMPLES / --samples (1000 training samples), FEDSQ_CONT_REPEAT / --repeat (1: the
+alone arms are timed this many times, the minimum kept).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+
+def _cmd(out_dir: str, rounds: int, samples: int) -> list:
+    return [sys.executable, "-m", "fedsq_fast", "run", "--rounds", str(rounds), "--max-train-samples",
+            str(samples), "--val-size", "300", "--max-test-samples", "300", "--out-dir", out_dir, "--quiet"]
+
+
+def _env(policy: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_", "KMP_"))}
+    env["OMP_WAIT_POLICY"] = policy
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    return env
+
+
+def run_together(n: int, policy: str, rounds: int, samples: int) -> float:
+    """Wall seconds until the last of ``n`` runs started together finishes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        procs = [subprocess.Popen(_cmd(os.path.join(tmp, f"r{i}"), rounds, samples), env=_env(policy),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(n)]
+        for p in procs:
+            _, err = p.communicate()
+            if p.returncode != 0:
+                raise RuntimeError(f"run failed ({p.returncode}): {err.decode()[-2000:]}")
+        return time.perf_counter() - t0
+
+
+def measure(runs: int = 2, rounds: int = 2, samples: int = 1000, repeat: int = 1) -> dict:
+    """{policy: {'alone': s, 'together': s, 'ratio': together / (runs x alone)}}."""
+    res = {}
+    for policy in ("PASSIVE", "ACTIVE"):
+        alone = min(run_together(1, policy, rounds, samples) for _ in range(repeat))
+        together = run_together(runs, policy, rounds, samples)
+        res[policy] = {"alone": alone, "together": together, "ratio": together / (runs * alone)}
+    res["alone_passive_over_active"] = res["PASSIVE"]["alone"] / res["ACTIVE"]["alone"]
+    return res
+
+
+def report(res: dict, runs: int) -> str:
+    lines = [f"| OMP_WAIT_POLICY | one run alone (s) | {runs} runs together (s) | together / ({runs} x alone) |",
+             "|---|---:|---:|---:|"]
+    for policy in ("PASSIVE", "ACTIVE"):
+        r = res[policy]
+        lines.append(f"| {policy}{' (fedsq_fast default)' if policy == 'PASSIVE' else ' (before)'} | "
+                     f"{r['alone']:.1f} | {r['together']:.1f} | {r['ratio']:.2f} |")
+    lines.append(f"\nPASSIVE alone / ACTIVE alone: {res['alone_passive_over_active']:.3f}")
+    return "\n".join(lines)
+
+
+def _env_int(name, default):
+    return int(os.environ.get(name, default))
+
+
+@pytest.mark.slow
+def test_runs_side_by_side(benchmark):
+    runs, rounds = _env_int("FEDSQ_CONT_RUNS", 2), _env_int("FEDSQ_CONT_ROUNDS", 2)
+    samples, repeat = _env_int("FEDSQ_CONT_SAMPLES", 1000), _env_int("FEDSQ_CONT_REPEAT", 1)
+    res = benchmark.pedantic(measure, args=(runs, rounds, samples, repeat), rounds=1, iterations=1)
+    print("\n" + report(res, runs))
+    benchmark.extra_info.update({k: v for k, v in res.items()})
+    assert res["PASSIVE"]["ratio"] > 0
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--samples", type=int, default=1000)
+    ap.add_argument("--repeat", type=int, default=1)
+    a = ap.parse_args()
+    print(report(measure(a.runs, a.rounds, a.samples, a.repeat), a.runs))
