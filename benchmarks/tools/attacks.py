@@ -158,8 +158,14 @@ def cells(aggregators=AGGREGATORS, attacks=ATTACKS, fractions=FRACTIONS, methods
                     yield method, agg, attack, fr
 
 
-def key(c) -> str:
-    return f"{c[0]}/{c[1]}/{c[2] or 'none'}/{c[3]:g}"
+def key(c, seed: int = 0) -> str:
+    return f"{c[0]}/{c[1]}/{c[2] or 'none'}/{c[3]:g}" + (f"@{seed}" if seed else "")
+
+
+def clean_spread(results: dict, method: str, agg: str) -> str:
+    """'mean +- sd over n seeds' of the clean runs recorded for (method, agg)."""
+    accs = [v["test_acc"] for k, v in results.items() if k.split("@")[0] == key((method, agg, None, 0.0))]
+    return f"{np.mean(accs):.3f} +- {np.std(accs, ddof=1):.3f} (n={len(accs)})" if len(accs) > 1 else "-"
 
 
 def table(results: dict, method: str) -> str:
@@ -178,6 +184,8 @@ def table(results: dict, method: str) -> str:
         accs = [results[key((method, g, a, f))]["test_acc"] for a, f in rows[1:] if key((method, g, a, f)) in results]
         worst.append(f"**{min(accs):.3f}**" if accs else "-")
     lines.append("| worst of the attacks | | " + " | ".join(worst) + " |")
+    if any("@" in k for k in results):
+        lines.append("| clean, seeds 0-2 | | " + " | ".join(clean_spread(results, method, g) for g in aggs) + " |")
     return "\n".join(lines)
 
 
@@ -188,6 +196,8 @@ def main(argv=None) -> int:
     p.add_argument("--aggregators", nargs="+", default=list(AGGREGATORS), choices=AGGREGATORS)
     p.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--clean-seeds", nargs="+", type=int, default=[], metavar="SEED",
+                   help="instead of the grid: only the clean runs, with these seeds (the seed-to-seed spread)")
     a = p.parse_args(argv)
     out = Path(a.out)
     results = json.loads(out.read_text()) if out.exists() else {}
@@ -196,20 +206,27 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(1)
         logging.disable(logging.WARNING)  # the attackers' rejected updates are counted, not logged
-        data = prepare_data(from_mapping(TASK), fdata.load_digits())
+        datas = {TASK["seed"]: prepare_data(from_mapping(TASK), fdata.load_digits())}
         import fedsq_fast
 
         print(f"fedsq_fast from {fedsq_fast.__file__}; task {TASK}", flush=True)
-        todo = [c for c in cells(a.aggregators, a.attacks, methods=a.methods) if key(c) not in results]
+        if a.clean_seeds:
+            todo = [(m, g, None, 0.0, sd) for sd in a.clean_seeds for m in a.methods for g in a.aggregators]
+        else:
+            todo = [c + (0,) for c in cells(a.aggregators, a.attacks, methods=a.methods)]
+        todo = [c for c in todo if key(c[:4], c[4]) not in results]
         t0 = time.perf_counter()
-        for i, c in enumerate(todo):
-            results[key(c)] = run_cell(data, *c, TASK)
+        for i, (*c, sd) in enumerate(todo):
+            task = dict(TASK, seed=sd)
+            if sd not in datas:  # another seed draws another split (and initialisation)
+                datas[sd] = prepare_data(from_mapping(task), fdata.load_digits())
+            results[key(c, sd)] = dict(run_cell(datas[sd], *c, task), seed=sd)
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_suffix(".tmp")
             tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
             os.replace(tmp, out)
-            r = results[key(c)]
-            print(f"[{i + 1}/{len(todo)} {time.perf_counter() - t0:.0f}s] {key(c)}: test_acc {r['test_acc']:.3f} "
+            r = results[key(c, sd)]
+            print(f"[{i + 1}/{len(todo)} {time.perf_counter() - t0:.0f}s] {key(c, sd)}: test_acc {r['test_acc']:.3f} "
                   f"(rejected {r['rejected']})", flush=True)
     for method in a.methods:
         print(f"\n{method} (test accuracy; clean = no attacker)\n")
