@@ -402,3 +402,18 @@ def test_the_flower_strategy_aggregates_as_the_engine(agg):
         assert metrics["clients-ok"] == 7 and all(torch.equal(out[k], ref[k]) for k in ref)
     finally:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("agg", VECTOR)
+def test_replies_on_a_gpu_give_the_cpu_result_on_the_gpu(agg):
+    """The server aggregates where the model lives (device = cuda): the vector methods compute
+    on the host in float64, so the result is the CPU one, bit for bit, placed on the GPU."""
+    rng = _rng()
+    g = _state(rng)
+    reps = [(i, _state(rng, scale=0.1), 10) for i in range(7)]
+    cpu = make_strategy("fedavg", aggregator=agg).aggregate(g, reps)
+    dev = lambda s: {k: v.cuda() for k, v in s.items()}  # noqa: E731
+    gpu = make_strategy("fedavg", aggregator=agg).aggregate(dev(g), [(i, dev(s), n) for i, s, n in reps])
+    assert all(gpu[k].is_cuda and torch.equal(gpu[k].cpu(), cpu[k]) for k in g)
