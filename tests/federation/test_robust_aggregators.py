@@ -417,3 +417,36 @@ def test_replies_on_a_gpu_give_the_cpu_result_on_the_gpu(agg):
     dev = lambda s: {k: v.cuda() for k, v in s.items()}  # noqa: E731
     gpu = make_strategy("fedavg", aggregator=agg).aggregate(dev(g), [(i, dev(s), n) for i, s, n in reps])
     assert all(gpu[k].is_cuda and torch.equal(gpu[k].cpu(), cpu[k]) for k in g)
+
+
+def test_the_attack_harness_sends_what_the_table_says():
+    """benchmarks/tools/attacks.py (the attack x defence table): each attacker's reply against
+    the formulas written out here in numpy, from the round's honest updates."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "tools" / "attacks.py"
+    spec = importlib.util.spec_from_file_location("attacks_tool", path)
+    A = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(A)
+    rng = _rng()
+    g = _state(rng)
+    honest = {c: _state(rng, scale=0.2) for c in range(6)}
+    attackers = [1, 4]
+    benign = [0, 2, 3, 5]
+    assert [len(A.attackers_for(f, 10)) for f in (0.1, 0.2, 0.3)] == [1, 2, 3]
+    assert set(A.attackers_for(0.1, 10)) <= set(A.attackers_for(0.2, 10)) <= set(A.attackers_for(0.3, 10))
+    d = {c: {k: honest[c][k].double().numpy() - g[k].double().numpy() for k in PARAMS} for c in honest}
+    for attack in ("sign_flip", "scaling", "alie", "ipm", "free_rider"):
+        bad = A.malicious_updates(attack, honest, attackers, g, list(PARAMS))
+        assert sorted(bad) == attackers
+        for c in attackers:
+            for k in PARAMS:
+                xs = np.stack([d[b][k] for b in benign])
+                want = {"sign_flip": -4 * d[c][k], "scaling": 8 * d[c][k],
+                        "alie": xs.mean(0) - xs.std(0, ddof=1), "ipm": -0.1 * xs.mean(0),
+                        "free_rider": 0 * d[c][k]}[attack] + g[k].double().numpy()
+                tol = 2e-3 if g[k].dtype == torch.float16 else 1e-5
+                np.testing.assert_allclose(bad[c][k].double().numpy(), want, rtol=tol, atol=tol, err_msg=(attack, k))
+            if attack == "free_rider":
+                assert all(torch.equal(bad[c][k], g[k]) for k in g)
