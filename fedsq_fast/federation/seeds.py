@@ -26,10 +26,17 @@ def failure_draws(seed: int, rnd: int, n: int) -> np.ndarray:
     return np.random.default_rng(derive_seed(seed, rnd, FAIL)).random(n)
 
 
+def sample_size(cfg) -> int:
+    """How many clients a round samples: ``fraction`` of ``num_clients``, at least
+    ``min_clients``, at most all."""
+    k = cfg.num_clients
+    return min(k, max(cfg.min_clients, math.ceil(cfg.fraction * k - 1e-9)))
+
+
 def sample_clients(cfg, rnd: int) -> list[int]:
     """The clients of round ``rnd``: ``fraction`` of ``num_clients`` (at least ``min_clients``),
     in increasing id order (the order replies are folded in)."""
     k = cfg.num_clients
-    m = min(k, max(cfg.min_clients, math.ceil(cfg.fraction * k - 1e-9)))
+    m = sample_size(cfg)
     rng = np.random.default_rng(derive_seed(cfg.seed, rnd, SAMPLE))
     return sorted(int(i) for i in rng.choice(k, m, replace=False))

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..ops import StreamingAverage, sq_dist
+from .robust import ROBUST_AGGREGATORS, RobustRefusal, aggregate_held
 
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedbn")
 _STAT_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -150,7 +151,7 @@ def _sq_dist(state: dict, ref: dict, check: bool = False) -> float | str:
     return tot
 
 
-AGGREGATORS = ("mean", "median", "trimmed_mean")
+AGGREGATORS = ("mean",) + ROBUST_AGGREGATORS  # robust ones: federation/robust.py
 
 
 def plain_count(n):
@@ -327,16 +328,20 @@ def stream_average(global_state: dict, replies: Iterable, stats: AggregateStats 
 def robust_average(global_state: dict, replies: Iterable, stats: AggregateStats | None = None,
                    kind: str = "median", trim_fraction: float = 0.1,
                    plausible_scale: float | None = PLAUSIBLE_SCALE, norm_bound: float | None = None,
-                   batch_size: int = 64, copy_held: bool = True):
-    """Coordinate-wise ``median`` or ``trimmed_mean`` of the valid replies (Yin et al. 2018):
-    unweighted (a client's sample count cannot buy influence), robust to a minority of
-    arbitrary updates. Holds all K valid replies (memory: K models, not one). Floating
-    tensors are computed in float64 and rounded to their dtype; the median of an even count
-    is the mean of the two middle values. Integer and bool tensors take the lower median /
-    the trimmed mean rounded half to even. ``trim_fraction``: the share cut at each end
-    (floor(trim_fraction K) values). Returns None when no reply was valid."""
-    if kind not in AGGREGATORS[1:]:
-        raise ValueError(f"kind must be 'median' or 'trimmed_mean', got {kind!r}")
+                   batch_size: int = 64, copy_held: bool = True, *, krum_f: int | None = None,
+                   krum_m: int | None = None, clip_radius: float | None = None):
+    """A robust aggregate of the valid replies (:mod:`.robust`): coordinate-wise ``median``
+    or ``trimmed_mean`` (Yin et al. 2018), ``multi_krum`` (``krum_f``, ``krum_m``),
+    ``geometric_median`` or ``centered_clip`` (``clip_radius``). Unweighted (a client's
+    sample count cannot buy influence), robust to a minority of arbitrary updates. Holds all
+    K valid replies (memory: K models, not one). Floating tensors are computed in float64 and
+    rounded to their dtype; the median of an even count is the mean of the two middle values.
+    Integer and bool tensors take the lower median / the trimmed mean rounded half to even.
+    ``trim_fraction``: the share cut at each end (floor(trim_fraction K) values). Returns None
+    when no reply was valid, or when Multi-Krum has fewer than 2 krum_f + 3 (then
+    ``stats.rolled_back`` says so and the global model is kept)."""
+    if kind not in ROBUST_AGGREGATORS:
+        raise ValueError(f"kind must be one of {', '.join(ROBUST_AGGREGATORS)}, got {kind!r}")
     stats = stats if stats is not None else AggregateStats()
     kept, sq_sum = [], 0.0
     # held copies: an in-process reply aliases the worker model, which the next client retrains
@@ -346,35 +351,26 @@ def robust_average(global_state: dict, replies: Iterable, stats: AggregateStats 
         sq_sum += count_as_float(n) * sq
     if not kept:
         return None
-    k = len(kept)
-    cut = int(math.floor(trim_fraction * k)) if kind == "trimmed_mean" else 0
-    out = {}
-    with torch.no_grad():
-        for key, g in global_state.items():
-            x = torch.stack([s[key].to(g.device) for s in kept])
-            floating = g.dtype.is_floating_point
-            xs = (x.double() if floating else x.long()).sort(dim=0).values
-            if kind == "median":
-                if floating:
-                    v = xs[(k - 1) // 2] if k % 2 else (xs[k // 2 - 1] + xs[k // 2]) / 2
-                else:
-                    v = xs[(k - 1) // 2]  # lower median: stays an integer
-            else:
-                mid = xs[cut:k - cut]
-                v = mid.mean(0) if floating else torch.round(mid.double().mean(0)).long()
-            out[key] = v.to(g.dtype)
+    try:
+        out = aggregate_held(kind, global_state, kept, is_stat=is_stat_key, trim_fraction=trim_fraction,
+                             krum_f=krum_f, krum_m=krum_m, clip_radius=clip_radius)
+    except RobustRefusal as e:
+        stats.rolled_back = str(e)
+        return None
     _record_drift(stats, out, global_state, sq_sum)
     return out
 
 
 class Strategy:
     """FedAvg: the new global state is the sample-weighted average of the replies
-    (``aggregator='median'`` / ``'trimmed_mean'``: :func:`robust_average` instead, under
-    any strategy)."""
+    (``aggregator`` other than 'mean': :func:`robust_average` instead, under any strategy)."""
 
     name = "fedavg"
     aggregator = "mean"
     trim_fraction = 0.1
+    krum_f = None  # multi_krum: Byzantine replies tolerated (None: floor((K - 3) / 2))
+    krum_m = None  # multi_krum: replies averaged (None: K - krum_f)
+    clip_radius = None  # centered_clip: tau (None: the median distance, per iteration)
     plausible_scale = PLAUSIBLE_SCALE
     norm_bound = NORM_BOUND
     batch_size = 64  # the clients' local batch size (the norm bound's local batches); set from the config
@@ -405,7 +401,8 @@ class Strategy:
                                  self.batch_size, copy_held)
         else:
             avg = robust_average(global_state, replies, stats, self.aggregator, self.trim_fraction,
-                                 self.plausible_scale, self.norm_bound, self.batch_size, copy_held)
+                                 self.plausible_scale, self.norm_bound, self.batch_size, copy_held,
+                                 krum_f=self.krum_f, krum_m=self.krum_m, clip_radius=self.clip_radius)
         if avg is None:
             return {k: v.clone() for k, v in global_state.items()}
         bad = nonfinite_key(avg)
@@ -542,7 +539,7 @@ class FedYogi(FedAdam):
 _CLASSES = {c.name: c for c in (Strategy, FedProx, FedAvgM, FedAdam, FedYogi, FedBN)}
 # Options every strategy takes (how the replies are combined), given to make_strategy.
 COMMON_OPTIONS = {"aggregator": "mean", "trim_fraction": 0.1, "plausible_scale": PLAUSIBLE_SCALE,
-                  "norm_bound": NORM_BOUND}
+                  "norm_bound": NORM_BOUND, "krum_f": None, "krum_m": None, "clip_radius": None}
 
 
 class StrategyOptionError(TypeError, ValueError):
@@ -564,11 +561,15 @@ def strategy_options(name: str) -> dict:
 
 def make_strategy(name: str, *, aggregator: str = "mean", trim_fraction: float = 0.1,
                   plausible_scale: float | None = PLAUSIBLE_SCALE, norm_bound: float | None = NORM_BOUND,
-                  batch_size: int = 64, **options) -> Strategy:
+                  batch_size: int = 64, krum_f: int | None = None, krum_m: int | None = None,
+                  clip_radius: float | None = None, **options) -> Strategy:
     """Build a strategy by name with its own options (:func:`strategy_options`); an option
     it does not take is a :class:`StrategyOptionError` naming it, never ignored.
     ``aggregator``: how the replies are combined ('mean': sample-weighted, streamed;
-    'median' or 'trimmed_mean' with ``trim_fraction``: :func:`robust_average`);
+    'median', 'trimmed_mean' with ``trim_fraction``, 'multi_krum' with ``krum_f`` (Byzantine
+    replies tolerated; None: floor((K - 3) / 2)) and ``krum_m`` (replies averaged; None:
+    K - krum_f), 'geometric_median', 'centered_clip' with ``clip_radius`` (None: the median
+    distance): :func:`robust_average`);
     ``plausible_scale``: :func:`implausible`; ``norm_bound``: a reply whose update norm per
     local batch (of ``batch_size``, the clients' local batch size) exceeds this x the round's
     median is rejected (:func:`_screened`); None: off, replies streamed."""
@@ -593,9 +594,17 @@ def make_strategy(name: str, *, aggregator: str = "mean", trim_fraction: float =
         raise ValueError(f"norm_bound must be a finite number >= 1 or None, got {norm_bound!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    for key, v, lo in (("krum_f", krum_f, 0), ("krum_m", krum_m, 1)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
+            raise ValueError(f"{key} must be an integer >= {lo} or None, got {v!r}")
+    if clip_radius is not None and (isinstance(clip_radius, bool) or not isinstance(clip_radius, (int, float))
+                                    or not 0 < clip_radius < math.inf):
+        raise ValueError(f"clip_radius must be a positive finite number or None, got {clip_radius!r}")
     strat = _CLASSES[name](**options)
     strat.aggregator, strat.trim_fraction = aggregator, float(trim_fraction)
     strat.plausible_scale = None if plausible_scale is None else float(plausible_scale)
     strat.norm_bound = None if norm_bound is None else float(norm_bound)
     strat.batch_size = batch_size
+    strat.krum_f, strat.krum_m = krum_f, krum_m
+    strat.clip_radius = None if clip_radius is None else float(clip_radius)
     return strat

@@ -36,7 +36,8 @@ OLD_DEFAULTS = {
 ADDED = {'plausible_scale': 1e6, 'workers': 1, 'norm_bound': 10.0, 'in_memory': 'auto',
          'lr_schedule': 'constant', 'warmup_rounds': 0, 'lr_step_rounds': 10, 'lr_gamma': 0.1, 'lr_min': 0.0,
          'clip_grad_norm': None, 'label_smoothing': 0.0, 'precision': 'fp32',
-         'augment': 'none', 'soft_gates': False}
+         'augment': 'none', 'soft_gates': False,
+         'krum_f': None, 'krum_m': None, 'clip_radius': None}
 FULL = {**OLD_DEFAULTS, **ADDED}
 
 # where each key is read (docs/federation.md, "Configuration keys")
@@ -49,7 +50,7 @@ SECTION = {
                      "min_batch_size", "client_timeout_s", "lr_schedule", "warmup_rounds", "lr_step_rounds",
                      "lr_gamma", "lr_min", "clip_grad_norm", "label_smoothing", "precision"], "client"),
     **dict.fromkeys(["methods", "aggregator", "trim_fraction", "plausible_scale", "norm_bound", "prox_mu", "server_lr", "server_momentum",
-                     "beta1", "beta2", "tau"], "strategy"),
+                     "beta1", "beta2", "tau", "krum_f", "krum_m", "clip_radius"], "strategy"),
     **dict.fromkeys(["rounds", "fraction", "min_clients", "failure_rate", "seed", "target_accuracy",
                      "probe_size", "eval_batch_size", "out_dir", "checkpoint", "threads", "device", "workers"], "run"),
 }
@@ -74,6 +75,7 @@ def random_flat(rng) -> dict:
     strategies = list(TAKES)
     methods = list(dict.fromkeys(pick(["", "fedsq+"]) + pick(strategies) for _ in range(int(rng.integers(1, 4)))))
     device = pick(["auto", "cpu"])
+    agg = pick(["mean", "median", "trimmed_mean", "multi_krum", "geometric_median", "centered_clip"])
     return {
         "dataset": "digits", "data_root": None, "download": False,
         "max_train_samples": pick([None, int(rng.integers(clients * 20, 5000))]),
@@ -90,7 +92,7 @@ def random_flat(rng) -> dict:
         "lr": float(rng.uniform(1e-4, 1)), "momentum": float(rng.uniform(0, 0.99)),
         "weight_decay": float(rng.uniform(0, 0.1)), "local_epochs": int(rng.integers(1, 5)),
         "batch_size": batch, "min_batch_size": int(rng.integers(1, batch + 1)),
-        "prox_mu": float(rng.uniform(0, 1)), "aggregator": pick(["mean", "median", "trimmed_mean"]),
+        "prox_mu": float(rng.uniform(0, 1)), "aggregator": agg,
         "trim_fraction": float(rng.uniform(0, 0.49)), "server_lr": maybe_none(float(rng.uniform(1e-3, 2))),
         "server_momentum": float(rng.uniform(0, 0.99)), "beta1": float(rng.uniform(0, 0.99)),
         "beta2": float(rng.uniform(0, 0.99)), "tau": float(rng.uniform(1e-6, 1)),
@@ -101,6 +103,8 @@ def random_flat(rng) -> dict:
         "plausible_scale": maybe_none(float(rng.uniform(1.0, 1e7))),
         "norm_bound": maybe_none(float(rng.uniform(1.0, 100))),
         "in_memory": pick(["auto", True, False]),
+        "krum_f": None, "krum_m": None,  # valid only with multi_krum and a cohort (test_robust_aggregators.py)
+        "clip_radius": maybe_none(float(rng.uniform(1e-3, 10))) if agg == "centered_clip" else None,
         "device": device,
         "workers": int(rng.integers(1, 9)),
         **_random_knobs(rng, pick, maybe_none),

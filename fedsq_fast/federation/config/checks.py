@@ -8,6 +8,8 @@ from ..client import LR_SCHEDULES, OPTIMIZERS, PRECISIONS
 from ..data import DATASETS
 from ..lazy import in_memory_choice
 from ..partition import PARTITIONS
+from ..robust import krum_auto_f, krum_min_replies
+from ..seeds import sample_size
 from ..strategy import AGGREGATORS, STRATEGIES, strategy_options
 from .errors import _fail
 from .methods import STRATEGY_OPTION_KEYS, MethodSpec
@@ -142,10 +144,34 @@ def check_options_used(cfg: RunConfig) -> RunConfig:
     for key, schedules in (("lr_step_rounds", ("step",)), ("lr_gamma", ("step",)), ("lr_min", ("cosine",))):
         if key in explicit and cfg.lr_schedule not in schedules:
             _fail(key, f"is read only by lr_schedule = {schedules[0]!r}, and lr_schedule is {cfg.lr_schedule!r}")
-    if "trim_fraction" in explicit and cfg.aggregator != "trimmed_mean":
-        _fail("trim_fraction", f"set to {cfg.trim_fraction!r}, but aggregator is {cfg.aggregator!r}; only "
-                               "aggregator = 'trimmed_mean' reads it")
+    for key, reader in AGGREGATOR_OPTIONS.items():
+        if key in explicit and cfg.aggregator != reader:
+            _fail(key, f"set to {getattr(cfg, key)!r}, but aggregator is {cfg.aggregator!r}; only "
+                       f"aggregator = {reader!r} reads it")
     return cfg
+
+
+# Keys only one aggregator reads: setting one under another aggregator is a mistake.
+AGGREGATOR_OPTIONS = {"trim_fraction": "trimmed_mean", "krum_f": "multi_krum", "krum_m": "multi_krum",
+                      "clip_radius": "centered_clip"}
+
+
+def _check_krum(cfg: RunConfig) -> None:
+    """Multi-Krum's f and m against the clients a round samples (every one of them replying):
+    f needs 2f + 3 replies (Blanchard et al. 2017), m at most K - f. A round that gets fewer
+    valid replies than sampled keeps the global model (robust.RobustRefusal)."""
+    _int(cfg, "krum_f", lo=0, allow_none=True)
+    _int(cfg, "krum_m", lo=1, allow_none=True)
+    if cfg.aggregator != "multi_krum":
+        return
+    k = sample_size(cfg)
+    f = krum_auto_f(k) if cfg.krum_f is None else cfg.krum_f
+    if cfg.krum_f is not None and k < krum_min_replies(f):
+        _fail("krum_f", f"{f} Byzantine clients need at least {krum_min_replies(f)} replies a round (2 krum_f + 3), "
+                        f"but a round samples {k} (num_clients {cfg.num_clients}, fraction {cfg.fraction}, "
+                        f"min_clients {cfg.min_clients}); lower krum_f to at most {krum_auto_f(k)}")
+    if cfg.krum_m is not None and cfg.krum_m > k - f:
+        _fail("krum_m", f"({cfg.krum_m}) exceeds the replies a round samples less krum_f ({k} - {f} = {k - f})")
 
 
 def validate(cfg: RunConfig, model_names=None, *, own_data: bool = False) -> RunConfig:
@@ -201,6 +227,8 @@ def validate(cfg: RunConfig, model_names=None, *, own_data: bool = False) -> Run
     if cfg.aggregator not in AGGREGATORS:
         _fail("aggregator", f"must be one of {', '.join(AGGREGATORS)}; got {cfg.aggregator!r}")
     _num(cfg, "trim_fraction", lo=0, hi=0.5, hi_open=True)
+    _check_krum(cfg)
+    _num(cfg, "clip_radius", lo=0, lo_open=True, allow_none=True)
     _num(cfg, "plausible_scale", lo=0, lo_open=True, allow_none=True)
     _num(cfg, "norm_bound", lo=1, allow_none=True)
     check_options_used(cfg)

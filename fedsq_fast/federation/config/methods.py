@@ -78,4 +78,5 @@ def strategy_from_config(cfg: RunConfig, method) -> "Strategy":  # noqa: F821
     opts = {k: getattr(cfg, k) for k in strategy_options(spec.strategy) if getattr(cfg, k) is not None}
     return make_strategy(spec.strategy, aggregator=cfg.aggregator, trim_fraction=cfg.trim_fraction,
                          plausible_scale=cfg.plausible_scale, norm_bound=cfg.norm_bound,
-                         batch_size=cfg.batch_size, **opts)
+                         batch_size=cfg.batch_size, krum_f=cfg.krum_f, krum_m=cfg.krum_m,
+                         clip_radius=cfg.clip_radius, **opts)

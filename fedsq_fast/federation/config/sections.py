@@ -69,10 +69,14 @@ class StrategyConfig:
     # optionally ":refresh=R" / ":unfreeze=R" (structural-copy ablations)
     methods: list = _key(None, "fedavg fedprox fedavgm fedadam fedyogi fedbn fedsq fedsq+<strategy>"
                                "[:refresh=R|:unfreeze=R]", factory=lambda: ["fedavg", "fedsq"])
-    # "mean" (sample-weighted, streamed), "median" or "trimmed_mean" (coordinate-wise,
-    # unweighted; robust to a minority of hostile clients)
+    # "mean" (sample-weighted, streamed); the others unweighted, robust to a minority of
+    # hostile clients (federation/robust.py; breakdown points in docs/federation.md)
     aggregator: str = _key("mean", "how the server combines replies: " + ", ".join(AGGREGATORS))
     trim_fraction: float = _key(0.1, "trimmed_mean: share cut at each end")
+    krum_f: int | None = _key(None, "multi_krum: Byzantine replies tolerated (a round needs 2 krum_f + 3); "
+                                    "none: floor((K - 3) / 2) of the round's K")
+    krum_m: int | None = _key(None, "multi_krum: replies averaged (1: Krum); none: K - krum_f")
+    clip_radius: float | None = _key(None, "centered_clip: clipping radius tau; none: the median distance")
     # A finite reply is still refused when a value exceeds plausible_scale x (1 + the global
     # model's max |value|) (a BatchNorm variance of 1e8 would overflow the float32 average).
     plausible_scale: float | None = _key(1e6, "refuse replies with values beyond this x (1 + global max |value|); "
@@ -203,7 +207,8 @@ KEYS = ("dataset", "data_root", "download", "max_train_samples", "val_size", "ma
         "beta2", "tau", "mask_cache", "seed", "target_accuracy", "probe_size", "eval_batch_size", "out_dir",
         "checkpoint", "threads", "device", "plausible_scale", "workers", "norm_bound", "in_memory",
         "lr_schedule", "warmup_rounds", "lr_step_rounds", "lr_gamma", "lr_min", "clip_grad_norm", "label_smoothing",
-        "precision", "augment", "soft_gates")
+        "precision", "augment", "soft_gates",
+        "krum_f", "krum_m", "clip_radius")
 # What a key added after runs were recorded meant before it existed: a recorded config without
 # the key reproduces its run with this value (config_differences, from_mapping(recorded=True)).
 # plausible_scale, norm_bound: the reply checks of 2026-12-02/03 changed what such runs average.
