@@ -63,10 +63,21 @@ def method_model(model, method: str, dual: bool, *, quant_bn: str = "train", all
     if dual and source.startswith("model ") and getattr(model, "weights", None) is None:
         warn_random_gates(method, source)
     if dual and not is_dualcopy(model):
-        from ..models import dualcopy
+        import logging
+        import warnings
+
+        from ..models import TrainModeGateWarning, dualcopy
 
         try:
-            model = dualcopy(model, quant_bn=quant_bn, allow_ungated=allow_ungated, soft_gates=soft_gates)
+            with warnings.catch_warnings(record=True) as seen:
+                # the engine logs it (once per conversion) instead of a Python warning per process
+                warnings.simplefilter("always", TrainModeGateWarning)
+                model = dualcopy(model, quant_bn=quant_bn, allow_ungated=allow_ungated, soft_gates=soft_gates)
+            for w in seen:
+                if issubclass(w.category, TrainModeGateWarning):
+                    logging.getLogger("fedsq_fast").info("%s", w.message)
+                else:
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         except ValueError as e:  # dualcopy's refusals; internal errors keep their traceback
             raise ValueError(
                 f"methods: {method!r} trains a DualCopy model, but {source}'s {type(model).__name__} could not be "

@@ -83,7 +83,7 @@ def test_gated_conv_batched_unbatched_with_bn(dims, bn):
     conv_t = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
     bn_t = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
     layer_t = {1: fs.GatedConv1d, 2: fs.GatedConv2d, 3: fs.GatedConv3d}[dims]
-    cin, cout = (int(v) for v in rng.integers(1, 6, 2))
+    cin, cout = int(rng.integers(1, 6)), int(rng.integers(2, 6))  # batch statistics need 2+ values per channel
     k = int(rng.choice([1, 3]))  # odd: 'same' output size, so the collision holds after the conv
     conv = conv_t(cin, cout, k, padding=k // 2, bias=bool(rng.integers(2)))
     norm = None
