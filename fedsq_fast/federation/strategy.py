@@ -109,6 +109,79 @@ def implausible(reference: dict, update: dict, scale: float = PLAUSIBLE_SCALE) -
     return None
 
 
+_UNCHECKED = object()  # ReplyScan.scan: no sample count to check
+
+
+class ReplyScan:
+    """Every check of a well-formed reply against one global model, each floating tensor read
+    once (:func:`fedsq_fast.ops.reply_stats`: min/max, NaN/Inf count and the squared update in
+    one pass, compiled CPU kernel). ``scan(update)`` returns ``||update - global||^2`` over the
+    parameters (BatchNorm statistics aside), or the reason the reply must not be averaged,
+    with the same rules and reasons as :func:`implausible` followed by :func:`_sq_dist`
+    (the squared norm equal to it bit for bit). The global model's max |value| per tensor,
+    which the plausibility bound needs, is read once per round, not once per reply. Replies
+    on a GPU take the separate checks (the reference of reply_stats would sync per tensor).
+    ``plausible_scale`` None: no plausibility check; ``count``: the reply's sample count,
+    checked between the plausibility and the NaN/Inf checks as before."""
+
+    def __init__(self, global_state: dict, plausible_scale: float | None):
+        from ..ops import backend
+
+        self.ref, self.scale = global_state, plausible_scale
+        self.floats = [k for k, g in global_state.items() if g.dtype.is_floating_point]
+        self._pos = {k: i for i, k in enumerate(self.floats)}
+        self.fused = backend() == "compiled" and all(global_state[k].device.type == "cpu" for k in self.floats)
+        self._bounds = None
+
+    def _bound(self, k):
+        if self._bounds is None:
+            self._bounds = {k: self.scale * (1.0 + _max_abs(self.ref[k])) for k in self.floats}
+        return self._bounds[k]
+
+    def scan(self, update: dict, count=_UNCHECKED):
+        """The squared update (float) or the reason (str); ``count`` as in :func:`count_problem`."""
+        if not self.fused:
+            reason = None if self.scale is None else implausible(self.ref, update, self.scale)
+            if reason is None and count is not _UNCHECKED:
+                reason = count_problem(count)
+            return _sq_dist(update, self.ref, check=True) if reason is None else reason
+        from ..ops import reply_stats
+
+        keys = self.floats
+        st, total = reply_stats([update[k] for k in keys], [self.ref[k] for k in keys],
+                                [not is_stat_key(k) for k in keys])
+        rows = st.tolist()
+        if self.scale is not None:
+            ints = {k: g for k, g in self.ref.items() if not g.dtype.is_floating_point}
+            for k, g in self.ref.items():
+                if k in ints:
+                    reason = implausible({k: g}, {k: update[k]}, self.scale)
+                    if reason is not None:
+                        return reason
+                    continue
+                lo, hi, _, _ = rows[self._pos[k]]
+                if not update[k].numel():
+                    continue
+                if k.endswith("running_var") and lo < 0:
+                    return f"{k}: negative variance"
+                big, bound = max(-lo, hi), self._bound(k)
+                if big > bound:
+                    return f"{k}: |value| up to {big:.3g}, implausible against the global model's (bound {bound:.3g})"
+        if count is not _UNCHECKED:
+            reason = count_problem(count)
+            if reason is not None:
+                return reason
+        for k, (_, _, bad, _) in zip(keys, rows):
+            if bad:
+                return f"{k}: NaN or Inf"
+        if not math.isfinite(total):
+            for k, (_, _, _, sq) in zip(keys, rows):
+                if not is_stat_key(k) and not math.isfinite(sq):
+                    return f"{k}: NaN or Inf (or an update too large to square)"
+            return "NaN or Inf in the update"
+        return total
+
+
 def _max_abs(t: torch.Tensor):
     """max |t| from min and max (NaN propagates): no temporary the size of t."""
     if not t.numel():
@@ -198,14 +271,12 @@ def _valid_replies(global_state: dict, replies: Iterable, stats: AggregateStats,
     a non-positive sample count). ``plausible_scale`` None: no plausibility check (finite
     replies are averaged whatever their size: the behaviour of runs recorded before it).
     Counting the accepted ones is the caller's (:func:`_screened`)."""
+    scan = ReplyScan(global_state, plausible_scale)
     for cid, state, n in replies:
         reason = check_update(global_state, state, finite=False)
-        if reason is None and plausible_scale is not None:
-            reason = implausible(global_state, state, plausible_scale)
         if reason is None:
             n = plain_count(n)
-            reason = count_problem(n)
-        sq = _sq_dist(state, global_state, check=True) if reason is None else reason
+        sq = scan.scan(state, n) if reason is None else reason
         if isinstance(sq, str):
             stats.rejected.append((cid, sq))
             continue
