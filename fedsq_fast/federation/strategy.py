@@ -10,7 +10,6 @@ stay on the clients; FedProx's proximal term is a client-side option.
 from __future__ import annotations
 
 import math
-import numbers
 import statistics
 from dataclasses import dataclass, field
 from typing import Iterable

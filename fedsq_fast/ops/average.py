@@ -399,7 +399,6 @@ class StreamingAverage:
         if ints and int_total >= _exact.INT64_LIMIT:
             raise ValueError(f"client #{self.count}: weight {w:g} takes the integer weights' sum to {int_total}{grid}, "
                              "past int64; scale the weights (only their ratios matter)")
-        int_accs = [] if self._acc is None else [self._acc[j] for j in ints]
         for j, t in zip(ints, (lst[j] for j in ints)):
             if not t.numel() or (q == 0 and rescale == 1):  # nothing changes: no check (no host sync)
                 continue

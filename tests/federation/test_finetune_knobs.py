@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedsq_fast.federation import from_mapping, validate
-from fedsq_fast.federation.client import LocalConfig, local_train, round_lr
+from fedsq_fast.federation.client import LocalConfig, local_train
 from fedsq_fast.federation.config import ConfigError, local_config
 from tests.conftest import draw_seed
 

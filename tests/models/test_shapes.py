@@ -122,7 +122,6 @@ def test_paired_inputs_must_match():
 
 
 def test_wrong_channel_count_names_the_cause():
-    _, m = None, None
     with pytest.raises(ValueError, match="channels on dim"):
         fs.layers.struct_site(torch.randn(2, 5, 3), shift=torch.zeros(4), cdim=-1)
     with pytest.raises(ValueError, match="channels on dim 1"):

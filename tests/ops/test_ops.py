@@ -25,32 +25,6 @@ SIZES = [0, 1, 7, 8, 31, 32, 33, 63, 64, 65, 1000, 4099, 70001]
 EDGES = [0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-30, -1e-30, 5.0, -5.0]
 
 
-def _isas():
-    if not COMPILED:
-        return ["reference"]
-    out = []
-    for isa in ("scalar", "avx2", "avx512"):
-        try:
-            torch.ops.fedsq_fast.cpu_isa(isa)
-            out.append(isa)
-        except RuntimeError:
-            pass
-    torch.ops.fedsq_fast.cpu_isa("auto")
-    return out
-
-
-ISAS = _isas()
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    if request.param != "reference":
-        torch.ops.fedsq_fast.cpu_isa(request.param)
-    yield request.param
-    if request.param != "reference":
-        torch.ops.fedsq_fast.cpu_isa("auto")
-
-
 def rand(n, dtype, seed, edges=True, shape=None):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, generator=g, dtype=torch.float64)

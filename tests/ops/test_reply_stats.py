@@ -5,35 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-import fedsq_fast as fs
 from fedsq_fast.ops import reply_stats, sq_dist
-from fedsq_fast.ops._registry import COMPILED
 from tests.conftest import draw_seed
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-
-
-def _isas():
-    if not COMPILED:
-        return ["reference"]
-    out = []
-    for isa in ("scalar", "avx2", "avx512"):
-        try:
-            torch.ops.fedsq_fast.cpu_isa(isa)
-            out.append(isa)
-        except RuntimeError:
-            pass
-    torch.ops.fedsq_fast.cpu_isa("auto")
-    return out
-
-
-@pytest.fixture(params=_isas())
-def isa(request):
-    if request.param != "reference":
-        torch.ops.fedsq_fast.cpu_isa(request.param)
-    yield request.param
-    if request.param != "reference":
-        torch.ops.fedsq_fast.cpu_isa("auto")
 
 
 def _hostile(rng, n, dtype):
@@ -51,7 +26,6 @@ def _hostile(rng, n, dtype):
 
 def _oracle(x, r):
     a = x.double().numpy()
-    b = r.double().numpy()
     fin = np.isfinite(a)
     num = ~np.isnan(a)
     lo = a[num].min() if num.any() else np.inf
