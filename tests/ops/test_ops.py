@@ -17,6 +17,7 @@ import fedsq_fast as ff
 from fedsq_fast import ops, reference as ref
 from fedsq_fast.ops import _fallback, _registry
 from fedsq_fast.ops._registry import OPS  # torch.ops.fedsq_fast, or the reference when not compiled
+from tests.ops._isa import isa  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPILED = ff.backend() == "compiled"

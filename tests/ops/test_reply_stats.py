@@ -7,6 +7,7 @@ import torch
 
 from fedsq_fast.ops import reply_stats, sq_dist
 from tests.conftest import draw_seed
+from tests.ops._isa import isa  # noqa: F401 (a fixture)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 

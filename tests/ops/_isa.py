@@ -1,4 +1,5 @@
-"""Fixtures of the op tests: ``isa`` runs a test once per CPU kernel variant the CPU has."""
+"""The op tests' ``isa`` fixture (import it into a test module): the test runs once per CPU kernel
+variant the CPU has. Not a conftest.py: test modules import the top-level conftest by name."""
 import pytest
 import torch
 
