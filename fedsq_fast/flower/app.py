@@ -31,6 +31,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..federation.client import LocalConfig
 from ..federation.config import RunConfig, from_mapping, load_file, validate
+from ..federation.config.files import _nullable
 from ..federation.prepare import prepare_data
 from ..federation.runner import run_methods
 from ..federation.server import Federation
@@ -66,7 +67,8 @@ def config_from_run_config(run_config) -> tuple[RunConfig, dict]:
     if not isinstance(opts["resume"], bool):
         raise ValueError(f"resume: must be true or false, got {opts['resume']!r}")
     base = from_mapping(load_file(opts["config-file"])) if opts["config-file"] else RunConfig()
-    over = {k: (None if v == "none" else v) for k, v in rc.items() if v != ""}
+    # "none" is None only for keys that may be None (as in config files): augment = "none" is a value
+    over = {k: (None if v == "none" and _nullable(k.replace("-", "_")) else v) for k, v in rc.items() if v != ""}
     return from_mapping(over, base), {"round_timeout": None if rt == "auto" else float(rt),
                                       "order": opts["aggregation-order"],
                                       "resume": opts["resume"]}

@@ -361,6 +361,9 @@ def test_flower_app_config_covers_every_run_config_key():
                                   "clientapp": "fedsq_fast.flower.app:client_app"}
     cfg, opts = A.config_from_run_config(conf["config"])
     assert cfg.dataset == "digits" and cfg.methods == ["fedsq"] and opts["order"] == "sorted"
+    # "none" is None only where a key may be None: augment = "none" stays the string
+    cfg2, _ = A.config_from_run_config({**conf["config"], "augment": "none", "max-test-samples": "none"})
+    assert cfg2.augment == "none" and cfg2.max_test_samples is None
     with pytest.raises(ValueError, match="round-timeout"):
         A.config_from_run_config({**conf["config"], "round-timeout": -1})
     with pytest.raises(ValueError, match="num-partitions"):
