@@ -7,12 +7,15 @@ compiled C++/CUDA kernels or the pure-PyTorch reference run.
 import os as _os
 
 # Runs that share a machine (seeds side by side, a suite's parallel cells, workers): OpenMP
-# threads that spin while waiting for work take the cores the other runs need (two README
-# main jobs on 2 cores took 4.4x one alone instead of 2x). Waiting passively costs a run
-# alone little (benchmarks/RESULTS.md, "Runs sharing a machine"). Set before torch loads its
-# OpenMP runtime (importing fedsq_fast first, as the CLI does); a value you set wins
-# (OMP_WAIT_POLICY=ACTIVE for the old behaviour). docs/federation.md, "Threads".
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# threads that spin while waiting for work take the cores the other runs need (two runs of
+# the README's job on 2 cores: 1.4-1.8x the time of running them one after the other with
+# libgomp's default spin, 1.6-2.0x with OMP_WAIT_POLICY=ACTIVE). A short spin (2000
+# iterations) before sleeping brings the pair to 0.81x and costs a run alone 3.6%
+# (benchmarks/RESULTS.md, "Runs sharing a machine"). Set before torch loads its OpenMP
+# runtime (importing fedsq_fast first, as the CLI does), and only where you set neither
+# OMP_WAIT_POLICY nor GOMP_SPINCOUNT yourself. docs/federation.md, "Threads".
+if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
+    _os.environ["GOMP_SPINCOUNT"] = "2000"
 
 from .ops import (  # noqa: F401,E402
     StreamingAverage,
