@@ -112,12 +112,18 @@ def random_flat(rng) -> dict:
     }
 
 
+def cpu_has_bf16():
+    from fedsq_fast.federation.config.checks import cpu_has_bf16 as has
+
+    return has()
+
+
 def _random_knobs(rng, pick, maybe_none):
     """Values for the fine-tuning keys (lr_schedule ... label_smoothing)."""
     return {"lr_schedule": pick(["constant", "step", "cosine"]), "warmup_rounds": 0,
             "lr_step_rounds": int(rng.integers(1, 50)), "lr_gamma": float(rng.uniform(0.01, 1.0)),
             "lr_min": float(rng.uniform(0, 1e-4)), "clip_grad_norm": maybe_none(float(rng.uniform(0.01, 100))),
-            "label_smoothing": float(rng.uniform(0, 0.5)), "precision": pick(["fp32", "bf16"])}
+            "label_smoothing": float(rng.uniform(0, 0.5)), "precision": pick(["fp32", "bf16"] if cpu_has_bf16() else ["fp32"])}
 
 
 @pytest.fixture

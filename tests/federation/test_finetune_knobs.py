@@ -171,6 +171,13 @@ def test_precision_bf16_against_hand_autocast_loop_and_fp16_refused_on_cpu():
         l16, a16 = evaluate(ours, x, y, precision="bf16")
         l32, a32 = evaluate(ours, x, y)
         assert l16 != l32 and abs(l16 - l32) < 0.05 * abs(l32) + 0.05
+    from fedsq_fast.federation.config.checks import cpu_has_bf16
+
+    if not cpu_has_bf16():  # emulated bf16: refused with the measured cost
+        with pytest.raises(ConfigError, match=r"^precision: 'bf16' on a CPU without native bf16"):
+            validate(from_mapping(dict(precision="bf16", device="cpu")))
+    else:
+        validate(from_mapping(dict(precision="bf16", device="cpu")))
     with pytest.raises(ConfigError, match=r"^precision: 'fp16' needs a CUDA GPU"):
         validate(from_mapping(dict(precision="fp16", device="cpu")))
     with pytest.raises(ConfigError, match=r"^precision: must be one of fp32, bf16, fp16"):
