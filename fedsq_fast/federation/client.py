@@ -169,6 +169,7 @@ def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalCo
     total, steps = 0.0, 0
     smoothing = getattr(cfg, "label_smoothing", 0.0)
     clip = getattr(cfg, "clip_grad_norm", None)
+    zeros = []  # _clip_'s reference for the CPU norm, made once per call, not per step
     precision = getattr(cfg, "precision", "fp32")
     # fp16's narrow range needs the loss scaled (and steps with Inf/NaN gradients skipped)
     scaler = torch.amp.GradScaler(dev.type) if precision == "fp16" else None
@@ -199,7 +200,7 @@ def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalCo
                         if p.grad is not None:
                             p.grad.add_(p - a, alpha=cfg.prox_mu)
             if clip is not None:
-                _clip_(params, clip)
+                _clip_(params, clip, zeros)
             if scaler is None:
                 opt.step()
             else:
@@ -223,10 +224,11 @@ def autocast(dev: torch.device, precision: str):
 
 
 @torch.no_grad()
-def _clip_(params, max_norm: float) -> None:
+def _clip_(params, max_norm: float, zeros: list) -> None:
     """Scale the gradients so that their global L2 norm is at most ``max_norm`` (as
     torch.nn.utils.clip_grad_norm_), with the norm summed in fixed tiles (fedsq_fast's
-    sq_dist): the same number for any thread or worker count, so runs stay identical."""
+    sq_dist): the same number for any thread or worker count, so runs stay identical.
+    ``zeros``: an empty list the first time, then the zero tensors it filled (one per param)."""
     from ..ops import sq_dist
 
     grads = [p.grad for p in params if p.grad is not None]
@@ -236,7 +238,9 @@ def _clip_(params, max_norm: float) -> None:
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
         return
-    norm = sq_dist(grads, [torch.zeros_like(g) for g in grads]) ** 0.5
+    if not zeros:
+        zeros.extend(torch.zeros_like(p) for p in params)
+    norm = sq_dist(grads, [z for p, z in zip(params, zeros) if p.grad is not None]) ** 0.5
     if norm > max_norm:  # NaN/Inf gradients pass unchanged: the server refuses such an update
         coef = max_norm / (norm + 1e-6)
         for g in grads:

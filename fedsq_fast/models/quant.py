@@ -51,8 +51,8 @@ def _rewrite_quant_graph(graph, found):
     graph.lint()
 
 
-_RANDOM_FUNCS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
-                 F.rrelu, torch.dropout, torch.bernoulli, torch.rand, torch.rand_like, torch.randn,
+_DROPOUT_FUNCS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout)  # random unless p == 0
+_RANDOM_FUNCS = {F.feature_alpha_dropout, F.rrelu, torch.dropout, torch.bernoulli, torch.rand, torch.rand_like, torch.randn,
                  torch.randn_like, torch.randint, torch.randint_like, torch.randperm, torch.normal,
                  torch.multinomial, torch.poisson}
 _RANDOM_METHODS = {"bernoulli", "bernoulli_", "uniform_", "normal_", "random_", "exponential_",
@@ -64,7 +64,7 @@ def _is_random(node, modules):
         m = modules.get(node.target)
         return isinstance(m, (nn.modules.dropout._DropoutNd, nn.RReLU)) or type(m).__name__ == "StochasticDepth"
     if node.op == "call_function":
-        if node.target in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout):
+        if node.target in _DROPOUT_FUNCS:
             p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
             return not (isinstance(p, (int, float)) and p == 0)
         return node.target in _RANDOM_FUNCS or getattr(node.target, "__name__", "") == "stochastic_depth"

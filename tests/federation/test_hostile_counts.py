@@ -19,18 +19,24 @@ torch.set_num_threads(1)
 VICTIM = 2  # the client that misbehaves, in every round
 
 
-class Hostile(InProcessTransport):
-    """The in-process clients, but client VICTIM's reply is changed by ``change(reply)``."""
+class ChangesVictim:
+    """Mixin for a transport: client VICTIM's reply is changed by ``self.change(reply)``."""
 
-    def __init__(self, change):
-        super().__init__()
-        self.change = change
+    change = None
 
     def replies(self, task):
         for r in super().replies(task):
             if r.cid == VICTIM and r.error is None:
                 self.change(r)
             yield r
+
+
+class Hostile(ChangesVictim, InProcessTransport):
+    """The in-process clients, client VICTIM's reply changed by ``change``."""
+
+    def __init__(self, change):
+        super().__init__()
+        self.change = change
 
 
 def _failing(rnd, cid, state):
@@ -182,16 +188,10 @@ def test_workers_drop_and_cap_as_in_process(setup):
 
     cfg, data, clean, without = setup
 
-    class HostilePool(WorkerPoolTransport):
+    class HostilePool(ChangesVictim, WorkerPoolTransport):
         def __init__(self, change):
             super().__init__(2, threads=1)
             self.change = change
-
-        def replies(self, task):
-            for r in super().replies(task):
-                if r.cid == VICTIM and r.error is None:
-                    self.change(r)
-                yield r
 
     for change, ref, key in ((_set(num_samples=2**63), clean, "counts_capped"),
                              (_numpy_state, without, "clients_dropped")):
