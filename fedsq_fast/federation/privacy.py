@@ -31,6 +31,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from ..ops import sq_dist
 from .config.errors import ConfigError
 
 DP_MODES = ("none", "central", "distributed")
@@ -343,16 +344,23 @@ class DPAggregator:
         acc = {k: torch.zeros(global_state[k].shape, dtype=torch.float64, device=global_state[k].device)
                for k in keys}
         unclipped = 0.0  # sum over replies of (1[norm <= clip] - 1/2)
-        folded = 0
+        folded, weight = 0, 0.0
+        gl = [global_state[k] for k in keys]
         for state, n in valid:
-            delta = {k: state[k].double() - global_state[k].double() for k in keys}
+            # sum_k f_k (w_k - w) = sum_k f_k w_k - (sum_k f_k) w: each reply folded straight into
+            # the float64 accumulator (no model-sized temporary), its norm in one compiled pass
+            f = 1.0
             if s.mode == "central":
-                delta, norm = clip_update(delta, clip)
+                norm = math.sqrt(sq_dist([state[k] for k in keys], gl))
+                f = 1.0 if norm <= clip else clip / norm
                 unclipped += (1.0 if norm <= clip else 0.0) - 0.5
             for k in keys:
-                acc[k].add_(delta[k])
+                acc[k].add_(state[k], alpha=f)
+            weight += f
             folded += 1
-            del state, delta
+            del state
+        for k, g in zip(keys, gl):
+            acc[k].add_(g, alpha=-weight)
         zu = s.update_multiplier
         if s.mode == "central":
             std = zu * clip

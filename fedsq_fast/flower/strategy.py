@@ -262,15 +262,13 @@ class FedSQStrategy(FlowerStrategy):
                                                           lambda r: stats.rejected.append((r.cid, r.error))), stats,
                                     copy_held=False, rnd=server_round)
         log_rejected(server_round, stats)
-        if stats.num_clients == 0 and self.engine.dp is None:  # under DP the noised round is released regardless
+        if stats.num_clients == 0:
             log.warning("round %d: no valid update: global model kept", server_round)
             return None, None
         metrics = {WEIGHT_KEY: int(min(stats.num_samples, 2**63 - 1)), "clients-ok": stats.num_clients,
                    "clients-rejected": len(stats.rejected)}
         if stats.capped:  # only where counts were capped: an honest round's metrics unchanged
             metrics["counts-capped"] = len(stats.capped)
-        if self.engine.dp is not None:
-            metrics["dp-epsilon"] = float(self.engine.dp.s.epsilon(server_round))
         for k, v in (("train-loss", totals.train_loss),
                      ("client-drift", stats.client_drift), ("update-norm", stats.update_norm)):
             if math.isfinite(v):

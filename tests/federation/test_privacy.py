@@ -290,6 +290,7 @@ def _dp_cfg(**kw):
     (dict(dp_noise_multiplier=None, dp_target_epsilon=2.0, dp_adaptive_clip=True), "dp_target_epsilon"),
     (dict(dp_adaptive_clip=True, dp_clip_count_std=0.4), "dp_noise_multiplier"),
     (dict(fraction=0.01), "fraction"),
+    (dict(min_clients=3), "min_clients"),  # not read under poisson sampling
 ])
 def test_refused_before_any_work_naming_the_key(kw, key):
     with pytest.raises(ConfigError) as e:
@@ -369,10 +370,18 @@ def test_the_budget_stops_the_run_with_a_clear_message(bundle, caplog):
 
 
 def test_no_round_is_skipped_under_dp(bundle):
-    """A round with fewer replies than min_clients still releases its noised aggregate."""
-    cfg = validate(_dp_cfg(rounds=2, num_clients=20, fraction=0.1, min_clients=5, dp_delta=1e-3))
+    """A round with fewer replies than min_clients still releases its noised aggregate (the
+    same config without DP skips them)."""
+    kw = dict(rounds=3, num_clients=20, fraction=0.25, min_clients=5, failure_rate=0.6, dp_sampling="fixed")
+    cfg = validate(_dp_cfg(**kw))
     res = Federation(cfg, "fedavg", prepare_data(cfg, bundle), quiet=True).run()
+    assert any(h["clients_ok"] < 5 for h in res.history[1:])
     assert not any(h["round_skipped"] for h in res.history)
+    assert all(h["clients_sampled"] == 5 for h in res.history[1:])
+    plain = validate(small_config(**{k: v for k, v in kw.items() if k != "dp_sampling"}, methods=["fedavg"],
+                                  checkpoint=False, lr=0.1))
+    skipped = Federation(plain, "fedavg", prepare_data(plain, bundle), quiet=True).run()
+    assert any(h["round_skipped"] for h in skipped.history)
 
 
 def test_adaptive_clip_resumes_bit_for_bit(bundle, tmp_path):

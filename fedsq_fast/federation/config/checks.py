@@ -333,6 +333,10 @@ def _check_dp(cfg: RunConfig) -> None:
         _fail("norm_bound", "cannot run under dp: rejecting replies against the cohort's median makes one client's "
                             "presence change what others contribute; the DP clip bounds every update instead "
                             "(set norm_bound = none, or leave it unset)")
+    if cfg.dp_sampling == "poisson" and "min_clients" in explicit:
+        _fail("min_clients", "is not read under dp with poisson sampling (each client joins with probability "
+                             "fraction, and no DP round is skipped for few replies); remove it, or use "
+                             "dp_sampling = 'fixed', where it is the floor of the sample")
     if cfg.dp == "distributed" and cfg.dp_sampling != "fixed":
         _fail("dp_sampling", "dp = 'distributed' needs dp_sampling = 'fixed': each client adds its share of the noise "
                              "for a known cohort of m clients (under poisson the cohort, and so the noise, varies)")
