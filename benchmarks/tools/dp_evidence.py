@@ -27,7 +27,7 @@ BASE = dict(dataset="mnist", model="svhn_cnn", weights="default", max_train_samp
             max_test_samples=500, num_clients=100, partition="iid", min_partition_size=1, rounds=4, fraction=1.0,
             min_clients=1, optimizer="sgd", lr=0.01, momentum=0.9, local_epochs=1, batch_size=32, threads=1,
             checkpoint=False, plausible_scale=None, norm_bound=None, probe_size=16)
-EPS = [1.0, 4.0, 8.0, None]
+EPS = [None, 8.0, 1.0, 4.0]  # run in this order (a shared machine may not finish them all)
 METHODS = ["fedavg", "fedsq"]
 SEEDS = [0, 1, 2]
 
@@ -51,14 +51,21 @@ def pilot_clip(method):
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    clips = {}
-    for m in METHODS:
-        clips[m] = pilot_clip(m)
-        print(m, "pilot median update norm", clips[m], flush=True)
+    pilot = OUT / "pilot.json"
+    if pilot.exists():  # the clips were fixed once, before the evidence runs
+        clips = json.loads(pilot.read_text())
+    else:
+        clips = {m: pilot_clip(m) for m in METHODS}
+        pilot.write_text(json.dumps(clips))
+    print("pilot median update norm, parameters:", clips, flush=True)
     runs = {}
     for eps in EPS:
         for m in METHODS:
             for seed in SEEDS:
+                done = OUT / f"{m}_eps{eps}_seed{seed}.json"
+                if done.exists():  # a run finished before a restart
+                    runs[(eps, m, seed)] = json.loads(done.read_text())
+                    continue
                 kw = {**BASE, "methods": [m], "seed": seed}
                 if eps is not None:
                     kw.update(dp="central", dp_clip=clips[m][0], dp_target_epsilon=eps, dp_delta=1e-3)
@@ -74,19 +81,36 @@ def main():
                 (OUT / f"{m}_eps{eps}_seed{seed}.json").write_text(json.dumps(rec, indent=1))
                 print(json.dumps({k: rec[k] for k in ("method", "epsilon", "seed", "test_acc", "final_val_acc",
                                                        "dp_noise_multiplier", "seconds")}), flush=True)
+    write_summary(runs, clips, t0)
+
+
+def write_summary(runs, clips, t0):
     summary = {"clips": clips, "config": BASE, "rows": []}
     for eps in EPS:
+        if not all((eps, m, s) in runs for m in METHODS for s in SEEDS):
+            continue
         row = {"epsilon": eps}
         for m in METHODS:
             row[m] = mean_std([runs[(eps, m, s)]["test_acc"] for s in SEEDS])
         row["fedsq_minus_fedavg"] = paired_ci([runs[(eps, "fedsq", s)]["test_acc"] - runs[(eps, "fedavg", s)]["test_acc"]
                                                for s in SEEDS])
+        row["epsilon_spent"] = [runs[(eps, m, s)]["dp_epsilon"] for m in METHODS for s in SEEDS]
+        row["noise_multiplier"] = sorted({runs[(eps, m, s)]["dp_noise_multiplier"] for m in METHODS for s in SEEDS},
+                                         key=str)
         summary["rows"].append(row)
     summary["seconds"] = time.time() - t0
     (OUT / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(json.dumps(summary, indent=1, default=str))
 
 
+def summary_only():
+    runs = {}
+    for f in OUT.glob("*_eps*_seed*.json"):
+        r = json.loads(f.read_text())
+        runs[(r["epsilon"], r["method"], r["seed"])] = r
+    write_summary(runs, json.loads((OUT / "pilot.json").read_text()), time.time())
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    main()
+    summary_only() if "--summary" in sys.argv else main()

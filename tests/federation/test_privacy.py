@@ -353,6 +353,12 @@ def test_epsilon_is_recorded_per_round_in_json_csv_and_the_progress_line(central
     assert float(rows[1]["dp_epsilon"]) == pytest.approx(s.epsilon(1)) and rows[0]["dp_epsilon"] == ""
     line = round_line("fedavg", res.history[1], 2, 1, 1.0, 1.0)
     assert f"epsilon {eps[0]:.3g}" in line
+    from fedsq_fast.experiments.report import table_report
+
+    rows = table_report(tmp_path, echo=lambda *a: None)  # fedsq-fast report: the column and the plot
+    assert rows[0]["dp_epsilon"] == pytest.approx(s.epsilon(1))
+    assert f"epsilon {s.epsilon(1):.3g}" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "privacy.png").stat().st_size > 1000
 
 
 def test_the_budget_stops_the_run_with_a_clear_message(bundle, caplog):
