@@ -373,13 +373,14 @@ class DPAggregator:
             std = zu * clip
         if added > 0:
             g = seeded_generator(s.seed, rnd, DP_NOISE)
-            for k in keys:
-                acc[k].add_(gaussian_like(acc[k], added, g))
+            for k in keys:  # the draw of gaussian_like (float32, CPU), added in place
+                acc[k].add_(torch.randn(acc[k].shape, generator=g, dtype=torch.float32).to(acc[k].device),
+                            alpha=added)
         denom = s.expected_cohort
         new = {}
         for k, t in global_state.items():
             if k in acc:
-                v = (t.double() + acc[k] / denom)
+                v = acc[k].div_(denom).add_(t)
                 if k.endswith("running_var"):
                     v.clamp_(min=0.0)  # post-processing: a noised variance can dip below zero
                 new[k] = v.to(t.dtype)
