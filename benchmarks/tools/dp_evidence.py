@@ -4,7 +4,7 @@ SVHN CNN (ccexam weights) fine-tuned on MNIST (the svhn_mnist suite's task and h
 1 local epoch, batch 32, SGD lr 0.01 momentum 0.9; sizes cut to fit a shared 2-core CPU: 600
 training images, 200 validation, 500 test), split i.i.d. over 100 clients (6 images each) so
 that one client is 1% of the federation; every client every round (poisson sampling with
-q = 1: the plain Gaussian mechanism composed), 4 rounds, central DP,
+q = 1: the plain Gaussian mechanism composed), 2 rounds, central DP,
 fixed clip, delta = 1e-3 (< 1 / num_clients), epsilon in {1, 4, 8, none}, seeds 0, 1, 2.
 The clip of each method is fixed before the evidence runs from a pilot (seed 99, one
 non-DP round): the median L2 norm of the clients' updates. Writes one JSON per run and a
@@ -24,7 +24,7 @@ from fedsq_fast.federation import Federation, from_mapping, prepare_data, valida
 
 OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "experiments/results/privacy_evidence")
 BASE = dict(dataset="mnist", model="svhn_cnn", weights="default", max_train_samples=600, val_size=200,
-            max_test_samples=500, num_clients=100, partition="iid", min_partition_size=1, rounds=4, fraction=1.0,
+            max_test_samples=500, num_clients=100, partition="iid", min_partition_size=1, rounds=2, fraction=1.0,
             min_clients=1, optimizer="sgd", lr=0.01, momentum=0.9, local_epochs=1, batch_size=32, threads=1,
             checkpoint=False, plausible_scale=None, norm_bound=None, probe_size=16)
 EPS = [None, 8.0, 1.0, 4.0]  # run in this order (a shared machine may not finish them all)
