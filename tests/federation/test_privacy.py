@@ -404,3 +404,13 @@ def test_adaptive_clip_resumes_bit_for_bit(bundle, tmp_path):
     assert [h["dp_clip"] for h in resumed.history[1:]] == clips
     sa, sb = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_flowers_own_round_loop_is_refused_under_dp():
+    """FedSQStrategy samples with Flower's sample_nodes, which the accountant cannot take."""
+    pytest.importorskip("flwr")
+    from fedsq_fast.flower.strategy import FedSQStrategy
+
+    with pytest.raises(ValueError, match="^dp: Flower's own round loop samples nodes"):
+        FedSQStrategy(validate(_dp_cfg()), "fedsq")
+    FedSQStrategy(validate(small_config()), "fedsq")  # without DP: as before
