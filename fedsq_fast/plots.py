@@ -85,6 +85,36 @@ def plot_accuracy(runs, path, parts=None, methods=None) -> None:
     plt.close(fig)
 
 
+def plot_privacy(runs, path, parts=None, methods=None) -> None:
+    """Client-level DP (docs/privacy.md): left, epsilon spent (at the run's delta) vs round;
+    right, validation accuracy vs epsilon spent, mean ± 1 std over seeds; one line per
+    (partition, method) of :func:`group_histories` whose runs record ``dp_epsilon``."""
+    plt = _plt()
+    parts, methods = _panels(runs, parts, methods)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=110)
+    for p in parts:
+        for m in methods:
+            hs = runs.get((p, m))
+            eps = curves(hs, "dp_epsilon")
+            acc = curves(hs, "val_acc")
+            if eps is None or np.isnan(eps[1][:, 1:]).all():
+                continue
+            label = m if len(parts) == 1 else f"{p} {m}"
+            band(a, *eps, label)
+            x = np.nan_to_num(np.nanmean(eps[1], 0), nan=0.0)  # round 0: nothing spent
+            band(b, x, acc[1], label, marker=".")
+    a.set_ylabel("epsilon spent")
+    round_axis(a)
+    b.set_xlabel("epsilon spent")
+    b.set_ylabel("validation accuracy")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
 def plot_gate_stability(runs, path, parts, methods, plain_methods, settle_threshold: float) -> None:
     """Top: % of the pretrained gates flipped vs round, per method; bottom: per-round gate
     flips and weight steps of the ``plain_methods`` relative to round 1 (log scale), with the

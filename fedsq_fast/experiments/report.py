@@ -19,7 +19,7 @@ from pathlib import Path
 from ..federation.metrics import jsonable
 from ..outputs import replacing, write_text
 from ..federation.runner import partition_tag
-from ..plots import group_histories, plot_accuracy, plot_gate_stability, plot_rounds_to_best
+from ..plots import group_histories, plot_accuracy, plot_gate_stability, plot_privacy, plot_rounds_to_best
 from .analysis import analyse
 from .provenance import AVX2_PIN, rel, utc
 from .stats import mean_std
@@ -380,6 +380,9 @@ def summary_rows(docs) -> list[dict]:
         row = {"partition": part, "method": m, "seeds": len(ds)}
         for k in SUMMARY_KEYS:
             row[k], row[k + "_std"], _ = mean_std([x["summary"].get(k) for x in ds])
+        if any("dp_epsilon" in x["summary"] for x in ds):  # DP runs only (docs/privacy.md): the largest spent
+            eps = [x["summary"].get("dp_epsilon") for x in ds]
+            row["dp_epsilon"] = max((e for e in eps if e is not None), default=float("nan"))
         rows.append(row)
     return rows
 
@@ -394,7 +397,8 @@ def format_table(rows) -> str:
             f"{r['partition']:<14} {r['method']:<22} {r['seeds']:>5} "
             f"{r['bva']:>7.4f}±{r['bva_std']:<7.4f} {r['rounds_to_best']:>7.2f}±{r['rounds_to_best_std']:<7.2f} "
             f"{r['final_val_acc']:>7.4f}±{r['final_val_acc_std']:<7.4f} {r['test_acc']:>8.4f} "
-            f"{r['time_total_s']:>8.1f} {r['bytes_up'] / 1e6:>8.2f}")
+            f"{r['time_total_s']:>8.1f} {r['bytes_up'] / 1e6:>8.2f}"
+            + (f"  epsilon {r['dp_epsilon']:.3g}" if "dp_epsilon" in r else ""))
     return "\n".join(lines)
 
 
@@ -415,6 +419,10 @@ def table_report(root, echo=print) -> list[dict]:
         w.writerows(rows)
     plot_accuracy(group_histories(docs, partition_tag), root / "accuracy.png")
     plot_rounds_to_best(rows, root / "rounds_to_best.png")
+    dp = any("dp_epsilon" in r for r in rows)
+    if dp:  # DP runs: epsilon spent vs round, and accuracy against it
+        plot_privacy(group_histories(docs, partition_tag), root / "privacy.png")
     echo(table)
-    echo(f"written: {root / 'summary.md'}, summary.csv, accuracy.png, rounds_to_best.png")
+    echo(f"written: {root / 'summary.md'}, summary.csv, accuracy.png, rounds_to_best.png"
+         + (", privacy.png" if dp else ""))
     return rows

@@ -88,7 +88,8 @@ class Progress(Callback):
             self.cbar.close()
             self.cbar = None
         self.bar.update(1)
-        self.bar.set_postfix(acc=f"{record['val_acc']:.3f}")
+        self.bar.set_postfix(acc=f"{record['val_acc']:.3f}",
+                             **({"eps": f"{record['dp_epsilon']:.3g}"} if "dp_epsilon" in record else {}))
         if self.lines:
             rnd = record["round"]
             per_round = (time.perf_counter() - self.t0) / (rnd - self.start + 1)
@@ -104,6 +105,7 @@ class Progress(Callback):
 def round_line(method: str, rec, rounds: int, rounds_left: int, per_round_s: float, round_s: float) -> str:
     """The per-round progress line written where no bar can be drawn."""
     eta = per_round_s * rounds_left
+    dp = f", epsilon {rec['dp_epsilon']:.3g} (delta {rec['dp_delta']:.0e})" if "dp_epsilon" in rec else ""
     return (f"[{method}] round {rec['round']}/{rounds}: val_acc {rec['val_acc']:.4f} (best "
-            f"{rec['best_val_acc']:.4f}), {rec['clients_ok']}/{rec['clients_sampled']} clients, "
+            f"{rec['best_val_acc']:.4f}), {rec['clients_ok']}/{rec['clients_sampled']} clients{dp}, "
             f"{round_s:.1f} s, ETA {eta:.0f} s")

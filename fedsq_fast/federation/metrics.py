@@ -115,6 +115,9 @@ class RoundRecord(MutableMapping):
 
 _FIELDS = tuple(f.name for f in fields(RoundRecord) if f.name != "extra")
 CSV_FIELDS = tuple(f.name for f in fields(RoundRecord) if f.metadata.get("csv"))
+# Extra keys written as CSV columns (after the declared ones) only by runs that record them:
+# DP runs (federation/privacy.py); every other run's CSV keeps its columns.
+EXTRA_CSV_FIELDS = ("dp_epsilon", "dp_delta", "dp_clip", "dp_noise_std", "dp_unclipped_fraction")
 
 
 def summarize(history: list[dict], target: float | None = None) -> dict:
@@ -179,8 +182,10 @@ def write_metrics(out_dir: Path, method: str, cfg, history: list, summary: dict)
     from ..outputs import replacing, write_text
 
     write_text(out_dir / "metrics.json", json.dumps(jsonable(doc), indent=1))  # atomic, never through a link
+    extra = tuple(k for k in EXTRA_CSV_FIELDS if any(k in h for h in history))
     with replacing(out_dir / "metrics.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS + extra, extrasaction="ignore")
         w.writeheader()
         for h in history:
-            w.writerow(RoundRecord.from_dict(h).csv_row())
+            rec = RoundRecord.from_dict(h)
+            w.writerow({**rec.csv_row(), **{k: rec.get(k, "") for k in extra}})

@@ -14,6 +14,7 @@ from .client import derive_seed
 
 # Stream ids (recorded runs depend on them: never renumber)
 SPLIT, PART, MODEL, SAMPLE, FAIL, CLIENT = 1, 2, 3, 4, 5, 6
+DP_NOISE, DP_COUNT, DP_CLIENT = 7, 8, 9  # DP (federation/privacy.py): server noise, clipped-count noise, client noise
 
 
 def client_seed(seed: int, rnd: int, cid: int) -> int:
@@ -35,7 +36,13 @@ def sample_size(cfg) -> int:
 
 def sample_clients(cfg, rnd: int) -> list[int]:
     """The clients of round ``rnd``: ``fraction`` of ``num_clients`` (at least ``min_clients``),
-    in increasing id order (the order replies are folded in)."""
+    in increasing id order (the order replies are folded in). Under DP with
+    ``dp_sampling = 'poisson'``: each client independently with probability ``fraction``
+    (:func:`.privacy.poisson_clients`; a round may sample none)."""
+    if getattr(cfg, "dp", "none") != "none" and cfg.dp_sampling == "poisson":
+        from .privacy import poisson_clients
+
+        return poisson_clients(cfg.seed, rnd, cfg.num_clients, cfg.fraction)
     k = cfg.num_clients
     m = sample_size(cfg)
     rng = np.random.default_rng(derive_seed(cfg.seed, rnd, SAMPLE))

@@ -239,7 +239,7 @@ class Federation:
 
         replies = cap_counts(self.transport.replies(task), self.partition_size, capped)
         new = self.strategy.aggregate(glob, fold(replies, totals, drop, seen), stats,
-                                      copy_held=self.transport.replies_alias)
+                                      copy_held=self.transport.replies_alias, rnd=rnd)
         for cid, reason in stats.rejected:
             dropped.append((cid, f"update rejected: {reason}"))
             log_drop(logging.WARNING, "round %d: client %d update rejected: %s", rnd, cid, reason)
@@ -248,7 +248,9 @@ class Federation:
                     "metrics.json / metrics.csv, clients_dropped)", rnd, len(hidden), drops_text(sorted(dropped)))
         if stats.rolled_back:
             log.error("round %d: aggregate discarded, global model kept: %s", rnd, stats.rolled_back)
-        skipped = stats.num_clients < self.cfg.min_clients
+        # under DP every round releases its noised aggregate: skipping on a count of replies would
+        # make the release depend on one client's presence (docs/privacy.md)
+        skipped = stats.num_clients < self.cfg.min_clients and self.strategy.dp is None
         if skipped:
             log.warning("round %d: %d valid updates < min_clients (%d): global model kept",
                         rnd, stats.num_clients, self.cfg.min_clients)
@@ -267,9 +269,33 @@ class Federation:
             time_client_s=totals.client_s)
         if stats.capped:  # a key of its own, only where counts were capped: honest runs' records unchanged
             rec["counts_capped"] = stats.capped
+        if self.strategy.dp is not None:  # DP runs only: the privacy spent after this round and how
+            self._dp_record(rec, rnd, stats)
         log.info("round %d: val_acc %.4f, %d/%d clients, dropped %s", rnd, vacc, stats.num_clients,
                  len(chosen), drops_text(rec.clients_dropped))
         return self._finish(rec, t0, t_eval)
+
+    def _dp_record(self, rec: RoundRecord, rnd: int, stats: AggregateStats) -> None:
+        s = self.strategy.dp.s
+        rec["dp_epsilon"] = s.epsilon(rnd)
+        rec["dp_delta"] = s.delta
+        info = stats.dp or {}
+        rec["dp_clip"] = info.get("clip", self.strategy.dp.clip)
+        rec["dp_noise_std"] = info.get("noise_std", float("nan"))
+        if "unclipped_fraction" in info:
+            rec["dp_unclipped_fraction"] = info["unclipped_fraction"]
+
+    def budget_stop(self, rnd: int) -> str | None:
+        """Why round ``rnd`` must not run (it would spend more than dp_target_epsilon), or None."""
+        dp = self.strategy.dp
+        if dp is None or dp.s.target_epsilon is None:
+            return None
+        eps = dp.s.epsilon(rnd)
+        if eps <= dp.s.target_epsilon:
+            return None
+        return (f"privacy budget spent: round {rnd} would bring epsilon to {eps:.4g} > dp_target_epsilon "
+                f"{dp.s.target_epsilon:g} (delta {dp.s.delta:g}); stopped after round {rnd - 1} of {self.cfg.rounds}, "
+                f"epsilon {dp.s.epsilon(rnd - 1):.4g}")
 
     def _finish(self, rec: RoundRecord, t0: float, t_eval: float, callbacks: bool = True) -> RoundRecord:
         """Best-so-far, the callbacks' additions, timings and elapsed time of a round's record."""
@@ -303,13 +329,15 @@ class Federation:
         # the file being replaced becomes the fallback only when it is known to be good
         checkpoint.save(self.ckpt_path,
                         {"model": self.model.state_dict(), "server": self.strategy.state_dict(),
-                         "local": self.transport.state_dict()},
+                         "local": self.transport.state_dict(),
+                         **({"dp": dp} if (dp := self.strategy.dp_state_dict()) else {})},
                         {"round": rnd, "method": self.method, "config": self.cfg.to_dict(),
                          "history": [h.to_dict() for h in self.history], "elapsed": self.elapsed},
                         keep_previous=self._ckpt_good)
         self._ckpt_good = True
 
     _ckpt_good = False  # is the checkpoint file on disk one this run wrote or verified?
+    stopped = None  # why the run stopped before its last round (privacy budget), or None
 
     def _check_checkpoint(self, path, groups: dict, meta: dict) -> None:
         """What a hash cannot vouch for (a file written by other code, or forged with a new
@@ -383,6 +411,7 @@ class Federation:
         self.transport.refresh()
         self.strategy.load_state_dict({k: t.to(self.device) for k, t in groups.get("server", {}).items()})
         self.transport.load_state_dict(groups.get("local", {}))
+        self.strategy.load_dp_state_dict(groups.get("dp", {}))
         self.history = [RoundRecord.from_dict(h) for h in meta["history"]]
         self.elapsed = meta["elapsed"]
         rng_t = {"rng/torch": groups["rng"]["torch"]} if "rng" in groups else {}
@@ -411,10 +440,16 @@ class Federation:
             self.history.append(self._round0())
         self.last_round = last = self.cfg.rounds if stop_after is None else min(self.cfg.rounds, stop_after)
         result = None
+        self.stopped = None
         for cb in self.callbacks:
             cb.on_run_start(self, start)
         try:
             for rnd in range(start, last + 1):
+                self.stopped = self.budget_stop(rnd)
+                if self.stopped is not None:
+                    log.warning("%s: %s", self.method, self.stopped)
+                    self.last_round = last = rnd - 1
+                    break
                 for cb in self.callbacks:
                     cb.on_round_start(self, rnd)
                 rec = self.run_round(rnd)
@@ -435,10 +470,17 @@ class Federation:
 
     def _result(self, last: int) -> RunResult:
         summary = summarize(self.history, self.cfg.target_accuracy)
+        # a run stopped by its privacy budget is complete: no later round may run
+        done = last == self.cfg.rounds or self.stopped is not None
         summary.update(method=self.method, device=str(self.device), payload_bytes=self.payload_bytes,
-                       full_model_bytes=self.full_bytes, complete=last == self.cfg.rounds,
+                       full_model_bytes=self.full_bytes, complete=done,
                        model=self.model_info)
-        if last == self.cfg.rounds:
+        if self.strategy.dp is not None:
+            s = self.strategy.dp.s
+            summary.update(dp=s.mode, dp_epsilon=s.epsilon(last), dp_delta=s.delta,
+                           dp_noise_multiplier=s.noise_multiplier, dp_sampling=s.sampling,
+                           dp_stopped=self.stopped)
+        if done:
             _, summary["test_acc"] = self.evaluate(self.data.test_x, self.data.test_y)
         if self.out_dir is not None:
             write_metrics(self.out_dir, self.method, self.cfg, self.history, summary)

@@ -73,6 +73,7 @@ class AggregateStats:
     update_norm: float = float("nan")  # ||d_avg||
     rolled_back: str | None = None  # why the aggregate was discarded (the global model kept)
     capped: list = field(default_factory=list)  # [client id, claimed count, the count it was weighted by]
+    dp: dict | None = None  # DP rounds: the clip used, the noise std on the average (federation/privacy.py)
 
 
 # How far one client's values may lie from the global model's, in magnitude: far beyond what
@@ -444,6 +445,7 @@ class Strategy:
     plausible_scale = PLAUSIBLE_SCALE
     norm_bound = NORM_BOUND
     batch_size = 64  # the clients' local batch size (the norm bound's local batches); set from the config
+    dp = None  # a privacy.DPAggregator: DP-FedAvg replaces the mean (strategy_from_config sets it)
 
     def __init__(self):
         pass  # FedAvg takes no options of its own (only make_strategy's aggregator, trim_fraction)
@@ -459,14 +461,24 @@ class Strategy:
 
     # -- server side -------------------------------------------------------------
     def aggregate(self, global_state: dict, replies: Iterable, stats: AggregateStats | None = None, *,
-                  copy_held: bool = True):
+                  copy_held: bool = True, rnd: int | None = None):
         """The new global state; the global state itself (a copy) when no reply was valid or
         the aggregate is not finite (``stats.rolled_back`` says why; the server optimizer's
         state is restored too), so no round can break the model for the rounds after it.
         ``copy_held``: replies held past the next one (norm bound, robust aggregators) are
-        copied, as a reply may alias the client's model; False when they are the caller's."""
+        copied, as a reply may alias the client's model; False when they are the caller's.
+        ``rnd``: the round (DP draws its noise from (seed, round); required under DP)."""
         stats = stats if stats is not None else AggregateStats()
-        if self.aggregator == "mean":
+        if self.dp is not None:
+            # the same reply checks as without DP (malformed, non-finite, implausible: rejected),
+            # streamed; no norm bound (the DP clip bounds every update; docs/privacy.md)
+            # (distributed: no plausibility check; a noised reply may hold a negative variance)
+            scale = self.plausible_scale if self.dp.s.mode == "central" else None
+            valid = ((state, n) for state, n, _ in _screened(global_state, replies, stats, scale, None,
+                                                               self.batch_size))
+            avg = self.dp.aggregate(global_state, valid, stats, rnd)
+            stats.update_norm = math.sqrt(_sq_dist(avg, global_state))
+        elif self.aggregator == "mean":
             avg = stream_average(global_state, replies, stats, self.plausible_scale, self.norm_bound,
                                  self.batch_size, copy_held)
         else:
@@ -502,6 +514,14 @@ class Strategy:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    def dp_state_dict(self) -> dict:
+        """The DP aggregator's state (the adaptive clip) as tensors; {} without DP."""
+        return self.dp.state_dict() if self.dp is not None else {}
+
+    def load_dp_state_dict(self, state: dict) -> None:
+        if self.dp is not None:
+            self.dp.load_state_dict(state)
 
 
 class FedProx(Strategy):

@@ -69,7 +69,8 @@ class ClientTrainer:
     """
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, parts, transform, *,
-                 seed: int, mask_cache: bool = True, local_keys=None, own_model: bool = False):
+                 seed: int, mask_cache: bool = True, local_keys=None, own_model: bool = False, privacy=None):
+        self.privacy = privacy  # distributed DP: (rnd, cid, glob, state) -> clipped and noised state
         self.x, self.y, self.parts, self.transform, self.seed = x, y, parts, transform, seed
         self.augment = getattr(transform, "augment", None)
         self.cache_off = (f"augment {self.augment.name!r}" if self.augment is not None
@@ -94,7 +95,8 @@ class ClientTrainer:
 
     def train(self, rnd: int, cid: int, glob: dict, lcfg: LocalConfig) -> tuple[dict, dict]:
         """Client ``cid``'s local step from the global payload ``glob`` (with its own layers,
-        FedBN): returns (payload state, local_train info)."""
+        FedBN): returns (payload state, local_train info); under distributed DP the state
+        is the clipped and noised one (:func:`.privacy.client_privacy`)."""
         start = glob if cid not in self.local_states else {**glob, **self.local_states[cid]}
         adapter.load_payload(self.worker, start)
         part = self.parts[cid]
@@ -102,7 +104,10 @@ class ClientTrainer:
         idx = torch.from_numpy(np.asarray(part)) if self.cache is not None else None
         info = local_train(self.worker, self.x[sl], self.y[sl], lcfg, client_seed(self.seed, rnd, cid),
                            self.transform, idx, augment=self.augment)
-        return adapter.payload_state(self.worker), info
+        state = adapter.payload_state(self.worker)
+        if self.privacy is not None:
+            state = self.privacy(rnd, cid, glob, state)
+        return state, info
 
     def keep_local(self, cid: int, glob: dict, state) -> None:
         """Store client ``cid``'s own layers (FedBN: the payload's normalisation layers) from
@@ -133,6 +138,10 @@ def client_trainer(cfg, method: str, cid: int, data=None, model: nn.Module | Non
                                         allow_ungated=cfg.allow_ungated, soft_gates=cfg.soft_gates,
                                         source=f"model {cfg.model!r}")
     device = resolve_device(cfg.device)
+    from .privacy import client_privacy
+
+    # a real client (a SuperNode): its DP noise from OS entropy, which the server cannot replay
     return ClientTrainer(model.to(device), x.to(device), y.to(device), {cid: np.arange(len(y))}, data.transform.to(device),
                          seed=cfg.seed, mask_cache=cfg.mask_cache,
-                         local_keys=strategy_from_config(cfg, method).local_keys, own_model=True)
+                         local_keys=strategy_from_config(cfg, method).local_keys, own_model=True,
+                         privacy=client_privacy(cfg, seeded=False))

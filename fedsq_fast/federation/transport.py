@@ -171,8 +171,12 @@ class InProcessTransport(Transport):
     def bind(self, fed) -> None:
         super().bind(fed)
         d = fed.data
+        from .privacy import client_privacy
+
+        # simulated clients: distributed-DP noise from (seed, round, client), as in worker processes
         self.trainer = ClientTrainer(fed.model, d.x, d.y, d.parts, d.transform, seed=fed.cfg.seed,
-                                     mask_cache=fed.cfg.mask_cache, local_keys=fed.strategy.local_keys)
+                                     mask_cache=fed.cfg.mask_cache, local_keys=fed.strategy.local_keys,
+                                     privacy=client_privacy(fed.cfg))
 
     def replies(self, task: RoundTask) -> Iterator[Reply]:
         for cid in task.clients:

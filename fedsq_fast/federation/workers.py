@@ -92,8 +92,10 @@ def _worker_main(conn, threads: int, tmpdir: str | None = None) -> None:
                 model = _build_model(recipe, x, transform)
                 model.load_state_dict(state)  # the server's model now (structural copy included)
                 seed, mask_cache = recipe["cfg"].seed, recipe["cfg"].mask_cache
+                from .privacy import client_privacy
+
                 trainer = ClientTrainer(model, x, y, parts, transform, seed=seed, mask_cache=mask_cache,
-                                        own_model=True)
+                                        own_model=True, privacy=client_privacy(recipe["cfg"]))
                 conn.send_bytes(_pack(("ready",)))
             except Exception as e:  # reported, and the server refuses to run
                 conn.send_bytes(_pack(("failed", f"{type(e).__name__}: {e}")))

@@ -192,6 +192,10 @@ class FedSQStrategy(FlowerStrategy):
         reject_ablation(method)
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train!r}")
+        if getattr(cfg, "dp", "none") != "none":
+            raise ValueError("dp: Flower's own round loop samples nodes with sample_nodes, not as the privacy "
+                             "accountant assumes (poisson, or m of num_clients from the run's seed); run the "
+                             "ServerApp (fedsq_fast.flower.app), whose round loop is the engine's")
         self.cfg, self.method = cfg, method
         self.engine = strategy if strategy is not None else engine_strategy(cfg, method)
         self.fraction_train = fraction_train
@@ -256,7 +260,7 @@ class FedSQStrategy(FlowerStrategy):
         # the decoded replies are views of Flower's own messages, held by Flower anyway: not copied
         new = self.engine.aggregate(self._reference, fold(decoded(), totals,
                                                           lambda r: stats.rejected.append((r.cid, r.error))), stats,
-                                    copy_held=False)
+                                    copy_held=False, rnd=server_round)
         log_rejected(server_round, stats)
         if stats.num_clients == 0:
             log.warning("round %d: no valid update: global model kept", server_round)

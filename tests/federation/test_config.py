@@ -37,7 +37,10 @@ ADDED = {'plausible_scale': 1e6, 'workers': 1, 'norm_bound': 10.0, 'in_memory': 
          'lr_schedule': 'constant', 'warmup_rounds': 0, 'lr_step_rounds': 10, 'lr_gamma': 0.1, 'lr_min': 0.0,
          'clip_grad_norm': None, 'label_smoothing': 0.0, 'precision': 'fp32',
          'augment': 'none', 'soft_gates': False,
-         'krum_f': None, 'krum_m': None, 'clip_radius': None}
+         'krum_f': None, 'krum_m': None, 'clip_radius': None,
+         'dp': 'none', 'dp_clip': 1.0, 'dp_noise_multiplier': None, 'dp_target_epsilon': None, 'dp_delta': 1e-5,
+         'dp_sampling': 'poisson', 'dp_adaptive_clip': False, 'dp_target_quantile': 0.5, 'dp_clip_lr': 0.2,
+         'dp_clip_count_std': None}
 FULL = {**OLD_DEFAULTS, **ADDED}
 
 # where each key is read (docs/federation.md, "Configuration keys")
@@ -50,7 +53,9 @@ SECTION = {
                      "min_batch_size", "client_timeout_s", "lr_schedule", "warmup_rounds", "lr_step_rounds",
                      "lr_gamma", "lr_min", "clip_grad_norm", "label_smoothing", "precision"], "client"),
     **dict.fromkeys(["methods", "aggregator", "trim_fraction", "plausible_scale", "norm_bound", "prox_mu", "server_lr", "server_momentum",
-                     "beta1", "beta2", "tau", "krum_f", "krum_m", "clip_radius"], "strategy"),
+                     "beta1", "beta2", "tau", "krum_f", "krum_m", "clip_radius", "dp", "dp_clip",
+                     "dp_noise_multiplier", "dp_target_epsilon", "dp_delta", "dp_sampling", "dp_adaptive_clip",
+                     "dp_target_quantile", "dp_clip_lr", "dp_clip_count_std"], "strategy"),
     **dict.fromkeys(["rounds", "fraction", "min_clients", "failure_rate", "seed", "target_accuracy",
                      "probe_size", "eval_batch_size", "out_dir", "checkpoint", "threads", "device", "workers"], "run"),
 }
@@ -109,6 +114,10 @@ def random_flat(rng) -> dict:
         "workers": int(rng.integers(1, 9)),
         **_random_knobs(rng, pick, maybe_none),
         "augment": pick(["none", "flip", "crop_flip"]),
+        # DP keys at their defaults: dp on needs aggregator mean and no explicit norm_bound (test_privacy.py)
+        "dp": "none", "dp_clip": 1.0, "dp_noise_multiplier": None, "dp_target_epsilon": None, "dp_delta": 1e-5,
+        "dp_sampling": "poisson", "dp_adaptive_clip": False, "dp_target_quantile": 0.5, "dp_clip_lr": 0.2,
+        "dp_clip_count_std": None,
     }
 
 

@@ -246,6 +246,7 @@ def validate(cfg: RunConfig, model_names=None, *, own_data: bool = False) -> Run
     _num(cfg, "plausible_scale", lo=0, lo_open=True, allow_none=True)
     _num(cfg, "norm_bound", lo=1, allow_none=True)
     check_options_used(cfg)
+    _check_dp(cfg)
     try:
         in_memory_choice(cfg.in_memory)
     except ValueError as e:
@@ -289,6 +290,63 @@ def validate(cfg: RunConfig, model_names=None, *, own_data: bool = False) -> Run
     # whether the files are on this machine is check_sources' job
     _check_sources(cfg, model_names, own_data, check_files=False)
     return cfg
+
+
+# DP keys read only when dp is on, and the adaptive-clip keys only with dp_adaptive_clip.
+DP_KEYS = ("dp_clip", "dp_noise_multiplier", "dp_target_epsilon", "dp_delta", "dp_sampling", "dp_adaptive_clip",
+           "dp_target_quantile", "dp_clip_lr", "dp_clip_count_std")
+DP_ADAPTIVE_KEYS = ("dp_target_quantile", "dp_clip_lr", "dp_clip_count_std")
+
+
+def _check_dp(cfg: RunConfig) -> None:
+    """Client-level DP (federation/privacy.py, docs/privacy.md): ranges, the pairings it cannot
+    account for, and the accountant's verdict (a target no round can meet), before any work."""
+    from ..privacy import DP_MODES, DP_SAMPLINGS, settings_from_config
+
+    if cfg.dp not in DP_MODES:
+        _fail("dp", f"must be one of {', '.join(DP_MODES)}; got {cfg.dp!r}")
+    _num(cfg, "dp_clip", lo=0, lo_open=True)
+    _num(cfg, "dp_noise_multiplier", lo=0, lo_open=True, allow_none=True)
+    _num(cfg, "dp_target_epsilon", lo=0, lo_open=True, allow_none=True)
+    _num(cfg, "dp_delta", lo=0, hi=1, lo_open=True, hi_open=True)
+    if cfg.dp_sampling not in DP_SAMPLINGS:
+        _fail("dp_sampling", f"must be one of {', '.join(DP_SAMPLINGS)}; got {cfg.dp_sampling!r}")
+    if not isinstance(cfg.dp_adaptive_clip, bool):
+        _fail("dp_adaptive_clip", f"must be true or false, got {cfg.dp_adaptive_clip!r}")
+    _num(cfg, "dp_target_quantile", lo=0, hi=1, lo_open=True, hi_open=True)
+    _num(cfg, "dp_clip_lr", lo=0, lo_open=True)
+    _num(cfg, "dp_clip_count_std", lo=0, lo_open=True, allow_none=True)
+    explicit = cfg.explicit_keys
+    if cfg.dp == "none":
+        for k in DP_KEYS:
+            if k in explicit:
+                _fail(k, f"set to {getattr(cfg, k)!r}, but dp is 'none'; set dp = 'central' or 'distributed'")
+        return
+    if not cfg.dp_adaptive_clip:
+        for k in DP_ADAPTIVE_KEYS:
+            if k in explicit:
+                _fail(k, f"set to {getattr(cfg, k)!r}, but dp_adaptive_clip is false; only adaptive clipping reads it")
+    if cfg.aggregator != "mean":
+        _fail("aggregator", f"{cfg.aggregator!r} cannot run under dp: the accountant covers the noised sum of clipped "
+                            "updates (aggregator = 'mean'), not a robust statistic of them")
+    if "norm_bound" in explicit and cfg.norm_bound is not None:
+        _fail("norm_bound", "cannot run under dp: rejecting replies against the cohort's median makes one client's "
+                            "presence change what others contribute; the DP clip bounds every update instead "
+                            "(set norm_bound = none, or leave it unset)")
+    if cfg.dp_sampling == "poisson" and "min_clients" in explicit:
+        _fail("min_clients", "is not read under dp with poisson sampling (each client joins with probability "
+                             "fraction, and no DP round is skipped for few replies); remove it, or use "
+                             "dp_sampling = 'fixed', where it is the floor of the sample")
+    if cfg.dp == "distributed" and cfg.dp_sampling != "fixed":
+        _fail("dp_sampling", "dp = 'distributed' needs dp_sampling = 'fixed': each client adds its share of the noise "
+                             "for a known cohort of m clients (under poisson the cohort, and so the noise, varies)")
+    if cfg.dp == "distributed" and cfg.dp_adaptive_clip:
+        _fail("dp_adaptive_clip", "needs the server to see which updates were clipped: central DP only "
+                                  "(dp = 'central')")
+    if cfg.dp_noise_multiplier is None and cfg.dp_target_epsilon is None:
+        _fail("dp_noise_multiplier", "dp needs dp_noise_multiplier or dp_target_epsilon (or both: then the "
+                                     "run stops before the round that would exceed the target)")
+    settings_from_config(cfg)
 
 
 def _check_augment(value, own_data: bool) -> None:

@@ -76,7 +76,12 @@ def strategy_from_config(cfg: RunConfig, method) -> "Strategy":  # noqa: F821
     fedadam/fedyogi)."""
     spec = method if isinstance(method, MethodSpec) else MethodSpec.parse(method)
     opts = {k: getattr(cfg, k) for k in strategy_options(spec.strategy) if getattr(cfg, k) is not None}
-    return make_strategy(spec.strategy, aggregator=cfg.aggregator, trim_fraction=cfg.trim_fraction,
-                         plausible_scale=cfg.plausible_scale, norm_bound=cfg.norm_bound,
-                         batch_size=cfg.batch_size, krum_f=cfg.krum_f, krum_m=cfg.krum_m,
-                         clip_radius=cfg.clip_radius, **opts)
+    strat = make_strategy(spec.strategy, aggregator=cfg.aggregator, trim_fraction=cfg.trim_fraction,
+                          plausible_scale=cfg.plausible_scale, norm_bound=cfg.norm_bound,
+                          batch_size=cfg.batch_size, krum_f=cfg.krum_f, krum_m=cfg.krum_m,
+                          clip_radius=cfg.clip_radius, **opts)
+    if getattr(cfg, "dp", "none") != "none":  # DP-FedAvg's aggregation (federation/privacy.py)
+        from ..privacy import DPAggregator, settings_from_config
+
+        strat.dp = DPAggregator(settings_from_config(cfg))
+    return strat

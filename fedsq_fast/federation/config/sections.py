@@ -93,6 +93,22 @@ class StrategyConfig:
     beta1: float = _key(0.9, "fedadam, fedyogi: first-moment decay")
     beta2: float = _key(0.99, "fedadam, fedyogi: second-moment decay")
     tau: float = _key(1e-3, "fedadam, fedyogi: adaptivity tau")
+    # client-level differential privacy (beyond the paper; docs/privacy.md): DP-FedAvg with an
+    # RDP accountant (dp-accounting); none keeps every recorded run as it was
+    dp: str = _key("none", "client-level DP: none, central (noise at the server), distributed (noise at the clients)")
+    dp_clip: float = _key(1.0, "DP: L2 norm each client's update is clipped to (the initial one when adaptive)")
+    dp_noise_multiplier: float | None = _key(None, "DP: noise std / clip on the summed update; none: set from "
+                                                    "dp_target_epsilon over the planned rounds")
+    dp_target_epsilon: float | None = _key(None, "DP: privacy budget; with dp_noise_multiplier the run stops before "
+                                                  "the round that would exceed it")
+    dp_delta: float = _key(1e-5, "DP: delta of (epsilon, delta); below 1 / num_clients")
+    dp_sampling: str = _key("poisson", "DP: poisson (each client with probability fraction; add/remove adjacency) or "
+                                       "fixed (the engine's m of N; replace-one adjacency, sensitivity 2 x clip)")
+    dp_adaptive_clip: bool = _key(False, "DP: move the clip toward a quantile of the update norms (Andrew et al. 2021)")
+    dp_target_quantile: float = _key(0.5, "DP adaptive clip: share of updates left unclipped")
+    dp_clip_lr: float = _key(0.2, "DP adaptive clip: geometric learning rate of the clip")
+    dp_clip_count_std: float | None = _key(None, "DP adaptive clip: noise std of the unclipped count; none: expected "
+                                                  "cohort / 20")
 
 
 @dataclass
@@ -208,7 +224,9 @@ KEYS = ("dataset", "data_root", "download", "max_train_samples", "val_size", "ma
         "checkpoint", "threads", "device", "plausible_scale", "workers", "norm_bound", "in_memory",
         "lr_schedule", "warmup_rounds", "lr_step_rounds", "lr_gamma", "lr_min", "clip_grad_norm", "label_smoothing",
         "precision", "augment", "soft_gates",
-        "krum_f", "krum_m", "clip_radius")
+        "krum_f", "krum_m", "clip_radius",
+        "dp", "dp_clip", "dp_noise_multiplier", "dp_target_epsilon", "dp_delta", "dp_sampling", "dp_adaptive_clip",
+        "dp_target_quantile", "dp_clip_lr", "dp_clip_count_std")
 # What a key added after runs were recorded meant before it existed: a recorded config without
 # the key reproduces its run with this value (config_differences, from_mapping(recorded=True)).
 # plausible_scale, norm_bound: the reply checks of 2026-12-02/03 changed what such runs average.
