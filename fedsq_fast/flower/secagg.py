@@ -173,17 +173,19 @@ class _StageGrid:
     def __init__(self, transport: "SecAggTransport", expect: dict, shapes: list):
         self.t, self.expect, self.shapes = transport, expect, shapes  # expect: node -> partition
         self.why: dict[int, str] = {}
+        self.seconds: dict[str, float] = {}  # stage -> seconds from send to the last reply
         self.bytes_up = 0
         self.stage = None
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
         self.stage = messages[0].content.config_records[RECORD_KEY_CONFIGS][Key.STAGE] if messages else None
+        t0 = time.monotonic()
         got, missing = self.t.exchange(messages, timeout)
+        self.seconds[self.stage] = time.monotonic() - t0
         out = []
-        for msg in got:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
+        for node, msg in got:
+            if msg.has_error():  # its source may be the SuperLink (a node gone): named by the destination
                 self.why.setdefault(node, f"SecAgg+ {self.stage}: error reply: {msg.error.reason}")
                 out.append(msg)
                 continue
@@ -250,8 +252,8 @@ class SecAggTransport(GridTransport):
         super().__init__(grid, round_timeout=round_timeout, order="sorted", poll_s=poll_s)
 
     def exchange(self, messages, timeout):
-        """Push ``messages``, pull until all are answered or ``timeout`` s pass: (replies,
-        nodes that did not answer)."""
+        """Push ``messages``, pull until all are answered or ``timeout`` s pass: ([(node the
+        message went to, reply)], nodes that did not answer)."""
         timeout = self.timeout_for_round() if timeout is None else timeout
         dst = {}
         ids = list(self.grid.push_messages(messages))
@@ -262,9 +264,10 @@ class SecAggTransport(GridTransport):
         t0 = time.monotonic()
         while pending and time.monotonic() - t0 <= timeout:
             for msg in self.grid.pull_messages(list(pending)):
-                if msg.metadata.reply_to_message_id in pending:
-                    pending.discard(msg.metadata.reply_to_message_id)
-                    got.append(msg)
+                mid = msg.metadata.reply_to_message_id
+                if mid in pending:
+                    pending.discard(mid)
+                    got.append((dst[mid], msg))
             if pending:
                 time.sleep(self.poll_s)
         self._slowest = max(self._slowest, time.monotonic() - t0)
@@ -279,8 +282,7 @@ class SecAggTransport(GridTransport):
         msgs = [Message(content=RecordDict({CONFIG_KEY: cfg_rec}), message_type=MessageType.TRAIN, dst_node_id=n,
                         group_id=f"{task.round}.discover") for n in unknown]
         got, _ = self.exchange(msgs, None)
-        for msg in got:
-            node = msg.metadata.src_node_id
+        for node, msg in got:
             try:
                 info = reply_info(msg)
             except ReplyRejected as e:
@@ -375,7 +377,8 @@ class SecAggTransport(GridTransport):
                           .to(g.device)).to(g.dtype)
         total = sum(int(f.num_examples) for f in survivors.values())
         secs = sum(float(f.metrics.get("client-seconds", 0.0)) for f in survivors.values())
-        log.info("round %d: SecAgg+ sum of %d clients (%s)", rnd, len(survivors), sorted(survivors))
+        log.info("round %d: SecAgg+ sum of %d clients (%s); seconds per stage: %s", rnd, len(survivors),
+                 sorted(survivors), ", ".join(f"{k} {v:.1f}" for k, v in grid.seconds.items()))
         yield Reply(SECURE_CID, new, total, secs, math.nan,
                     secure=SecureSum(sorted(survivors), bytes_up=grid.bytes_up))
 

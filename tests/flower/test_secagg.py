@@ -325,3 +325,61 @@ def test_client_out_of_range_update_leaves_the_round_with_its_reason(tmp_path):
     assert h["clients_ok"] == 0
     for _, why in h["clients_dropped"]:
         assert "beyond secagg_clipping_range" in why and "collect_masked_vectors" in why, why
+
+
+# ---------------------------------------------------------------- real deployment on loopback
+@pytest.mark.slow
+def test_deployment_secagg_supernode_killed_in_the_masked_vector_stage(tmp_path):
+    """A SuperLink and 4 SuperNodes (subprocesses); node 1 is killed (SIGKILL, no goodbye) while
+    its ClientApp trains for the masked-vector stage of the round, after it shared its keys: the
+    round completes with the 3 survivors' secure sum (the victim's pairwise masks rebuilt from
+    its key shares), equal to the plain average of the same 3 clients' updates within the bound."""
+    from test_flower import Deployment, _cmdline, _descendants, _final_model, _kill_tree, _run_config, _wait
+
+    victim = 1
+    cfg = small_config(**_secagg(methods=["fedsq"], rounds=1, num_clients=4, min_clients=2, val_size=150,
+                                 max_test_samples=100, out_dir=str(tmp_path / "out")))
+    dep = Deployment(tmp_path)
+    try:
+        dep.start_superlink()
+        for i in range(cfg.num_clients):
+            dep.start_supernode(i, cfg.num_clients)
+        run = dep.flwr_run(_run_config(cfg, **{"round-timeout": 90.0}), timeout=400)
+        node = dep.nodes[victim]
+        seen, end = set(), time.monotonic() + 300
+        # one ClientApp process per message: discovery, setup, share keys, then the masked-vector stage
+        while time.monotonic() < end and len(seen) < 4:
+            seen |= {p for p in _descendants(node.pid) if "flwr-clientapp" in _cmdline(p)}
+            assert run.poll() is None, dep.tail()
+            time.sleep(0.05)
+        assert len(seen) == 4, "the victim never reached the masked-vector stage\n" + dep.tail()
+        _kill_tree(node, signal.SIGKILL)
+        _wait(run, 400, dep)
+    finally:
+        dep.stop()
+    out = tmp_path / "out" / "fedsq"
+    assert (out / "metrics.json").is_file(), dep.tail()
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["summary"]["complete"], doc["summary"]
+    h = doc["history"][1]
+    assert h["clients_ok"] == 3 and [c for c, _ in h["clients_dropped"]] == [victim], h
+    assert "SecAgg+ collect_masked_vectors" in h["clients_dropped"][0][1], h
+    data = prepare_data(cfg)
+    plain, glob = _oracle(cfg.replace(secagg=False), data, {victim})
+    model, _ = _final_model(Federation(cfg.replace(secagg=False), "fedsq", data, quiet=True), out)
+    got, want = adapter.payload_state(model), adapter.payload_state(plain.model)
+    survivors = [c for c in range(4) if c != victim]
+    top = max(len(data.parts[c]) for c in range(4))
+    levels = [S.weight_levels(len(data.parts[c]), top, cfg.secagg_quantization_range) for c in survivors]
+    bound = S.error_bound(cfg.secagg_clipping_range, cfg.secagg_quantization_range, levels,
+                          max(biggest[c] for c in survivors))
+    worst = 0.0
+    for k, g in glob.items():
+        if not g.dtype.is_floating_point:
+            assert torch.equal(got[k], g), k
+            continue
+        ulp = torch.finfo(g.dtype).eps * float(want[k].abs().max() if want[k].numel() else 0)
+        err = float((got[k].double() - want[k].double()).abs().max()) if g.numel() else 0.0
+        assert err <= bound + 4 * ulp, (k, err, bound)  # other processes: their float rounding too
+        worst = max(worst, err)
+    assert 0 < worst and bound < 1e-3
