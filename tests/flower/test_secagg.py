@@ -148,7 +148,8 @@ def test_quantization_error_within_the_stated_bound_and_the_bound_is_tight(trial
         if np.size(exact):
             worst = max(worst, float(np.max(np.abs(got[i] - exact))))
     assert worst <= bound, (worst, bound)
-    assert worst > bound / 200  # the bound is not vacuous: stochastic rounding shows at its scale
+    # not vacuous: the rounding error reaches the scale of the bound's quantization part
+    assert worst > S.error_bound(clip, q_range, levels, 0.0) / 200, (worst, bound)
 
 
 def test_error_bound_formula_edges():
@@ -330,14 +331,15 @@ def test_client_out_of_range_update_leaves_the_round_with_its_reason(tmp_path):
 # ---------------------------------------------------------------- real deployment on loopback
 @pytest.mark.slow
 def test_deployment_secagg_supernode_killed_in_the_masked_vector_stage(tmp_path):
-    """A SuperLink and 4 SuperNodes (subprocesses); node 1 is killed (SIGKILL, no goodbye) while
+    """A SuperLink and 3 SuperNodes (subprocesses); node 1 is killed (SIGKILL, no goodbye) while
     its ClientApp trains for the masked-vector stage of the round, after it shared its keys: the
-    round completes with the 3 survivors' secure sum (the victim's pairwise masks rebuilt from
-    its key shares), equal to the plain average of the same 3 clients' updates within the bound."""
+    round completes with the 2 survivors' secure sum (the victim's pairwise masks rebuilt from
+    its key shares: 2 of 3 shares, the default threshold), equal to the plain average of the
+    same 2 clients' updates within the bound."""
     from test_flower import Deployment, _cmdline, _descendants, _final_model, _kill_tree, _run_config, _wait
 
     victim = 1
-    cfg = small_config(**_secagg(methods=["fedsq"], rounds=1, num_clients=4, min_clients=2, val_size=150,
+    cfg = small_config(**_secagg(methods=["fedsq"], rounds=1, num_clients=3, min_clients=2, val_size=150,
                                  max_test_samples=100, out_dir=str(tmp_path / "out")))
     dep = Deployment(tmp_path)
     try:
@@ -362,14 +364,14 @@ def test_deployment_secagg_supernode_killed_in_the_masked_vector_stage(tmp_path)
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["summary"]["complete"], doc["summary"]
     h = doc["history"][1]
-    assert h["clients_ok"] == 3 and [c for c, _ in h["clients_dropped"]] == [victim], h
+    assert h["clients_ok"] == 2 and [c for c, _ in h["clients_dropped"]] == [victim], h
     assert "SecAgg+ collect_masked_vectors" in h["clients_dropped"][0][1], h
     data = prepare_data(cfg)
     plain, glob = _oracle(cfg.replace(secagg=False), data, {victim})
     model, _ = _final_model(Federation(cfg.replace(secagg=False), "fedsq", data, quiet=True), out)
     got, want = adapter.payload_state(model), adapter.payload_state(plain.model)
-    survivors = [c for c in range(4) if c != victim]
-    top = max(len(data.parts[c]) for c in range(4))
+    survivors = [c for c in range(3) if c != victim]
+    top = max(len(data.parts[c]) for c in range(3))
     levels = [S.weight_levels(len(data.parts[c]), top, cfg.secagg_quantization_range) for c in survivors]
     bound = S.error_bound(cfg.secagg_clipping_range, cfg.secagg_quantization_range, levels,
                           max(biggest[c] for c in survivors))
