@@ -9,6 +9,12 @@ from sending the round to the evaluated model) and the ratio of the medians. Rou
 holds the nodes' data loading and model building in both runs.
 
     python benchmarks/bench_secagg.py [--nodes 3] [--rounds 3] [--model tiny_cnn]
+    python benchmarks/bench_secagg.py --in-process [--model svhn_cnn]
+
+``--in-process``: the same two transports over test grids whose nodes run the ClientApp in
+this process (tests/flower: InProcessGrid, SecAggGrid), no Flower runtime and no process
+starts: what the protocol itself costs (key agreement, secret sharing, mask expansion,
+quantization) beside local training, for a model whose payload is not tiny.
 
 Where each stage's time goes is in the ServerApp's log (``seconds per stage``), printed too.
 """
@@ -55,13 +61,47 @@ def one_run(root: Path, secagg: bool, args) -> dict:
             "val_acc": doc["history"][-1]["val_acc"]}
 
 
+def in_process(args) -> None:
+    import warnings
+
+    from flwr.supercore.task_identity import TaskIdentity
+    from test_flower import InProcessGrid
+    from test_secagg import SecAggGrid
+
+    from fedsq_fast.federation import Federation, from_mapping, prepare_data
+    from fedsq_fast.flower import GridTransport
+    from fedsq_fast.flower.secagg import SecAggTransport
+
+    warnings.filterwarnings("ignore")
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 0
+    base = dict(dataset="digits", model=args.model, weights="none", rounds=args.rounds, num_clients=args.nodes,
+                max_train_samples=None, val_size=200, max_test_samples=200, lr=0.05, methods=["fedsq"],
+                probe_size=16, min_partition_size=5, threads=1, seed=0, norm_bound=None, checkpoint=False)
+    times = {}
+    for secagg in (False, True):
+        cfg = from_mapping({**base, "secagg": secagg})
+        data = prepare_data(cfg)
+        tr = (SecAggTransport(SecAggGrid(args.nodes), poll_s=0) if secagg else
+              GridTransport(InProcessGrid(args.nodes), poll_s=0))
+        fed = Federation(cfg, "fedsq", data, quiet=True, transport=tr)
+        res = fed.run()
+        times[secagg] = [h["time_round_s"] for h in res.history[1:]]
+        print(f"in process, secagg={secagg}: payload {fed.payload_bytes} bytes, round seconds "
+              f"{[round(x, 2) for x in times[secagg]]}, val_acc {res.history[-1]['val_acc']:.4f}", flush=True)
+    plain, sec = (statistics.median(times[k][1:] or times[k]) for k in (False, True))
+    print(f"median round after the first: plain {plain:.2f} s, SecAgg+ {sec:.2f} s, ratio {sec / plain:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--model", default="tiny_cnn")
+    ap.add_argument("--in-process", action="store_true", help="test grids in this process, no Flower runtime")
     args = ap.parse_args()
     os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+    if args.in_process:
+        return in_process(args)
     out = {}
     for secagg in (False, True):
         with tempfile.TemporaryDirectory() as d:
