@@ -32,9 +32,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.common import Code, FitRes, Parameters, Status, parameters_to_ndarrays
+from flwr.common import Code, Parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
-from flwr.compat.common import recorddict_compat as compat
 
 from ..federation.config.checks import SECAGG_MODULUS
 from ..federation.transport import Reply, RoundTask, SecureSum
@@ -189,15 +188,40 @@ class _StageGrid:
                 self.why.setdefault(node, f"SecAgg+ {self.stage}: error reply: {msg.error.reason}")
                 out.append(msg)
                 continue
-            if self.stage == Stage.COLLECT_MASKED_VECTORS:
-                why = self._screen(msg, node)
-                if why is not None:
-                    self.why.setdefault(node, f"SecAgg+ {self.stage}: {why}")
-                    continue  # left out: the workflow treats it as dropped and removes its masks
+            why = self._screen(msg, node) if self.stage == Stage.COLLECT_MASKED_VECTORS else self._form(msg)
+            if why is not None:
+                self.why.setdefault(node, f"SecAgg+ {self.stage}: {why}")
+                continue  # left out: the workflow treats it as dropped (and removes its masks)
             out.append(msg)
         for node in missing:
             self.why.setdefault(node, f"SecAgg+ {self.stage}: no reply within round-timeout ({timeout:g} s)")
         return out
+
+    # what the workflow reads from a reply of each key stage: (key, element type or None for a scalar)
+    _FORMS = {Stage.SETUP: ((Key.PUBLIC_KEY_1, None, bytes), (Key.PUBLIC_KEY_2, None, bytes)),
+              Stage.SHARE_KEYS: ((Key.DESTINATION_LIST, list, int), (Key.CIPHERTEXT_LIST, list, bytes)),
+              Stage.UNMASK: ((Key.NODE_ID_LIST, list, int), (Key.SHARE_LIST, list, bytes))}
+
+    def _form(self, msg) -> str | None:
+        """Why a setup, share-keys or unmask reply cannot be read by the workflow (which would
+        raise and end the run), or None: its keys, their types, lists of equal length, node
+        ids of this round's nodes."""
+        rec = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if rec is None:
+            return f"malformed reply: no ConfigRecord {RECORD_KEY_CONFIGS!r}"
+        lens = []
+        for key, container, kind in self._FORMS.get(self.stage, ()):
+            v = rec.get(key)
+            items = v if container is list and isinstance(v, list) else [v] if container is None else None
+            if items is None or any(type(x) is not kind for x in items):
+                return f"malformed reply: {key} must be {'a list of ' if container else ''}{kind.__name__}"
+            if container is list:
+                lens.append(len(items))
+                if kind is int and any(x not in self.expect for x in items):
+                    return f"malformed reply: {key} names nodes outside this round"
+        if len(set(lens)) > 1:
+            return f"malformed reply: lists of unequal lengths {lens}"
+        return None
 
     def _screen(self, msg, node) -> str | None:
         c = msg.content
@@ -343,8 +367,15 @@ class SecAggTransport(GridTransport):
                 state.nid_to_fitins = {n: RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: cfg_rec})
                                        for n in state.nid_to_fitins}
                 task.sent = len(state.nid_to_fitins)
-            if not step(grid, ctx, state):
-                halted = stage
+            try:
+                ok = step(grid, ctx, state)
+            except Exception as e:  # noqa: BLE001 - Flower's protocol code on the replies: the round's loss, not the run's
+                log.error("round %d: SecAgg+ stage %s failed: %s: %s", rnd, stage, type(e).__name__, e)
+                halted = (stage, f"{type(e).__name__}: {e}")
+                break
+            if not ok:
+                halted = (stage, "fewer than the reconstruction threshold of a client's neighbours left "
+                                 f"(secagg_reconstruction_threshold {cfg.secagg_reconstruction_threshold:g})")
                 break
             if stage == Stage.SHARE_KEYS:
                 _forget_early_drops(state)
@@ -356,10 +387,11 @@ class SecAggTransport(GridTransport):
             if p not in survivors:
                 why = grid.why.get(n)
                 if halted is not None:
-                    why = (f"SecAgg+ halted at stage {halted}: fewer than the reconstruction threshold of a "
-                           f"client's neighbours left (secagg_reconstruction_threshold "
-                           f"{cfg.secagg_reconstruction_threshold:g})" + (f"; this node: {why}" if why else ""))
+                    why = f"SecAgg+ halted at stage {halted[0]}: {halted[1]}" + (f"; this node: {why}" if why else "")
                 yield Reply(p, error=why or f"left SecAgg+ at stage {grid.stage}")
+        for p, n in sorted(nodes.items()):
+            if p in survivors and n in grid.why:  # left after its masked vector was summed: still in the sum
+                log.warning("round %d: client %d: %s (its update is in the sum)", rnd, p, grid.why[n])
         if not survivors:
             return
         avg = parameters_to_ndarrays(next(iter(survivors.values())).parameters)

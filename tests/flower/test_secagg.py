@@ -186,10 +186,10 @@ class SecAggGrid:
     """Nodes that run the package's ClientApp (with its SecAgg+ mod) in this process; node
     ``victim`` stops answering from stage ``dead_from`` on (None: never)."""
 
-    def __init__(self, num_nodes, victim=None, dead_from=None):
+    def __init__(self, num_nodes, victim=None, dead_from=None, mangle=None):
         self.nodes = {1000 + 17 * i: {"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)}
         self.states = {n: RecordDict() for n in self.nodes}
-        self.victim, self.dead_from = victim, dead_from
+        self.victim, self.dead_from, self.mangle = victim, dead_from, mangle
         self.replies, self.count = {}, itertools.count()
         self.stages_seen = []
 
@@ -223,6 +223,8 @@ class SecAggGrid:
             except Exception as ex:  # noqa: BLE001
                 rep = Message(Error(code=2, reason=f"{type(ex)}:<'{ex}'>"), reply_to=m)
             rep.metadata.__dict__["_src_node_id"] = node
+            if self.mangle is not None and not rep.has_error():
+                self.mangle(stage, self.nodes[node]["partition-id"], rep)
             self.replies[mid] = rep
         return ids
 
@@ -385,3 +387,35 @@ def test_deployment_secagg_supernode_killed_in_the_masked_vector_stage(tmp_path)
         assert err <= bound + 4 * ulp, (k, err, bound)  # other processes: their float rounding too
         worst = max(worst, err)
     assert 0 < worst and bound < 1e-3
+
+
+@pytest.mark.parametrize("stage", ["setup", "share_keys", "collect_masked_vectors", "unmask"])
+def test_in_process_malformed_protocol_reply_is_that_nodes_drop_not_the_runs_end(tmp_path, stage):
+    """A node whose reply the workflow could not read (a key missing, a list naming a node of
+    no round) leaves the protocol at that stage with the reason; the round completes. Left out
+    at unmask, its masked vector was already summed: it stays in the sum."""
+    bad = 2
+
+    def mangle(st, pid, rep):
+        if st != stage or pid != bad:
+            return
+        rec = rep.content.config_records[RECORD_KEY_CONFIGS]
+        if stage == "setup":
+            del rec[Key.PUBLIC_KEY_2]
+        elif stage == "share_keys":
+            rec[Key.DESTINATION_LIST] = [12345] * len(rec[Key.DESTINATION_LIST])
+        elif stage == "collect_masked_vectors":
+            rec[Key.MASKED_PARAMETERS] = rec[Key.MASKED_PARAMETERS][:-1]
+        else:
+            rec[Key.NODE_ID_LIST] = [999] * len(rec[Key.NODE_ID_LIST])
+
+    cfg = small_config(**_secagg(methods=["fedsq"], rounds=1, num_clients=4, min_clients=2, out_dir=str(tmp_path)))
+    data = prepare_data(cfg)
+    res = Federation(cfg, "fedsq", data, quiet=True,
+                     transport=S.SecAggTransport(SecAggGrid(4, mangle=mangle), round_timeout=0.3, poll_s=0)).run()
+    h = res.history[1]
+    if stage == "unmask":
+        assert h["clients_ok"] == 4 and h["clients_dropped"] == [], h
+    else:
+        assert h["clients_ok"] == 3 and [c for c, _ in h["clients_dropped"]] == [bad], h
+        assert f"SecAgg+ {stage}: malformed reply" in h["clients_dropped"][0][1], h
