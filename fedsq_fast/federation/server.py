@@ -104,12 +104,10 @@ class Federation:
             raise ValueError(f"client_hook: it runs in the server process, but workers = {cfg.workers} trains "
                              "the clients in worker processes; use workers = 1")
         if cfg.secagg and not getattr(transport, "secure", False):
-            from .config import _fail
+            from .config.checks import refuse_secagg_here
 
-            _fail("secagg", "true asks for SecAgg+, which runs only on the Flower deployment path (the ServerApp of "
-                            "fedsq_fast.flower with flower-supernode nodes, docs/flower.md); this transport "
-                            f"({type(transport).__name__ if transport is not None else 'in process'}) hands the "
-                            "server each client's update; set secagg = false")
+            refuse_secagg_here(f"this transport ({type(transport).__name__})" if transport is not None else
+                               "the embedded engine (in process or workers)")
         self._owns_transport = transport is None  # a transport made here is closed at the end of run()
         if transport is None:
             if cfg.workers > 1:

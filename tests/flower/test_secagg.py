@@ -100,6 +100,12 @@ def test_secagg_refused_off_the_flower_path_and_by_fedsq_strategy(tmp_path):
         Federation(cfg, "fedsq", data, quiet=True, transport=GridTransport(object()))
     with pytest.raises(ValueError, match="FedSQStrategy aggregates each node's reply"):
         FedSQStrategy(cfg)
+    from fedsq_fast.federation.runner import run_methods
+
+    out = tmp_path / "never"
+    with pytest.raises(ConfigError, match=r"^secagg: .*the embedded engine \(in process or workers\)"):
+        run_methods(cfg.replace(out_dir=str(out)), quiet=True)
+    assert not out.exists()  # refused before any data loads or file is written
 
 
 # ---------------------------------------------------------------- the quantization bound

@@ -197,6 +197,14 @@ SECAGG_OPTIONS = ("secagg_num_shares", "secagg_reconstruction_threshold", "secag
                   "secagg_quantization_range")
 
 
+def refuse_secagg_here(where: str) -> None:
+    """The one-line refusal of ``secagg = true`` on a runtime without SecAgg+ (``where``: the
+    runtime that would hand the server each client's update)."""
+    _fail("secagg", "true asks for SecAgg+, which runs only on the Flower deployment path (the ServerApp of "
+                    f"fedsq_fast.flower with flower-supernode nodes, docs/flower.md); {where} hands the server each "
+                    "client's update; set secagg = false")
+
+
 def _check_secagg(cfg: RunConfig) -> None:
     """The SecAgg+ keys' types and ranges; under ``secagg = true``, every option that needs
     one client's update refused with the reason (the server sees only their sum)."""
