@@ -75,6 +75,10 @@ def run_methods(cfg: RunConfig, out_dir=None, resume=False, quiet=False, echo=pr
     ``"callable:..."`` value of ``cfg.augment`` stands for (:func:`federate`)."""
     names = None if model_fn is not None else adapter.list_models()
     validate(cfg, names, own_data=bundle is not None)
+    if cfg.secagg and transport_fn is None:  # before any data loads or file is written
+        from .config.checks import refuse_secagg_here
+
+        refuse_secagg_here("the embedded engine (in process or workers)")
     if transport_fn is not None and cfg.workers > 1:
         raise ValueError(f"workers: {cfg.workers} asked for, but this runtime's transport reaches the clients "
                          "(Flower: the SuperNodes train them); set workers = 1")

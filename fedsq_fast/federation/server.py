@@ -103,6 +103,11 @@ class Federation:
         if client_hook is not None and cfg.workers > 1:
             raise ValueError(f"client_hook: it runs in the server process, but workers = {cfg.workers} trains "
                              "the clients in worker processes; use workers = 1")
+        if cfg.secagg and not getattr(transport, "secure", False):
+            from .config.checks import refuse_secagg_here
+
+            refuse_secagg_here(f"this transport ({type(transport).__name__})" if transport is not None else
+                               "the embedded engine (in process or workers)")
         self._owns_transport = transport is None  # a transport made here is closed at the end of run()
         if transport is None:
             if cfg.workers > 1:
@@ -226,7 +231,11 @@ class Federation:
             dropped.append((r.cid, r.error))
             log_drop(logging.WARNING, "round %d: client %d dropped: %s", rnd, r.cid, r.error)
 
+        secure = []  # the secure sums of the round (SecAgg+): their clients are counted, not the reply
+
         def seen(r):
+            if r.secure is not None and r.error is None:
+                secure.append(r)
             for cb in self.callbacks:
                 cb.on_reply(self, r)
 
@@ -240,6 +249,8 @@ class Federation:
         replies = cap_counts(self.transport.replies(task), self.partition_size, capped)
         new = self.strategy.aggregate(glob, fold(replies, totals, drop, seen), stats,
                                       copy_held=self.transport.replies_alias, rnd=rnd)
+        if secure:
+            self._count_secure(secure, stats)
         for cid, reason in stats.rejected:
             dropped.append((cid, f"update rejected: {reason}"))
             log_drop(logging.WARNING, "round %d: client %d update rejected: %s", rnd, cid, reason)
@@ -296,6 +307,20 @@ class Federation:
         return (f"privacy budget spent: round {rnd} would bring epsilon to {eps:.4g} > dp_target_epsilon "
                 f"{dp.s.target_epsilon:g} (delta {dp.s.delta:g}); stopped after round {rnd - 1} of {self.cfg.rounds}, "
                 f"epsilon {dp.s.epsilon(rnd - 1):.4g}")
+    @staticmethod
+    def _count_secure(secure: list, stats: AggregateStats) -> None:
+        """A secure sum (SecAgg+) counts as the clients it averages: accepted, each of them is
+        a valid update (client drift, a spread of single updates, is unknown: NaN); rejected
+        (its aggregate not finite or implausible), each of them is rejected with the reason."""
+        (r,) = secure  # a SecAgg+ transport yields one secure sum a round
+        rejected = dict(stats.rejected)
+        if r.cid in rejected:
+            why = rejected[r.cid]
+            stats.rejected = [(c, w) for c, w in stats.rejected if c != r.cid]
+            stats.rejected += [(c, f"the secure sum it is part of: {why}") for c in r.secure.clients]
+        elif stats.num_clients:
+            stats.num_clients += len(r.secure.clients) - 1
+            stats.client_drift = float("nan")
 
     def _finish(self, rec: RoundRecord, t0: float, t_eval: float, callbacks: bool = True) -> RoundRecord:
         """Best-so-far, the callbacks' additions, timings and elapsed time of a round's record."""

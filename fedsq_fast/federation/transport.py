@@ -44,6 +44,18 @@ class Reply:
     seconds: float = 0.0
     loss: float = math.nan
     error: str | None = None
+    # a secure sum (SecAgg+): ``state`` is the average of these clients' updates, not one
+    # client's (fedsq_fast/flower/secagg.py); the round counts them, not one reply
+    secure: "SecureSum | None" = field(default=None, repr=False)
+
+
+@dataclass
+class SecureSum:
+    """What a secure-sum Reply stands for: the clients whose updates it averages and the
+    bytes they sent (masked vectors), as the server never sees one of them."""
+
+    clients: list
+    bytes_up: int = 0
 
 
 @dataclass
@@ -108,7 +120,7 @@ def fold(replies, totals: FoldTotals, on_error, on_reply=None):
             on_error(r)
             continue
         totals.client_s += r.seconds
-        totals.bytes_up += _reply_bytes(r.state)
+        totals.bytes_up += _reply_bytes(r.state) if r.secure is None else r.secure.bytes_up
         totals.loss_sum += r.loss * count_as_float(r.num_samples)  # a NaN loss makes the round's NaN, as it should
         totals.samples += r.num_samples
         yield r.cid, r.state, r.num_samples
@@ -121,7 +133,7 @@ def cap_counts(replies, cap_of, on_cap):
     goes to ``on_cap(reply, claimed, cap)`` first. Counts that are not finite numbers > 0
     pass unchanged (:func:`fold` drops them)."""
     for r in replies:
-        if r.error is None:
+        if r.error is None and r.secure is None:  # a secure sum: its transport checked each client's count
             n = plain_count(r.num_samples)
             if count_problem(n) is None:
                 cap = cap_of(r.cid)

@@ -1,5 +1,5 @@
 """FedSQ on Flower (``pip install -e ".[flower]"``): ServerApp/ClientApp, a Flower strategy
-whose aggregation is the engine's, and state-dict <-> ArrayRecord conversion (bf16 included).
+whose aggregation is the engine's, SecAgg+ secure aggregation (``secagg = true``), and state-dict <-> ArrayRecord conversion (bf16 included).
 See docs/flower.md."""
 try:
     import flwr  # noqa: F401
@@ -9,3 +9,4 @@ except ImportError as e:  # pragma: no cover - depends on the install
 from .arrays import RAW_STYPE, arrays_to_state, record_bytes, state_to_arrays  # noqa: F401,E402
 from .strategy import FedSQStrategy, ReplyRejected, engine_strategy, reply_info, reply_state  # noqa: F401,E402
 from .transport import GridTransport  # noqa: F401,E402
+from .secagg import SecAggTransport  # noqa: F401,E402

@@ -37,6 +37,7 @@ from ..federation.runner import run_methods
 from ..federation.server import Federation
 from ..federation.trainer import ClientTrainer, client_trainer
 from .arrays import arrays_to_state, state_to_arrays
+from .secagg import SecAggTransport, check_unmask_request, secagg_fit_reply
 from .strategy import (ARRAYS_KEY, C_FINGERPRINT, C_LOCAL, C_METHOD, C_PARTITIONS, C_ROUND, C_RUN_CONFIG,
                        CONFIG_KEY, METRICS_KEY, PARTITION_KEY, WEIGHT_KEY)
 from .transport import (FIRST_ROUND_S, MIN_ROUND_S, ORDERS, GridTransport, first_round_timeout,  # noqa: F401 (API)
@@ -106,8 +107,9 @@ def run_federation(grid: Grid, cfg: RunConfig, *, round_timeout: float | None = 
     for m in cfg.methods if isinstance(cfg.methods, (list, tuple)) else ():
         reject_ablation(m)
     return run_methods(cfg, resume=resume, echo=log.info, progress=False,
-                       transport_fn=lambda method: GridTransport(grid, round_timeout=round_timeout, order=order,
-                                                                 poll_s=poll_s),
+                       transport_fn=lambda method: (
+                           SecAggTransport(grid, round_timeout=round_timeout, poll_s=poll_s) if cfg.secagg else
+                           GridTransport(grid, round_timeout=round_timeout, order=order, poll_s=poll_s)),
                        before_methods=lambda data: wait_for_nodes(grid, cfg.num_clients,
                                                                   round_timeout or first_round_timeout(cfg)))
 
@@ -184,11 +186,37 @@ def _get(rec: ConfigRecord, key: str, kind):
     return v
 
 
-client_app = ClientApp()
+def secagg_mod(msg: Message, context: Context, call_next) -> Message:
+    """The ClientApp's mod for ``secagg = true``: a train message of Flower's SecAgg+ protocol
+    (it carries ``secaggplus_configs``) goes through ``flwr.client.mod.secaggplus_mod``, whose
+    masked-vector stage trains through :func:`_client_secagg_train`; every other message
+    (rounds without SecAgg+, evaluation) goes on unchanged."""
+    from flwr.app import MessageType
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    if msg.metadata.message_type != MessageType.TRAIN or RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, context)
+    check_unmask_request(msg.content.config_records[RECORD_KEY_CONFIGS])
+    return secaggplus_mod(msg, context, _client_secagg_train)
 
 
-@client_app.train()
-def _client_train(msg: Message, context: Context) -> Message:
+client_app = ClientApp(mods=[secagg_mod])
+
+
+def _client_secagg_train(msg: Message, context: Context) -> Message:
+    """The masked-vector stage's train step: the update in the form secaggplus_mod masks
+    (:func:`fedsq_fast.flower.secagg.secagg_fit_reply`)."""
+    step = _client_step(msg, context)
+    if isinstance(step, Message):
+        raise ValueError("secagg: this node's partition is not among the round's, yet it was sent the round's task")
+    state, info, glob, pid, cfg, rnd = step
+    return secagg_fit_reply(msg, context, state, glob, info, pid, cfg, rnd)
+
+
+def _client_step(msg: Message, context: Context):
+    """The train step both reply forms share: a Message (this node's partition does not
+    train this round) or (state, info, global state, partition id, config, round)."""
     c = msg.content.config_records.get(CONFIG_KEY)
     if c is None:
         raise ValueError(f"message: no ConfigRecord {CONFIG_KEY!r}")
@@ -219,6 +247,15 @@ def _client_train(msg: Message, context: Context) -> Message:
     keys = trainer.local_keys(glob)
     if keys:  # FedBN: this node's own layers stay here, across rounds
         context.state[LOCAL_STATE_KEY] = state_to_arrays({k: state[k] for k in keys})
+    return state, info, glob, pid, cfg, rnd
+
+
+@client_app.train()
+def _client_train(msg: Message, context: Context) -> Message:
+    step = _client_step(msg, context)
+    if isinstance(step, Message):
+        return step
+    state, info, _, pid, _, _ = step
     metrics = MetricRecord({WEIGHT_KEY: int(info["num_samples"]), PARTITION_KEY: pid,
                             "train-loss": float(info["loss"]), "client-seconds": float(info["seconds"])})
     return Message(RecordDict({ARRAYS_KEY: state_to_arrays(state), METRICS_KEY: metrics}), reply_to=msg)

@@ -189,6 +189,10 @@ class FedSQStrategy(FlowerStrategy):
         if max_count is not None and (isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1):
             raise ValueError(f"max_count must be an integer >= 1 or None, got {max_count!r}")
         self.count_cap, self.max_count = count_cap, max_count
+        if getattr(cfg, "secagg", False):
+            raise ValueError("secagg: true, but FedSQStrategy aggregates each node's reply in aggregate_train; SecAgg+ "
+                             "runs through the package's ServerApp (fedsq_fast.flower.app:server_app, docs/flower.md "
+                             "\"Secure aggregation (SecAgg+)\"); set secagg = false here")
         reject_ablation(method)
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train!r}")

@@ -40,7 +40,9 @@ ADDED = {'plausible_scale': 1e6, 'workers': 1, 'norm_bound': 10.0, 'in_memory': 
          'krum_f': None, 'krum_m': None, 'clip_radius': None,
          'dp': 'none', 'dp_clip': 1.0, 'dp_noise_multiplier': None, 'dp_target_epsilon': None, 'dp_delta': 1e-5,
          'dp_sampling': 'poisson', 'dp_adaptive_clip': False, 'dp_target_quantile': 0.5, 'dp_clip_lr': 0.2,
-         'dp_clip_count_std': None}
+         'dp_clip_count_std': None,
+         'secagg': False, 'secagg_num_shares': None, 'secagg_reconstruction_threshold': 0.67,
+         'secagg_clipping_range': 8.0, 'secagg_quantization_range': 4194304}
 FULL = {**OLD_DEFAULTS, **ADDED}
 
 # where each key is read (docs/federation.md, "Configuration keys")
@@ -55,7 +57,9 @@ SECTION = {
     **dict.fromkeys(["methods", "aggregator", "trim_fraction", "plausible_scale", "norm_bound", "prox_mu", "server_lr", "server_momentum",
                      "beta1", "beta2", "tau", "krum_f", "krum_m", "clip_radius", "dp", "dp_clip",
                      "dp_noise_multiplier", "dp_target_epsilon", "dp_delta", "dp_sampling", "dp_adaptive_clip",
-                     "dp_target_quantile", "dp_clip_lr", "dp_clip_count_std"], "strategy"),
+                     "dp_target_quantile", "dp_clip_lr", "dp_clip_count_std", "secagg", "secagg_num_shares",
+                     "secagg_reconstruction_threshold", "secagg_clipping_range", "secagg_quantization_range"],
+                    "strategy"),
     **dict.fromkeys(["rounds", "fraction", "min_clients", "failure_rate", "seed", "target_accuracy",
                      "probe_size", "eval_batch_size", "out_dir", "checkpoint", "threads", "device", "workers"], "run"),
 }
@@ -118,6 +122,11 @@ def random_flat(rng) -> dict:
         "dp": "none", "dp_clip": 1.0, "dp_noise_multiplier": None, "dp_target_epsilon": None, "dp_delta": 1e-5,
         "dp_sampling": "poisson", "dp_adaptive_clip": False, "dp_target_quantile": 0.5, "dp_clip_lr": 0.2,
         "dp_clip_count_std": None,
+        # secagg = true refuses norm_bound and robust aggregators (tests/flower/test_secagg.py): off here
+        "secagg": False, "secagg_num_shares": maybe_none(int(rng.integers(3, 50))),
+        "secagg_reconstruction_threshold": float(rng.uniform(0.01, 1.0)),
+        "secagg_clipping_range": float(rng.uniform(1e-3, 100)),
+        "secagg_quantization_range": int(rng.integers(2, 2**31)),
     }
 
 

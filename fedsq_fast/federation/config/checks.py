@@ -188,6 +188,61 @@ def _check_krum(cfg: RunConfig) -> None:
         _fail("krum_m", f"({cfg.krum_m}) exceeds the replies a round samples less krum_f ({k} - {f} = {k - f})")
 
 
+# SecAgg+ (fedsq_fast/flower/secagg.py): Flower's modulus for the masked sums (2^32, its
+# default and largest), and what a refusal under secagg offers instead of a server-side check.
+SECAGG_MODULUS = 2**32
+SECAGG_INSTEAD = ('bound and noise each update on its client instead (client-side clipping and noise: '
+                  'dp = "distributed", docs/privacy.md)')
+SECAGG_OPTIONS = ("secagg_num_shares", "secagg_reconstruction_threshold", "secagg_clipping_range",
+                  "secagg_quantization_range")
+
+
+def refuse_secagg_here(where: str) -> None:
+    """The one-line refusal of ``secagg = true`` on a runtime without SecAgg+ (``where``: the
+    runtime that would hand the server each client's update)."""
+    _fail("secagg", "true asks for SecAgg+, which runs only on the Flower deployment path (the ServerApp of "
+                    f"fedsq_fast.flower with flower-supernode nodes, docs/flower.md); {where} hands the server each "
+                    "client's update; set secagg = false")
+
+
+def _check_secagg(cfg: RunConfig) -> None:
+    """The SecAgg+ keys' types and ranges; under ``secagg = true``, every option that needs
+    one client's update refused with the reason (the server sees only their sum)."""
+    if not isinstance(cfg.secagg, bool):
+        _fail("secagg", f"must be true or false, got {cfg.secagg!r}")
+    _int(cfg, "secagg_num_shares", lo=3, allow_none=True)
+    _num(cfg, "secagg_reconstruction_threshold", lo=0, hi=1, lo_open=True)
+    _num(cfg, "secagg_clipping_range", lo=0, lo_open=True)
+    # Flower's stochastic rounding casts the levels to int32
+    _int(cfg, "secagg_quantization_range", lo=2, hi=2**31 - 1)
+    if not cfg.secagg:
+        for k in SECAGG_OPTIONS:
+            if k in cfg.explicit_keys:
+                _fail(k, f"set to {getattr(cfg, k)!r}, but secagg is false; only secagg = true reads it")
+        return
+    k = sample_size(cfg)
+    if k < 3:
+        _fail("secagg", f"needs at least 3 clients a round (the sum of 2 tells each the other's update), but a round "
+                        f"samples {k} (num_clients {cfg.num_clients}, fraction {cfg.fraction}, "
+                        f"min_clients {cfg.min_clients})")
+    if cfg.secagg_num_shares is not None and cfg.secagg_num_shares > k:
+        _fail("secagg_num_shares", f"({cfg.secagg_num_shares}) exceeds the clients a round samples ({k})")
+    if cfg.secagg_quantization_range * k >= SECAGG_MODULUS:
+        _fail("secagg_quantization_range", f"({cfg.secagg_quantization_range}) x the clients a round samples ({k}) "
+                                           f"must stay below the SecAgg+ modulus 2^32 (the masked sum would wrap "
+                                           f"around); use at most {(SECAGG_MODULUS - 1) // k}")
+    if cfg.norm_bound is not None:
+        _fail("norm_bound", f"is {cfg.norm_bound:g}, but it compares each client's update with the round's median, "
+                            f"and under secagg = true the server sees only their sum; set norm_bound = none and "
+                            f"{SECAGG_INSTEAD}")
+    if cfg.aggregator != "mean":
+        _fail("aggregator", f"{cfg.aggregator!r} needs each client's update, and under secagg = true the server sees "
+                            f"only their sum; use aggregator = 'mean' and {SECAGG_INSTEAD}")
+    if cfg.dp == "central":
+        _fail("dp", "'central' clips each client's update on the server, and under secagg = true the server sees "
+                    "only their sum; use dp = 'distributed' (each client clips and adds its share of the noise)")
+
+
 def validate(cfg: RunConfig, model_names=None, *, own_data: bool = False) -> RunConfig:
     """Check every key (names, ranges, ablation support, strategy options the methods do
     not read: :func:`check_options_used`) before any work. ``own_data``: the caller brings
@@ -247,6 +302,7 @@ def validate(cfg: RunConfig, model_names=None, *, own_data: bool = False) -> Run
     _num(cfg, "norm_bound", lo=1, allow_none=True)
     check_options_used(cfg)
     _check_dp(cfg)
+    _check_secagg(cfg)
     try:
         in_memory_choice(cfg.in_memory)
     except ValueError as e:

@@ -109,6 +109,19 @@ class StrategyConfig:
     dp_clip_lr: float = _key(0.2, "DP adaptive clip: geometric learning rate of the clip")
     dp_clip_count_std: float | None = _key(None, "DP adaptive clip: noise std of the unclipped count; none: expected "
                                                   "cohort / 20")
+    # Flower deployment only (fedsq_fast/flower/secagg.py, docs/flower.md "Secure aggregation"):
+    # the clients' quantitative updates are summed under Flower's SecAgg+ masks, so the server
+    # sees their sum, never one of them. Flower's SecAgg+ defaults for the quantization.
+    secagg: bool = _key(False, "Flower deployment: SecAgg+ secure aggregation (the server sees only the sum of "
+                               "the updates); the embedded engine refuses it")
+    secagg_num_shares: int | None = _key(None, "secagg: shares of each client's keys (>= 3); none: every client "
+                                               "of the round")
+    secagg_reconstruction_threshold: float = _key(0.67, "secagg: share of a client's shares needed to unmask "
+                                                        "(0, 1]; above 0.5 recommended")
+    secagg_clipping_range: float = _key(8.0, "secagg: each weighted update value must lie in [-this, this] "
+                                             "(checked on the client before masking)")
+    secagg_quantization_range: int = _key(4194304, "secagg: integer levels over [-clip, clip] (2^22); "
+                                                   "x clients per round must stay below 2^32")
 
 
 @dataclass
@@ -226,7 +239,9 @@ KEYS = ("dataset", "data_root", "download", "max_train_samples", "val_size", "ma
         "precision", "augment", "soft_gates",
         "krum_f", "krum_m", "clip_radius",
         "dp", "dp_clip", "dp_noise_multiplier", "dp_target_epsilon", "dp_delta", "dp_sampling", "dp_adaptive_clip",
-        "dp_target_quantile", "dp_clip_lr", "dp_clip_count_std")
+        "dp_target_quantile", "dp_clip_lr", "dp_clip_count_std",
+        "secagg", "secagg_num_shares", "secagg_reconstruction_threshold", "secagg_clipping_range",
+        "secagg_quantization_range")
 # What a key added after runs were recorded meant before it existed: a recorded config without
 # the key reproduces its run with this value (config_differences, from_mapping(recorded=True)).
 # plausible_scale, norm_bound: the reply checks of 2026-12-02/03 changed what such runs average.
