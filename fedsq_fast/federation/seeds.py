@@ -14,6 +14,7 @@ from .client import derive_seed
 
 # Stream ids (recorded runs depend on them: never renumber)
 SPLIT, PART, MODEL, SAMPLE, FAIL, CLIENT = 1, 2, 3, 4, 5, 6
+CLIENT_TEST = 7  # each client's local test split (federated evaluation)
 
 
 def client_seed(seed: int, rnd: int, cid: int) -> int:

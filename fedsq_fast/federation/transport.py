@@ -171,8 +171,9 @@ class InProcessTransport(Transport):
     def bind(self, fed) -> None:
         super().bind(fed)
         d = fed.data
+        test = None if getattr(d, "ctest_parts", None) is None else (d.ctest_x, d.ctest_y, d.ctest_parts)
         self.trainer = ClientTrainer(fed.model, d.x, d.y, d.parts, d.transform, seed=fed.cfg.seed,
-                                     mask_cache=fed.cfg.mask_cache, local_keys=fed.strategy.local_keys)
+                                     mask_cache=fed.cfg.mask_cache, local_keys=fed.strategy.local_keys, test=test)
 
     def replies(self, task: RoundTask) -> Iterator[Reply]:
         for cid in task.clients:
@@ -192,6 +193,13 @@ class InProcessTransport(Transport):
                 yield Reply(cid, error=f"malformed reply: its own layers cannot be kept: {type(e).__name__}: {e}")
                 continue
             yield Reply(cid, state, info["num_samples"], info["seconds"], info["loss"])
+
+    def client_evaluations(self, task):
+        """Federated evaluation (:mod:`.evaluation`): one EvalReply per client, in client order."""
+        from .evaluation import evaluate_reply
+
+        for cid in task.clients:
+            yield evaluate_reply(self.trainer, task, cid)
 
     def refresh(self) -> None:
         self.trainer.reset(self.fed.model)

@@ -37,14 +37,15 @@ ADDED = {'plausible_scale': 1e6, 'workers': 1, 'norm_bound': 10.0, 'in_memory': 
          'lr_schedule': 'constant', 'warmup_rounds': 0, 'lr_step_rounds': 10, 'lr_gamma': 0.1, 'lr_min': 0.0,
          'clip_grad_norm': None, 'label_smoothing': 0.0, 'precision': 'fp32',
          'augment': 'none', 'soft_gates': False,
-         'krum_f': None, 'krum_m': None, 'clip_radius': None}
+         'krum_f': None, 'krum_m': None, 'clip_radius': None,
+         'client_test_fraction': 0.0, 'client_eval_every': 1}
 FULL = {**OLD_DEFAULTS, **ADDED}
 
 # where each key is read (docs/federation.md, "Configuration keys")
 SECTION = {
     **dict.fromkeys(["dataset", "data_root", "download", "max_train_samples", "val_size", "max_test_samples",
                      "image_size", "in_memory", "num_clients", "partition", "alpha", "min_partition_size",
-                     "shards_per_client", "augment"], "data"),
+                     "shards_per_client", "augment", "client_test_fraction"], "data"),
     **dict.fromkeys(["model", "weights", "quant_bn", "allow_ungated", "mask_cache", "soft_gates"], "model"),
     **dict.fromkeys(["optimizer", "lr", "momentum", "weight_decay", "local_epochs", "batch_size",
                      "min_batch_size", "client_timeout_s", "lr_schedule", "warmup_rounds", "lr_step_rounds",
@@ -52,7 +53,8 @@ SECTION = {
     **dict.fromkeys(["methods", "aggregator", "trim_fraction", "plausible_scale", "norm_bound", "prox_mu", "server_lr", "server_momentum",
                      "beta1", "beta2", "tau", "krum_f", "krum_m", "clip_radius"], "strategy"),
     **dict.fromkeys(["rounds", "fraction", "min_clients", "failure_rate", "seed", "target_accuracy",
-                     "probe_size", "eval_batch_size", "out_dir", "checkpoint", "threads", "device", "workers"], "run"),
+                     "probe_size", "eval_batch_size", "out_dir", "checkpoint", "threads", "device", "workers",
+                     "client_eval_every"], "run"),
 }
 
 # the options each strategy takes of its own, with the defaults of the paper's forms
@@ -107,6 +109,8 @@ def random_flat(rng) -> dict:
         "clip_radius": maybe_none(float(rng.uniform(1e-3, 10))) if agg == "centered_clip" else None,
         "device": device,
         "workers": int(rng.integers(1, 9)),
+        "client_test_fraction": pick([0.0, float(rng.uniform(0, 0.9))]),
+        "client_eval_every": int(rng.integers(1, 20)),
         **_random_knobs(rng, pick, maybe_none),
         "augment": pick(["none", "flip", "crop_flip"]),
     }
