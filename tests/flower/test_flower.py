@@ -19,7 +19,8 @@ from conftest import small_config, draw_seed
 
 pytest.importorskip("flwr")
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord,  # noqa: E402
+                      RecordDict)
 
 from fedsq_fast.federation import Federation, from_mapping, prepare_data, stream_average  # noqa: E402
 from fedsq_fast.federation import checkpoint as ckpt  # noqa: E402
@@ -283,7 +284,8 @@ class InProcessGrid:
             if node in self.dead:
                 continue  # never answers
             ctx = Context(1, node, self.nodes[node], self.states[node], {})
-            rep = A._client_train(m, ctx)
+            handler = A._client_evaluate if m.metadata.message_type == MessageType.EVALUATE else A._client_train
+            rep = handler(m, ctx)
             rep.metadata.__dict__["_src_node_id"] = node
             if self.mangle is not None:
                 rep = self.mangle(self.nodes[node]["partition-id"], rep)
