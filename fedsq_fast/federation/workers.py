@@ -121,9 +121,10 @@ def _evaluate_clients(conn, trainer, msg) -> None:
     """Worker side of federated evaluation: each client's EvalReply fields, in the order given."""
     from .evaluation import EvalTask, evaluate_reply
 
-    _, rnd, glob, items, batch_size, precision = msg
+    _, rnd, glob, items, batch_size, precision, faults = msg
     task = EvalTask(rnd, pickle.loads(glob), [c for c, _ in items], batch_size, precision)
     for cid, local in items:
+        _test_fault(faults.get(("evaluate", rnd, cid)))
         trainer.local_states = {cid: local} if local is not None else {}
         r = evaluate_reply(trainer, task, cid)
         conn.send_bytes(_pack(("eval", cid, r.num_samples, r.loss, r.accuracy, r.error)))
@@ -261,7 +262,8 @@ class WorkerPoolTransport(Transport):
 
     ``_test_fault``: test seam, ``{(round, client): "exit" | "kill" | "hang"}``: the worker
     that trains that client in that round ends itself (``os._exit(1)`` / SIGKILL) or sleeps
-    an hour before training it.
+    an hour before training it; a key ``("evaluate", round, client)``: before evaluating it
+    (federated evaluation).
     """
 
     parallel_clients = True  # what config key `workers` asks for (Federation's check)
@@ -525,8 +527,10 @@ class WorkerPoolTransport(Transport):
         for i, s in enumerate(self._slots):
             if owed[i]:
                 items = [(c, self.local_states.get(c)) for c in owed[i]]
+                faults = {k: v for k, v in self._test_fault.items() if k[0] == "evaluate" and k[1] == task.round}
                 try:
-                    s.conn.send_bytes(_pack(("evaluate", task.round, glob, items, task.batch_size, task.precision)))
+                    s.conn.send_bytes(_pack(("evaluate", task.round, glob, items, task.batch_size, task.precision,
+                                             faults)))
                 except OSError:
                     out.update((c, EvalReply(c, error=f"worker died: {s.why_dead()} (before the evaluation)"))
                                for c in owed[i])

@@ -250,3 +250,32 @@ def test_worker_processes_evaluate_exactly_as_in_process(runs):
             assert all(h["client_eval_clients"] > 0 for h in w2.history)
     finally:
         pool.close()
+
+
+def test_a_worker_killed_while_evaluating_costs_its_remaining_clients_only(runs):
+    from fedsq_fast.federation import WorkerPoolTransport
+    from fedsq_fast.federation.workers import deal
+
+    cfg, data, res, _ = runs["fedavg"]
+    sizes = data.ctest_parts.sizes()
+    clients = [int(c) for c in range(len(sizes)) if sizes[c] > 0]
+    dealt = deal(clients, [int(sizes[c]) for c in clients], 2)
+    owed = next(d for d in dealt if d)
+    victim = owed[len(owed) // 2]  # its clients before it answered, it and those after it did not
+    lost = owed[owed.index(victim):]  # the clients that worker had not answered for yet
+    pool = WorkerPoolTransport(2)
+    pool._test_fault = {("evaluate", 1, victim): "kill"}
+    try:
+        out = Federation(cfg.replace(workers=2), "fedavg", data, quiet=True, transport=pool).run()
+    finally:
+        pool.close()
+    ref = _client_numbers(res.history)
+    got = _client_numbers(out.history)
+    assert got[0] == ref[0] and got[2] == ref[2]  # round 0; the last round: a fresh worker took its place
+    r1 = got[1]
+    assert [c for c, _ in r1["client_eval_failed"]] == sorted(lost)
+    assert all(why.startswith("worker died: killed by SIGKILL") for _, why in r1["client_eval_failed"])
+    for c in clients:
+        assert r1["client_acc"][c] == (None if c in lost else ref[1]["client_acc"][c])
+    assert r1["client_eval_clients"] == len(clients) - len(lost)
+    assert [h["val_acc"] for h in out.history] == [h["val_acc"] for h in res.history]  # training untouched
