@@ -155,7 +155,7 @@ def _main(ns) -> int:
     from pathlib import Path
 
     from .experiments.grid import run_compare
-    from .experiments.report import format_table, table_report
+    from .experiments.report import client_table, format_table, load_docs, table_report
     from .federation import runner
 
     echo = print
@@ -177,6 +177,9 @@ def _main(ns) -> int:
         if not ns.quiet:
             echo("\nsummary")
             echo(format_table(rows))
+            ctable = client_table(load_docs(cfg.out_dir, complete_only=False))  # federated evaluation, when on
+            if ctable:
+                echo(ctable)
             for m, r in res.items():
                 s = r.summary
                 share = s["time_client_s"] / s["time_total_s"] if s["time_total_s"] else float("nan")

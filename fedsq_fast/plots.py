@@ -224,3 +224,57 @@ def plot_partition(counts: np.ndarray, path, classes=None, title: str = "") -> N
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
+
+
+def client_quantiles(history) -> tuple:
+    """``(rounds, rows)`` of a run's federated evaluation (:mod:`fedsq_fast.federation.evaluation`):
+    per evaluated round, over the clients evaluated, [worst, 10th percentile (numpy 'lower'),
+    median, best, sample-weighted mean]; rounds without it are left out."""
+    xs, rows = [], []
+    for h in history:
+        accs = [a for a in (h.get("client_acc") or []) if a is not None]
+        if not accs or h.get("client_acc_weighted") is None:
+            continue
+        a = np.asarray(accs, dtype=float)
+        xs.append(h["round"])
+        rows.append([a.min(), np.quantile(a, 0.1, method="lower"), np.median(a), a.max(), h["client_acc_weighted"]])
+    return xs, np.asarray(rows, dtype=float).reshape(-1, 5)
+
+
+def plot_client_accuracy(runs, path, parts=None, methods=None) -> bool:
+    """Federated evaluation: the distribution of client accuracy vs round, one panel per
+    partition: per method the range over clients (worst to best, band), the 10th percentile
+    (dashed), the worst client (dotted) and the sample-weighted mean (solid), each the mean over
+    seeds. ``runs``: :func:`group_histories`. Returns False (no file) when no run has it."""
+    parts, methods = _panels(runs, parts, methods)
+    data = {}
+    for key, hs in runs.items():
+        qs = [client_quantiles(h) for h in hs]
+        qs = [q for q in qs if q[0]]
+        if qs:
+            n = min(len(x) for x, _ in qs)
+            data[key] = (qs[0][0][:n], np.nanmean([r[:n] for _, r in qs], 0), len(qs))
+    parts = [p for p in parts if any((p, m) in data for m in methods)]
+    if not parts:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(parts), figsize=(4.3 * len(parts), 3.6), dpi=110, squeeze=False, sharey=True)
+    for ax, p in zip(axes[0], parts):
+        for i, m in enumerate(methods):
+            if (p, m) not in data:
+                continue
+            x, q, n = data[(p, m)]
+            c = f"C{i}"
+            ax.fill_between(x, q[:, 0], q[:, 3], color=c, alpha=0.12)
+            ax.plot(x, q[:, 4], color=c, label=f"{m} weighted mean (n={n})")
+            ax.plot(x, q[:, 1], color=c, ls="--", label=f"{m} 10th percentile")
+            ax.plot(x, q[:, 0], color=c, ls=":", label=f"{m} worst client")
+        ax.set_title(f"{p}: client accuracy")
+        round_axis(ax)
+        ax.set_ylabel("accuracy on the clients' test splits")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+    return True

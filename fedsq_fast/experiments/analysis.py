@@ -1,6 +1,7 @@
 """Every number a suite's report prints, computed from the per-run metrics (saved as summary.json)."""
 from __future__ import annotations
 
+from ..federation.evaluation import SUMMARY_KEYS as CLIENT_KEYS
 from ..federation.runner import partition_tag
 from .stats import first_round_at, mean_std, paired_ci, settle_round
 from .suite import Suite
@@ -22,6 +23,8 @@ def analyse(docs, suite: Suite | None) -> dict:
     methods = order + sorted({k[1] for k in by} - set(order))
     rounds = max((d["config"]["rounds"] for d in docs), default=0)
 
+    # federated evaluation: only where some run has it (reports of suites without it unchanged)
+    client_eval = any(d["summary"].get("client_acc_worst") is not None for d in docs)
     per_run = {}
     for (p, m, s), d in by.items():
         h = d["history"]
@@ -41,6 +44,8 @@ def analyse(docs, suite: Suite | None) -> dict:
             "gate_change_final": h[-1].get("gate_change"),
             "gate_settle": settle_round([(x["round"], x.get("gate_flip_prev")) for x in h], thr),
             "weight_settle": settle_round([(x["round"], x.get("weight_step_rel")) for x in h], thr),
+            # federated evaluation (the last evaluated round; None for runs without it)
+            **({k: d["summary"].get(k) for k in CLIENT_KEYS} if client_eval else {}),
         }
 
     def cells():  # (partition, method, {seed: per-run numbers}, sorted seeds) of every cell with runs
@@ -76,6 +81,11 @@ def analyse(docs, suite: Suite | None) -> dict:
         out["seeds"] = seeds
         return out
 
+    if client_eval:  # federated evaluation: its numbers per cell, as the other rows' (mean ± std over seeds)
+        for row in rows:
+            runs = {s: v for (pp, mm, s), v in per_run.items() if pp == row["partition"] and mm == row["method"]}
+            for k in CLIENT_KEYS:
+                row[k], row[k + "_std"], row[k + "_n"] = mean_std([runs[s][k] for s in row["seeds"]])
     comps = []
     pairs = [c for c in COMPARISONS if c[0] in methods and c[1] in methods]
     if suite:
@@ -87,7 +97,8 @@ def analyse(docs, suite: Suite | None) -> dict:
             comps.append({"a": a, "b": b, "partition": p,
                           "bva": paired(a, b, p, "bva"),
                           "rounds_to_best": paired(a, b, p, "rounds_to_best"),
-                          "rounds_to_target": paired(a, b, p, "rounds_to_target", censor=rounds + 1)})
+                          "rounds_to_target": paired(a, b, p, "rounds_to_target", censor=rounds + 1),
+                          **({k: paired(a, b, p, k) for k in CLIENT_KEYS} if client_eval else {})})
     gates = []
     for p, m, runs, seeds in cells():
         hs = [by[(p, m, s)]["history"] for s in seeds]
@@ -116,6 +127,8 @@ def analyse(docs, suite: Suite | None) -> dict:
     # capped by the run length, which compresses differences in it
     late = [v for v in per_run.values() if v["rounds_to_best"] >= v["rounds"] - 1]
     res["late_best"] = {"runs": len(late), "of": len(per_run)}
+    if client_eval:
+        res["client_eval"] = True
     res["claims"] = claims(res, suite)
     return res
 

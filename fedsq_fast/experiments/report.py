@@ -19,7 +19,8 @@ from pathlib import Path
 from ..federation.metrics import jsonable
 from ..outputs import replacing, write_text
 from ..federation.runner import partition_tag
-from ..plots import group_histories, plot_accuracy, plot_gate_stability, plot_privacy, plot_rounds_to_best
+from ..plots import (group_histories, plot_accuracy, plot_client_accuracy, plot_gate_stability, plot_privacy,
+                     plot_rounds_to_best)
 from .analysis import analyse
 from .provenance import AVX2_PIN, rel, utc
 from .stats import mean_std
@@ -122,6 +123,41 @@ def results_table(res) -> str:
     return "\n".join(lines)
 
 
+CLIENT_COLUMNS = (("client_acc_weighted", "weighted mean"), ("client_acc_mean", "unweighted mean"),
+                  ("client_acc_worst", "worst client"), ("client_acc_p10", "10th percentile"),
+                  ("client_acc_std", "std over clients"))
+
+
+def client_eval_section(res) -> list:
+    """The report's federated-evaluation section (markdown lines): per cell the final global
+    model's accuracy on the clients' own test splits (mean ± std over seeds), and the paired
+    differences the robustness verdict reads; [] for runs without federated evaluation."""
+    if not res.get("client_eval"):
+        return []
+    head = "| partition | method | seeds | " + " | ".join(lab for _, lab in CLIENT_COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (3 + len(CLIENT_COLUMNS))]
+    for r in res["rows"]:
+        if r.get("client_acc_worst_n"):
+            lines.append(f"| {r['partition']} | {r['method']} | {r['client_acc_worst_n']} | "
+                         + " | ".join(_pm(r[k], r[k + "_std"]) for k, _ in CLIENT_COLUMNS) + " |")
+    comp = ["| partition | method vs reference | seeds | Δworst client [95% CI] | Δ10th percentile [95% CI] | "
+            "Δweighted mean [95% CI] |", "|---|---|---|---|---|---|"]
+    for c in res["comparisons"]:
+        if ":" not in c["a"] and c.get("client_acc_worst", {}).get("n"):
+            comp.append(f"| {c['partition']} | {c['a']} vs {c['b']} | {c['client_acc_worst']['n']} | "
+                        f"{ci_txt(c['client_acc_worst'], pct=True)} | {ci_txt(c['client_acc_p10'], pct=True)} | "
+                        f"{ci_txt(c['client_acc_weighted'], pct=True)} |")
+    return ["## Federated evaluation (how the global model serves each client)", "",
+            "Each client kept a seeded share of its partition as its own test split (taken before its training "
+            "data, `client_test_fraction`) and evaluated the final global model on it, on the client (FedSQ: with "
+            "its own gates from the structural copy). Per run: sample-weighted mean (correct / samples over "
+            "all clients), unweighted mean over clients, the worst client, the 10th percentile over clients "
+            "(numpy `method='lower'`: an actual client's accuracy) and the population std over clients; here "
+            "mean ± sample std over seeds.", "", "\n".join(lines), "",
+            "### Paired differences (method minus reference, same seeds)", "", "\n".join(comp), "",
+            "![client accuracy](client_accuracy.png)", ""]
+
+
 def comparison_table(res, ablations: bool) -> str:
     """Paired differences (method minus reference) with 95% intervals: the ablations'
     (``ablations``) or the main comparisons."""
@@ -166,7 +202,8 @@ def plot_all(docs, res, root: Path) -> list:
     plot_gate_stability(runs, root / "gate_stability.png", parts, methods, GATE_METHODS, res["settle_threshold"])
     parts = [p for p in parts if any((p, m) in runs for m in methods)]
     plot_rounds_to_best(res["rows"], root / "rounds_to_best.png", parts, methods)
-    return ["accuracy.png", "gate_stability.png", "rounds_to_best.png"]
+    extra = ["client_accuracy.png"] if plot_client_accuracy(runs, root / "client_accuracy.png", parts, methods) else []
+    return ["accuracy.png", "gate_stability.png", "rounds_to_best.png"] + extra
 
 
 def suite_status(docs, suite, root) -> tuple[str, bool]:
@@ -323,6 +360,7 @@ def report(root, suite: Suite | None = None, echo=print) -> Path:
            "is capped by the run length and differences in it are compressed; rounds to the target "
            "accuracy is the less censored measure.", "", "![accuracy](accuracy.png)", "", "![rounds to best](rounds_to_best.png)", "",
            "### Paired differences (method minus reference, same seeds)", "", comparison_table(res, False), ""]
+    md += client_eval_section(res)
     if suite and suite.ablation_methods:
         md += ["## Ablation: unfreezing / refreshing the structural copy", "",
                "`fedsq:unfreeze=R`: from round R+1 on, the structural copy is replaced by the global "
@@ -387,6 +425,27 @@ def summary_rows(docs) -> list[dict]:
     return rows
 
 
+def client_table(docs) -> str:
+    """fedsq-fast run / compare: the last federated evaluation of each run (accuracy on the
+    clients' own test splits, mean ± std over seeds per partition and method); "" when no run
+    has one."""
+    groups: dict = {}
+    for d in docs:
+        if d["summary"].get("client_acc_worst") is not None:
+            groups.setdefault((partition_tag(d["config"]), d["method"]), []).append(d["summary"])
+    if not groups:
+        return ""
+    head = f"{'partition':<14} {'method':<22} {'seeds':>5} " + " ".join(f"{lab:>17}" for _, lab in CLIENT_COLUMNS)
+    lines = ["federated evaluation: the final global model on each client's own test split", head, "-" * len(head)]
+    for (part, m), ss in sorted(groups.items()):
+        cells = []
+        for k, _ in CLIENT_COLUMNS:
+            mu, sd, _ = mean_std([x.get(k) for x in ss])
+            cells.append(f"{mu:>8.4f}±{sd:<8.4f}")
+        lines.append(f"{part:<14} {m:<22} {len(ss):>5} " + " ".join(cells))
+    return "\n".join(lines)
+
+
 def format_table(rows) -> str:
     """:func:`summary_rows` as a fixed-width text table."""
     head = (f"{'partition':<14} {'method':<22} {'seeds':>5} {'BVA':>15} {'rounds-to-best':>15} "
@@ -412,6 +471,8 @@ def table_report(root, echo=print) -> list[dict]:
         raise ValueError(f"report: no metrics.json under {root}")
     rows = summary_rows(docs)
     table = format_table(rows)
+    ctable = client_table(docs)  # federated evaluation, when the runs have it
+    table = table + ("\n\n" + ctable if ctable else "")
     write_text(root / "summary.md", "```\n" + table + "\n```\n")
     with replacing(root / "summary.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
@@ -422,7 +483,8 @@ def table_report(root, echo=print) -> list[dict]:
     dp = any("dp_epsilon" in r for r in rows)
     if dp:  # DP runs: epsilon spent vs round, and accuracy against it
         plot_privacy(group_histories(docs, partition_tag), root / "privacy.png")
+    cplot = plot_client_accuracy(group_histories(docs, partition_tag), root / "client_accuracy.png")
     echo(table)
     echo(f"written: {root / 'summary.md'}, summary.csv, accuracy.png, rounds_to_best.png"
-         + (", privacy.png" if dp else ""))
+         + (", privacy.png" if dp else "") + (", client_accuracy.png" if cplot else ""))
     return rows

@@ -70,7 +70,7 @@ def summarize_suites(root, echo=print, refresh: bool = True) -> Path:
         parts = []
         for x in suites:
             for c in x["res"]["comparisons"]:
-                if (c["a"], c["b"]) in pairs and c["partition"] not in parts:
+                if (c["a"], c["b"]) in pairs and key in c and c["partition"] not in parts:
                     parts.append(c["partition"])
         lines = ["", f"### {title}", "", note, "",
                  "| suite | comparison | " + " | ".join(parts) + " |", "|---|---|" + "---|" * len(parts)]
@@ -79,7 +79,7 @@ def summarize_suites(root, echo=print, refresh: bool = True) -> Path:
                 cells, any_ = [], False
                 for p in parts:
                     c = next((c for c in x["res"]["comparisons"]
-                              if c["a"] == a and c["b"] == b and c["partition"] == p), None)
+                              if c["a"] == a and c["b"] == b and c["partition"] == p and key in c), None)
                     if c is None:
                         cells.append("")
                         continue
@@ -99,6 +99,12 @@ def summarize_suites(root, echo=print, refresh: bool = True) -> Path:
                      "Δrounds (negative: FedSQ gets there sooner); a run that never gets there counts as rounds + 1.")
     md += comp_table("Rounds-to-best", main_pairs, "rounds_to_best", False,
                      "Δrounds to the best round (censored by the run length when accuracy still rises at the end).")
+    if any(x["res"].get("client_eval") for x in suites):  # federated evaluation: the robustness verdict's numbers
+        md += comp_table("Worst-client accuracy (federated evaluation)", main_pairs, "client_acc_worst", True,
+                         "Δ accuracy in pp of the worst client on its own test split, final global model (FedSQ "
+                         "minus the baseline); suites run with client_test_fraction > 0 only.")
+        md += comp_table("10th-percentile client accuracy (federated evaluation)", main_pairs, "client_acc_p10",
+                         True, "Δ in pp of the 10th percentile over clients (numpy 'lower'), final global model.")
     abl = sorted({(c["a"], c["b"]) for x in suites for c in x["res"]["comparisons"] if ":" in c["a"]})
     if abl:
         md += comp_table("Ablation: structural copy unfrozen / refreshed vs fixed gates", abl, "bva", True,

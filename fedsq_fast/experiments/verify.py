@@ -24,7 +24,10 @@ _TIMING = ("time_", "elapsed_s", "seconds_to_target")
 # The per-round and summary numbers the report is computed from (see analyse()).
 REPORT_KEYS = {"val_acc", "gate_change", "gate_flip_prev", "weight_step_rel", "weight_dist_rel", "bytes_up",
                "bva", "rounds_to_best", "test_acc", "final_val_acc", "initial_val_acc", "payload_bytes",
-               "rounds", "complete", "best_val_acc", "best_round", "round"}
+               "rounds", "complete", "best_val_acc", "best_round", "round",
+               # federated evaluation (the robustness verdict, the report's section and plot)
+               "client_acc_weighted", "client_acc_mean", "client_acc_worst", "client_acc_p10", "client_acc_std",
+               "client_acc"}
 
 
 def _differences(a, b, where="", out=None) -> list:

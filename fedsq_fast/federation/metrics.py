@@ -182,10 +182,19 @@ def write_metrics(out_dir: Path, method: str, cfg, history: list, summary: dict)
     from ..outputs import replacing, write_text
 
     write_text(out_dir / "metrics.json", json.dumps(jsonable(doc), indent=1))  # atomic, never through a link
-    extra = tuple(k for k in EXTRA_CSV_FIELDS if any(k in h for h in history))
+    extra = extra_csv_keys(history)
     with replacing(out_dir / "metrics.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS + extra, extrasaction="ignore")
         w.writeheader()
         for h in history:
-            rec = RoundRecord.from_dict(h)
-            w.writerow({**rec.csv_row(), **{k: rec.get(k, "") for k in extra}})
+            r = RoundRecord.from_dict(h)
+            w.writerow({**r.csv_row(), **{k: r[k] for k in extra if k in r}})
+
+
+def extra_csv_keys(history) -> tuple:
+    """metrics.csv columns beyond the engine's, only where some round has them (runs
+    without them keep their columns): DP's (:data:`EXTRA_CSV_FIELDS`), then federated
+    evaluation's (:mod:`.evaluation`)."""
+    from .evaluation import CSV_KEYS
+
+    return tuple(k for k in EXTRA_CSV_FIELDS + CSV_KEYS if any(k in h for h in history))

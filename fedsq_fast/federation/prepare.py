@@ -41,22 +41,30 @@ class FedData:
     num_classes: int
     classes: tuple = ()
     counts: np.ndarray | None = None
+    # federated evaluation (client_test_fraction > 0, federation/evaluation.py): the clients' local
+    # test splits stored client by client (ctest_parts[k]: client k's rows); None when off
+    ctest_x: torch.Tensor | LazyImages | None = None
+    ctest_y: torch.Tensor | None = None
+    ctest_parts: ClientRanges | None = None
 
     @property
     def device(self) -> torch.device:
         return self.x.device
 
-    _TENSORS = ("x", "y", "val_x", "val_y", "test_x", "test_y", "probe")
+    _TENSORS = ("x", "y", "val_x", "val_y", "test_x", "test_y", "probe", "ctest_x", "ctest_y")
+
+    def _tensors(self):
+        return [f for f in self._TENSORS if getattr(self, f) is not None]
 
     @property
     def lazy(self) -> bool:
         """Whether some images are read per batch (:class:`~.lazy.LazyImages`)."""
-        return any(is_lazy(getattr(self, f)) for f in ("x", "val_x", "test_x"))
+        return any(is_lazy(getattr(self, f)) for f in ("x", "val_x", "test_x", "ctest_x"))
 
     @property
     def nbytes(self) -> int:
         """Bytes of the in-memory tensors (images read per batch count nothing)."""
-        return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in self._TENSORS
+        return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in self._tensors()
                    if not is_lazy(getattr(self, f)))
 
     def to(self, device) -> "FedData":
@@ -65,7 +73,7 @@ class FedData:
         device = torch.device(device)
         if self.device == device or (self.lazy and self.probe.device == device):
             return self
-        mv = {f: getattr(self, f).to(device) for f in self._TENSORS if not is_lazy(getattr(self, f))}
+        mv = {f: getattr(self, f).to(device) for f in self._tensors() if not is_lazy(getattr(self, f))}
         return dataclasses.replace(self, **mv, transform=copy.deepcopy(self.transform).to(device))
 
 
@@ -132,6 +140,13 @@ def prepare_data(cfg: RunConfig, bundle: DataBundle | None = None, model_name: s
                            min_partition_size=cfg.min_partition_size,
                            shards_per_client=cfg.shards_per_client,
                            seed=derive_seed(cfg.seed, seeds.PART))
+    ctest = None
+    if cfg.client_test_fraction:  # each client's test split, taken from its partition before its training data
+        from .evaluation import client_test_split
+
+        parts, tparts = client_test_split(parts, cfg.client_test_fraction, cfg.seed)
+        torder = torch.from_numpy(np.concatenate(tparts))
+        ctest = (resized(tf, take(pool.x, torder)), pool.y[torder], ClientRanges([len(p) for p in tparts]))
     warn_little_data(cfg, n, [len(p) for p in parts])
     counts = class_counts(pool.y.numpy(), parts, tr.num_classes)
     # Store the pool client by client: a client's data is then a view (no gather per round).
@@ -140,6 +155,8 @@ def prepare_data(cfg: RunConfig, bundle: DataBundle | None = None, model_name: s
     vx = resized(tf, val.x)  # images read per batch (LazyImages) are resized per batch
     data = FedData(resized(tf, take(pool.x, order)), pool.y[order], parts, vx, val.y, resized(tf, test.x), test.y,
                    rows(vx, slice(0, cfg.probe_size)), tf, tr.num_classes, tr.classes, counts)
+    if ctest is not None:
+        data.ctest_x, data.ctest_y, data.ctest_parts = ctest
     return place_data(data, resolve_device(cfg.device))
 
 

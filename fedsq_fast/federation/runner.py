@@ -24,7 +24,8 @@ from .server import Federation
 
 
 # The files a run writes into its output folder itself (beside the methods' folders).
-RUN_FILES = ("partition.txt", "partition.png", "summary.md", "summary.csv", "accuracy.png", "rounds_to_best.png")
+RUN_FILES = ("partition.txt", "partition.png", "summary.md", "summary.csv", "accuracy.png", "rounds_to_best.png",
+             "client_accuracy.png")
 
 
 def method_slug(method: str) -> str:

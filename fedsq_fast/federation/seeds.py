@@ -14,7 +14,8 @@ from .client import derive_seed
 
 # Stream ids (recorded runs depend on them: never renumber)
 SPLIT, PART, MODEL, SAMPLE, FAIL, CLIENT = 1, 2, 3, 4, 5, 6
-DP_NOISE, DP_COUNT, DP_CLIENT = 7, 8, 9  # DP (federation/privacy.py): server noise, clipped-count noise, client noise
+CLIENT_TEST = 7  # each client's local test split (federated evaluation)
+DP_NOISE, DP_COUNT, DP_CLIENT = 10, 11, 12  # DP (federation/privacy.py): server noise, clipped-count noise, client noise
 
 
 def client_seed(seed: int, rnd: int, cid: int) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import adapter, checkpoint
+from . import adapter, checkpoint, evaluation
 from .callbacks import GateStability, Progress
 from .client import LocalConfig, evaluate
 from .config import MethodSpec, RunConfig, config_differences, local_config, resolve_device, strategy_from_config
@@ -118,6 +118,7 @@ class Federation:
                 transport = InProcessTransport(client_hook)
         self.transport = transport
         self.transport.bind(self)
+        evaluation.check_transport(self)  # federated evaluation: before any round
         self.callbacks = [GateStability()] + ([] if quiet else [Progress()]) + list(callbacks)
         self.history: list[RoundRecord] = []
         self.elapsed = 0.0
@@ -282,6 +283,7 @@ class Federation:
             rec["counts_capped"] = stats.capped
         if self.strategy.dp is not None:  # DP runs only: the privacy spent after this round and how
             self._dp_record(rec, rnd, stats)
+        self._client_eval(rec)
         log.info("round %d: val_acc %.4f, %d/%d clients, dropped %s", rnd, vacc, stats.num_clients,
                  len(chosen), drops_text(rec.clients_dropped))
         return self._finish(rec, t0, t_eval)
@@ -344,8 +346,15 @@ class Federation:
         """The initial model's record (no clients; gates unchanged by definition)."""
         t0 = time.perf_counter()
         vloss, vacc = self.evaluate()
-        return self._finish(RoundRecord(round=0, val_loss=vloss, val_acc=vacc, gate_change=0.0), t0, t0,
-                            callbacks=False)
+        rec = RoundRecord(round=0, val_loss=vloss, val_acc=vacc, gate_change=0.0)
+        self._client_eval(rec)
+        return self._finish(rec, t0, t0, callbacks=False)
+
+    def _client_eval(self, rec: RoundRecord) -> None:
+        """Federated evaluation (:mod:`.evaluation`) on its rounds: the clients evaluate the
+        global model on their test splits; keys of their own in the record (off: none)."""
+        if evaluation.due(self.cfg, rec.round):
+            rec.update(evaluation.evaluate_on_clients(self, rec.round))
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, rnd: int) -> None:
@@ -507,6 +516,7 @@ class Federation:
                            dp_stopped=self.stopped)
         if done:
             _, summary["test_acc"] = self.evaluate(self.data.test_x, self.data.test_y)
+        summary.update(evaluation.summary_of(self.history))  # federated evaluation, when on
         if self.out_dir is not None:
             write_metrics(self.out_dir, self.method, self.cfg, self.history, summary)
         return RunResult(self.method, self.history, summary, self.out_dir, self.model)

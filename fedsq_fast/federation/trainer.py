@@ -17,7 +17,7 @@ from torch import nn
 
 from ..models import MaskCache
 from . import adapter
-from .client import LocalConfig, local_train
+from .client import LocalConfig, evaluate, local_train
 from .config import MethodSpec, resolve_device, strategy_from_config
 from .lazy import is_lazy, is_random
 from .prepare import build_method_model, prepare_data
@@ -69,9 +69,11 @@ class ClientTrainer:
     """
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, parts, transform, *,
-                 seed: int, mask_cache: bool = True, local_keys=None, own_model: bool = False, privacy=None):
+                 seed: int, mask_cache: bool = True, local_keys=None, own_model: bool = False, privacy=None,
+                 test=None):
         self.privacy = privacy  # distributed DP: (rnd, cid, glob, state) -> clipped and noised state
         self.x, self.y, self.parts, self.transform, self.seed = x, y, parts, transform, seed
+        self.test = test  # (x, y, parts) of the clients' test splits (federated evaluation), or None
         self.augment = getattr(transform, "augment", None)
         self.cache_off = (f"augment {self.augment.name!r}" if self.augment is not None
                           else "random training data" if is_random(x) else None) if mask_cache else None
@@ -109,6 +111,23 @@ class ClientTrainer:
             state = self.privacy(rnd, cid, glob, state)
         return state, info
 
+    def evaluate(self, cid: int, glob: dict, batch_size: int = 512, precision: str = "fp32") -> tuple:
+        """Client ``cid``'s evaluation of the global payload ``glob`` (with its own layers,
+        FedBN) on its test split: (samples, mean loss, accuracy). A DualCopy worker gates the
+        global quantitative copy with its structural copy on the client's inputs (no mask
+        cache: the cache holds the training samples' masks). Federated evaluation
+        (:mod:`.evaluation`); every transport calls this."""
+        if self.test is None:
+            raise ValueError(f"client {cid} holds no test split (client_test_fraction = 0)")
+        tx, ty, tparts = self.test
+        start = glob if cid not in self.local_states else {**glob, **self.local_states[cid]}
+        adapter.load_payload(self.worker, start)
+        part = tparts[cid]
+        sl = slice(int(part[0]), int(part[-1]) + 1) if len(part) else slice(0, 0)
+        y = ty[sl]
+        loss, acc = evaluate(self.worker, tx[sl], y, self.transform, batch_size, None, precision)
+        return int(y.numel()), loss, acc
+
     def keep_local(self, cid: int, glob: dict, state) -> None:
         """Store client ``cid``'s own layers (FedBN: the payload's normalisation layers) from
         the state it sent (a state without them keeps the previous ones)."""
@@ -140,8 +159,15 @@ def client_trainer(cfg, method: str, cid: int, data=None, model: nn.Module | Non
     device = resolve_device(cfg.device)
     from .privacy import client_privacy
 
+    test = None
+    if getattr(data, "ctest_parts", None) is not None:  # federated evaluation: this client's test split
+        tp = data.ctest_parts[cid]
+        tsl = slice(int(tp[0]), int(tp[-1]) + 1) if len(tp) else slice(0, 0)
+        tx = data.ctest_x[tsl]
+        tx = tx if is_lazy(tx) else tx.clone().to(device)
+        test = (tx, data.ctest_y[tsl].clone().to(device), {cid: np.arange(len(tp))})
     # a real client (a SuperNode): its DP noise from OS entropy, which the server cannot replay
     return ClientTrainer(model.to(device), x.to(device), y.to(device), {cid: np.arange(len(y))}, data.transform.to(device),
                          seed=cfg.seed, mask_cache=cfg.mask_cache,
-                         local_keys=strategy_from_config(cfg, method).local_keys, own_model=True,
+                         local_keys=strategy_from_config(cfg, method).local_keys, own_model=True, test=test,
                          privacy=client_privacy(cfg, seeded=False))

@@ -185,10 +185,11 @@ class InProcessTransport(Transport):
         d = fed.data
         from .privacy import client_privacy
 
+        test = None if getattr(d, "ctest_parts", None) is None else (d.ctest_x, d.ctest_y, d.ctest_parts)
         # simulated clients: distributed-DP noise from (seed, round, client), as in worker processes
         self.trainer = ClientTrainer(fed.model, d.x, d.y, d.parts, d.transform, seed=fed.cfg.seed,
                                      mask_cache=fed.cfg.mask_cache, local_keys=fed.strategy.local_keys,
-                                     privacy=client_privacy(fed.cfg))
+                                     privacy=client_privacy(fed.cfg), test=test)
 
     def replies(self, task: RoundTask) -> Iterator[Reply]:
         for cid in task.clients:
@@ -208,6 +209,13 @@ class InProcessTransport(Transport):
                 yield Reply(cid, error=f"malformed reply: its own layers cannot be kept: {type(e).__name__}: {e}")
                 continue
             yield Reply(cid, state, info["num_samples"], info["seconds"], info["loss"])
+
+    def client_evaluations(self, task):
+        """Federated evaluation (:mod:`.evaluation`): one EvalReply per client, in client order."""
+        from .evaluation import evaluate_reply
+
+        for cid in task.clients:
+            yield evaluate_reply(self.trainer, task, cid)
 
     def refresh(self) -> None:
         self.trainer.reset(self.fed.model)

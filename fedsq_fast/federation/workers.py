@@ -82,7 +82,8 @@ def _worker_main(conn, threads: int, tmpdir: str | None = None) -> None:
         if kind == "stop":
             return
         if kind == "setup":
-            _, blob, x, y = msg
+            _, blob, x, y, *more = msg
+            test = more[0] if more else None  # the clients' test splits (federated evaluation), or None
             try:
                 recipe, state, parts, transform = pickle.loads(blob)
                 _set_determinism(recipe["determinism"])
@@ -95,10 +96,13 @@ def _worker_main(conn, threads: int, tmpdir: str | None = None) -> None:
                 from .privacy import client_privacy
 
                 trainer = ClientTrainer(model, x, y, parts, transform, seed=seed, mask_cache=mask_cache,
-                                        own_model=True, privacy=client_privacy(recipe["cfg"]))
+                                        own_model=True, privacy=client_privacy(recipe["cfg"]), test=test)
                 conn.send_bytes(_pack(("ready",)))
             except Exception as e:  # reported, and the server refuses to run
                 conn.send_bytes(_pack(("failed", f"{type(e).__name__}: {e}")))
+            continue
+        if kind == "evaluate":  # federated evaluation (evaluation.py): one message per client, in order
+            _evaluate_clients(conn, trainer, msg)
             continue
         _, rnd, glob, lcfg, items, faults = msg  # "train"
         glob = pickle.loads(glob)
@@ -113,6 +117,19 @@ def _worker_main(conn, threads: int, tmpdir: str | None = None) -> None:
             except Exception as e:  # a failing client leaves the round, not the run (as in process)
                 out = ("error", cid, f"error: {type(e).__name__}: {e}")
             conn.send_bytes(_pack(out))
+
+
+def _evaluate_clients(conn, trainer, msg) -> None:
+    """Worker side of federated evaluation: each client's EvalReply fields, in the order given."""
+    from .evaluation import EvalTask, evaluate_reply
+
+    _, rnd, glob, items, batch_size, precision, faults = msg
+    task = EvalTask(rnd, pickle.loads(glob), [c for c, _ in items], batch_size, precision)
+    for cid, local in items:
+        _test_fault(faults.get(("evaluate", rnd, cid)))
+        trainer.local_states = {cid: local} if local is not None else {}
+        r = evaluate_reply(trainer, task, cid)
+        conn.send_bytes(_pack(("eval", cid, r.num_samples, r.loss, r.accuracy, r.error)))
 
 
 def _determinism() -> tuple:
@@ -247,7 +264,8 @@ class WorkerPoolTransport(Transport):
 
     ``_test_fault``: test seam, ``{(round, client): "exit" | "kill" | "hang"}``: the worker
     that trains that client in that round ends itself (``os._exit(1)`` / SIGKILL) or sleeps
-    an hour before training it.
+    an hour before training it; a key ``("evaluate", round, client)``: before evaluating it
+    (federated evaluation).
     """
 
     parallel_clients = True  # what config key `workers` asks for (Federation's check)
@@ -313,7 +331,13 @@ class WorkerPoolTransport(Transport):
             # CUDA IPC handles, so the workers read the server's copy.
             if not is_lazy(t) and not t.is_cuda:
                 t.share_memory_()
-        return bytes(ForkingPickler.dumps(("setup", self._model_blob(), d.x, d.y)))
+        test = None
+        if getattr(d, "ctest_parts", None) is not None:  # federated evaluation: the clients' test splits
+            for t in (d.ctest_x, d.ctest_y):
+                if not is_lazy(t) and not t.is_cuda:
+                    t.share_memory_()
+            test = (d.ctest_x, d.ctest_y, d.ctest_parts)
+        return bytes(ForkingPickler.dumps(("setup", self._model_blob(), d.x, d.y, test)))
 
     def _model_blob(self) -> bytes:
         """What a worker builds its model from (once per model; before any worker starts,
@@ -486,6 +510,76 @@ class WorkerPoolTransport(Transport):
                 for i, s in enumerate(self._slots):
                     if owed[i]:
                         s.kill()
+
+    def client_evaluations(self, task):
+        """Federated evaluation (:mod:`.evaluation`) by the workers: the clients dealt by test
+        size, each evaluated by the same ``ClientTrainer.evaluate`` as in process; one EvalReply
+        per client, in client order. A worker that dies or sends nothing within the reply
+        timeout is killed (replaced at the next task); its clients' replies carry the reason."""
+        from .evaluation import EvalReply
+
+        clients = list(task.clients)
+        if not clients:
+            return
+        self._ensure_pool()
+        sizes = self.fed.data.ctest_parts.sizes()
+        owed = dict(enumerate(deal(clients, [int(sizes[c]) for c in clients], len(self._slots))))
+        glob = _pack(task.payload)
+        out: dict = {}
+        for i, s in enumerate(self._slots):
+            if owed[i]:
+                items = [(c, self.local_states.get(c)) for c in owed[i]]
+                faults = {k: v for k, v in self._test_fault.items() if k[0] == "evaluate" and k[1] == task.round}
+                try:
+                    s.conn.send_bytes(_pack(("evaluate", task.round, glob, items, task.batch_size, task.precision,
+                                             faults)))
+                except OSError:
+                    out.update((c, EvalReply(c, error=f"worker died: {s.why_dead()} (before the evaluation)"))
+                               for c in owed[i])
+                    owed[i] = []
+                    s.kill()
+        timeout = self.timeout_s if self.timeout_s is not None else DEFAULT_TIMEOUT_S
+        deadline = {i: time.monotonic() + timeout for i in owed if owed[i]}
+        try:
+            while any(owed.values()):
+                busy = {i: s for i, s in enumerate(self._slots) if owed[i]}
+                ready = set(wait([x for s in busy.values() for x in (s.conn, s.proc.sentinel)],
+                                 max(0.0, min(deadline[i] for i in busy) - time.monotonic())))
+                for i, s in busy.items():
+                    while owed[i] and s.conn.poll():
+                        try:
+                            msg = pickle.loads(s.conn.recv_bytes())
+                            _, cid, n, loss, acc, err = msg
+                        except (EOFError, OSError):
+                            break
+                        except Exception as e:  # noqa: BLE001 - bytes that are no reply: this client's failure
+                            cid, err = owed[i][0], f"malformed reply from its worker: {type(e).__name__}: {e}"
+                            n, loss, acc = 0, float("nan"), float("nan")
+                        if cid != owed[i][0]:
+                            raise RuntimeError(f"workers: internal error: evaluation of client {cid} where "
+                                               f"{owed[i][0]} was due")
+                        owed[i].pop(0)
+                        out[cid] = EvalReply(cid, n, loss, acc, err)
+                        deadline[i] = time.monotonic() + timeout
+                    if not owed[i]:
+                        continue
+                    if s.proc.sentinel in ready or not s.alive():
+                        why = f"worker died: {s.why_dead()}"
+                    elif time.monotonic() >= deadline[i]:
+                        why = f"worker timed out: no reply within {timeout:g} s"
+                    else:
+                        continue
+                    log.warning("round %d: federated evaluation: worker %d (pid %s) %s; restarted for the next "
+                                "task", task.round, i, s.proc.pid, why.removeprefix("worker "))
+                    out.update((c, EvalReply(c, error=why)) for c in owed[i])
+                    owed[i] = []
+                    s.kill()
+        finally:
+            for i, s in enumerate(self._slots):  # abandoned half-way: their later messages would mislead
+                if owed.get(i):
+                    s.kill()
+        for cid in clients:
+            yield out[cid]
 
     def _keep_local(self, cid: int, glob: dict, state) -> None:
         """FedBN: the client's own layers from the state it sent (as ClientTrainer.keep_local)."""

@@ -214,9 +214,10 @@ def _client_secagg_train(msg: Message, context: Context) -> Message:
     return secagg_fit_reply(msg, context, state, glob, info, pid, cfg, rnd)
 
 
-def _client_step(msg: Message, context: Context):
-    """The train step both reply forms share: a Message (this node's partition does not
-    train this round) or (state, info, global state, partition id, config, round)."""
+def _client_setup(msg: Message, context: Context):
+    """What a train or evaluate message asks of this node: (config record, run config, method,
+    round, partition id, trainer, global state), or a ``sampled = 0`` reply Message where
+    its partition is not asked for."""
     c = msg.content.config_records.get(CONFIG_KEY)
     if c is None:
         raise ValueError(f"message: no ConfigRecord {CONFIG_KEY!r}")
@@ -241,8 +242,33 @@ def _client_step(msg: Message, context: Context):
     glob = arrays_to_state(arrays, arg=ARRAYS_KEY)
     stored = context.state.array_records.get(LOCAL_STATE_KEY)
     local = arrays_to_state(stored, arg=LOCAL_STATE_KEY) if stored is not None else None
-    lcfg = LocalConfig(**json.loads(_get(c, C_LOCAL, str)))
     trainer.local_states = {pid: local} if local else {}  # FedBN: kept in the node's Context, not here
+    return c, cfg, method, rnd, pid, trainer, glob
+
+
+@client_app.evaluate()
+def _client_evaluate(msg: Message, context: Context) -> Message:
+    """Federated evaluation (fedsq_fast.federation.evaluation): this partition's test split
+    evaluated on the global model (FedSQ: with this node's gates; FedBN: its own layers)."""
+    got = _client_setup(msg, context)
+    if isinstance(got, Message):
+        return got
+    _, cfg, _, _, pid, trainer, glob = got
+    n, loss, acc = trainer.evaluate(pid, glob, cfg.eval_batch_size, cfg.precision)
+    metrics = MetricRecord({WEIGHT_KEY: int(n), PARTITION_KEY: pid, "eval-loss": float(loss),
+                            "eval-accuracy": float(acc)})
+    return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+
+
+def _client_step(msg: Message, context: Context):
+    """The train step both reply forms share (plain and SecAgg+): a Message (this node's
+    partition does not train this round) or (state, info, global state, partition id,
+    config, round)."""
+    got = _client_setup(msg, context)
+    if isinstance(got, Message):
+        return got
+    c, cfg, method, rnd, pid, trainer, glob = got
+    lcfg = LocalConfig(**json.loads(_get(c, C_LOCAL, str)))
     state, info = trainer.train(rnd, pid, glob, lcfg)
     keys = trainer.local_keys(glob)
     if keys:  # FedBN: this node's own layers stay here, across rounds

@@ -73,6 +73,16 @@ def train_config(cfg: RunConfig, method: str, rnd: int, lcfg: LocalConfig, parti
     return c
 
 
+def eval_config(cfg: RunConfig, method: str, rnd: int, partitions, fingerprint: str | None = None) -> ConfigRecord:
+    """What goes with the global arrays of a federated evaluation (EVALUATE messages): the run
+    config, the method, the round, the partitions that evaluate."""
+    c = ConfigRecord({C_ROUND: int(rnd), C_RUN_CONFIG: json.dumps(cfg.to_dict()), C_METHOD: method,
+                      C_PARTITIONS: [int(p) for p in partitions]})
+    if fingerprint:
+        c[C_FINGERPRINT] = fingerprint
+    return c
+
+
 def _number(v, what: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise ReplyRejected(f"{what} must be a finite number, got {v!r}")

@@ -172,6 +172,61 @@ class GridTransport(Transport):
         for pid in sorted(buffer):
             yield self._decode(pid, *buffer.pop(pid))
 
+    def client_evaluations(self, task):
+        """Federated evaluation (:mod:`fedsq_fast.federation.evaluation`) on the SuperNodes: an
+        EVALUATE message (the global arrays, the partitions that evaluate) to every connected
+        node; each answers with its partition's samples, loss and accuracy
+        (``ClientTrainer.evaluate``, as in process), or ``sampled = 0``. One EvalReply per
+        partition, in partition order; a partition no node answered for carries the reason."""
+        from ..federation.evaluation import EvalReply
+        from .strategy import eval_config
+
+        wanted = [int(c) for c in task.clients]
+        if not wanted:
+            return
+        content = RecordDict({ARRAYS_KEY: state_to_arrays(task.payload, arg="global state"),
+                              CONFIG_KEY: eval_config(self.fed.cfg, self.fed.method, task.round, wanted,
+                                                      self.fingerprint)})
+        dests = sorted(self.grid.get_node_ids())
+        msgs = [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n,
+                        group_id=f"{task.round}-evaluate") for n in dests]
+        ids = [i for i in self.grid.push_messages(msgs) if i is not None]
+        pending, out, errors = set(ids), {}, []
+        timeout = self.timeout_for_round()
+        deadline = time.monotonic() + timeout
+        while pending:
+            for msg in self.grid.pull_messages(list(pending)):
+                pending.discard(msg.metadata.reply_to_message_id)
+                node = msg.metadata.src_node_id
+                try:
+                    info = reply_info(msg)
+                except ReplyRejected as e:
+                    errors.append(f"node {node}: {e}")
+                    continue
+                pid = info.get(PARTITION_KEY)
+                if pid is None or info.get("sampled", 1) == 0:
+                    continue
+                if pid not in wanted or pid in out:
+                    log.warning("round %d: evaluation: unexpected reply for partition %s from node %d: ignored",
+                                task.round, pid, node)
+                    continue
+                self.node_of[pid] = node
+                acc, loss = info.get("eval-accuracy"), info.get("eval-loss")
+                if not isinstance(acc, float) or not 0.0 <= acc <= 1.0 or not isinstance(loss, float):
+                    out[pid] = EvalReply(pid, error=f"malformed evaluation reply: accuracy {acc!r}, loss {loss!r}")
+                    continue
+                out[pid] = EvalReply(pid, int(info[WEIGHT_KEY]), loss, acc)
+            if not pending or time.monotonic() > deadline:
+                break
+            time.sleep(self.poll_s)
+        for pid in wanted:
+            if pid in out:
+                yield out[pid]
+            else:
+                why = (f"no reply within round-timeout ({timeout:g} s)" if pending else
+                       "no connected node evaluated this partition") + (f" (node errors: {errors})" if errors else "")
+                yield EvalReply(pid, error=why)
+
     def _decode(self, pid: int, msg, info) -> Reply:
         try:
             state = {k: t.to(self.fed.device) for k, t in reply_state(msg).items()}  # decoded on the CPU

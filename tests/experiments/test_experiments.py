@@ -473,3 +473,78 @@ def test_verify_judge_and_identity_rules():
         V.EXIT_DIFFERS, "claim: HOLDS -> NOT SHOWN")
     assert V.judge(off, dict(ok, possible=False, ok=False, why="no spread"))[0] == V.EXIT_UNVERIFIED
     assert V.judge([{"match": False, "identity_expected": True}], ok)[0] == V.EXIT_DIFFERS
+
+
+# ---------------------------------------------------------------- federated evaluation (robustness verdict)
+def _fe_doc(part, alpha, method, seed, client, rounds=3):
+    """A metrics.json document with only what the analysis reads; ``client``: its summary's
+    federated-evaluation numbers (None: a run without federated evaluation)."""
+    hist = [{"round": r, "val_acc": 0.5 + 0.01 * r, "bytes_up": 100 * (r > 0), "gate_change": 0.0}
+            for r in range(rounds + 1)]
+    summ = {"bva": 0.5 + 0.01 * rounds, "rounds_to_best": rounds, "test_acc": 0.5, "final_val_acc": 0.53,
+            "initial_val_acc": 0.5, "bytes_up": 300, "payload_bytes": 100, "time_total_s": 1.0, "rounds": rounds,
+            **(client or {})}
+    return {"method": method, "config": {"partition": part, "alpha": alpha, "seed": seed, "rounds": rounds,
+                                         "probe_size": 8}, "summary": summ, "history": hist}
+
+
+def test_robustness_verdict_follows_the_paired_intervals_of_worst_and_p10(tmp_path):
+    from scipy import stats as st
+
+    from fedsq_fast.experiments.analysis import analyse
+    from fedsq_fast.experiments.report import client_eval_section
+
+    rng = np.random.default_rng(7)
+    docs, want = [], {}
+    # dirichlet:0.5: FedSQ clearly better; dirichlet:0.1: clearly worse; iid: not judged (not Dirichlet)
+    for part, alpha, shift in (("dirichlet", 0.5, 0.05), ("dirichlet", 0.1, -0.08), ("iid", 0.5, -0.2)):
+        for s in range(4):
+            base = {k: float(rng.uniform(0.2, 0.6)) for k in
+                    ("client_acc_weighted", "client_acc_mean", "client_acc_worst", "client_acc_p10", "client_acc_std")}
+            other = {k: v + shift + float(rng.normal(0, 0.005)) for k, v in base.items()}
+            docs += [_fe_doc(part, alpha, "fedavg", s, base), _fe_doc(part, alpha, "fedsq", s, other)]
+            for k in ("client_acc_worst", "client_acc_p10"):
+                want.setdefault((part, alpha, k), []).append(other[k] - base[k])
+    res = analyse(docs, None)
+    claim = next(c for c in res["claims"] if c["claim"].startswith("FedSQ is robust"))
+    assert len(claim["details"]) == 4  # two Dirichlet partitions x (worst, p10); iid is no Dirichlet split
+    for (part, alpha, k), d in want.items():
+        if part == "iid":
+            continue
+        n, mu, sd = len(d), float(np.mean(d)), float(np.std(d, ddof=1))
+        h = st.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+        verdict = "holds" if mu - h >= -0.01 else "fails" if mu + h < -0.01 else "inconclusive"
+        c = next(c for c in res["comparisons"] if c["partition"] == f"{part}:{alpha:g}" and c["a"] == "fedsq")
+        assert c[k]["lo"] == pytest.approx(mu - h) and c[k]["hi"] == pytest.approx(mu + h)
+        label = "worst-client" if k == "client_acc_worst" else "10th-percentile"
+        line = next(x for x in claim["details"] if x.startswith(f"{part}:{alpha:g},") and label in x)
+        assert line.split(" -> ")[1].startswith(verdict), line
+    assert claim["verdict"].startswith("DOES NOT HOLD in 2/4")
+    md = "\n".join(client_eval_section(res))
+    assert "## Federated evaluation" in md and "dirichlet:0.1 | fedsq vs fedavg | 4 |" in md
+    # runs without federated evaluation: no claim, no section, no extra keys (recorded reports unchanged)
+    old = analyse([_fe_doc("dirichlet", 0.5, m, s, None) for m in ("fedavg", "fedsq") for s in range(2)], None)
+    assert not any(c["claim"].startswith("FedSQ is robust") for c in old["claims"])
+    assert "client_eval" not in old and client_eval_section(old) == []
+    assert not any(k.startswith("client_") for c in old["comparisons"] for k in c)
+
+
+def test_client_accuracy_plot_draws_the_runs_that_have_it(tmp_path):
+    from fedsq_fast.plots import client_quantiles, plot_client_accuracy
+
+    rng = np.random.default_rng(3)
+    hist = []
+    for r in range(4):
+        accs = [float(x) for x in rng.uniform(0, 1, 10)] + [None]
+        a = np.array([x for x in accs if x is not None])
+        hist.append({"round": r, "client_acc": accs, "client_acc_weighted": float(a.mean())} if r != 1 else
+                    {"round": r})
+    x, q = client_quantiles(hist)
+    assert x == [0, 2, 3]
+    for row, h in zip(q, [hist[0], hist[2], hist[3]]):
+        a = sorted(v for v in h["client_acc"] if v is not None)
+        assert list(row) == [a[0], a[0], float(np.median(a)), a[-1], h["client_acc_weighted"]]  # 10 clients: p10 = worst
+    assert plot_client_accuracy({("iid", "fedavg"): [hist]}, tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    assert not plot_client_accuracy({("iid", "fedavg"): [[{"round": 0}]]}, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()

@@ -42,14 +42,15 @@ ADDED = {'plausible_scale': 1e6, 'workers': 1, 'norm_bound': 10.0, 'in_memory': 
          'dp_sampling': 'poisson', 'dp_adaptive_clip': False, 'dp_target_quantile': 0.5, 'dp_clip_lr': 0.2,
          'dp_clip_count_std': None,
          'secagg': False, 'secagg_num_shares': None, 'secagg_reconstruction_threshold': 0.67,
-         'secagg_clipping_range': 8.0, 'secagg_quantization_range': 4194304}
+         'secagg_clipping_range': 8.0, 'secagg_quantization_range': 4194304,
+         'client_test_fraction': 0.0, 'client_eval_every': 1}
 FULL = {**OLD_DEFAULTS, **ADDED}
 
 # where each key is read (docs/federation.md, "Configuration keys")
 SECTION = {
     **dict.fromkeys(["dataset", "data_root", "download", "max_train_samples", "val_size", "max_test_samples",
                      "image_size", "in_memory", "num_clients", "partition", "alpha", "min_partition_size",
-                     "shards_per_client", "augment"], "data"),
+                     "shards_per_client", "augment", "client_test_fraction"], "data"),
     **dict.fromkeys(["model", "weights", "quant_bn", "allow_ungated", "mask_cache", "soft_gates"], "model"),
     **dict.fromkeys(["optimizer", "lr", "momentum", "weight_decay", "local_epochs", "batch_size",
                      "min_batch_size", "client_timeout_s", "lr_schedule", "warmup_rounds", "lr_step_rounds",
@@ -61,7 +62,8 @@ SECTION = {
                      "secagg_reconstruction_threshold", "secagg_clipping_range", "secagg_quantization_range"],
                     "strategy"),
     **dict.fromkeys(["rounds", "fraction", "min_clients", "failure_rate", "seed", "target_accuracy",
-                     "probe_size", "eval_batch_size", "out_dir", "checkpoint", "threads", "device", "workers"], "run"),
+                     "probe_size", "eval_batch_size", "out_dir", "checkpoint", "threads", "device", "workers",
+                     "client_eval_every"], "run"),
 }
 
 # the options each strategy takes of its own, with the defaults of the paper's forms
@@ -116,6 +118,8 @@ def random_flat(rng) -> dict:
         "clip_radius": maybe_none(float(rng.uniform(1e-3, 10))) if agg == "centered_clip" else None,
         "device": device,
         "workers": int(rng.integers(1, 9)),
+        "client_test_fraction": pick([0.0, float(rng.uniform(0, 0.9))]),
+        "client_eval_every": int(rng.integers(1, 20)),
         **_random_knobs(rng, pick, maybe_none),
         "augment": pick(["none", "flip", "crop_flip"]),
         # DP keys at their defaults: dp on needs aggregator mean and no explicit norm_bound (test_privacy.py)

@@ -19,7 +19,8 @@ from conftest import small_config, draw_seed
 
 pytest.importorskip("flwr")
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord,  # noqa: E402
+                      RecordDict)
 
 from fedsq_fast.federation import Federation, from_mapping, prepare_data, stream_average  # noqa: E402
 from fedsq_fast.federation import checkpoint as ckpt  # noqa: E402
@@ -283,7 +284,8 @@ class InProcessGrid:
             if node in self.dead:
                 continue  # never answers
             ctx = Context(1, node, self.nodes[node], self.states[node], {})
-            rep = A._client_train(m, ctx)
+            handler = A._client_evaluate if m.metadata.message_type == MessageType.EVALUATE else A._client_train
+            rep = handler(m, ctx)
             rep.metadata.__dict__["_src_node_id"] = node
             if self.mangle is not None:
                 rep = self.mangle(self.nodes[node]["partition-id"], rep)
@@ -320,6 +322,28 @@ def test_in_process_flower_equals_embedded_engine(tmp_path, method):
             assert h1[k] == h2[k], k
     for f in ("metrics.json", "metrics.csv", "checkpoint.safetensors"):
         assert (tmp_path / "fl" / f).is_file()
+
+
+@pytest.mark.parametrize("method", ["fedsq", "fedbn"])
+def test_in_process_flower_federated_evaluation_equals_embedded_engine(tmp_path, method):
+    """Federated evaluation on the nodes (EVALUATE messages): every client's numbers as in process."""
+    from fedsq_fast.federation.evaluation import RECORD_KEYS
+
+    cfg = _cfg(methods=[method], client_test_fraction=0.3, out_dir=str(tmp_path / "flower"))
+    data = prepare_data(cfg)
+    emb = Federation(cfg, method, data, out_dir=tmp_path / "emb", quiet=True).run()
+    fl = Federation(cfg, method, data, out_dir=tmp_path / "fl", quiet=True,
+                    transport=GridTransport(InProcessGrid(3), poll_s=0)).run()
+    _same_model(emb.model, fl.model)
+    for h1, h2 in zip(emb.history, fl.history, strict=True):
+        assert {k: h1[k] for k in RECORD_KEYS} == {k: h2[k] for k in RECORD_KEYS}
+        assert h2["client_eval_clients"] == 3 and h2["client_eval_failed"] == []
+    # a node that never answers: its partition's evaluation fails with the reason, the others count
+    dead = Federation(cfg.replace(min_clients=1), method, data, quiet=True,
+                      transport=GridTransport(InProcessGrid(3, dead={1000 + 17}), poll_s=0, round_timeout=0.2)).run()
+    for h in dead.history:
+        assert [c for c, _ in h["client_eval_failed"]] == [1] and "no reply" in h["client_eval_failed"][0][1]
+        assert h["client_acc"][1] is None and h["client_eval_clients"] == 2
 
 
 def test_in_process_dead_node_and_nan_reply_leave_the_others(tmp_path):

@@ -331,6 +331,8 @@ def validate(cfg: RunConfig, model_names=None, *, own_data: bool = False) -> Run
     _check_device(cfg.device)
     _check_precision(cfg.precision, cfg.device)
     _int(cfg, "workers", lo=1, hi=MAX_WORKERS)
+    _num(cfg, "client_test_fraction", lo=0, hi=1, hi_open=True)
+    _int(cfg, "client_eval_every", lo=1)
     _int(cfg, "min_batch_size", lo=1)
     if cfg.min_batch_size > cfg.batch_size:
         _fail("min_batch_size", f"({cfg.min_batch_size}) must not exceed batch_size ({cfg.batch_size})")

@@ -42,6 +42,10 @@ class DataConfig:
     alpha: float = _key(0.5, "Dirichlet concentration (dirichlet, quantity)")
     min_partition_size: int = _key(10, "smallest client share (dirichlet, quantity)")
     shards_per_client: int = _key(2, "label shards per client (shards)")
+    # federated evaluation (federation/evaluation.py): each client's local test split, a seeded share
+    # of its partition taken before its training data; 0.0: off (recorded runs reproduce)
+    client_test_fraction: float = _key(0.0, "share of each client's partition kept as its local test split "
+                                            "(federated evaluation); 0: off")
 
 
 @dataclass
@@ -144,6 +148,8 @@ class RunSection:
     # "auto": the first CUDA GPU when torch sees one, else the CPU; or "cpu", "cuda", "cuda:N".
     # Models, data splits and server aggregation live there; checkpoints are always CPU files.
     device: str = _key("auto", "auto, cpu, cuda or cuda:N")
+    client_eval_every: int = _key(1, "federated evaluation: every client evaluates the global model on its "
+                                     "test split every this many rounds, at round 0 and the last round")
 
 
 # name in a config file -> section dataclass, in the order files and --help list them
@@ -241,7 +247,8 @@ KEYS = ("dataset", "data_root", "download", "max_train_samples", "val_size", "ma
         "dp", "dp_clip", "dp_noise_multiplier", "dp_target_epsilon", "dp_delta", "dp_sampling", "dp_adaptive_clip",
         "dp_target_quantile", "dp_clip_lr", "dp_clip_count_std",
         "secagg", "secagg_num_shares", "secagg_reconstruction_threshold", "secagg_clipping_range",
-        "secagg_quantization_range")
+        "secagg_quantization_range",
+        "client_test_fraction", "client_eval_every")
 # What a key added after runs were recorded meant before it existed: a recorded config without
 # the key reproduces its run with this value (config_differences, from_mapping(recorded=True)).
 # plausible_scale, norm_bound: the reply checks of 2026-12-02/03 changed what such runs average.
