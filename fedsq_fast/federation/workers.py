@@ -72,7 +72,7 @@ def _worker_main(conn, threads: int, tmpdir: str | None = None) -> None:
 
     conn.send_bytes(_pack(("hello",)))
 
-    trainer = None
+    trainer = validator = None
     while True:
         try:
             msg = pickle.loads(conn.recv_bytes())
@@ -82,7 +82,7 @@ def _worker_main(conn, threads: int, tmpdir: str | None = None) -> None:
         if kind == "stop":
             return
         if kind == "setup":
-            _, blob, x, y = msg
+            _, blob, x, y, val_x, val_y = msg
             try:
                 recipe, state, parts, transform = pickle.loads(blob)
                 _set_determinism(recipe["determinism"])
@@ -94,9 +94,19 @@ def _worker_main(conn, threads: int, tmpdir: str | None = None) -> None:
                 seed, mask_cache = recipe["cfg"].seed, recipe["cfg"].mask_cache
                 trainer = ClientTrainer(model, x, y, parts, transform, seed=seed, mask_cache=mask_cache,
                                         own_model=True)
+                validator = _Validator(trainer, val_x, val_y, recipe["cfg"])
                 conn.send_bytes(_pack(("ready",)))
             except Exception as e:  # reported, and the server refuses to run
                 conn.send_bytes(_pack(("failed", f"{type(e).__name__}: {e}")))
+            continue
+        if kind == "validate":
+            _, glob, start, stop, fault = msg
+            _test_fault(fault)
+            try:
+                out = ("validated", *validator.run(pickle.loads(glob), start, stop))
+            except Exception as e:  # the server evaluates this share itself (and meets a real error there)
+                out = ("error", None, f"{type(e).__name__}: {e}")
+            conn.send_bytes(_pack(out))
             continue
         _, rnd, glob, lcfg, items, faults = msg  # "train"
         glob = pickle.loads(glob)
@@ -111,6 +121,55 @@ def _worker_main(conn, threads: int, tmpdir: str | None = None) -> None:
             except Exception as e:  # a failing client leaves the round, not the run (as in process)
                 out = ("error", cid, f"error: {type(e).__name__}: {e}")
             conn.send_bytes(_pack(out))
+
+
+class _Validator:
+    """A worker's share of the server's validation: samples ``[start, stop)`` of the
+    validation split (whole batches of the server's batching) evaluated with the global
+    model the server sends, on this worker's model (the same structural copy: the server's
+    state at setup). With the mask cache on, a cache of its own for its share (the server's
+    validation cache holds the whole split; the training cache stays attached for
+    training): a FedSQ validation is then one quantitative forward, as in the server."""
+
+    def __init__(self, trainer, x, y, cfg):
+        from .lazy import is_random
+
+        self.trainer, self.x, self.y, self.cfg = trainer, x, y, cfg
+        self.use_cache = (cfg.mask_cache and not is_random(x)
+                          and callable(getattr(trainer.worker, "attach_cache", None)))
+        self.cache, self.range = None, None
+
+    def run(self, glob: dict, start: int, stop: int) -> tuple[list, int]:
+        from . import adapter
+        from .client import eval_sums
+        from .trainer import engine_mask_cache
+
+        model = self.trainer.worker
+        adapter.load_payload(model, glob)  # the payload is the whole trained state (see adapter)
+        if not self.use_cache:
+            return eval_sums(model, self.x, self.y, self.trainer.transform, self.cfg.eval_batch_size, None,
+                             self.cfg.precision, start, stop)
+        if self.range != (start, stop):  # the same share every round while the pool keeps its size
+            if self.cache is not None:
+                self.cache.close()
+            self.cache, self.range = engine_mask_cache(stop - start), (start, stop)
+            self.cache.bind(model)
+        own = model.mask_cache
+        model.mask_cache = self.cache  # bound above: swapping back and forth hashes no structural copy
+        try:
+            return eval_sums(model, self.x, self.y, self.trainer.transform, self.cfg.eval_batch_size,
+                             torch.arange(stop - start), self.cfg.precision, start, stop)
+        finally:
+            model.mask_cache = own
+
+
+def shares(n: int, batch_size: int, k: int) -> list[tuple[int, int]]:
+    """The validation split of ``n`` samples cut into at most ``k`` contiguous ``[start,
+    stop)`` ranges of whole batches of ``batch_size`` (the batches of a serial evaluation),
+    as even as the batches allow; fewer ranges where there are fewer batches."""
+    nb = -(-n // batch_size)
+    k = min(k, nb)
+    return [(nb * i // k * batch_size, min(n, nb * (i + 1) // k * batch_size)) for i in range(k)]
 
 
 def _determinism() -> tuple:
@@ -305,13 +364,13 @@ class WorkerPoolTransport(Transport):
         from .lazy import is_lazy
 
         d = self.fed.data
-        for t in (d.x, d.y):
+        for t in (d.x, d.y, d.val_x, d.val_y):
             # in place, once (a no-op after): every worker maps the same pages. Images read per
             # batch travel as their source (a memmap: its file name); on a GPU the pickler sends
             # CUDA IPC handles, so the workers read the server's copy.
             if not is_lazy(t) and not t.is_cuda:
                 t.share_memory_()
-        return bytes(ForkingPickler.dumps(("setup", self._model_blob(), d.x, d.y)))
+        return bytes(ForkingPickler.dumps(("setup", self._model_blob(), d.x, d.y, d.val_x, d.val_y)))
 
     def _model_blob(self) -> bytes:
         """What a worker builds its model from (once per model; before any worker starts,
@@ -484,6 +543,74 @@ class WorkerPoolTransport(Transport):
                 for i, s in enumerate(self._slots):
                     if owed[i]:
                         s.kill()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, rnd: int) -> tuple[list, int] | None:
+        """The server's validation of its current global model shared out: worker ``i``
+        evaluates range ``i`` of :func:`shares` (whole batches of the serial evaluation) while
+        the server waits; the per-batch loss sums come back and are put in batch order, so
+        ``eval_result`` of them is :meth:`Federation.evaluate`'s result bit for bit. A share
+        whose worker is down, died or timed out, or failed, is evaluated in this process
+        instead (same numbers). None (the server evaluates it all) where sharing would change
+        a number or save nothing: a GPU (one process already has the device), workers whose
+        torch thread count is not the server's (CPU kernels round differently per thread
+        count), fewer than two batches, or no worker holding the current model (round 0,
+        after a refresh or a resume, after close)."""
+        fed = self.fed
+        d, bs = fed.data, fed.cfg.eval_batch_size
+        ranges = shares(len(d.val_y), bs, self.workers)
+        threads = _threads(self.threads if self.threads is not None else fed.cfg.threads, self.workers)
+        ready = [i for i, s in enumerate(self._slots[:len(ranges)])
+                 if s.greeted and s.version == self._version and s.alive()]
+        if fed.device.type != "cpu" or len(ranges) < 2 or threads != torch.get_num_threads() or not ready:
+            return None
+        from . import adapter
+
+        glob = _pack(adapter.payload_state(fed.model))
+        out: dict = {}
+        owed = []
+        try:
+            for i in ready:
+                s = self._slots[i]
+                try:
+                    s.conn.send_bytes(_pack(("validate", glob, *ranges[i], self._test_fault.get((rnd, "val", i)))))
+                    owed.append(i)
+                except OSError:  # it died since the round: this share is evaluated here
+                    s.kill()
+            for i in range(len(ranges)):  # the shares no worker took, while the workers evaluate theirs
+                if i not in owed:
+                    out[i] = fed.val_sums(*ranges[i])
+            timeout = self.timeout_s if self.timeout_s is not None else DEFAULT_TIMEOUT_S
+            for i in list(owed):
+                s = self._slots[i]
+                why = None
+                if not wait([s.conn, s.proc.sentinel], timeout) and not s.conn.poll():
+                    why = f"timed out: no reply within {timeout:g} s"
+                else:
+                    try:
+                        msg = pickle.loads(s.conn.recv_bytes())
+                        if msg[0] == "validated" and len(msg[1]) == -(-(ranges[i][1] - ranges[i][0]) // bs):
+                            out[i] = (list(msg[1]), int(msg[2]))
+                        else:
+                            why = f"failed: {msg[2] if msg[0] == 'error' else msg[0]}"
+                    except (EOFError, OSError):
+                        why = f"died: {s.why_dead()}"
+                owed.remove(i)
+                if why is not None:
+                    log.warning("round %d: worker %d (pid %s) %s while validating; its share (validation samples "
+                                "%d-%d) evaluated by the server", rnd, i, s.proc.pid, why, ranges[i][0],
+                                ranges[i][1] - 1)
+                    if not why.startswith("failed"):
+                        s.kill()  # restarted at the next round
+                    out[i] = fed.val_sums(*ranges[i])
+        finally:
+            for i in owed:  # abandoned (an exception or Ctrl-C): a late reply would be read as a client's
+                self._slots[i].kill()
+        losses, correct = [], 0
+        for i in range(len(ranges)):
+            losses += out[i][0]
+            correct += out[i][1]
+        return losses, correct
 
     def _keep_local(self, cid: int, glob: dict, state) -> None:
         """FedBN: the client's own layers from the state it sent (as ClientTrainer.keep_local)."""
