@@ -37,6 +37,7 @@ import argparse
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -142,8 +143,8 @@ class TreeMemory(threading.Thread):
 
 
 # ------------------------------------------------------------------ one arm, in a fresh subprocess
-def _env() -> dict:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+def _env(root: Path = ROOT) -> dict:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
                 FLWR_TELEMETRY_ENABLED="0", PYTHONWARNINGS="ignore")
 
 
@@ -155,15 +156,19 @@ def _cli_flags(cfg: dict) -> list:
     return flags
 
 
-def run_arm(arm: str, cfg: dict, timeout: float = 3600) -> dict:
-    """Run one arm in a fresh subprocess; wall time, peak tree PSS and the run's numbers."""
+def run_arm(arm: str, cfg: dict, timeout: float = 3600, root: Path = ROOT) -> dict:
+    """Run one arm in a fresh subprocess; wall time, peak tree PSS and the run's numbers.
+    ``root``: the checkout whose fedsq_fast runs a ``fedsq_fast_w*`` arm (default this one;
+    another one measures code before a change in the same session)."""
     if arm.startswith("fedsq_fast_w"):
         cfg = dict(cfg, workers=int(arm[len("fedsq_fast_w"):]))
         cmd = [sys.executable, "-m", "fedsq_fast", "run", "--quiet", *_cli_flags(cfg)]
     else:
         cmd = [sys.executable, str(HERE), "--arm", arm, "--job", json.dumps(cfg)]
+        root = ROOT
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=root, env=_env(root), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     mem = TreeMemory(proc.pid)
     mem.start()
     try:
@@ -187,9 +192,13 @@ def run_arm(arm: str, cfg: dict, timeout: float = 3600) -> dict:
     loop = sum(h["time_round_s"] for h in hist)  # round 0 (initial validation) included
     later = [h["time_round_s"] for h in hist[2:]]
     mean = lambda k: sum(h[k] for h in hist[2:]) / len(later)  # noqa: E731
+    med = lambda k: statistics.median(h[k] for h in hist[2:])  # noqa: E731
     res.update(round_s=mean("time_round_s"), loop_s=loop, fixed_s=wall - loop, final_val_acc=hist[-1]["val_acc"],
                test_acc=doc["summary"].get("test_acc"), client_s_round=mean("time_client_s"),
-               eval_s_round=mean("time_eval_s"))
+               eval_s_round=mean("time_eval_s"), round_med_s=med("time_round_s"), eval_med_s=med("time_eval_s"),
+               engine_med_s=med("time_engine_s"),
+               # every round's validation numbers, exactly (repr of the floats): equal across arms or not
+               val_trace=json.dumps([[h["val_loss"], h["val_acc"]] for h in hist]))
     return res
 
 
@@ -301,9 +310,79 @@ def measure(s: dict, echo=print) -> tuple[list, float]:
                     r = run_arm(arm, job(n, m, s["rounds"], d))
                 r.update(clients=n, method=m, load=f"{load:.1f}")
                 echo(f"{n} clients, {m}, {arm}: " + json.dumps({k: (round(v, 3) if isinstance(v, float) else v)
-                                                               for k, v in r.items()}))
+                                                               for k, v in r.items() if k != "val_trace"}))
                 rows.append(r)
     return rows, torch_s
+
+
+# ------------------------------------------------------------------ workers = 2 against 1 (issue 25)
+def workers_speedup(clients: int = 1000, method: str = "fedsq", rounds: int = 12, repeats: int = 5,
+                    baseline_root=None, echo=print) -> dict:
+    """``fedsq_fast_w1`` and ``fedsq_fast_w2`` on the cross-device job, run interleaved
+    (``repeats`` times each, the order rotated every repeat, each a fresh subprocess), so that
+    a shared machine's load falls on both alike; with ``baseline_root`` (another checkout, e.g.
+    the code before a change) a third arm, that checkout's w2. Per run: the median over rounds
+    2..R of the engine's ``time_round_s`` (and of ``time_eval_s``: validation and the
+    callbacks' metrics); per arm: the median over its runs. The speed-up is w1's median round
+    over w2's. Every run's validation numbers of every round must be equal (bit for bit)."""
+    arms = ["fedsq_fast_w1", "fedsq_fast_w2"] + (["baseline_w2"] if baseline_root else [])
+    runs = {a: [] for a in arms}
+    loads = []
+    for rep in range(repeats):
+        for arm in arms[rep % len(arms):] + arms[:rep % len(arms)]:
+            with tempfile.TemporaryDirectory(prefix="fedsq_sim_") as d:
+                loads.append(os.getloadavg()[0])
+                root = Path(baseline_root) if arm == "baseline_w2" else ROOT
+                r = run_arm("fedsq_fast_w2" if arm == "baseline_w2" else arm, job(clients, method, rounds, d),
+                            root=root)
+            runs[arm].append(r)
+            echo(f"repeat {rep + 1}/{repeats} {arm}: round {r['round_med_s']:.3f} s, eval {r['eval_med_s']:.3f} s, "
+                 f"load {loads[-1]:.1f}")
+    traces = {r["val_trace"] for rs in runs.values() for r in rs}
+    med = {a: {k: statistics.median(r[k] for r in rs) for k in ("round_med_s", "eval_med_s", "engine_med_s", "wall_s")}
+           for a, rs in runs.items()}
+    out = {"clients": clients, "method": method, "rounds": rounds, "repeats": repeats, "arms": med,
+           "speedup": med["fedsq_fast_w1"]["round_med_s"] / med["fedsq_fast_w2"]["round_med_s"],
+           "speedups": sorted(a["round_med_s"] / b["round_med_s"]
+                              for a, b in zip(runs["fedsq_fast_w1"], runs["fedsq_fast_w2"])),
+           "identical": len(traces) == 1, "load": (min(loads), max(loads))}
+    if baseline_root:
+        out["baseline_speedup"] = med["fedsq_fast_w1"]["round_med_s"] / med["baseline_w2"]["round_med_s"]
+    return out
+
+
+def speedup_table(res: dict) -> str:
+    """Markdown of :func:`workers_speedup`."""
+    lines = [f"{res['clients']} clients, {res['method']}, {res['rounds']} rounds, {res['repeats']} interleaved runs "
+             f"per arm, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {res['load'][0]:.1f}-"
+             f"{res['load'][1]:.1f}", "",
+             "| arm | s/round (median) | of which validation + callbacks | engine | wall s |", "|---|---:|---:|---:|---:|"]
+    for a, m in res["arms"].items():
+        lines.append(f"| {a} | {m['round_med_s']:.3f} | {m['eval_med_s']:.3f} | {m['engine_med_s']:.3f} | "
+                     f"{m['wall_s']:.1f} |")
+    lines += ["", f"w1 / w2 per round: **{res['speedup']:.2f}x** (target >= 1.6; per repeat "
+              f"{', '.join(f'{v:.2f}' for v in res['speedups'])})"]
+    if "baseline_speedup" in res:
+        lines.append(f"w1 / baseline w2 per round: {res['baseline_speedup']:.2f}x")
+    lines.append(f"validation numbers of every round equal across all runs: {'yes' if res['identical'] else 'NO'}")
+    return "\n".join(lines) + "\n"
+
+
+def test_workers_speedup(benchmark):
+    """workers = 2 against workers = 1, per round, on the 1,000-client job (interleaved runs;
+    FEDSQ_SIM_ROUNDS, FEDSQ_SIM_REPEATS, FEDSQ_SIM_METHODS' first method, FEDSQ_SIM_BASELINE_ROOT)."""
+    import _bench
+
+    env = os.environ.get
+    out = {}
+    benchmark.group = "simulation workers = 2 against 1 (per round)"
+    benchmark.pedantic(lambda: out.update(workers_speedup(
+        1000, (env("FEDSQ_SIM_METHODS") or "fedsq").split(",")[0], int(env("FEDSQ_SIM_ROUNDS") or 12),
+        int(env("FEDSQ_SIM_REPEATS") or 5), env("FEDSQ_SIM_BASELINE_ROOT"))), rounds=1, iterations=1)
+    benchmark.extra_info.update(speedup=out["speedup"], identical=out["identical"])
+    _bench.EXTRA["simulation workers = 2 against 1"] = speedup_table(out)
+    print("\n" + speedup_table(out))
+    assert out["identical"], "workers = 1 and 2 recorded different validation numbers"
 
 
 # ------------------------------------------------------------------ pytest-benchmark
@@ -336,11 +415,12 @@ def test_simulation_side_by_side(benchmark, num_clients, method, arm):
     benchmark.extra_info["variant"] = arm
     benchmark.pedantic(one, rounds=1, iterations=1)
     out.update(clients=num_clients, method=method)
-    benchmark.extra_info.update({k: v for k, v in out.items() if isinstance(v, (int, float, str))})
+    benchmark.extra_info.update({k: v for k, v in out.items() if isinstance(v, (int, float, str)) and k != "val_trace"})
     _ROWS.append(out)
     _bench.RESULTS[(benchmark.group, arm)] = out["wall_s"]
     _bench.EXTRA["simulation side by side"] = table(_ROWS, _TORCH["s"])
-    print(f"\n{arm}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()))
+    print(f"\n{arm}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()
+                                   if k != "val_trace"))
     assert out["wall_s"] > 0 and (arm == "floor" or 0 <= out["final_val_acc"] <= 1)
 
 
@@ -352,6 +432,11 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, help="rounds (default 20)")
     p.add_argument("--methods", help="comma-separated methods (default fedavg,fedsq)")
     p.add_argument("--arms", help=f"comma-separated arms (default {','.join(ARMS)})")
+    p.add_argument("--workers-speedup", action="store_true",
+                   help="workers = 2 against 1 per round, interleaved runs (issue 25; --clients: its first, "
+                        "default 1000; --methods: its first, default fedsq; --rounds default 12)")
+    p.add_argument("--repeats", type=int, default=5, help="--workers-speedup: runs per arm (default 5)")
+    p.add_argument("--baseline-root", help="--workers-speedup: another checkout whose w2 runs as a third arm")
     p.add_argument("--arm", help=argparse.SUPPRESS)  # internal: run one arm in this process
     p.add_argument("--job", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -363,6 +448,14 @@ def main(argv=None) -> int:
             _flower(cfg)
         else:
             p.error(f"--arm {a.arm}: floor or flower_sim")
+        return 0
+    if a.workers_speedup:
+        if a.repeats < 1 or (a.rounds is not None and a.rounds < 3):
+            p.error("--workers-speedup: --repeats >= 1 and --rounds >= 3 (rounds 2..R are timed)")
+        res = workers_speedup(int((a.clients or "1000").split(",")[0]), (a.methods or "fedsq").split(",")[0],
+                              a.rounds or 12, a.repeats, a.baseline_root,
+                              echo=lambda line: print(line, file=sys.stderr, flush=True))
+        print(speedup_table(res))
         return 0
     try:
         s = settings(a.quick, a.clients, a.rounds, a.methods, a.arms)
