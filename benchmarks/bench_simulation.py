@@ -351,6 +351,53 @@ def workers_speedup(clients: int = 1000, method: str = "fedsq", rounds: int = 12
     return out
 
 
+def serial_profile(clients: int = 1000, method: str = "fedsq", rounds: int = 8, echo=print) -> dict:
+    """Where a round's time goes, in one warm process (no start-up): the job with workers = 1,
+    with workers = 2 validating in the server (the code before issue 25: the pool's
+    ``validate`` switched off) and with workers = 2 sharing validation out. Per round: wall
+    time, validation's wall time and the server's CPU time in validation
+    (``time.thread_time``: what the server itself computes, which load stretches far less
+    than wall time). Medians over rounds 2..R."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))  # this checkout's fedsq_fast (the workers inherit the path)
+    from fedsq_fast.federation import Federation, WorkerPoolTransport, from_mapping, prepare_data
+
+    with tempfile.TemporaryDirectory(prefix="fedsq_sim_") as d:
+        c = from_mapping(job(clients, method, rounds, d))
+    torch.set_num_threads(1)
+    data = prepare_data(c)
+    out = {}
+    for arm in ("w1", "w2_server_validates", "w2_shared"):
+        pool = None if arm == "w1" else WorkerPoolTransport(2, threads=1)
+        if arm == "w2_server_validates":
+            pool.validate = lambda rnd: None  # noqa: E731 - the server evaluates it all, as before
+        fed = Federation(c, method, data, quiet=True, transport=pool)
+        per = []
+        inner = fed._validate
+
+        def timed(rnd, inner=inner, per=per):
+            t, cpu = time.perf_counter(), time.thread_time()
+            res = inner(rnd)
+            per.append((time.perf_counter() - t, time.thread_time() - cpu))
+            return res
+        fed._validate = timed
+        try:
+            hist = fed.run().history
+        finally:
+            if pool is not None:
+                pool.close()
+        later = slice(1, None)  # rounds 2..R (per[0] is round 1)
+        out[arm] = {"round_s": statistics.median(h["time_round_s"] for h in hist[2:]),
+                    "validation_s": statistics.median(v[0] for v in per[later]),
+                    "validation_server_cpu_s": statistics.median(v[1] for v in per[later]),
+                    "rest_s": statistics.median(h["time_round_s"] - v[0] for h, v in zip(hist[2:], per[later])),
+                    "val": [h["val_loss"] for h in hist]}
+        echo(f"{arm}: " + ", ".join(f"{k} {v:.3f}" for k, v in out[arm].items() if k != "val"))
+    out["identical"] = out["w1"]["val"] == out["w2_server_validates"]["val"] == out["w2_shared"]["val"]
+    return out
+
+
 def speedup_table(res: dict) -> str:
     """Markdown of :func:`workers_speedup`."""
     lines = [f"{res['clients']} clients, {res['method']}, {res['rounds']} rounds, {res['repeats']} interleaved runs "
@@ -436,6 +483,8 @@ def main(argv=None) -> int:
                    help="workers = 2 against 1 per round, interleaved runs (issue 25; --clients: its first, "
                         "default 1000; --methods: its first, default fedsq; --rounds default 12)")
     p.add_argument("--repeats", type=int, default=5, help="--workers-speedup: runs per arm (default 5)")
+    p.add_argument("--serial-profile", action="store_true",
+                   help="where a round's time goes with workers 1 / 2 (server validates) / 2 (shared), one process")
     p.add_argument("--baseline-root", help="--workers-speedup: another checkout whose w2 runs as a third arm")
     p.add_argument("--arm", help=argparse.SUPPRESS)  # internal: run one arm in this process
     p.add_argument("--job", help=argparse.SUPPRESS)
@@ -448,6 +497,12 @@ def main(argv=None) -> int:
             _flower(cfg)
         else:
             p.error(f"--arm {a.arm}: floor or flower_sim")
+        return 0
+    if a.serial_profile:
+        res = serial_profile(int((a.clients or "1000").split(",")[0]), (a.methods or "fedsq").split(",")[0],
+                             a.rounds or 8, echo=lambda line: print(line, file=sys.stderr, flush=True))
+        print(json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "val"} if isinstance(v, dict) else v)
+                          for k, v in res.items()}, indent=1))
         return 0
     if a.workers_speedup:
         if a.repeats < 1 or (a.rounds is not None and a.rounds < 3):

@@ -210,7 +210,7 @@ class Federation:
         """Round ``rnd``'s validation: shared out by a transport that can (the worker pool:
         whole batches per worker, combined in batch order: the numbers of :meth:`evaluate`
         bit for bit), else :meth:`evaluate`."""
-        split = getattr(self.transport, "validate", None)
+        split = getattr(self.transport, "validate", None)  # a duck-typed transport may lack it
         sums = split(rnd) if callable(split) else None
         return self.evaluate() if sums is None else eval_result(*sums, len(self.data.val_y))
 

@@ -554,17 +554,22 @@ class WorkerPoolTransport(Transport):
         instead (same numbers). None (the server evaluates it all) where sharing would change
         a number or save nothing: a GPU (one process already has the device), workers whose
         torch thread count is not the server's (CPU kernels round differently per thread
-        count), fewer than two batches, or no worker holding the current model (round 0,
-        after a refresh or a resume, after close)."""
+        count), validation data that changes between reads (random transforms: the numbers
+        would follow each process's random state), fewer than two batches, or no worker
+        holding the current model (round 0; a round that sent no client after a structural
+        refresh or a resume; after close)."""
+        from . import adapter
+        from .lazy import is_random
+
         fed = self.fed
         d, bs = fed.data, fed.cfg.eval_batch_size
         ranges = shares(len(d.val_y), bs, self.workers)
         threads = _threads(self.threads if self.threads is not None else fed.cfg.threads, self.workers)
         ready = [i for i, s in enumerate(self._slots[:len(ranges)])
                  if s.greeted and s.version == self._version and s.alive()]
-        if fed.device.type != "cpu" or len(ranges) < 2 or threads != torch.get_num_threads() or not ready:
+        if (fed.device.type != "cpu" or is_random(d.val_x) or len(ranges) < 2 or threads != torch.get_num_threads()
+                or not ready):
             return None
-        from . import adapter
 
         glob = _pack(adapter.payload_state(fed.model))
         out: dict = {}

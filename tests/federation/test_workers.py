@@ -169,6 +169,7 @@ def test_validation_shares_are_whole_batches_of_the_serial_evaluation(seed):
         assert all(b - a == bs * nb_ for (a, b), nb_ in zip(got[:-1], batches))  # only the last share is ragged
     assert W.shares(1000, 512, 2) == [(0, 512), (512, 1000)]  # the bench's job: one batch each
     assert W.shares(200, 512, 4) == [(0, 200)]  # one batch: nothing to share
+    assert W.shares(0, 16, 3) == []  # no validation split
 
 
 def _hand_loop(model, x, y, bs):
