@@ -26,6 +26,14 @@ included, sampled every 0.2 s); final validation and test accuracy.
     python benchmarks/bench_simulation.py --quick                  # the table, no pytest
     python benchmarks/bench_simulation.py --clients 100,1000 --rounds 5 --methods fedsq
 
+workers = 2 against workers = 1 per round (issue 25: the server's validation shared out by the
+workers), interleaved fresh runs of the 1,000-client job, optionally beside another checkout's w2
+(the code before a change), and a one-process profile of where a round's time goes:
+
+    python benchmarks/bench_simulation.py --workers-speedup --rounds 10 --repeats 5 [--baseline-root DIR]
+    python benchmarks/bench_simulation.py --serial-profile --rounds 8
+    pytest benchmarks/bench_simulation.py --benchmark-only -s -k workers_speedup
+
 Environment (pytest) / flags (standalone): FEDSQ_SIM_CLIENTS / --clients (default 100,1000),
 FEDSQ_SIM_ROUNDS / --rounds (20), FEDSQ_SIM_METHODS / --methods (fedavg,fedsq),
 FEDSQ_SIM_ARMS / --arms (all four), FEDSQ_SIM_QUICK=1 / --quick (100 clients, 3 rounds, fedsq).
@@ -351,13 +359,25 @@ def workers_speedup(clients: int = 1000, method: str = "fedsq", rounds: int = 12
     return out
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc; 0 where gone)."""
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def serial_profile(clients: int = 1000, method: str = "fedsq", rounds: int = 8, echo=print) -> dict:
     """Where a round's time goes, in one warm process (no start-up): the job with workers = 1,
     with workers = 2 validating in the server (the code before issue 25: the pool's
-    ``validate`` switched off) and with workers = 2 sharing validation out. Per round: wall
-    time, validation's wall time and the server's CPU time in validation
-    (``time.thread_time``: what the server itself computes, which load stretches far less
-    than wall time). Medians over rounds 2..R."""
+    ``validate`` switched off) and with workers = 2 sharing validation out. Per round
+    (medians over rounds 2..R): wall time of the round and of its validation; CPU seconds of
+    the server (its main thread: one torch thread) and of the busier worker (/proc, summed over
+    the round), in the round and in its validation. CPU time is what each process computes,
+    which a loaded machine stretches far less than wall time; ``path_s`` = the server's CPU
+    + the busier worker's CPU, per round: the round's length on an idle machine if nothing
+    overlapped (the server mostly waits while workers compute, so it is an upper bound)."""
     import torch
 
     sys.path.insert(0, str(ROOT))  # this checkout's fedsq_fast (the workers inherit the path)
@@ -373,26 +393,38 @@ def serial_profile(clients: int = 1000, method: str = "fedsq", rounds: int = 8, 
         if arm == "w2_server_validates":
             pool.validate = lambda rnd: None  # noqa: E731 - the server evaluates it all, as before
         fed = Federation(c, method, data, quiet=True, transport=pool)
-        per = []
-        inner = fed._validate
+        per: dict = {}
 
-        def timed(rnd, inner=inner, per=per):
-            t, cpu = time.perf_counter(), time.thread_time()
-            res = inner(rnd)
-            per.append((time.perf_counter() - t, time.thread_time() - cpu))
-            return res
-        fed._validate = timed
+        def probe():
+            pids = [s.proc.pid for s in pool._slots] if pool is not None else []
+            return time.perf_counter(), time.thread_time(), [_cpu_s(p) for p in pids]
+
+        def delta(a, b):
+            return b[0] - a[0], b[1] - a[1], max([y - x for x, y in zip(a[2], b[2])] or [0.0])
+
+        def wrap(name, inner):
+            def f(rnd):
+                a = probe()
+                res = inner(rnd)
+                per.setdefault(rnd, {})[name] = delta(a, probe())
+                return res
+            return f
+        fed._validate = wrap("validation", fed._validate)
+        fed.run_round = wrap("round", fed.run_round)
         try:
             hist = fed.run().history
         finally:
             if pool is not None:
                 pool.close()
-        later = slice(1, None)  # rounds 2..R (per[0] is round 1)
-        out[arm] = {"round_s": statistics.median(h["time_round_s"] for h in hist[2:]),
-                    "validation_s": statistics.median(v[0] for v in per[later]),
-                    "validation_server_cpu_s": statistics.median(v[1] for v in per[later]),
-                    "rest_s": statistics.median(h["time_round_s"] - v[0] for h, v in zip(hist[2:], per[later])),
-                    "val": [h["val_loss"] for h in hist]}
+        rs = [per[r] for r in range(2, rounds + 1)]
+        m = lambda f: statistics.median(f(x) for x in rs)  # noqa: E731
+        out[arm] = {"round_s": m(lambda x: x["round"][0]), "validation_s": m(lambda x: x["validation"][0]),
+                    "server_cpu_s": m(lambda x: x["round"][1]),
+                    "server_validation_cpu_s": m(lambda x: x["validation"][1]),
+                    "worker_cpu_s": m(lambda x: x["round"][2]),
+                    "worker_validation_cpu_s": m(lambda x: x["validation"][2]),
+                    "path_s": m(lambda x: x["round"][1] + x["round"][2]),
+                    "val": [(h["val_loss"], h["val_acc"]) for h in hist]}
         echo(f"{arm}: " + ", ".join(f"{k} {v:.3f}" for k, v in out[arm].items() if k != "val"))
     out["identical"] = out["w1"]["val"] == out["w2_server_validates"]["val"] == out["w2_shared"]["val"]
     return out

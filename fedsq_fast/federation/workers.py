@@ -94,6 +94,8 @@ def _worker_main(conn, threads: int, tmpdir: str | None = None) -> None:
                 seed, mask_cache = recipe["cfg"].seed, recipe["cfg"].mask_cache
                 trainer = ClientTrainer(model, x, y, parts, transform, seed=seed, mask_cache=mask_cache,
                                         own_model=True)
+                if validator is not None:
+                    validator.close()  # the previous model's: its spill file goes now
                 validator = _Validator(trainer, val_x, val_y, recipe["cfg"])
                 conn.send_bytes(_pack(("ready",)))
             except Exception as e:  # reported, and the server refuses to run
@@ -101,8 +103,8 @@ def _worker_main(conn, threads: int, tmpdir: str | None = None) -> None:
             continue
         if kind == "validate":
             _, glob, start, stop, fault = msg
-            _test_fault(fault)
             try:
+                _test_fault(fault)
                 out = ("validated", *validator.run(pickle.loads(glob), start, stop))
             except Exception as e:  # the server evaluates this share itself (and meets a real error there)
                 out = ("error", None, f"{type(e).__name__}: {e}")
@@ -162,6 +164,10 @@ class _Validator:
         finally:
             model.mask_cache = own
 
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
+
 
 def shares(n: int, batch_size: int, k: int) -> list[tuple[int, int]]:
     """The validation split of ``n`` samples cut into at most ``k`` contiguous ``[start,
@@ -212,6 +218,8 @@ def _test_fault(what) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if what == "hang":
         time.sleep(3600)
+    if what == "raise":  # validation only: the worker reports it and lives on
+        raise RuntimeError("test fault")
 
 
 def deal(clients: list, sizes: list, workers: int) -> list[list]:
@@ -304,7 +312,8 @@ class WorkerPoolTransport(Transport):
 
     ``_test_fault``: test seam, ``{(round, client): "exit" | "kill" | "hang"}``: the worker
     that trains that client in that round ends itself (``os._exit(1)`` / SIGKILL) or sleeps
-    an hour before training it.
+    an hour before training it; ``{(round, "val", i): ... | "raise"}``: worker ``i`` does so
+    (or raises) before its validation share.
     """
 
     parallel_clients = True  # what config key `workers` asks for (Federation's check)
@@ -594,10 +603,13 @@ class WorkerPoolTransport(Transport):
                 else:
                     try:
                         msg = pickle.loads(s.conn.recv_bytes())
-                        if msg[0] == "validated" and len(msg[1]) == -(-(ranges[i][1] - ranges[i][0]) // bs):
+                        due = -(-(ranges[i][1] - ranges[i][0]) // bs)
+                        if msg[0] == "validated" and len(msg[1]) == due:
                             out[i] = (list(msg[1]), int(msg[2]))
+                        elif msg[0] == "error":
+                            why = f"failed: {msg[2]}"
                         else:
-                            why = f"failed: {msg[2] if msg[0] == 'error' else msg[0]}"
+                            why = f"failed: internal error: {msg[0]!r} with {len(msg[1])} batch sums where {due} were due"
                     except (EOFError, OSError):
                         why = f"died: {s.why_dead()}"
                 owed.remove(i)

@@ -231,7 +231,7 @@ def test_eval_result_adds_the_batch_sums_in_order_one_by_one():
     assert eval_result([0.1] * 10, 4, 10)[0] == sum([0.1] * 10) / 10  # the left-to-right float sum (0.99999...)
 
 
-@pytest.mark.parametrize("how", ["kill", "exit", "hang", "one batch", "threads"])
+@pytest.mark.parametrize("how", ["kill", "exit", "hang", "raise", "one batch", "threads"])
 def test_validation_falls_back_to_the_server_with_the_same_numbers(runs, how, caplog):
     """A worker that dies or hangs while validating: its share is evaluated by the server (a
     warning says so), the numbers are the serial ones and the pool is restored. Where sharing
@@ -242,7 +242,7 @@ def test_validation_falls_back_to_the_server_with_the_same_numbers(runs, how, ca
         cfg = cfg.replace(eval_batch_size=200)
         ref = Federation(cfg, "fedsq", data, quiet=True).run()
     pool = WorkerPoolTransport(2, threads=2 if how == "threads" else 1, timeout_s=5 if how == "hang" else None)
-    if how in ("kill", "exit", "hang"):
+    if how in ("kill", "exit", "hang", "raise"):
         pool._test_fault = {(1, "val", 1): how}
     calls = _spy_validate(pool)
     try:
@@ -262,7 +262,7 @@ def test_validation_falls_back_to_the_server_with_the_same_numbers(runs, how, ca
     assert calls == [(1, True), (2, True)]  # round 1 with one worker's share done by the server
     msgs = [r.getMessage() for r in caplog.records if "while validating" in r.getMessage()]
     assert len(msgs) == 1 and "round 1: worker 1" in msgs[0] and "evaluated by the server" in msgs[0], msgs
-    assert ("timed out" if how == "hang" else "died") in msgs[0]
+    assert {"hang": "timed out", "raise": "failed: RuntimeError: test fault"}.get(how, "died") in msgs[0]
     assert got.history[2]["clients_ok"] == 6 and not got.history[2]["clients_dropped"]  # pool restored
 
 
