@@ -143,14 +143,14 @@ def test_a_run_checkpointed_in_process_resumes_on_workers_bit_for_bit(runs, tmp_
     assert mine.keys() == local.keys() and all(torch.equal(mine[k], local[k]) for k in local)
 
 
-@pytest.mark.parametrize("start_on", [1, 2])
-def test_a_run_checkpointed_on_workers_resumes_bit_for_bit_on_either(runs, tmp_path, start_on):
-    """Killed after round 1 (validation shared out by the workers, or not), resumed on the other
-    placement: the in-process run's model and numbers (validation decides best_round)."""
+def test_a_run_checkpointed_on_workers_resumes_in_process_bit_for_bit(runs, tmp_path):
+    """Stopped after round 1 (its validation shared out by the workers), resumed in process: the
+    in-process run's model and numbers (validation decides best_round). The other direction:
+    test_a_run_checkpointed_in_process_resumes_on_workers_bit_for_bit."""
     cfg, data, ref, _ = runs["fedsq"]
     cfg = cfg.replace(checkpoint=True)
-    Federation(cfg.replace(workers=start_on), "fedsq", data, out_dir=tmp_path, quiet=True).run(stop_after=1)
-    got = Federation(cfg.replace(workers=3 - start_on), "fedsq", data, out_dir=tmp_path, quiet=True).run(resume=True)
+    Federation(cfg.replace(workers=2), "fedsq", data, out_dir=tmp_path, quiet=True).run(stop_after=1)
+    got = Federation(cfg, "fedsq", data, out_dir=tmp_path, quiet=True).run(resume=True)
     _same_model(ref.model, got.model)
     _same_numbers(ref.history, got.history)
 
@@ -231,7 +231,7 @@ def test_eval_result_adds_the_batch_sums_in_order_one_by_one():
     assert eval_result([0.1] * 10, 4, 10)[0] == sum([0.1] * 10) / 10  # the left-to-right float sum (0.99999...)
 
 
-@pytest.mark.parametrize("how", ["kill", "exit", "hang", "raise", "one batch", "threads"])
+@pytest.mark.parametrize("how", ["kill", "hang", "raise", "one batch", "threads"])
 def test_validation_falls_back_to_the_server_with_the_same_numbers(runs, how, caplog):
     """A worker that dies or hangs while validating: its share is evaluated by the server (a
     warning says so), the numbers are the serial ones and the pool is restored. Where sharing
