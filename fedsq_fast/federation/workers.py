@@ -9,6 +9,8 @@ order with the same ``ClientTrainer.train`` as in process (seed from (seed,
 round, client)), so a client's update does not depend on which worker trains it, and the
 transport yields the replies in client order: the global model and every recorded number
 (timings aside) are those of the in-process run, bit for bit, for any number of workers.
+The server's validation of each new global model is shared out too (:meth:`WorkerPoolTransport.validate`:
+whole batches per worker, batch sums added in batch order: the serial numbers bit for bit).
 
 Faults: a worker that dies (killed, segfault, ``os._exit``) or sends no reply within the
 timeout is killed; the clients it still owed are dropped with the reason, the round
