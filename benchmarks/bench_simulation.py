@@ -435,7 +435,8 @@ def speedup_table(res: dict) -> str:
     lines = [f"{res['clients']} clients, {res['method']}, {res['rounds']} rounds, {res['repeats']} interleaved runs "
              f"per arm, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {res['load'][0]:.1f}-"
              f"{res['load'][1]:.1f}", "",
-             "| arm | s/round (median) | of which validation + callbacks | engine | wall s |", "|---|---:|---:|---:|---:|"]
+             "| arm | s/round (median) | of which validation + callbacks | engine | wall s |",
+             "|---|---:|---:|---:|---:|"]
     for a, m in res["arms"].items():
         lines.append(f"| {a} | {m['round_med_s']:.3f} | {m['eval_med_s']:.3f} | {m['engine_med_s']:.3f} | "
                      f"{m['wall_s']:.1f} |")

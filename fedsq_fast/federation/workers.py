@@ -611,7 +611,8 @@ class WorkerPoolTransport(Transport):
                         elif msg[0] == "error":
                             why = f"failed: {msg[2]}"
                         else:
-                            why = f"failed: internal error: {msg[0]!r} with {len(msg[1])} batch sums where {due} were due"
+                            why = (f"failed: internal error: {msg[0]!r} with {len(msg[1])} batch sums where {due} "
+                                   "were due")
                     except (EOFError, OSError):
                         why = f"died: {s.why_dead()}"
                 owed.remove(i)

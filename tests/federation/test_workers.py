@@ -158,8 +158,7 @@ def test_a_run_checkpointed_on_workers_resumes_in_process_bit_for_bit(runs, tmp_
 def test_validation_shares_are_whole_batches_of_the_serial_evaluation(seed):
     rng = torch.Generator().manual_seed(seed)
     for _ in range(300):
-        n, bs, k = (int(v) for v in (torch.randint(1, 3000, (1,), generator=rng),
-                                     torch.randint(1, 700, (1,), generator=rng), torch.randint(1, 9, (1,), generator=rng)))
+        n, bs, k = (int(torch.randint(1, hi, (1,), generator=rng)) for hi in (3000, 700, 9))
         got = W.shares(n, bs, k)
         nb = -(-n // bs)
         assert len(got) == min(k, nb), (n, bs, k)
