@@ -26,6 +26,14 @@ included, sampled every 0.2 s); final validation and test accuracy.
     python benchmarks/bench_simulation.py --quick                  # the table, no pytest
     python benchmarks/bench_simulation.py --clients 100,1000 --rounds 5 --methods fedsq
 
+workers = 2 against workers = 1 per round (issue 25: the server's validation shared out by the
+workers), interleaved fresh runs of the 1,000-client job, optionally beside another checkout's w2
+(the code before a change), and a one-process profile of where a round's time goes:
+
+    python benchmarks/bench_simulation.py --workers-speedup --rounds 10 --repeats 5 [--baseline-root DIR]
+    python benchmarks/bench_simulation.py --serial-profile --rounds 8
+    pytest benchmarks/bench_simulation.py --benchmark-only -s -k workers_speedup
+
 Environment (pytest) / flags (standalone): FEDSQ_SIM_CLIENTS / --clients (default 100,1000),
 FEDSQ_SIM_ROUNDS / --rounds (20), FEDSQ_SIM_METHODS / --methods (fedavg,fedsq),
 FEDSQ_SIM_ARMS / --arms (all four), FEDSQ_SIM_QUICK=1 / --quick (100 clients, 3 rounds, fedsq).
@@ -37,6 +45,7 @@ import argparse
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -142,8 +151,8 @@ class TreeMemory(threading.Thread):
 
 
 # ------------------------------------------------------------------ one arm, in a fresh subprocess
-def _env() -> dict:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+def _env(root: Path = ROOT) -> dict:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
                 FLWR_TELEMETRY_ENABLED="0", PYTHONWARNINGS="ignore")
 
 
@@ -155,15 +164,19 @@ def _cli_flags(cfg: dict) -> list:
     return flags
 
 
-def run_arm(arm: str, cfg: dict, timeout: float = 3600) -> dict:
-    """Run one arm in a fresh subprocess; wall time, peak tree PSS and the run's numbers."""
+def run_arm(arm: str, cfg: dict, timeout: float = 3600, root: Path = ROOT) -> dict:
+    """Run one arm in a fresh subprocess; wall time, peak tree PSS and the run's numbers.
+    ``root``: the checkout whose fedsq_fast runs a ``fedsq_fast_w*`` arm (default this one;
+    another one measures code before a change in the same session)."""
     if arm.startswith("fedsq_fast_w"):
         cfg = dict(cfg, workers=int(arm[len("fedsq_fast_w"):]))
         cmd = [sys.executable, "-m", "fedsq_fast", "run", "--quiet", *_cli_flags(cfg)]
     else:
         cmd = [sys.executable, str(HERE), "--arm", arm, "--job", json.dumps(cfg)]
+        root = ROOT
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=root, env=_env(root), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     mem = TreeMemory(proc.pid)
     mem.start()
     try:
@@ -187,9 +200,13 @@ def run_arm(arm: str, cfg: dict, timeout: float = 3600) -> dict:
     loop = sum(h["time_round_s"] for h in hist)  # round 0 (initial validation) included
     later = [h["time_round_s"] for h in hist[2:]]
     mean = lambda k: sum(h[k] for h in hist[2:]) / len(later)  # noqa: E731
+    med = lambda k: statistics.median(h[k] for h in hist[2:])  # noqa: E731
     res.update(round_s=mean("time_round_s"), loop_s=loop, fixed_s=wall - loop, final_val_acc=hist[-1]["val_acc"],
                test_acc=doc["summary"].get("test_acc"), client_s_round=mean("time_client_s"),
-               eval_s_round=mean("time_eval_s"))
+               eval_s_round=mean("time_eval_s"), round_med_s=med("time_round_s"), eval_med_s=med("time_eval_s"),
+               engine_med_s=med("time_engine_s"),
+               # every round's validation numbers, exactly (repr of the floats): equal across arms or not
+               val_trace=json.dumps([[h["val_loss"], h["val_acc"]] for h in hist]))
     return res
 
 
@@ -301,9 +318,151 @@ def measure(s: dict, echo=print) -> tuple[list, float]:
                     r = run_arm(arm, job(n, m, s["rounds"], d))
                 r.update(clients=n, method=m, load=f"{load:.1f}")
                 echo(f"{n} clients, {m}, {arm}: " + json.dumps({k: (round(v, 3) if isinstance(v, float) else v)
-                                                               for k, v in r.items()}))
+                                                               for k, v in r.items() if k != "val_trace"}))
                 rows.append(r)
     return rows, torch_s
+
+
+# ------------------------------------------------------------------ workers = 2 against 1 (issue 25)
+def workers_speedup(clients: int = 1000, method: str = "fedsq", rounds: int = 12, repeats: int = 5,
+                    baseline_root=None, echo=print) -> dict:
+    """``fedsq_fast_w1`` and ``fedsq_fast_w2`` on the cross-device job, run interleaved
+    (``repeats`` times each, the order rotated every repeat, each a fresh subprocess), so that
+    a shared machine's load falls on both alike; with ``baseline_root`` (another checkout, e.g.
+    the code before a change) a third arm, that checkout's w2. Per run: the median over rounds
+    2..R of the engine's ``time_round_s`` (and of ``time_eval_s``: validation and the
+    callbacks' metrics); per arm: the median over its runs. The speed-up is w1's median round
+    over w2's. Every run's validation numbers of every round must be equal (bit for bit)."""
+    arms = ["fedsq_fast_w1", "fedsq_fast_w2"] + (["baseline_w2"] if baseline_root else [])
+    runs = {a: [] for a in arms}
+    loads = []
+    for rep in range(repeats):
+        for arm in arms[rep % len(arms):] + arms[:rep % len(arms)]:
+            with tempfile.TemporaryDirectory(prefix="fedsq_sim_") as d:
+                loads.append(os.getloadavg()[0])
+                root = Path(baseline_root) if arm == "baseline_w2" else ROOT
+                r = run_arm("fedsq_fast_w2" if arm == "baseline_w2" else arm, job(clients, method, rounds, d),
+                            root=root)
+            runs[arm].append(r)
+            echo(f"repeat {rep + 1}/{repeats} {arm}: round {r['round_med_s']:.3f} s, eval {r['eval_med_s']:.3f} s, "
+                 f"load {loads[-1]:.1f}")
+    traces = {r["val_trace"] for rs in runs.values() for r in rs}
+    med = {a: {k: statistics.median(r[k] for r in rs) for k in ("round_med_s", "eval_med_s", "engine_med_s", "wall_s")}
+           for a, rs in runs.items()}
+    out = {"clients": clients, "method": method, "rounds": rounds, "repeats": repeats, "arms": med,
+           "speedup": med["fedsq_fast_w1"]["round_med_s"] / med["fedsq_fast_w2"]["round_med_s"],
+           "speedups": sorted(a["round_med_s"] / b["round_med_s"]
+                              for a, b in zip(runs["fedsq_fast_w1"], runs["fedsq_fast_w2"])),
+           "identical": len(traces) == 1, "load": (min(loads), max(loads))}
+    if baseline_root:
+        out["baseline_speedup"] = med["fedsq_fast_w1"]["round_med_s"] / med["baseline_w2"]["round_med_s"]
+    return out
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc; 0 where gone)."""
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def serial_profile(clients: int = 1000, method: str = "fedsq", rounds: int = 8, echo=print) -> dict:
+    """Where a round's time goes, in one warm process (no start-up): the job with workers = 1,
+    with workers = 2 validating in the server (the code before issue 25: the pool's
+    ``validate`` switched off) and with workers = 2 sharing validation out. Per round
+    (medians over rounds 2..R): wall time of the round and of its validation; CPU seconds of
+    the server (its main thread: one torch thread) and of the busier worker (/proc, summed over
+    the round), in the round and in its validation. CPU time is what each process computes,
+    which a loaded machine stretches far less than wall time; ``path_s`` = the server's CPU
+    + the busier worker's CPU, per round: the round's length on an idle machine if nothing
+    overlapped (the server mostly waits while workers compute, so it is an upper bound)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))  # this checkout's fedsq_fast (the workers inherit the path)
+    from fedsq_fast.federation import Federation, WorkerPoolTransport, from_mapping, prepare_data
+
+    with tempfile.TemporaryDirectory(prefix="fedsq_sim_") as d:
+        c = from_mapping(job(clients, method, rounds, d))
+    torch.set_num_threads(1)
+    data = prepare_data(c)
+    out = {}
+    for arm in ("w1", "w2_server_validates", "w2_shared"):
+        pool = None if arm == "w1" else WorkerPoolTransport(2, threads=1)
+        if arm == "w2_server_validates":
+            pool.validate = lambda rnd: None  # noqa: E731 - the server evaluates it all, as before
+        fed = Federation(c, method, data, quiet=True, transport=pool)
+        per: dict = {}
+
+        def probe():
+            pids = [s.proc.pid for s in pool._slots] if pool is not None else []
+            return time.perf_counter(), time.thread_time(), [_cpu_s(p) for p in pids]
+
+        def delta(a, b):
+            return b[0] - a[0], b[1] - a[1], max([y - x for x, y in zip(a[2], b[2])] or [0.0])
+
+        def wrap(name, inner):
+            def f(rnd):
+                a = probe()
+                res = inner(rnd)
+                per.setdefault(rnd, {})[name] = delta(a, probe())
+                return res
+            return f
+        fed._validate = wrap("validation", fed._validate)
+        fed.run_round = wrap("round", fed.run_round)
+        try:
+            hist = fed.run().history
+        finally:
+            if pool is not None:
+                pool.close()
+        rs = [per[r] for r in range(2, rounds + 1)]
+        m = lambda f: statistics.median(f(x) for x in rs)  # noqa: E731
+        out[arm] = {"round_s": m(lambda x: x["round"][0]), "validation_s": m(lambda x: x["validation"][0]),
+                    "server_cpu_s": m(lambda x: x["round"][1]),
+                    "server_validation_cpu_s": m(lambda x: x["validation"][1]),
+                    "worker_cpu_s": m(lambda x: x["round"][2]),
+                    "worker_validation_cpu_s": m(lambda x: x["validation"][2]),
+                    "path_s": m(lambda x: x["round"][1] + x["round"][2]),
+                    "val": [(h["val_loss"], h["val_acc"]) for h in hist]}
+        echo(f"{arm}: " + ", ".join(f"{k} {v:.3f}" for k, v in out[arm].items() if k != "val"))
+    out["identical"] = out["w1"]["val"] == out["w2_server_validates"]["val"] == out["w2_shared"]["val"]
+    return out
+
+
+def speedup_table(res: dict) -> str:
+    """Markdown of :func:`workers_speedup`."""
+    lines = [f"{res['clients']} clients, {res['method']}, {res['rounds']} rounds, {res['repeats']} interleaved runs "
+             f"per arm, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {res['load'][0]:.1f}-"
+             f"{res['load'][1]:.1f}", "",
+             "| arm | s/round (median) | of which validation + callbacks | engine | wall s |",
+             "|---|---:|---:|---:|---:|"]
+    for a, m in res["arms"].items():
+        lines.append(f"| {a} | {m['round_med_s']:.3f} | {m['eval_med_s']:.3f} | {m['engine_med_s']:.3f} | "
+                     f"{m['wall_s']:.1f} |")
+    lines += ["", f"w1 / w2 per round: **{res['speedup']:.2f}x** (target >= 1.6; per repeat "
+              f"{', '.join(f'{v:.2f}' for v in res['speedups'])})"]
+    if "baseline_speedup" in res:
+        lines.append(f"w1 / baseline w2 per round: {res['baseline_speedup']:.2f}x")
+    lines.append(f"validation numbers of every round equal across all runs: {'yes' if res['identical'] else 'NO'}")
+    return "\n".join(lines) + "\n"
+
+
+def test_workers_speedup(benchmark):
+    """workers = 2 against workers = 1, per round, on the 1,000-client job (interleaved runs;
+    FEDSQ_SIM_ROUNDS, FEDSQ_SIM_REPEATS, FEDSQ_SIM_METHODS' first method, FEDSQ_SIM_BASELINE_ROOT)."""
+    import _bench
+
+    env = os.environ.get
+    out = {}
+    benchmark.group = "simulation workers = 2 against 1 (per round)"
+    benchmark.pedantic(lambda: out.update(workers_speedup(
+        1000, (env("FEDSQ_SIM_METHODS") or "fedsq").split(",")[0], int(env("FEDSQ_SIM_ROUNDS") or 12),
+        int(env("FEDSQ_SIM_REPEATS") or 5), env("FEDSQ_SIM_BASELINE_ROOT"))), rounds=1, iterations=1)
+    benchmark.extra_info.update(speedup=out["speedup"], identical=out["identical"])
+    _bench.EXTRA["simulation workers = 2 against 1"] = speedup_table(out)
+    print("\n" + speedup_table(out))
+    assert out["identical"], "workers = 1 and 2 recorded different validation numbers"
 
 
 # ------------------------------------------------------------------ pytest-benchmark
@@ -336,11 +495,12 @@ def test_simulation_side_by_side(benchmark, num_clients, method, arm):
     benchmark.extra_info["variant"] = arm
     benchmark.pedantic(one, rounds=1, iterations=1)
     out.update(clients=num_clients, method=method)
-    benchmark.extra_info.update({k: v for k, v in out.items() if isinstance(v, (int, float, str))})
+    benchmark.extra_info.update({k: v for k, v in out.items() if isinstance(v, (int, float, str)) and k != "val_trace"})
     _ROWS.append(out)
     _bench.RESULTS[(benchmark.group, arm)] = out["wall_s"]
     _bench.EXTRA["simulation side by side"] = table(_ROWS, _TORCH["s"])
-    print(f"\n{arm}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()))
+    print(f"\n{arm}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()
+                                   if k != "val_trace"))
     assert out["wall_s"] > 0 and (arm == "floor" or 0 <= out["final_val_acc"] <= 1)
 
 
@@ -352,6 +512,13 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, help="rounds (default 20)")
     p.add_argument("--methods", help="comma-separated methods (default fedavg,fedsq)")
     p.add_argument("--arms", help=f"comma-separated arms (default {','.join(ARMS)})")
+    p.add_argument("--workers-speedup", action="store_true",
+                   help="workers = 2 against 1 per round, interleaved runs (issue 25; --clients: its first, "
+                        "default 1000; --methods: its first, default fedsq; --rounds default 12)")
+    p.add_argument("--repeats", type=int, default=5, help="--workers-speedup: runs per arm (default 5)")
+    p.add_argument("--serial-profile", action="store_true",
+                   help="where a round's time goes with workers 1 / 2 (server validates) / 2 (shared), one process")
+    p.add_argument("--baseline-root", help="--workers-speedup: another checkout whose w2 runs as a third arm")
     p.add_argument("--arm", help=argparse.SUPPRESS)  # internal: run one arm in this process
     p.add_argument("--job", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -363,6 +530,20 @@ def main(argv=None) -> int:
             _flower(cfg)
         else:
             p.error(f"--arm {a.arm}: floor or flower_sim")
+        return 0
+    if a.serial_profile:
+        res = serial_profile(int((a.clients or "1000").split(",")[0]), (a.methods or "fedsq").split(",")[0],
+                             a.rounds or 8, echo=lambda line: print(line, file=sys.stderr, flush=True))
+        print(json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "val"} if isinstance(v, dict) else v)
+                          for k, v in res.items()}, indent=1))
+        return 0
+    if a.workers_speedup:
+        if a.repeats < 1 or (a.rounds is not None and a.rounds < 3):
+            p.error("--workers-speedup: --repeats >= 1 and --rounds >= 3 (rounds 2..R are timed)")
+        res = workers_speedup(int((a.clients or "1000").split(",")[0]), (a.methods or "fedsq").split(",")[0],
+                              a.rounds or 12, a.repeats, a.baseline_root,
+                              echo=lambda line: print(line, file=sys.stderr, flush=True))
+        print(speedup_table(res))
         return 0
     try:
         s = settings(a.quick, a.clients, a.rounds, a.methods, a.arms)

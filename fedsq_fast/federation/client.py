@@ -253,24 +253,51 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, transform=None,
              precision: str = "fp32") -> tuple[float, float]:
     """(mean cross-entropy, accuracy) in eval mode (``sample_idx``: as in local_train); ``x``
     a tensor or a :class:`~fedsq_fast.federation.lazy.LazyImages` (read per batch)."""
+    losses, correct = eval_sums(model, x, y, transform, batch_size, sample_idx, precision)
+    return eval_result(losses, correct, len(y))
+
+
+@torch.no_grad()
+def eval_sums(model: nn.Module, x, y: torch.Tensor, transform=None, batch_size: int = 512,
+              sample_idx: torch.Tensor | None = None, precision: str = "fp32",
+              start: int = 0, stop: int | None = None) -> tuple[list, int]:
+    """The pieces :func:`evaluate` is made of, over samples ``[start, stop)`` of (x, y):
+    each batch's summed cross-entropy (a Python float, batches of ``batch_size`` counted from
+    ``start``, in order) and the number of correct predictions. ``sample_idx``, when given,
+    holds one index per sample of the range (``sample_idx[j]`` for sample ``start + j``).
+    A range that starts on a batch boundary of the whole set computes that set's batches
+    exactly (the same rows per batch), so ranges split at batch boundaries and evaluated
+    anywhere give, through :func:`eval_result`, the whole set's numbers bit for bit."""
     from .lazy import rows
 
+    stop = len(y) if stop is None else stop
     was = model.training
     model.eval()
     dev = _device_of(model)
-    loss, correct = 0.0, 0
+    losses, correct = [], 0
     try:
-        for i in range(0, len(y), batch_size):
-            xb = rows(x, slice(i, i + batch_size)).to(dev, non_blocking=True)
-            yb = y[i:i + batch_size].to(dev, non_blocking=True)
+        for i in range(start, stop, batch_size):
+            j = min(i + batch_size, stop)
+            xb = rows(x, slice(i, j)).to(dev, non_blocking=True)
+            yb = y[i:j].to(dev, non_blocking=True)
             if transform is not None:
                 xb = transform(xb)
             with autocast(dev, precision):
-                out = model(xb) if sample_idx is None else model(xb, sample_idx[i:i + batch_size])
+                out = model(xb) if sample_idx is None else model(xb, sample_idx[i - start:j - start])
             out = out.float()  # the loss and argmax in float32 whatever the precision
-            loss += float(F.cross_entropy(out, yb, reduction="sum"))
+            losses.append(float(F.cross_entropy(out, yb, reduction="sum")))
             correct += int((out.argmax(1) == yb).sum())
     finally:
         model.train(was)
-    n = max(1, len(y))
+    return losses, correct
+
+
+def eval_result(losses, correct: int, n: int) -> tuple[float, float]:
+    """(mean loss, accuracy) from :func:`eval_sums`' pieces of ``n`` samples, the batch sums
+    given in batch order. Added one by one from 0.0 (never ``sum()``: Python 3.12's sum of
+    floats is compensated, so it would not be the loop :func:`evaluate` always ran)."""
+    loss = 0.0
+    for v in losses:
+        loss += v
+    n = max(1, n)
     return loss / n, correct / n

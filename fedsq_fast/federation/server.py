@@ -22,7 +22,7 @@ from torch import nn
 
 from . import adapter, checkpoint, evaluation
 from .callbacks import GateStability, Progress
-from .client import LocalConfig, evaluate
+from .client import LocalConfig, eval_result, eval_sums, evaluate
 from .config import MethodSpec, RunConfig, config_differences, local_config, resolve_device, strategy_from_config
 from .lazy import is_random
 from .metrics import RoundRecord, drops_text, summarize, write_metrics
@@ -196,13 +196,29 @@ class Federation:
         return due
 
     def evaluate(self, x=None, y=None):
-        """Validation split by default (with the FedSQ mask cache), else (x, y)."""
-        idx = None
+        """(loss, accuracy) of the global model on the validation split by default (with the
+        FedSQ mask cache), else on (x, y); in this process."""
         if x is None:
-            x, y = self.data.val_x, self.data.val_y
-            if getattr(self.model, "mask_cache", None) is not None:
-                idx = torch.arange(len(y))
-        return evaluate(self.model, x, y, self.data.transform, self.cfg.eval_batch_size, idx, self.cfg.precision)
+            return eval_result(*self.val_sums(), len(self.data.val_y))
+        return evaluate(self.model, x, y, self.data.transform, self.cfg.eval_batch_size, None, self.cfg.precision)
+
+    def val_sums(self, start: int = 0, stop: int | None = None) -> tuple[list, int]:
+        """Validation samples ``[start, stop)`` evaluated in this process:
+        :func:`~.client.eval_sums` (per-batch loss sums, correct count)."""
+        d = self.data
+        idx = None
+        if getattr(self.model, "mask_cache", None) is not None:
+            idx = torch.arange(len(d.val_y))[start:stop]
+        return eval_sums(self.model, d.val_x, d.val_y, d.transform, self.cfg.eval_batch_size, idx,
+                         self.cfg.precision, start, stop)
+
+    def _validate(self, rnd: int) -> tuple[float, float]:
+        """Round ``rnd``'s validation: shared out by a transport that can (the worker pool:
+        whole batches per worker, combined in batch order: the numbers of :meth:`evaluate`
+        bit for bit), else :meth:`evaluate`."""
+        split = getattr(self.transport, "validate", None)  # a duck-typed transport may lack it
+        sums = split(rnd) if callable(split) else None
+        return self.evaluate() if sums is None else eval_result(*sums, len(self.data.val_y))
 
     # ------------------------------------------------------------------ round
     def run_round(self, rnd: int) -> RoundRecord:
@@ -269,7 +285,7 @@ class Federation:
         else:
             adapter.load_payload(self.model, new)
         t_eval = time.perf_counter()
-        vloss, vacc = self.evaluate()
+        vloss, vacc = self._validate(rnd)
         rec = RoundRecord(
             round=rnd, val_loss=vloss, val_acc=vacc,
             train_loss=totals.train_loss,

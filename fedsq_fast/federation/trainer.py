@@ -49,11 +49,17 @@ def new_mask_cache(model: nn.Module, num_samples: int):
     old = getattr(model, "mask_cache", None)
     if old is not None:
         old.close()
-    # inputs that change between reads (a random transform the load-time check missed) make the
-    # cache step aside (logged) instead of failing the run: masks are then computed per batch
-    cache = MaskCache(num_samples, max_bytes=MASK_CACHE_BYTES, policy="spill", on_change="step_aside")
+    cache = engine_mask_cache(num_samples)
     model.attach_cache(cache)
     return cache
+
+
+def engine_mask_cache(num_samples: int) -> MaskCache:
+    """A mask cache as the engine makes them (unattached): rows past :data:`MASK_CACHE_BYTES`
+    spill to a temporary file; inputs that change between reads (a random transform the
+    load-time check missed) make it step aside (logged) instead of failing the run: masks are
+    then computed per batch."""
+    return MaskCache(num_samples, max_bytes=MASK_CACHE_BYTES, policy="spill", on_change="step_aside")
 
 
 class ClientTrainer:

@@ -160,6 +160,13 @@ class Transport:
     def refresh(self) -> None:
         """The global model's structural copy was replaced (ablations)."""
 
+    def validate(self, rnd: int):
+        """Round ``rnd``'s validation of the server's global model shared out by the clients'
+        processes: (per-batch loss sums in batch order, correct count) as
+        :func:`~.client.eval_sums` gives for the whole validation split, or None, and the server
+        evaluates it itself (here: always; the worker pool shares it out)."""
+        return None
+
     def state_dict(self) -> dict:
         """Client state the server keeps for resume (FedBN layers in process); flat tensors."""
         return {}

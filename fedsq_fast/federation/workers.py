@@ -9,6 +9,8 @@ order with the same ``ClientTrainer.train`` as in process (seed from (seed,
 round, client)), so a client's update does not depend on which worker trains it, and the
 transport yields the replies in client order: the global model and every recorded number
 (timings aside) are those of the in-process run, bit for bit, for any number of workers.
+The server's validation of each new global model is shared out too (:meth:`WorkerPoolTransport.validate`:
+whole batches per worker, batch sums added in batch order: the serial numbers bit for bit).
 
 Faults: a worker that dies (killed, segfault, ``os._exit``) or sends no reply within the
 timeout is killed; the clients it still owed are dropped with the reason, the round
@@ -72,7 +74,7 @@ def _worker_main(conn, threads: int, tmpdir: str | None = None) -> None:
 
     conn.send_bytes(_pack(("hello",)))
 
-    trainer = None
+    trainer = validator = None
     while True:
         try:
             msg = pickle.loads(conn.recv_bytes())
@@ -82,8 +84,7 @@ def _worker_main(conn, threads: int, tmpdir: str | None = None) -> None:
         if kind == "stop":
             return
         if kind == "setup":
-            _, blob, x, y, *more = msg
-            test = more[0] if more else None  # the clients' test splits (federated evaluation), or None
+            _, blob, x, y, val_x, val_y, test = msg  # test: the clients' test splits (federated evaluation), or None
             try:
                 recipe, state, parts, transform = pickle.loads(blob)
                 _set_determinism(recipe["determinism"])
@@ -97,12 +98,24 @@ def _worker_main(conn, threads: int, tmpdir: str | None = None) -> None:
 
                 trainer = ClientTrainer(model, x, y, parts, transform, seed=seed, mask_cache=mask_cache,
                                         own_model=True, privacy=client_privacy(recipe["cfg"]), test=test)
+                if validator is not None:
+                    validator.close()  # the previous model's: its spill file goes now
+                validator = _Validator(trainer, val_x, val_y, recipe["cfg"])
                 conn.send_bytes(_pack(("ready",)))
             except Exception as e:  # reported, and the server refuses to run
                 conn.send_bytes(_pack(("failed", f"{type(e).__name__}: {e}")))
             continue
         if kind == "evaluate":  # federated evaluation (evaluation.py): one message per client, in order
             _evaluate_clients(conn, trainer, msg)
+            continue
+        if kind == "validate":
+            _, glob, start, stop, fault = msg
+            try:
+                _test_fault(fault)
+                out = ("validated", *validator.run(pickle.loads(glob), start, stop))
+            except Exception as e:  # the server evaluates this share itself (and meets a real error there)
+                out = ("error", None, f"{type(e).__name__}: {e}")
+            conn.send_bytes(_pack(out))
             continue
         _, rnd, glob, lcfg, items, faults = msg  # "train"
         glob = pickle.loads(glob)
@@ -130,6 +143,59 @@ def _evaluate_clients(conn, trainer, msg) -> None:
         trainer.local_states = {cid: local} if local is not None else {}
         r = evaluate_reply(trainer, task, cid)
         conn.send_bytes(_pack(("eval", cid, r.num_samples, r.loss, r.accuracy, r.error)))
+
+
+class _Validator:
+    """A worker's share of the server's validation: samples ``[start, stop)`` of the
+    validation split (whole batches of the server's batching) evaluated with the global
+    model the server sends, on this worker's model (the same structural copy: the server's
+    state at setup). With the mask cache on, a cache of its own for its share (the server's
+    validation cache holds the whole split; the training cache stays attached for
+    training): a FedSQ validation is then one quantitative forward, as in the server."""
+
+    def __init__(self, trainer, x, y, cfg):
+        from .lazy import is_random
+
+        self.trainer, self.x, self.y, self.cfg = trainer, x, y, cfg
+        self.use_cache = (cfg.mask_cache and not is_random(x)
+                          and callable(getattr(trainer.worker, "attach_cache", None)))
+        self.cache, self.range = None, None
+
+    def run(self, glob: dict, start: int, stop: int) -> tuple[list, int]:
+        from . import adapter
+        from .client import eval_sums
+        from .trainer import engine_mask_cache
+
+        model = self.trainer.worker
+        adapter.load_payload(model, glob)  # the payload is the whole trained state (see adapter)
+        if not self.use_cache:
+            return eval_sums(model, self.x, self.y, self.trainer.transform, self.cfg.eval_batch_size, None,
+                             self.cfg.precision, start, stop)
+        if self.range != (start, stop):  # the same share every round while the pool keeps its size
+            if self.cache is not None:
+                self.cache.close()
+            self.cache, self.range = engine_mask_cache(stop - start), (start, stop)
+            self.cache.bind(model)
+        own = model.mask_cache
+        model.mask_cache = self.cache  # bound above: swapping back and forth hashes no structural copy
+        try:
+            return eval_sums(model, self.x, self.y, self.trainer.transform, self.cfg.eval_batch_size,
+                             torch.arange(stop - start), self.cfg.precision, start, stop)
+        finally:
+            model.mask_cache = own
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
+
+
+def shares(n: int, batch_size: int, k: int) -> list[tuple[int, int]]:
+    """The validation split of ``n`` samples cut into at most ``k`` contiguous ``[start,
+    stop)`` ranges of whole batches of ``batch_size`` (the batches of a serial evaluation),
+    as even as the batches allow; fewer ranges where there are fewer batches."""
+    nb = -(-n // batch_size)
+    k = min(k, nb)
+    return [(nb * i // k * batch_size, min(n, nb * (i + 1) // k * batch_size)) for i in range(k)]
 
 
 def _determinism() -> tuple:
@@ -172,6 +238,8 @@ def _test_fault(what) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if what == "hang":
         time.sleep(3600)
+    if what == "raise":  # validation only: the worker reports it and lives on
+        raise RuntimeError("test fault")
 
 
 def deal(clients: list, sizes: list, workers: int) -> list[list]:
@@ -265,7 +333,9 @@ class WorkerPoolTransport(Transport):
     ``_test_fault``: test seam, ``{(round, client): "exit" | "kill" | "hang"}``: the worker
     that trains that client in that round ends itself (``os._exit(1)`` / SIGKILL) or sleeps
     an hour before training it; a key ``("evaluate", round, client)``: before evaluating it
-    (federated evaluation).
+    (federated evaluation);
+    ``{(round, "val", i): ... | "raise"}``: worker ``i`` does so (or raises) before its
+    validation share.
     """
 
     parallel_clients = True  # what config key `workers` asks for (Federation's check)
@@ -325,7 +395,7 @@ class WorkerPoolTransport(Transport):
         from .lazy import is_lazy
 
         d = self.fed.data
-        for t in (d.x, d.y):
+        for t in (d.x, d.y, d.val_x, d.val_y):
             # in place, once (a no-op after): every worker maps the same pages. Images read per
             # batch travel as their source (a memmap: its file name); on a GPU the pickler sends
             # CUDA IPC handles, so the workers read the server's copy.
@@ -337,7 +407,7 @@ class WorkerPoolTransport(Transport):
                 if not is_lazy(t) and not t.is_cuda:
                     t.share_memory_()
             test = (d.ctest_x, d.ctest_y, d.ctest_parts)
-        return bytes(ForkingPickler.dumps(("setup", self._model_blob(), d.x, d.y, test)))
+        return bytes(ForkingPickler.dumps(("setup", self._model_blob(), d.x, d.y, d.val_x, d.val_y, test)))
 
     def _model_blob(self) -> bytes:
         """What a worker builds its model from (once per model; before any worker starts,
@@ -580,6 +650,83 @@ class WorkerPoolTransport(Transport):
                     s.kill()
         for cid in clients:
             yield out[cid]
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, rnd: int) -> tuple[list, int] | None:
+        """The server's validation of its current global model shared out: worker ``i``
+        evaluates range ``i`` of :func:`shares` (whole batches of the serial evaluation) while
+        the server waits; the per-batch loss sums come back and are put in batch order, so
+        ``eval_result`` of them is :meth:`Federation.evaluate`'s result bit for bit. A share
+        whose worker is down, died or timed out, or failed, is evaluated in this process
+        instead (same numbers). None (the server evaluates it all) where sharing would change
+        a number or save nothing: a GPU (one process already has the device), workers whose
+        torch thread count is not the server's (CPU kernels round differently per thread
+        count), validation data that changes between reads (random transforms: the numbers
+        would follow each process's random state), fewer than two batches, or no worker
+        holding the current model (round 0; a round that sent no client after a structural
+        refresh or a resume; after close)."""
+        from . import adapter
+        from .lazy import is_random
+
+        fed = self.fed
+        d, bs = fed.data, fed.cfg.eval_batch_size
+        ranges = shares(len(d.val_y), bs, self.workers)
+        threads = _threads(self.threads if self.threads is not None else fed.cfg.threads, self.workers)
+        ready = [i for i, s in enumerate(self._slots[:len(ranges)])
+                 if s.greeted and s.version == self._version and s.alive()]
+        if (fed.device.type != "cpu" or is_random(d.val_x) or len(ranges) < 2 or threads != torch.get_num_threads()
+                or not ready):
+            return None
+
+        glob = _pack(adapter.payload_state(fed.model))
+        out: dict = {}
+        owed = []
+        try:
+            for i in ready:
+                s = self._slots[i]
+                try:
+                    s.conn.send_bytes(_pack(("validate", glob, *ranges[i], self._test_fault.get((rnd, "val", i)))))
+                    owed.append(i)
+                except OSError:  # it died since the round: this share is evaluated here
+                    s.kill()
+            for i in range(len(ranges)):  # the shares no worker took, while the workers evaluate theirs
+                if i not in owed:
+                    out[i] = fed.val_sums(*ranges[i])
+            timeout = self.timeout_s if self.timeout_s is not None else DEFAULT_TIMEOUT_S
+            for i in list(owed):
+                s = self._slots[i]
+                why = None
+                if not wait([s.conn, s.proc.sentinel], timeout) and not s.conn.poll():
+                    why = f"timed out: no reply within {timeout:g} s"
+                else:
+                    try:
+                        msg = pickle.loads(s.conn.recv_bytes())
+                        due = -(-(ranges[i][1] - ranges[i][0]) // bs)
+                        if msg[0] == "validated" and len(msg[1]) == due:
+                            out[i] = (list(msg[1]), int(msg[2]))
+                        elif msg[0] == "error":
+                            why = f"failed: {msg[2]}"
+                        else:
+                            why = (f"failed: internal error: {msg[0]!r} with {len(msg[1])} batch sums where {due} "
+                                   "were due")
+                    except (EOFError, OSError):
+                        why = f"died: {s.why_dead()}"
+                owed.remove(i)
+                if why is not None:
+                    log.warning("round %d: worker %d (pid %s) %s while validating; its share (validation samples "
+                                "%d-%d) evaluated by the server", rnd, i, s.proc.pid, why, ranges[i][0],
+                                ranges[i][1] - 1)
+                    if not why.startswith("failed"):
+                        s.kill()  # restarted at the next round
+                    out[i] = fed.val_sums(*ranges[i])
+        finally:
+            for i in owed:  # abandoned (an exception or Ctrl-C): a late reply would be read as a client's
+                self._slots[i].kill()
+        losses, correct = [], 0
+        for i in range(len(ranges)):
+            losses += out[i][0]
+            correct += out[i][1]
+        return losses, correct
 
     def _keep_local(self, cid: int, glob: dict, state) -> None:
         """FedBN: the client's own layers from the state it sent (as ClientTrainer.keep_local)."""

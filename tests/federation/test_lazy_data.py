@@ -282,8 +282,9 @@ def test_workers_read_the_data_themselves_with_the_same_numbers(tmp_path, method
     class SeePool(Callback):
         def on_round_end(self, fed, record):
             pools.extend(fed.transport._tmp)
-            if method == "fedsq":  # each worker's spill folder is in the pool's
-                assert len([d for p in fed.transport._tmp for d in os.listdir(p)]) == 2
+            if method == "fedsq":  # each worker's spill folders are in the pool's: its training cache's and
+                # its validation share's (150 validation samples in 4 batches of 40: 2 per worker)
+                assert len([d for p in fed.transport._tmp for d in os.listdir(p)]) == 4
 
     monkeypatch.setattr(trainer, "MASK_CACHE_BYTES", 100)  # sent to the workers with the model
     got = _numbers(Federation(par, method, data, quiet=True, callbacks=[SeePool()]).run())

@@ -63,7 +63,22 @@ def short_timeouts(monkeypatch):
 
 
 def _cfg(method, **kw):
-    return small_config(methods=[method], rounds=2, num_clients=6, checkpoint=False, lr=0.1, **kw)
+    # eval_batch_size 37: 200 validation samples in 6 batches (the last of 15), so the workers
+    # share the server's validation out (2 or 4 shares) in every run of this module
+    return small_config(methods=[method], rounds=2, num_clients=6, checkpoint=False, lr=0.1,
+                        **{"eval_batch_size": 37, **kw})
+
+
+def _spy_validate(pool) -> list:
+    """Record, per call of the pool's validate, the round and whether it shared the work out."""
+    calls, inner = [], pool.validate
+
+    def validate(rnd):
+        out = inner(rnd)
+        calls.append((rnd, out is not None))
+        return out
+    pool.validate = validate
+    return calls
 
 
 def _numbers(history):
@@ -99,9 +114,12 @@ def runs(bundle):
 @pytest.mark.parametrize("workers", [2, 4])
 def test_results_do_not_depend_on_the_number_of_workers(runs, workers):
     pool = WorkerPoolTransport(workers, threads=1)  # one pool for the three methods (as run_methods)
+    calls = _spy_validate(pool)
     try:
         for m, (cfg, data, ref, local) in runs.items():
+            del calls[:]
             got = Federation(cfg, m, data, quiet=True, transport=pool).run()
+            assert calls == [(1, True), (2, True)]  # the validation of both rounds shared out (round 0: the server's)
             _same_model(ref.model, got.model)
             _same_numbers(ref.history, got.history)
             assert all(h["clients_ok"] == 6 for h in got.history[1:])
@@ -123,6 +141,128 @@ def test_a_run_checkpointed_in_process_resumes_on_workers_bit_for_bit(runs, tmp_
     _same_numbers(ref.history, got.history)
     mine = fed.transport.state_dict()
     assert mine.keys() == local.keys() and all(torch.equal(mine[k], local[k]) for k in local)
+
+
+def test_a_run_checkpointed_on_workers_resumes_in_process_bit_for_bit(runs, tmp_path):
+    """Stopped after round 1 (its validation shared out by the workers), resumed in process: the
+    in-process run's model and numbers (validation decides best_round). The other direction:
+    test_a_run_checkpointed_in_process_resumes_on_workers_bit_for_bit."""
+    cfg, data, ref, _ = runs["fedsq"]
+    cfg = cfg.replace(checkpoint=True)
+    Federation(cfg.replace(workers=2), "fedsq", data, out_dir=tmp_path, quiet=True).run(stop_after=1)
+    got = Federation(cfg, "fedsq", data, out_dir=tmp_path, quiet=True).run(resume=True)
+    _same_model(ref.model, got.model)
+    _same_numbers(ref.history, got.history)
+
+
+def test_validation_shares_are_whole_batches_of_the_serial_evaluation(seed):
+    rng = torch.Generator().manual_seed(seed)
+    for _ in range(300):
+        n, bs, k = (int(torch.randint(1, hi, (1,), generator=rng)) for hi in (3000, 700, 9))
+        got = W.shares(n, bs, k)
+        nb = -(-n // bs)
+        assert len(got) == min(k, nb), (n, bs, k)
+        assert got[0][0] == 0 and got[-1][1] == n and all(a[1] == b[0] for a, b in zip(got, got[1:]))
+        batches = [-(-(b - a) // bs) for a, b in got]
+        assert all(a % bs == 0 for a, _ in got) and sum(batches) == nb and max(batches) - min(batches) <= 1
+        assert all(b - a == bs * nb_ for (a, b), nb_ in zip(got[:-1], batches))  # only the last share is ragged
+    assert W.shares(1000, 512, 2) == [(0, 512), (512, 1000)]  # the bench's job: one batch each
+    assert W.shares(200, 512, 4) == [(0, 200)]  # one batch: nothing to share
+    assert W.shares(0, 16, 3) == []  # no validation split
+
+
+def _hand_loop(model, x, y, bs):
+    """The serial evaluation written out: float32 batch sums, added one by one in a float."""
+    model.eval()
+    loss, correct = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(y), bs):
+            out = model(x[i:i + bs]).float()
+            loss += float(torch.nn.functional.cross_entropy(out, y[i:i + bs], reduction="sum"))
+            correct += int((out.argmax(1) == y[i:i + bs]).sum())
+    return loss / len(y), correct / len(y)
+
+
+@pytest.mark.parametrize("dual", [False, True])
+def test_eval_sums_over_batch_aligned_ranges_make_the_whole_evaluation(seed, dual):
+    """Any cut of the set into batch-aligned ranges, evaluated range by range (FedSQ: each with
+    a mask cache of its own, as a worker holds), combined in order: evaluate()'s numbers, which
+    are the hand-written loop's, bit for bit."""
+    from fedsq_fast.federation.client import eval_result, eval_sums, evaluate
+    from fedsq_fast.federation.trainer import engine_mask_cache
+    from fedsq_fast.models import dualcopy
+
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(13, 17), torch.nn.ReLU(), torch.nn.Linear(17, 5))
+    model = dualcopy(net) if dual else net
+    if dual:
+        for p in model.quantitative.parameters():
+            p.data.add_(0.3 * torch.randn_like(p))  # the trained copy drifts from the gates' copy
+    rng = torch.Generator().manual_seed(seed)
+    for n, bs in ((1, 1), (97, 7), (250, 64), (300, 300), (301, 100)):
+        x = torch.randn(n, 13, generator=rng) * 10 ** torch.randint(-3, 4, (n, 1), generator=rng)
+        y = torch.randint(0, 5, (n,), generator=rng)
+        whole = evaluate(model, x, y, batch_size=bs)
+        assert whole == _hand_loop(model, x, y, bs)
+        for k in (1, 2, 3, 5):
+            losses, correct = [], 0
+            for a, b in W.shares(n, bs, k):
+                idx = None
+                if dual:
+                    model.attach_cache(engine_mask_cache(b - a))
+                    idx = torch.arange(b - a)
+                    eval_sums(model, x, y, None, bs, idx, "fp32", a, b)  # fills the cache: the next pass reads it
+                part = eval_sums(model, x, y, None, bs, idx, "fp32", a, b)
+                losses += part[0]
+                correct += part[1]
+            assert eval_result(losses, correct, n) == whole, (n, bs, k)
+    if dual:
+        model.attach_cache(None)
+
+
+def test_eval_result_adds_the_batch_sums_in_order_one_by_one():
+    from fedsq_fast.federation.client import eval_result
+
+    assert eval_result([1e16, 1.0, -1e16], 3, 3) == (0.0, 1.0)  # compensated summation would give 1/3
+    assert eval_result([], 0, 0) == (0.0, 0.0)  # no samples: as evaluate() on an empty split
+    loss, _ = eval_result([float("nan"), 1.0], 1, 2)
+    assert math.isnan(loss)
+    assert eval_result([0.1] * 10, 4, 10)[0] == sum([0.1] * 10) / 10  # the left-to-right float sum (0.99999...)
+
+
+@pytest.mark.parametrize("how", ["kill", "hang", "raise", "one batch", "threads"])
+def test_validation_falls_back_to_the_server_with_the_same_numbers(runs, how, caplog):
+    """A worker that dies or hangs while validating: its share is evaluated by the server (a
+    warning says so), the numbers are the serial ones and the pool is restored. Where sharing
+    would save nothing (one batch) or change a number (workers with another thread count than
+    the server), the server evaluates it all."""
+    cfg, data, ref, _ = runs["fedsq"]
+    if how == "one batch":
+        cfg = cfg.replace(eval_batch_size=200)
+        ref = Federation(cfg, "fedsq", data, quiet=True).run()
+    pool = WorkerPoolTransport(2, threads=2 if how == "threads" else 1, timeout_s=5 if how == "hang" else None)
+    if how in ("kill", "exit", "hang", "raise"):
+        pool._test_fault = {(1, "val", 1): how}
+    calls = _spy_validate(pool)
+    try:
+        with caplog.at_level("WARNING", logger="fedsq_fast.federation"):
+            got = Federation(cfg, "fedsq", data, quiet=True, transport=pool).run()
+    finally:
+        pool.close()
+    if how == "threads":  # 2 threads per worker change the training's last bits, not what validation is
+        assert calls == [(1, False), (2, False)]
+        assert all(h["clients_ok"] == 6 for h in got.history[1:])
+        return
+    _same_model(ref.model, got.model)
+    _same_numbers(ref.history, got.history)
+    if how == "one batch":
+        assert calls == [(1, False), (2, False)]
+        return
+    assert calls == [(1, True), (2, True)]  # round 1 with one worker's share done by the server
+    msgs = [r.getMessage() for r in caplog.records if "while validating" in r.getMessage()]
+    assert len(msgs) == 1 and "round 1: worker 1" in msgs[0] and "evaluated by the server" in msgs[0], msgs
+    assert {"hang": "timed out", "raise": "failed: RuntimeError: test fault"}.get(how, "died") in msgs[0]
+    assert got.history[2]["clients_ok"] == 6 and not got.history[2]["clients_dropped"]  # pool restored
 
 
 def _dealt(data, workers):
@@ -208,7 +348,7 @@ def test_workers_from_the_cli_write_the_same_metrics(tmp_path, capsys):
 
     args = ["run", "--dataset", "digits", "--model", "tiny_cnn", "--methods", "fedavg", "fedsq", "--rounds", "2",
             "--num-clients", "4", "--max-train-samples", "none", "--val-size", "200", "--max-test-samples", "200",
-            "--lr", "0.1", "--threads", "1", "--checkpoint", "false", "--quiet"]
+            "--lr", "0.1", "--threads", "1", "--checkpoint", "false", "--eval-batch-size", "64", "--quiet"]
     docs = {}
     for n in (1, 2):
         assert main([*args, "--workers", str(n), "--out-dir", str(tmp_path / str(n))]) == 0
