@@ -324,9 +324,10 @@ def _match(z_q: torch.Tensor, m: SiteMasks) -> torch.Tensor:
 
 def quant_site(z_q, masks: SiteMasks, kind="relu", p1=0.0, p2=0.0):
     """Quantitative side of a gate site (differentiable in z_q): ``z_q`` gated by the
-    structural regime bits, or for a soft kind ``z_q * g`` (``silu``, ``gelu``, ...)
-    or ``g`` itself (``sigmoid``/``hardsigmoid``: a squeeze-excitation gate, which
-    then takes no gradient), with ``g = masks.gate`` a constant."""
+    structural regime bits, or for a soft kind ``z_q * g(z_s)`` (``silu``, ``gelu``, ...:
+    the fused ``ops.soft_gate_apply`` on the site's ``masks.pre``) or ``g`` itself
+    (``sigmoid``/``hardsigmoid``: a squeeze-excitation gate, which then takes no
+    gradient); ``g`` is a constant of the structural copy."""
     if not isinstance(masks, SiteMasks):
         raise TypeError(f"masks must be SiteMasks, got {type(masks).__name__}")
     # the bits are padded to a 32-bit word: a z_q of another shape would still find bits
