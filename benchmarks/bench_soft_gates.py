@@ -4,6 +4,7 @@ All variants of a comparison are measured in the same run; ratios in benchmarks/
 "Soft-gate kernels (issue 27)".
 
     pytest benchmarks/bench_soft_gates.py --benchmark-only
+    FEDSQ_BENCH_THREADS=1 pytest benchmarks/bench_soft_gates.py --benchmark-only   # one thread
 
 - apply: z_q * g(z_s) forward + backward (autograd.grad of z_q), fused (one pass each way, the
   backward recomputes g from z_s) against eager ``z_q * torch.sigmoid(z_s)`` (GELU:
@@ -33,6 +34,8 @@ import _bench
 import fedsq_fast as ff
 from fedsq_fast import layers, reference as ref
 
+if os.environ.get("FEDSQ_BENCH_THREADS"):  # e.g. 1 on a shared machine: no OpenMP waits on descheduled threads
+    torch.set_num_threads(int(os.environ["FEDSQ_BENCH_THREADS"]))
 N = int(os.environ.get("FEDSQ_BENCH_N", 16 << 20))
 ROUNDS = int(os.environ.get("FEDSQ_BENCH_ROUNDS", 10))
 INTERLEAVED_ROUNDS = int(os.environ.get("FEDSQ_BENCH_INTERLEAVED_ROUNDS", 10))
