@@ -232,7 +232,11 @@ def test_backward_is_grad_times_gate_and_saves_z_s_only(isa, kind, dtype):
     # channels_last z_q, contiguous gradient: the gradient comes back in z_q's layout
     zq_cl = z_q.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     (g2,) = torch.autograd.grad(ff.soft_gate_apply(zq_cl, z_s, kind), zq_cl, w)
-    same(g2.contiguous(), gq.contiguous())
+    if isa == "reference":  # torch's functions round an element by where it falls (vector body or tail)
+        rtol = {torch.float32: 4e-7, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-15}[dtype]
+        torch.testing.assert_close(g2.contiguous(), gq.contiguous(), rtol=rtol, atol=1e-30, equal_nan=True)
+    else:  # the kernels' gates do not depend on the position (the tail runs the same operations)
+        same(g2.contiguous(), gq.contiguous())
 
 
 @pytest.mark.parametrize("kind", KINDS)
