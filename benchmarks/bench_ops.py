@@ -336,7 +336,8 @@ def test_gpu_copy(benchmark, gpu_inputs):
 
 
 @gpu
-@pytest.mark.parametrize("kernel", ["pack", "apply", "gate", "epilogue", "epilogue NHWC", "accumulate", "sq_dist"])
+@pytest.mark.parametrize("kernel", ["pack", "apply", "gate", "epilogue", "epilogue NHWC", "accumulate", "sq_dist",
+                                    "soft sigmoid", "soft phi"])
 def test_gpu_kernel_bandwidth(benchmark, gpu_inputs, kernel):
     name, z_q, z_s = gpu_inputs
     if ff.backend() != "compiled":  # the raw ops below exist only in the compiled library
@@ -358,6 +359,8 @@ def test_gpu_kernel_bandwidth(benchmark, gpu_inputs, kernel):
         "epilogue NHWC": (lambda: torch.ops.fedsq_fast.struct_epilogue(z4cl, sc, sh), 2 * T * n + n / 8),
         "accumulate": (lambda: torch.ops.fedsq_fast.accumulate_(acc, z_q, 0.5), T * n + 8 * n),
         "sq_dist": (lambda: torch.ops.fedsq_fast.sq_dist_list([z_q], [z_s]), 2 * T * n),
+        "soft sigmoid": (lambda: ff.soft_gate_apply(z_q, z_s, "sigmoid", out=y), 3 * T * n),  # issue 27
+        "soft phi": (lambda: ff.soft_gate_apply(z_q, z_s, "phi", out=y), 3 * T * n),
     }
     fn, moved = cases[kernel]
     _gpu_run(benchmark, f"{kernel} {name}", fn, moved, 2 * T * n)

@@ -48,6 +48,15 @@ IType itype_of(const at::Tensor& t, const std::string& name) {
   }
 }
 
+SoftKind soft_kind(c10::string_view kind) {
+  static const char* const names[kSoftKinds] = {"sigmoid", "phi", "phi_tanh", "hardsigmoid", "tanh_softplus"};
+  for (int k = 0; k < kSoftKinds; ++k)
+    if (kind == names[k]) return static_cast<SoftKind>(k);
+  TORCH_CHECK_VALUE(false, "kind must be one of 'sigmoid', 'phi', 'phi_tanh', 'hardsigmoid', 'tanh_softplus', got '",
+                    std::string(kind), "'");
+  return SoftKind::sigmoid;  // not reached
+}
+
 int64_t bit_bytes(int64_t n) { return (n + 31) / 32 * 4; }
 
 at::Tensor dense(const at::Tensor& t) { return t.is_non_overlapping_and_dense() ? t : t.contiguous(); }
@@ -231,6 +240,16 @@ struct CpuBackend {
     at::parallel_for(0, (n + 31) / 32, kWordGrain,
                      [&](int64_t w0, int64_t w1) { K.gate(dt, q, s, out, b, n, w0, w1); });
   }
+  // 32-element words per task, like the gate (aligned streaming stores at every task start)
+  static void soft(DType dt, SoftKind k, const at::Tensor& zq, const at::Tensor& zs, const at::Tensor& y) {
+    const int64_t n = zq.numel();
+    const void* q = zq.data_ptr();
+    const void* s = zs.data_ptr();
+    void* out = y.data_ptr();
+    const KernelTable& K = cpu_kernels();
+    at::parallel_for(0, (n + 31) / 32, kWordGrain,
+                     [&](int64_t w0, int64_t w1) { K.soft_apply(dt, k, q, s, out, n, w0, w1); });
+  }
   // The CPU kernels read C + 32 entries, entry i = channel i % C (a word of 32
   // channel-innermost lanes loads them directly): built here in one host loop,
   // not with tensor ops (a handful of small allocations and kernels per call).
@@ -389,6 +408,10 @@ TORCH_LIBRARY(fedsq_fast, m) {
   m.def("apply_mask_out(Tensor z_q, Tensor bits, Tensor(a!) y) -> ()");
   m.def("gate(Tensor z_q, Tensor z_s) -> (Tensor, Tensor)");
   m.def("gate_out(Tensor z_q, Tensor z_s, Tensor(a!) y, Tensor(b!) bits) -> ()");
+  // y = z_q * g(z_s), g the gate of a soft gate site (kind: 'sigmoid', 'phi', 'phi_tanh',
+  // 'hardsigmoid', 'tanh_softplus'); differentiable in z_q (its backward is this op on grad_y).
+  m.def("soft_gate_apply(Tensor z_q, Tensor z_s, str kind) -> Tensor");
+  m.def("soft_gate_apply_out(Tensor z_q, Tensor z_s, str kind, Tensor(a!) y) -> ()");
   m.def("struct_epilogue(Tensor z_s, Tensor? scale, Tensor? shift) -> (Tensor, Tensor)");
   m.def("struct_epilogue_(Tensor(a!) z_s, Tensor? scale, Tensor? shift, Tensor(b!) bits) -> ()");
   m.def("weighted_sum_out(Tensor[] xs, float[] weights, Tensor(a!) out) -> ()");

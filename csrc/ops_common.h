@@ -27,6 +27,8 @@ void check_bits(const at::Tensor& bits, const at::Tensor& like, const char* name
 at::Tensor word_aligned(const at::Tensor& bits);  // input bits as contiguous, 4-byte aligned words
 bool epilogue_ready(const at::Tensor& z);  // contiguous or channels-innermost dense
 void check_accumulate(const at::Tensor& acc, const at::Tensor& x, const std::string& an, const std::string& xn);
+// The gate function named by a soft gate op's ``kind`` (ValueError for any other name).
+SoftKind soft_kind(c10::string_view kind);
 // All tensors on one device (list ops launch once for all of them); returns it.
 c10::Device common_device(at::TensorList ts, const char* name, c10::optional<c10::Device> want = c10::nullopt);
 
@@ -102,6 +104,26 @@ struct Ops {
     at::Tensor bits = at::empty({bit_bytes(zq.numel())}, zq.options().dtype(at::kByte));
     gate_out(zq, zs, y, bits);
     return {y, bits};
+  }
+  // Soft gate: y = z_q * g(z_s), elementwise in memory order (z_s shares z_q's strides).
+  static void soft_gate_apply_out(const at::Tensor& z_q, const at::Tensor& z_s, c10::string_view kind,
+                                  const at::Tensor& y) {
+    const SoftKind k = soft_kind(kind);
+    const DType dt = dtype_of(z_q, "z_q");
+    check_same(z_q, "z_q", z_s, "z_s");
+    check_same(z_q, "z_q", y, "y");
+    check_overlap({span_of(y, 0, "y")}, {span_of(z_q, 0, "z_q"), span_of(z_s, 0, "z_s")});
+    if (z_q.numel()) B::soft(dt, k, z_q, z_s, y);
+  }
+  static at::Tensor soft_gate_apply(const at::Tensor& z_q, const at::Tensor& z_s, c10::string_view kind) {
+    soft_kind(kind);  // before any allocation
+    at::Tensor zq = dense(z_q);
+    TORCH_CHECK_VALUE(z_s.sizes() == zq.sizes(), "z_s must have the shape of z_q ", zq.sizes(), ", got ",
+                      z_s.sizes());
+    at::Tensor zs = like_layout(z_s, zq);  // elementwise in memory order: one layout for both
+    at::Tensor y = B::empty_like(zq);
+    soft_gate_apply_out(zq, zs, kind, y);
+    return y;
   }
   static void epilogue_out(const at::Tensor& z, const c10::optional<at::Tensor>& scale,
                            const c10::optional<at::Tensor>& shift, const at::Tensor& h, const at::Tensor& bits) {
@@ -237,6 +259,8 @@ struct Ops {
     m.impl("apply_mask_out", &apply_mask_out);
     m.impl("gate", &gate);
     m.impl("gate_out", &gate_out);
+    m.impl("soft_gate_apply", &soft_gate_apply);
+    m.impl("soft_gate_apply_out", &soft_gate_apply_out);
     m.impl("struct_epilogue", &struct_epilogue);
     m.impl("struct_epilogue_", &struct_epilogue_);
     m.impl("weighted_sum_out", &weighted_sum_out);

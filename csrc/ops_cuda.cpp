@@ -120,6 +120,11 @@ struct CudaBackend {
     auto s = c10::cuda::getCurrentCUDAStream();
     check(cuda::gate(dt, zq.data_ptr(), zs.data_ptr(), y.data_ptr(), words(bits), zq.numel(), s), "gate", s);
   }
+  static void soft(DType dt, SoftKind k, const at::Tensor& zq, const at::Tensor& zs, const at::Tensor& y) {
+    const c10::cuda::CUDAGuard g(zq.device());
+    auto s = c10::cuda::getCurrentCUDAStream();
+    check(cuda::soft_apply(dt, k, zq.data_ptr(), zs.data_ptr(), y.data_ptr(), zq.numel(), s), "soft_gate_apply", s);
+  }
   static void epilogue(DType dt, const at::Tensor& z, const c10::optional<at::Tensor>& sc,
                        const c10::optional<at::Tensor>& sh, const EpilogueLayout& L, const at::Tensor& h,
                        const at::Tensor& bits) {

@@ -24,6 +24,7 @@ from .ops import (  # noqa: F401,E402
     backend_info,
     gate,
     pack_mask,
+    soft_gate_apply,
     struct_epilogue,
     weighted_average,
 )

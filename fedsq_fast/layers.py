@@ -13,9 +13,13 @@ Regime codes per activation kind (bits index the tensor's memory order):
   ``top = z_s >= hi``; y_q = z_q*lin + hi*top + lo*(neither) (the lo term is
   skipped when lo == 0). Strict bounds match PyTorch's hardtanh gradient.
 
-Soft gates (opt-in, beyond the paper: ``dualcopy(..., soft_gates=True)``): the site
-stores the gate tensor ``g = g(z_s)`` itself (``SiteMasks.gate``, one value per
-element in the activation's dtype, against 1 bit for a binary gate):
+Soft gates (opt-in, beyond the paper: ``dualcopy(..., soft_gates=True)``): a
+``z * g(z)`` site stores its structural pre-activation ``z_s`` (``SiteMasks.pre``, one
+value per element in the activation's dtype, against 1 bit for a binary gate) and the
+quantitative side computes ``z_q * g(z_s)`` with the fused op ``ops.soft_gate_apply``,
+whose backward recomputes ``g`` from ``z_s`` (exact; see docs/models.md, "Soft gates",
+for why this store and not ``g`` itself); a squeeze-excitation site stores ``g`` (its
+structural output):
 
 * ``silu`` (g = sigmoid), ``gelu`` (g = Phi), ``gelu_tanh`` (g = 0.5*(1 + tanh(
   sqrt(2/pi)*(z + 0.044715 z^3)))), ``hardswish`` (g = hardsigmoid), ``mish``
@@ -24,7 +28,7 @@ element in the activation's dtype, against 1 bit for a binary gate):
   a feature map): y_q = g(s_s), the structural gate value itself, so nothing
   reaches the quantitative side branch that computed s_q.
 
-No gradient flows through g: autograd saves g alone (the multiply's other operand).
+No gradient flows through g: autograd saves z_s alone (the gate is recomputed from it).
 
 Layers take a Tensor (both streams equal: the first layer) or a pair
 ``(x_q, x_s)`` and return a pair ``(y_q, y_s)``.
@@ -38,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from . import reference as _ref
 
 __all__ = [
     "SiteMasks",
@@ -60,22 +65,15 @@ SE_KINDS = ("sigmoid", "hardsigmoid")
 SOFT_KINDS = MULT_KINDS + SE_KINDS
 KINDS = BINARY_KINDS + SOFT_KINDS
 
-_SQRT_2_OVER_PI = 0.7978845608028654
-
-
-def _gelu_tanh_gate(z):
-    return 0.5 * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)))
-
-
-# g of each soft kind (computed in float32 for half inputs, float64 for float64)
-_GATE_FNS = {
-    "silu": torch.sigmoid,
-    "gelu": lambda z: 0.5 * (1.0 + torch.erf(z * 0.7071067811865476)),
-    "gelu_tanh": _gelu_tanh_gate,
-    "hardswish": F.hardsigmoid,
-    "mish": lambda z: torch.tanh(F.softplus(z)),
-    "sigmoid": torch.sigmoid,
-    "hardsigmoid": F.hardsigmoid,
+# the gate function (ops.SOFT_GATE_KINDS) of each soft kind
+GATE_OF = {
+    "silu": "sigmoid",
+    "gelu": "phi",
+    "gelu_tanh": "phi_tanh",
+    "hardswish": "hardsigmoid",
+    "mish": "tanh_softplus",
+    "sigmoid": "sigmoid",
+    "hardsigmoid": "hardsigmoid",
 }
 # the activation itself, as the original network computes it (the structural output)
 _ACT_FNS = {
@@ -92,10 +90,9 @@ _ACT_FNS = {
 def soft_gate(z: torch.Tensor, kind: str) -> torch.Tensor:
     """The gate ``g(z)`` of a soft kind (see the module docstring), in ``z``'s dtype
     (computed in float32 for float16/bfloat16). ``kind`` in :data:`SOFT_KINDS`."""
-    if kind not in _GATE_FNS:
+    if kind not in GATE_OF:
         raise ValueError(f"kind must be one of {SOFT_KINDS}, got {kind!r}")
-    acc = z if z.dtype in (torch.float32, torch.float64) else z.float()
-    return _GATE_FNS[kind](acc).to(z.dtype)
+    return _ref.soft_gate_values(z, GATE_OF[kind])
 
 
 class SiteMasks:
@@ -103,33 +100,67 @@ class SiteMasks:
 
     ``bits``: tuple of 1-D uint8 tensors (1 for relu/leaky_relu, 2 for hardtanh;
     empty for a soft site); ``channels_last``: the memory order the bits index
-    (4-D tensors only); ``gate``: a soft site's gate tensor ``g(z_s)`` (the
-    activation's shape and dtype: one value per element, e.g. 4 bytes in float32,
-    where a binary gate takes 1 bit), else None.
+    (4-D tensors only). A soft site holds one tensor of the activation's shape and
+    dtype (one value per element, e.g. 4 bytes in float32, where a binary gate takes
+    1 bit): ``pre``, the structural pre-activation z_s of a ``z * g(z)`` site, with
+    ``gate_kind`` its gate function (ops.SOFT_GATE_KINDS), or the gate ``g(s_s)`` of a
+    squeeze-excitation site. :attr:`gate` is ``g(z_s)`` for either (computed on access
+    for a ``pre`` site, exactly as the fused op computes it).
     """
 
-    __slots__ = ("bits", "channels_last", "numel", "shape", "gate")
+    __slots__ = ("bits", "channels_last", "numel", "shape", "_gate", "pre", "gate_kind", "_pre_version")
 
-    def __init__(self, bits, channels_last=False, numel=None, shape=None, gate=None):
+    def __init__(self, bits, channels_last=False, numel=None, shape=None, gate=None, pre=None, gate_kind=None):
+        if pre is not None and gate_kind not in ops.SOFT_GATE_KINDS:
+            raise ValueError(f"gate_kind must be one of {ops.SOFT_GATE_KINDS} with pre, got {gate_kind!r}")
         self.bits = tuple(bits)
         self.channels_last = bool(channels_last)
         self.numel = numel  # elements the gates cover (the batch's activation)
         self.shape = shape  # the structural activation's shape, where known
-        self.gate = gate
+        self._gate = gate
+        self.pre = pre
+        self.gate_kind = gate_kind
+        self._pre_version = _version(pre)
+
+    @property
+    def gate(self):
+        """The soft gate ``g(z_s)`` (a tensor of the activation's shape and dtype), else None."""
+        if self._gate is not None or self.pre is None:
+            return self._gate
+        with torch.no_grad():
+            return ops.soft_gate_apply(torch.ones_like(self.pre), self.pre, self.gate_kind)
 
     @property
     def soft(self) -> bool:
-        """True for a soft site (a gate tensor, no bits)."""
-        return self.gate is not None
+        """True for a soft site (a gate or pre-activation tensor, no bits)."""
+        return self._gate is not None or self.pre is not None
+
+    def check_pre(self):
+        """Raise if ``pre`` was written in place after the site stored it (its gates would be wrong)."""
+        if self.pre is not None and self._pre_version is not None and _version(self.pre) != self._pre_version:
+            raise RuntimeError("the structural pre-activation of a soft gate site was modified in place after the "
+                               "site stored it (an in-place op on the activation's input in the structural copy); "
+                               "its gates would be wrong")
 
     def nbytes(self) -> int:
         n = sum(b.numel() for b in self.bits)
-        return n if self.gate is None else n + self.gate.numel() * self.gate.element_size()
+        t = self._gate if self._gate is not None else self.pre
+        return n if t is None else n + t.numel() * t.element_size()
 
     def __repr__(self):
-        if self.gate is not None:
-            return f"SiteMasks(gate {tuple(self.gate.shape)} {self.gate.dtype}, {self.nbytes()} B)"
+        if self.pre is not None:
+            return (f"SiteMasks(pre {tuple(self.pre.shape)} {self.pre.dtype}, gate {self.gate_kind}, "
+                    f"{self.nbytes()} B)")
+        if self._gate is not None:
+            return f"SiteMasks(gate {tuple(self._gate.shape)} {self._gate.dtype}, {self.nbytes()} B)"
         return f"SiteMasks({len(self.bits)} x {self.bits[0].numel()} B, channels_last={self.channels_last})"
+
+
+def _version(t):
+    """The version counter of ``t`` (None for no tensor, or an inference tensor, which has none)."""
+    if t is None or t.is_inference():
+        return None
+    return t._version
 
 
 def _canonical(t: torch.Tensor) -> torch.Tensor:
@@ -246,11 +277,16 @@ def struct_site(z_s, scale=None, shift=None, kind="relu", p1=0.0, p2=0.0, inplac
     shape = z_s.shape
     z_s, scale, shift, inplace = site_affine(z_s, scale, shift, cdim, split, inplace)
     if kind in SOFT_KINDS:
-        # soft site: the activation as the original computes it, and its gate g(t)
+        # soft site: the activation as the original computes it; a z * g(z) site keeps t
+        # (the quantitative side recomputes g(t) in its fused op), a squeeze-excitation
+        # site its output g(t)
         t = _affine(z_s, scale, shift)
         y = _ACT_FNS[kind](t)
-        g = y if kind in SE_KINDS else soft_gate(t, kind)
-        m = SiteMasks((), _is_cl(g), g.numel(), gate=g.view(shape) if g.shape != shape else g)
+        keep = t.view(shape) if t.shape != shape else t
+        if kind in SE_KINDS:
+            m = SiteMasks((), _is_cl(y), y.numel(), gate=y.view(shape) if y.shape != shape else y)
+        else:
+            m = SiteMasks((), _is_cl(t), t.numel(), pre=keep, gate_kind=GATE_OF[kind])
     else:
         y, m = _struct_site(_canonical(z_s), scale, shift, kind, p1, p2, inplace)
     if y.shape != shape:
@@ -288,9 +324,10 @@ def _match(z_q: torch.Tensor, m: SiteMasks) -> torch.Tensor:
 
 def quant_site(z_q, masks: SiteMasks, kind="relu", p1=0.0, p2=0.0):
     """Quantitative side of a gate site (differentiable in z_q): ``z_q`` gated by the
-    structural regime bits, or for a soft kind ``z_q * g`` (``silu``, ``gelu``, ...)
-    or ``g`` itself (``sigmoid``/``hardsigmoid``: a squeeze-excitation gate, which
-    then takes no gradient), with ``g = masks.gate`` a constant."""
+    structural regime bits, or for a soft kind ``z_q * g(z_s)`` (``silu``, ``gelu``, ...:
+    the fused ``ops.soft_gate_apply`` on the site's ``masks.pre``) or ``g`` itself
+    (``sigmoid``/``hardsigmoid``: a squeeze-excitation gate, which then takes no
+    gradient); ``g`` is a constant of the structural copy."""
     if not isinstance(masks, SiteMasks):
         raise TypeError(f"masks must be SiteMasks, got {type(masks).__name__}")
     # the bits are padded to a 32-bit word: a z_q of another shape would still find bits
@@ -301,12 +338,15 @@ def quant_site(z_q, masks: SiteMasks, kind="relu", p1=0.0, p2=0.0):
         raise ValueError(f"quantitative activation has {z_q.numel()} elements, its gates cover {masks.numel}: "
                          "x_q and x_s must have the same shape")
     if kind in SOFT_KINDS:
-        g = masks.gate
-        if g is None:
-            raise ValueError(f"masks of a {kind!r} site must hold a gate tensor (SiteMasks.gate), got bits")
+        if not masks.soft:
+            raise ValueError(f"masks of a {kind!r} site must hold a gate or pre-activation tensor, got bits")
+        masks.check_pre()
+        if kind not in SE_KINDS and masks.pre is not None and masks.pre.dtype == z_q.dtype:
+            # one pass: y = z_q * g(z_s); autograd saves z_s alone, g is recomputed (exact)
+            return ops.soft_gate_apply(z_q, masks.pre, masks.gate_kind)
+        g = masks.gate  # a constant (no grad): g itself for a squeeze-excitation gate
         if g.dtype != z_q.dtype:
             g = g.to(z_q.dtype)
-        # g is a constant (no grad): the multiply saves g alone for backward
         return g if kind in SE_KINDS else z_q * g
     z = _match(z_q, masks)
     if kind == "relu":

@@ -14,6 +14,7 @@ to a multiple of 4 bytes (one 32-bit word), so its first ceil(n/8) bytes equal
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "num_bit_bytes",
@@ -25,6 +26,9 @@ __all__ = [
     "apply_mask",
     "gate",
     "struct_epilogue",
+    "SOFT_GATE_KINDS",
+    "soft_gate_values",
+    "soft_gate_apply",
     "weighted_average_tensors",
 ]
 
@@ -153,6 +157,37 @@ def struct_epilogue(z_s: torch.Tensor, scale=None, shift=None):
         t = t + _channel_view(shift.to(acc), t)
     t = _like(t, z_s)
     return torch.relu(t).to(z_s.dtype), pack_bits(t > 0)
+
+
+# The gates g of soft gate sites (docs/models.md, "Soft gates"), named by the function:
+# sigmoid (SiLU, squeeze-excitation), phi = Phi (GELU), phi_tanh (GELU's tanh form),
+# hardsigmoid (Hardswish), tanh_softplus (Mish).
+SOFT_GATE_KINDS = ("sigmoid", "phi", "phi_tanh", "hardsigmoid", "tanh_softplus")
+_SQRT_2_OVER_PI = 0.7978845608028654
+_SOFT_GATE_FNS = {
+    "sigmoid": torch.sigmoid,
+    # 0.5 * erfc(-z / sqrt 2): Phi without the cancellation of 1 + erf for negative z
+    "phi": lambda z: 0.5 * torch.erfc(z * -0.7071067811865476),
+    "phi_tanh": lambda z: 0.5 * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z))),
+    "hardsigmoid": F.hardsigmoid,
+    "tanh_softplus": lambda z: torch.tanh(F.softplus(z)),
+}
+
+
+def soft_gate_values(z_s: torch.Tensor, kind: str) -> torch.Tensor:
+    """The gate ``g(z_s)`` of a soft kind (:data:`SOFT_GATE_KINDS`), computed in float32
+    (float64 for float64) with torch's functions and rounded to ``z_s``'s dtype (the
+    gate a half-precision site stores)."""
+    if kind not in _SOFT_GATE_FNS:
+        raise ValueError(f"kind must be one of {SOFT_GATE_KINDS}, got {kind!r}")
+    acc = z_s if z_s.dtype in (torch.float32, torch.float64) else z_s.float()
+    return _SOFT_GATE_FNS[kind](acc).to(z_s.dtype)
+
+
+def soft_gate_apply(z_q: torch.Tensor, z_s: torch.Tensor, kind: str) -> torch.Tensor:
+    """y = z_q * g(z_s) with ``g`` as :func:`soft_gate_values` gives it (multiply semantics:
+    NaN/Inf propagate; for half types the product is computed in float and rounded)."""
+    return z_q * soft_gate_values(z_s, kind)
 
 
 def weighted_average_tensors(tensors, weights) -> torch.Tensor:

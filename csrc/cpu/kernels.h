@@ -11,6 +11,12 @@ namespace fedsq {
 
 enum class DType : int { f32 = 0, f16 = 1, bf16 = 2, f64 = 3 };
 
+// The gate g of a soft gate site (docs/models.md, "Soft gates"): sigmoid (SiLU and
+// squeeze-excitation), phi = Phi(z) (GELU), phi_tanh = sigmoid(2 sqrt(2/pi) (z + 0.044715 z^3))
+// (GELU, tanh form), hardsigmoid (Hardswish), tanh_softplus (Mish).
+enum class SoftKind : int { sigmoid = 0, phi = 1, phi_tanh = 2, hardsigmoid = 3, tanh_softplus = 4 };
+constexpr int kSoftKinds = 5;
+
 struct KernelTable {
   const char* name;
   // bits[w] = word of (zs > 0) for elements [32w, 32w+32) ∩ [0, n)
@@ -39,6 +45,11 @@ struct KernelTable {
   // (+Inf / -Inf if none), count of NaN/Inf x[i], sum (x[i] - ref[i])^2 computed exactly as
   // sq_dist computes it (the same bits)}.
   void (*reply_stats)(DType, const void* x, const void* ref, int64_t i0, int64_t i1, double* out);
+  // Soft gate: y = zq * g(zs) for elements [32 w0, min(32 w1, n)). g is computed in float32
+  // (float64 for f64) and rounded to the tensor's dtype before the multiply (the gate a
+  // half-precision site stores), so y is exactly zq * g_T as eager computes that product.
+  // float32 g: the same vectorised code on every ISA (bit-identical results); float64: libm.
+  void (*soft_apply)(DType, SoftKind, const void* zq, const void* zs, void* y, int64_t n, int64_t w0, int64_t w1);
 };
 
 const KernelTable& kernels_scalar();

@@ -120,6 +120,30 @@ static inline VF vsub(VF a, VF b) { return _mm512_sub_ps(a, b); }
 // min/max(a, b) return b when a is NaN (the instruction's rule): NaN lanes of a are skipped
 static inline VF vmin_nan(VF a, VF b) { return _mm512_min_ps(a, b); }
 static inline VF vmax_nan(VF a, VF b) { return _mm512_max_ps(a, b); }
+// soft gates
+static inline VF vdiv(VF a, VF b) { return _mm512_div_ps(a, b); }
+static inline VF vabs(VF a) {
+  return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a), _mm512_set1_epi32(0x7fffffff)));
+}
+static inline VF vsel_ge0(VF z, VF a, VF b) {  // z >= 0 ? a : b (ordered: NaN -> b)
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_GE_OQ), b, a);
+}
+static inline VF vsel_gt(VF p, VF q, VF a, VF b) {  // p > q ? a : b (ordered)
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(p, q, _CMP_GT_OQ), b, a);
+}
+static inline void vpow2(VF n, VF& a, VF& b) {  // a * b = 2^n, both factors normal, n integral
+  const __m512i ni = _mm512_cvtps_epi32(n);
+  const __m512i n1 = _mm512_srai_epi32(ni, 1), n2 = _mm512_sub_epi32(ni, n1);
+  const __m512i bias = _mm512_set1_epi32(127);
+  a = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n1, bias), 23));
+  b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n2, bias), 23));
+}
+template <class T> static inline VF vquant(VF v);  // v rounded to T and back (a stored gate)
+template <> inline VF vquant<float>(VF v) { return v; }
+template <> inline VF vquant<f16_t>(VF v) { return _mm512_cvtph_ps(to_f16_bits(v)); }
+template <> inline VF vquant<bf16_t>(VF v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16_bits(v)), 16));
+}
 #elif FEDSQ_ISA == 1
 static constexpr int VW = 8;
 using VF = __m256;
@@ -168,6 +192,28 @@ static inline void vstoref(float* p, VF v) { _mm256_storeu_ps(p, v); }
 static inline VF vsub(VF a, VF b) { return _mm256_sub_ps(a, b); }
 static inline VF vmin_nan(VF a, VF b) { return _mm256_min_ps(a, b); }  // b where a is NaN
 static inline VF vmax_nan(VF a, VF b) { return _mm256_max_ps(a, b); }
+// soft gates
+static inline VF vdiv(VF a, VF b) { return _mm256_div_ps(a, b); }
+static inline VF vabs(VF a) { return _mm256_and_ps(a, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))); }
+static inline VF vsel_ge0(VF z, VF a, VF b) {  // z >= 0 ? a : b (ordered: NaN -> b)
+  return _mm256_blendv_ps(b, a, _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GE_OQ));
+}
+static inline VF vsel_gt(VF p, VF q, VF a, VF b) {  // p > q ? a : b (ordered)
+  return _mm256_blendv_ps(b, a, _mm256_cmp_ps(p, q, _CMP_GT_OQ));
+}
+static inline void vpow2(VF n, VF& a, VF& b) {  // a * b = 2^n, both factors normal, n integral
+  const __m256i ni = _mm256_cvtps_epi32(n);
+  const __m256i n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+  b = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+}
+template <class T> static inline VF vquant(VF v);  // v rounded to T and back (a stored gate)
+template <> inline VF vquant<float>(VF v) { return v; }
+template <> inline VF vquant<f16_t>(VF v) { return _mm256_cvtph_ps(to_f16_bits(v)); }
+template <> inline VF vquant<bf16_t>(VF v) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(to_bf16_bits(v)), 16));
+}
 #endif
 
 #if FEDSQ_ISA > 0
@@ -489,6 +535,159 @@ static void reply_stats_range(const T* x, const T* ref, int64_t i0, int64_t i1, 
   out[3] = total;
 }
 
+
+// ---------------------------------------------------------------------------
+// Soft gates: y = zq * g(zs) (kernels.h). The float32 gate functions are written once
+// over "lanes" L (float, or the ISA's VF) from operations that round the same way
+// everywhere (IEEE add/mul/div, explicit fma, min/max with the instructions' operand
+// rule, rounding to an integer by adding 1.5 * 2^23), so every ISA gives the same bits
+// (tests/ops/emulated/isa_check.cpp checks it). Accuracy against float64 is stated and
+// tested in tests/ops/test_soft_gate.py.
+template <class L> static inline L k_(float c);
+template <> inline float k_<float>(float c) { return c; }
+static inline float o_add(float a, float b) { return a + b; }
+static inline float o_sub(float a, float b) { return a - b; }
+static inline float o_mul(float a, float b) { return a * b; }
+static inline float o_div(float a, float b) { return a / b; }
+static inline float o_fma(float a, float b, float c) { return std::fma(a, b, c); }
+static inline float o_min(float a, float b) { return a < b ? a : b; }  // MINPS: b when either is NaN
+static inline float o_max(float a, float b) { return a > b ? a : b; }  // MAXPS: likewise
+static inline float o_abs(float a) { return u2f(f2u(a) & 0x7fffffffu); }
+static inline float o_sel_ge0(float z, float a, float b) { return z >= 0.0f ? a : b; }
+static inline float o_sel_gt(float p, float q, float a, float b) { return p > q ? a : b; }
+static inline void o_pow2(float n, float& a, float& b) {
+  const int32_t ni = n == n ? int32_t(n) : 0;  // NaN: any factors (the result is NaN anyway)
+  const int32_t n1 = ni >> 1, n2 = ni - n1;
+  a = u2f(uint32_t(n1 + 127) << 23);
+  b = u2f(uint32_t(n2 + 127) << 23);
+}
+#if FEDSQ_ISA > 0
+template <> inline VF k_<VF>(float c) { return vset1(c); }
+static inline VF o_add(VF a, VF b) { return vadd(a, b); }
+static inline VF o_sub(VF a, VF b) { return vsub(a, b); }
+static inline VF o_mul(VF a, VF b) { return vmul(a, b); }
+static inline VF o_div(VF a, VF b) { return vdiv(a, b); }
+static inline VF o_fma(VF a, VF b, VF c) { return vfma(a, b, c); }
+static inline VF o_min(VF a, VF b) { return vmin_nan(a, b); }
+static inline VF o_max(VF a, VF b) { return vmax_nan(a, b); }
+static inline VF o_abs(VF a) { return vabs(a); }
+static inline VF o_sel_ge0(VF z, VF a, VF b) { return vsel_ge0(z, a, b); }
+static inline VF o_sel_gt(VF p, VF q, VF a, VF b) { return vsel_gt(p, q, a, b); }
+static inline void o_pow2(VF n, VF& a, VF& b) { vpow2(n, a, b); }
+#endif
+
+// exp(x), float32: Cephes' expf (range reduction by ln 2 in two parts, degree-5
+// polynomial), 2^n applied as two normal factors so results down to the subnormals are
+// rounded once; x > 89 gives +Inf, x < -104 gives +0, NaN stays NaN (constants come
+// first in min/max: the instructions return the second operand when one is NaN).
+template <class L>
+static inline L g_exp(L x) {
+  x = o_max(k_<L>(-104.0f), o_min(k_<L>(89.0f), x));
+  const L n = o_sub(o_add(o_mul(x, k_<L>(1.44269504088896341f)), k_<L>(12582912.0f)), k_<L>(12582912.0f));
+  L r = o_fma(n, k_<L>(-0.693359375f), x);
+  r = o_fma(n, k_<L>(2.12194440e-4f), r);
+  L p = k_<L>(1.9875691500e-4f);
+  p = o_fma(p, r, k_<L>(1.3981999507e-3f));
+  p = o_fma(p, r, k_<L>(8.3334519073e-3f));
+  p = o_fma(p, r, k_<L>(4.1665795894e-2f));
+  p = o_fma(p, r, k_<L>(1.6666665459e-1f));
+  p = o_fma(p, r, k_<L>(5.0000001201e-1f));
+  p = o_add(o_fma(p, o_mul(r, r), r), k_<L>(1.0f));
+  L a, b;
+  o_pow2(n, a, b);
+  return o_mul(o_mul(p, a), b);
+}
+
+template <SoftKind K, class L>
+static inline L g_soft(L z) {
+  const L one = k_<L>(1.0f);
+  if constexpr (K == SoftKind::sigmoid) {
+    return o_div(one, o_add(one, g_exp(o_mul(z, k_<L>(-1.0f)))));
+  } else if constexpr (K == SoftKind::phi) {
+    // Phi(z) = (1 + erf(x)) / 2, x = z / sqrt 2, with N. Juffa's float erf (two minimax
+    // branches, about 1 ulp): |x| <= 0.9277 an odd polynomial; above, erf = 1 - e^r, and
+    // Phi = 1 - e^r / 2 (z > 0) or e^r / 2 (z < 0): no cancellation for negative z
+    const L x = o_mul(z, k_<L>(0.707106781186547524f));
+    const L t = o_abs(x), s = o_mul(x, x);
+    L r = o_fma(k_<L>(-1.72853470e-5f), t, k_<L>(3.83197126e-4f));
+    const L u = o_fma(k_<L>(-3.88396438e-3f), t, k_<L>(2.42546219e-2f));
+    r = o_fma(r, s, u);
+    r = o_fma(r, t, k_<L>(-1.06777877e-1f));
+    r = o_fma(r, t, k_<L>(-6.34846687e-1f));
+    r = o_fma(r, t, k_<L>(-1.28717512e-1f));
+    r = o_fma(r, t, o_mul(t, k_<L>(-1.0f)));
+    const L half_erfc = o_mul(k_<L>(0.5f), g_exp(r));
+    const L big = o_sel_ge0(z, o_sub(one, half_erfc), half_erfc);
+    L p = k_<L>(-5.96761703e-4f);
+    p = o_fma(p, s, k_<L>(4.99119423e-3f));
+    p = o_fma(p, s, k_<L>(-2.67681349e-2f));
+    p = o_fma(p, s, k_<L>(1.12819925e-1f));
+    p = o_fma(p, s, k_<L>(-3.76125336e-1f));
+    p = o_fma(p, s, k_<L>(1.28379166e-1f));
+    const L small = o_fma(k_<L>(0.5f), o_fma(p, x, x), k_<L>(0.5f));
+    return o_sel_gt(t, k_<L>(0.927734375f), big, small);
+  } else if constexpr (K == SoftKind::phi_tanh) {
+    // 0.5 (1 + tanh(u)) = sigmoid(2u), u = sqrt(2/pi) (z + 0.044715 z^3)
+    const L u = o_add(z, o_mul(k_<L>(0.044715f), o_mul(o_mul(z, z), z)));
+    return o_div(one, o_add(one, g_exp(o_mul(u, k_<L>(-1.5957691216057308f)))));
+  } else if constexpr (K == SoftKind::hardsigmoid) {
+    // min(max(z + 3, 0), 6) / 6: ATen's operations in its order (the same bits)
+    return o_div(o_min(k_<L>(6.0f), o_max(k_<L>(0.0f), o_add(z, k_<L>(3.0f)))), k_<L>(6.0f));
+  } else {
+    // tanh(log(1 + e)) = n / (n + 2), n = e (e + 2), e = exp(min(z, 20)) (tanh(20) is 1 in float)
+    const L e = g_exp(o_min(k_<L>(20.0f), z));
+    const L n = o_mul(e, o_add(e, k_<L>(2.0f)));
+    return o_div(n, o_add(n, k_<L>(2.0f)));
+  }
+}
+
+// float64: libm (the float64 path is the gradcheck / oracle dtype, not a fast path)
+template <SoftKind K>
+static inline double g_soft_d(double z) {
+  if constexpr (K == SoftKind::sigmoid) {
+    return 1.0 / (1.0 + std::exp(-z));
+  } else if constexpr (K == SoftKind::phi) {
+    return 0.5 * std::erfc(-z * 0.70710678118654752440);
+  } else if constexpr (K == SoftKind::phi_tanh) {
+    return 0.5 * (1.0 + std::tanh(0.79788456080286535588 * (z + 0.044715 * (z * z * z))));
+  } else if constexpr (K == SoftKind::hardsigmoid) {
+    double t = z + 3.0;
+    t = 0.0 > t ? 0.0 : t;  // NaN passes
+    t = 6.0 < t ? 6.0 : t;
+    return t / 6.0;
+  } else {
+    return std::tanh(std::log1p(std::exp(z)));
+  }
+}
+
+template <class T, SoftKind K>
+static inline acc_t<T> soft_gate_s(acc_t<T> z) {
+  if constexpr (std::is_same<T, double>::value) return g_soft_d<K>(z);
+  else return to_acc(from_acc<T>(g_soft<K>(z)));  // the gate as T stores it
+}
+
+template <class T, SoftKind K, bool NT>
+static void soft_range_t(const T* zq, const T* zs, T* y, int64_t n, int64_t w0, int64_t w1) {
+  const int64_t i1 = std::min(w1 * 32, n);
+  int64_t i = w0 * 32;
+#if FEDSQ_ISA > 0
+  if constexpr (kVec<T>) {
+    for (; i + VW <= i1; i += VW) {
+      const VF g = vquant<T>(g_soft<K>(vload(zs + i)));
+      vstore<T, NT>(y + i, vmul(vload(zq + i), g));
+    }
+  }
+#endif
+  for (; i < i1; ++i) st(y, i, ld(zq, i) * soft_gate_s<T, K>(ld(zs, i)));
+  if (NT) stream_fence();
+}
+
+template <class T, SoftKind K>
+static void soft_range(const T* zq, const T* zs, T* y, int64_t n, int64_t w0, int64_t w1) {
+  if (use_stream<T>(y, n)) soft_range_t<T, K, true>(zq, zs, y, n, w0, w1);
+  else soft_range_t<T, K, false>(zq, zs, y, n, w0, w1);
+}
+
 // ---------------------------------------------------------------------------
 // Type dispatch and the exported table.
 #define FEDSQ_DISPATCH(dt, ...)                                   \
@@ -530,7 +729,22 @@ static double k_sq_dist(DType dt, const void* x, const void* ref, int64_t i0, in
 static void k_reply_stats(DType dt, const void* x, const void* ref, int64_t i0, int64_t i1, double* out) {
   FEDSQ_DISPATCH(dt, reply_stats_range<T>(static_cast<const T*>(x), static_cast<const T*>(ref), i0, i1, out));
 }
+template <SoftKind K>
+static void k_soft_kind(DType dt, const void* zq, const void* zs, void* y, int64_t n, int64_t w0, int64_t w1) {
+  FEDSQ_DISPATCH(dt, (soft_range<T, K>(static_cast<const T*>(zq), static_cast<const T*>(zs), static_cast<T*>(y),
+                                       n, w0, w1)));
+}
+static void k_soft(DType dt, SoftKind kind, const void* zq, const void* zs, void* y, int64_t n, int64_t w0,
+                   int64_t w1) {
+  switch (kind) {
+    case SoftKind::sigmoid: k_soft_kind<SoftKind::sigmoid>(dt, zq, zs, y, n, w0, w1); break;
+    case SoftKind::phi: k_soft_kind<SoftKind::phi>(dt, zq, zs, y, n, w0, w1); break;
+    case SoftKind::phi_tanh: k_soft_kind<SoftKind::phi_tanh>(dt, zq, zs, y, n, w0, w1); break;
+    case SoftKind::hardsigmoid: k_soft_kind<SoftKind::hardsigmoid>(dt, zq, zs, y, n, w0, w1); break;
+    case SoftKind::tanh_softplus: k_soft_kind<SoftKind::tanh_softplus>(dt, zq, zs, y, n, w0, w1); break;
+  }
+}
 #undef FEDSQ_DISPATCH
 
 static const KernelTable kTable = {FEDSQ_ISA_NAME, k_pack, k_apply, k_gate, k_epilogue, k_wsum, k_accumulate,
-                                   k_sq_dist, k_reply_stats};
+                                   k_sq_dist, k_reply_stats, k_soft};

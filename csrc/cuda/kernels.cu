@@ -216,6 +216,75 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   }
 }
 
+// Soft gates: g in the accumulation type (kernels.h's SoftKind), rounded to T (the stored gate).
+// Comparisons written so that NaN passes through (fminf/fmaxf would drop it).
+template <SoftKind K>
+__device__ __forceinline__ float soft_g(float z) {
+  if constexpr (K == SoftKind::sigmoid) {
+    return __fdiv_rn(1.0f, 1.0f + expf(-z));
+  } else if constexpr (K == SoftKind::phi) {
+    return 0.5f * erfcf(-z * 0.707106781186547524f);
+  } else if constexpr (K == SoftKind::phi_tanh) {
+    const float u = z + 0.044715f * (z * z * z);
+    return __fdiv_rn(1.0f, 1.0f + expf(u * -1.5957691216057308f));
+  } else if constexpr (K == SoftKind::hardsigmoid) {
+    float t = z + 3.0f;
+    t = 0.0f > t ? 0.0f : t;
+    t = 6.0f < t ? 6.0f : t;
+    return __fdiv_rn(t, 6.0f);
+  } else {
+    const float e = expf(20.0f < z ? 20.0f : z);
+    const float n = e * (e + 2.0f);
+    return __fdiv_rn(n, n + 2.0f);
+  }
+}
+template <SoftKind K>
+__device__ __forceinline__ double soft_g(double z) {
+  if constexpr (K == SoftKind::sigmoid) {
+    return 1.0 / (1.0 + exp(-z));
+  } else if constexpr (K == SoftKind::phi) {
+    return 0.5 * erfc(-z * 0.70710678118654752440);
+  } else if constexpr (K == SoftKind::phi_tanh) {
+    return 0.5 * (1.0 + tanh(0.79788456080286535588 * (z + 0.044715 * (z * z * z))));
+  } else if constexpr (K == SoftKind::hardsigmoid) {
+    double t = z + 3.0;
+    t = 0.0 > t ? 0.0 : t;
+    t = 6.0 < t ? 6.0 : t;
+    return t / 6.0;
+  } else {
+    return tanh(log1p(exp(z)));
+  }
+}
+template <class T, SoftKind K>
+__device__ __forceinline__ T soft_y(T q, T z) {
+  using A = acc_t<T>;
+  const A g = to_acc(from_acc<T>(soft_g<K>(to_acc(z))));
+  return from_acc<T>(mul_rn(to_acc(q), g));
+}
+
+template <class T, SoftKind K>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) soft_vec(const T* zq, const T* zs, T* y, int64_t n) {
+  constexpr int V = kVec<T>, U = kUnroll<T>;
+  TileLoop<V, U> L(n);
+  for (int64_t t = L.first; t < L.tiles; t += L.step) {
+    Vec<T, V> q[U], z[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      q[u] = load_vec<T, V>(zq, L.e0(t, u), n);
+      z[u] = load_vec<T, V>(zs, L.e0(t, u), n);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t e0 = L.e0(t, u);
+      if (e0 >= n) continue;
+      Vec<T, V> r;
+#pragma unroll
+      for (int j = 0; j < V; ++j) r.v[j] = soft_y<T, K>(q[u].v[j], z[u].v[j]);
+      store_vec<T, V>(y, e0, n, r);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Scalar kernels: misaligned views (a storage offset that is not a multiple of
 // 16 bytes). No __restrict__ on pointers that may alias.
@@ -258,6 +327,13 @@ __global__ void gate_scalar(const T* zq, const T* zs, T* y, uint32_t* bits, int6
     if (valid) y[i] = from_acc<T>(mul_rn(to_acc(zq[i]), acc_t<T>(m)));
     if (L.lane == 0) bits[w] = b;
   }
+}
+
+template <class T, SoftKind K>
+__global__ void soft_scalar(const T* zq, const T* zs, T* y, int64_t n) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step)
+    y[i] = soft_y<T, K>(zq[i], zs[i]);
 }
 
 template <class T>
@@ -548,6 +624,28 @@ cudaError_t epilogue(DType dt, const void* z, void* h, uint32_t* bits, const voi
                                                                                          inner, n);
     }
   });
+}
+template <SoftKind K>
+cudaError_t soft_kind_launch(DType dt, const void* zq, const void* zs, void* y, int64_t n, cudaStream_t s) {
+  FEDSQ_CUDA_DISPATCH(dt, {
+    const T* q = static_cast<const T*>(zq);
+    const T* z = static_cast<const T*>(zs);
+    T* o = static_cast<T*>(y);
+    if (aligned16(zq) && aligned16(zs) && aligned16(y))
+      soft_vec<T, K><<<vec_grid<T>(kp(&soft_vec<T, K>), n), kThreads, 0, s>>>(q, z, o, n);
+    else soft_scalar<T, K><<<scalar_grid(kp(&soft_scalar<T, K>), n), kThreads, 0, s>>>(q, z, o, n);
+  });
+}
+
+cudaError_t soft_apply(DType dt, SoftKind kind, const void* zq, const void* zs, void* y, int64_t n, cudaStream_t s) {
+  switch (kind) {
+    case SoftKind::sigmoid: return soft_kind_launch<SoftKind::sigmoid>(dt, zq, zs, y, n, s);
+    case SoftKind::phi: return soft_kind_launch<SoftKind::phi>(dt, zq, zs, y, n, s);
+    case SoftKind::phi_tanh: return soft_kind_launch<SoftKind::phi_tanh>(dt, zq, zs, y, n, s);
+    case SoftKind::hardsigmoid: return soft_kind_launch<SoftKind::hardsigmoid>(dt, zq, zs, y, n, s);
+    case SoftKind::tanh_softplus: return soft_kind_launch<SoftKind::tanh_softplus>(dt, zq, zs, y, n, s);
+  }
+  return cudaErrorInvalidValue;
 }
 #undef FEDSQ_CUDA_DISPATCH
 

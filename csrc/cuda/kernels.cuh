@@ -19,6 +19,10 @@ namespace cuda {
 cudaError_t pack(DType dt, const void* zs, uint32_t* bits, int64_t n, cudaStream_t s);
 cudaError_t apply(DType dt, const void* zq, const uint32_t* bits, void* y, int64_t n, cudaStream_t s);
 cudaError_t gate(DType dt, const void* zq, const void* zs, void* y, uint32_t* bits, int64_t n, cudaStream_t s);
+// y = zq * g(zs) (SoftKind: kernels.h): g in float (double for f64) with CUDA's accurate
+// expf/erfcf, rounded to T before the multiply, like the CPU kernels (which use their own
+// vectorised approximations: the two agree to the tolerance tests/ops/test_soft_gate.py states).
+cudaError_t soft_apply(DType dt, SoftKind kind, const void* zq, const void* zs, void* y, int64_t n, cudaStream_t s);
 // t = z*scale[c] + shift[c], c = (i / inner) % C. scale/shift: C values, float
 // (double for f64), or nullptr for 1 / 0 (the CPU kernels' tables hold the same).
 cudaError_t epilogue(DType dt, const void* z, void* h, uint32_t* bits, const void* scale, const void* shift,

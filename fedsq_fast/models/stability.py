@@ -71,11 +71,12 @@ def _codes(model, x, soft_gates=False):
 
 
 def _diff_fraction(m1, m2):
-    if m1.gate is not None or m2.gate is not None:
-        if m1.gate is None or m2.gate is None:
+    if m1.soft or m2.soft:
+        if not (m1.soft and m2.soft):
             raise ValueError("model_a and model_b gate a site differently (soft vs binary): "
                              "not two versions of one network")
-        return float((m1.gate.double() - m2.gate.double()).abs().mean()) if m1.gate.numel() else 0.0
+        g1, g2 = m1.gate, m2.gate  # computed once (a pre-activation site computes g on access)
+        return float((g1.double() - g2.double()).abs().mean()) if g1.numel() else 0.0
     x = None
     for a, b in zip(m1.bits, m2.bits):
         d = (a ^ b).cpu()
@@ -115,7 +116,7 @@ def gate_stability(model_a: nn.Module, model_b: nn.Module | None, probe_batch: t
         for m, t in zip(models, modes):
             m.train(t)
     if len(ca) != len(cb) or any(a.numel != b.numel or len(a.bits) != len(b.bits)
-                                 or (a.gate is None) != (b.gate is None) for a, b in zip(ca, cb)):
+                                 or a.soft != b.soft for a, b in zip(ca, cb)):
         raise ValueError(f"model_a and model_b have different gate sites ({len(ca)} vs {len(cb)} "
                          "or different shapes): not two versions of one network")
     return {n: _diff_fraction(a, b) for n, a, b in zip(names, ca, cb)}

@@ -39,6 +39,14 @@ def gate_out(z_q, z_s, y, bits):
     bits.copy_(bb)
 
 
+def soft_gate_apply(z_q, z_s, kind):
+    return ref.soft_gate_apply(z_q, z_s, kind)
+
+
+def soft_gate_apply_out(z_q, z_s, kind, y):
+    y.copy_(ref.soft_gate_apply(z_q, z_s, kind))
+
+
 def struct_epilogue(z_s, scale, shift):
     return ref.struct_epilogue(z_s, scale, shift)
 
@@ -114,7 +122,8 @@ def reply_stats_list(xs, refs, in_total):
 
 # Every op of csrc/ops.cpp's TORCH_LIBRARY except cpu_isa (a kernel switch, not an op).
 RAW = {f.__name__: f for f in (
-    pack_mask, apply_mask, apply_mask_out, gate, gate_out, struct_epilogue, struct_epilogue_,
+    pack_mask, apply_mask, apply_mask_out, gate, gate_out, soft_gate_apply, soft_gate_apply_out,
+    struct_epilogue, struct_epilogue_,
     weighted_sum_out, accumulate_, weighted_sum_list_out, int_weighted_sum_list_out,
     accumulate_list_, sq_dist_list, reply_stats_list)}
 # Ops the compiled library implements on the CPU only: CUDA tensors run the reference.
@@ -154,6 +163,22 @@ class _Gate(torch.autograd.Function):
         return REFERENCE.apply_mask(in_layout(grad_y, ctx.stride), bits), None
 
 
+class _SoftGateApply(torch.autograd.Function):
+    """The compiled op's contract: z_s is saved (not g) and g recomputed in the backward,
+    grad_z_q = grad_y * g(z_s); z_s (frozen) gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, z_q, z_s, kind):
+        ctx.save_for_backward(z_s)
+        ctx.kind = kind
+        return soft_gate_apply(z_q, z_s, kind)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (z_s,) = ctx.saved_tensors
+        return soft_gate_apply(grad_y, z_s, ctx.kind), None, None
+
+
 def _differentiable(fn, name):
     def op(*args):
         return fn.apply(*args)
@@ -164,3 +189,4 @@ def _differentiable(fn, name):
 REFERENCE = SimpleNamespace(**RAW)
 REFERENCE.apply_mask = _differentiable(_ApplyMask, "apply_mask")
 REFERENCE.gate = _differentiable(_Gate, "gate")
+REFERENCE.soft_gate_apply = _differentiable(_SoftGateApply, "soft_gate_apply")

@@ -4,7 +4,7 @@ The op schemas are written once, in C++ (csrc/ops.cpp, ``TORCH_LIBRARY``). When 
 library loads, this module adds what torch needs on top, in Python, as
 pytorch/extension-cpp does: a fake kernel for every op (shapes only, for
 torch.compile and meta tensors) and the autograd formulas of the differentiable ones
-(``gate``, ``apply_mask``, ``sq_dist_list``). When it does not load, nothing is
+(``gate``, ``apply_mask``, ``soft_gate_apply``, ``sq_dist_list``). When it does not load, nothing is
 registered: ``OPS`` is the reference namespace (_fallback.py) and the wrappers call
 that instead, with the same signatures.
 """
@@ -61,6 +61,8 @@ FAKES = {
     "apply_mask_out": lambda z_q, bits, y: None,
     "gate": lambda z_q, z_s: (torch.empty_like(z_q), _fake_bits(z_q)),
     "gate_out": lambda z_q, z_s, y, bits: None,
+    "soft_gate_apply": lambda z_q, z_s, kind: torch.empty_like(z_q),
+    "soft_gate_apply_out": lambda z_q, z_s, kind, y: None,
     "struct_epilogue": lambda z_s, scale, shift: (torch.empty_like(z_s), _fake_bits(z_s)),
     "struct_epilogue_": lambda z_s, scale, shift, bits: None,
     "weighted_sum_out": lambda xs, weights, out: None,
@@ -103,6 +105,20 @@ def _gate_backward(ctx, grad_y, grad_bits):
     return torch.ops.fedsq_fast.apply_mask(in_layout(grad_y, ctx.stride), bits), None
 
 
+# Soft gate: the backward is the same op on grad_y (grad_z_q = grad_y * g(z_s)); z_s is
+# saved and g recomputed: exact, and no second tensor besides z_s (docs/models.md).
+def _soft_setup(ctx, inputs, output):
+    z_q, z_s, kind = inputs
+    ctx.save_for_backward(z_s)
+    ctx.kind = kind
+    ctx.stride = tuple(z_q.stride())
+
+
+def _soft_backward(ctx, grad_y):
+    (z_s,) = ctx.saved_tensors
+    return torch.ops.fedsq_fast.soft_gate_apply(in_layout(grad_y, ctx.stride), z_s, ctx.kind), None, None
+
+
 def _sq_dist_setup(ctx, inputs, output):
     xs, refs = inputs
     ctx.save_for_backward(*xs, *refs)
@@ -119,6 +135,7 @@ def _sq_dist_backward(ctx, grad):
 AUTOGRAD = {
     "apply_mask": (_mask_backward, _mask_setup),
     "gate": (_gate_backward, _gate_setup),
+    "soft_gate_apply": (_soft_backward, _soft_setup),
     "sq_dist_list": (_sq_dist_backward, _sq_dist_setup),
 }
 

@@ -22,7 +22,9 @@ from ._checks import (
 )
 from ._registry import OPS
 
-__all__ = ["pack_mask", "apply_mask", "gate", "struct_epilogue"]
+__all__ = ["pack_mask", "apply_mask", "gate", "soft_gate_apply", "struct_epilogue", "SOFT_GATE_KINDS"]
+
+SOFT_GATE_KINDS = ref.SOFT_GATE_KINDS
 
 
 def pack_mask(z_s: torch.Tensor) -> torch.Tensor:
@@ -84,6 +86,38 @@ def gate(z_q: torch.Tensor, z_s: torch.Tensor, *, out=None):
     check_out_overlap("out[1]", bits, [("z_q", z_q), ("z_s", z_s), ("out[0]", y)], allow_full=False)
     OPS.gate_out(z_q, z_s, y, bits)
     return y, bits
+
+
+def soft_gate_apply(z_q: torch.Tensor, z_s: torch.Tensor, kind: str, *, out: torch.Tensor | None = None):
+    """Fused soft gate: ``y = z_q * g(z_s)`` in one pass, ``g`` named by ``kind``:
+    'sigmoid' (SiLU, squeeze-excitation), 'phi' (GELU: Phi(z) = (1 + erf(z/sqrt 2))/2),
+    'phi_tanh' (GELU's tanh form), 'hardsigmoid' (Hardswish), 'tanh_softplus' (Mish).
+
+    ``g`` is computed in float32 (float64 for float64 inputs) and rounded to the dtype
+    before the multiply, so half-precision results are ``z_q * g`` as eager computes it
+    for a stored half gate. Compiled CPU kernels use vectorised float32 approximations
+    within the bound that docs/models.md ("Soft gates") states of torch's functions.
+    Differentiable in z_q: the backward is this op on grad_y (grad_z_q = grad_y * g(z_s)),
+    recomputing ``g`` from the saved ``z_s`` (exact; nothing else saved). ``z_s`` is a
+    frozen structural tensor: it takes no gradient. ``out=`` (preallocated, z_q's layout)
+    is not differentiable. Any layout; z_s is brought to z_q's.
+    """
+    if not isinstance(kind, str) or kind not in SOFT_GATE_KINDS:
+        raise ValueError(f"kind must be one of {SOFT_GATE_KINDS}, got {kind!r}")
+    check_float_tensor("z_q", z_q)
+    check_float_tensor("z_s", z_s)
+    check_pair("z_q", z_q, "z_s", z_s)
+    z_q = dense(z_q)
+    z_s = in_layout(z_s.detach(), z_q.stride())
+    if out is None:
+        return OPS.soft_gate_apply(z_q, z_s, kind)
+    check_float_tensor("out", out)
+    check_pair("z_q", z_q, "out", out)
+    check_out_not_differentiable("soft_gate_apply", z_q)
+    require_layout("out", out, z_q)
+    check_out_overlap("out", out, [("z_q", z_q), ("z_s", z_s)])
+    OPS.soft_gate_apply_out(z_q, z_s, kind, out)
+    return out
 
 
 def _epilogue_layout(z_s: torch.Tensor) -> torch.Tensor:

@@ -172,13 +172,45 @@ def test_sites_compute_z_q_times_detached_gate(kind, dtype):
     assert torch.equal(gq, w * m.gate)  # d y / d z_q = g(z_s): nothing through g
 
 
-def test_autograd_saves_only_the_gate():
+def test_autograd_saves_only_the_store():
+    """The store of a z * g(z) site is its structural pre-activation (g is recomputed from it,
+    exactly, in the fused op's backward): autograd saves that tensor and nothing else."""
     z_s, z_q = torch.randn(4, 6, 5), torch.randn(4, 6, 5, requires_grad=True)
     _, m = struct_site(z_s, kind="silu")
+    assert m.pre is z_s and m.gate_kind == "sigmoid"  # no affine: the input itself, no copy
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         quant_site(z_q, m, "silu")
-    assert len(saved) == 1 and saved[0].data_ptr() == m.gate.data_ptr()
+    assert len(saved) == 1 and saved[0].data_ptr() == m.pre.data_ptr()
+    # written in place after the site stored it: refused, not gated with stale values
+    z_s.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        quant_site(z_q, m, "silu")
+
+
+@pytest.mark.parametrize("kind", sorted(set(G) - set(SE)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_site_kernel_against_reference(kind, dtype, layout):
+    """The quantitative side runs the fused op (compiled kernels where loaded): its output and
+    gradient against the reference z_q * g(z_s) with torch's functions (reference.py), to the
+    kernels' stated gate bound (tests/ops/test_soft_gate.py) and the dtype's rounding."""
+    torch.manual_seed(draw_seed(2**31))
+    shape = (2, 6, 7, 5)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    z_s = (torch.randn(shape) * 3).to(dtype).contiguous(memory_format=fmt)
+    z_q = (z_s.float() + 0.3 * torch.randn(shape)).to(dtype).contiguous(memory_format=fmt).requires_grad_()
+    _, m = struct_site(z_s, kind=kind)
+    y = quant_site(z_q, m, kind)
+    gk = fs.layers.GATE_OF[kind]
+    want = fs.reference.soft_gate_apply(z_q.detach(), z_s, gk)
+    tol = {torch.float32: dict(rtol=2e-6, atol=3e-7), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5),
+           torch.float16: dict(rtol=2e-3, atol=1e-6)}[dtype]
+    torch.testing.assert_close(y.detach(), want, **tol)
+    assert y.stride() == z_q.stride()
+    w = torch.randn(shape).to(dtype)
+    (gq,) = torch.autograd.grad((y.float() * w.float()).sum(), z_q)
+    torch.testing.assert_close(gq, fs.reference.soft_gate_apply(w, z_s, gk), **tol)
 
 
 def test_gated_layers_take_soft_activations():

@@ -394,6 +394,8 @@ def test_opcheck_every_op():
         ("apply_mask_out", (zq, bits, torch.empty_like(zq))),
         ("gate", (zq_g, zs)),
         ("gate_out", (zq, zs, torch.empty_like(zq), torch.empty_like(bits))),
+        ("soft_gate_apply", (zq_g, zs, "sigmoid")),
+        ("soft_gate_apply_out", (zq, zs, "phi", torch.empty_like(zq))),
         ("struct_epilogue", (z4, torch.rand(3), torch.randn(3))),
         ("struct_epilogue", (z4, None, None)),
         ("struct_epilogue_", (z4.clone(), torch.rand(3), None, torch.empty(ref.num_bit_bytes(120), dtype=torch.uint8))),

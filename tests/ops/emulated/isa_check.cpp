@@ -62,6 +62,19 @@ static inline __m256i _mm512_cvtepi32_epi16(__m512i a) {  // truncate
   for (int i = 0; i < 16; ++i) h[i] = uint16_t(w[i]);
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h));
 }
+static inline __m512i _mm512_cvtps_epi32(__m512 a) {  // round to nearest even; NaN/out of range: INT_MIN
+  float f[16]; int32_t w[16];
+  _mm512_storeu_ps(f, a);
+  for (int i = 0; i < 16; ++i)
+    w[i] = (f[i] == f[i] && std::fabs(f[i]) < 2147483648.0f) ? int32_t(std::nearbyint(f[i])) : INT32_MIN;
+  return _mm512_loadu_si512(w);
+}
+static inline __m512i _mm512_srai_epi32(__m512i a, unsigned int imm) {  // arithmetic shift right
+  int32_t w[16];
+  _mm512_storeu_si512(w, a);
+  for (int i = 0; i < 16; ++i) w[i] = imm > 31 ? (w[i] < 0 ? -1 : 0) : (w[i] >> imm);
+  return _mm512_loadu_si512(w);
+}
 static inline void _mm512_stream_ps(float* p, __m512 a) { _mm512_storeu_ps(p, a); }
 #undef _mm256_stream_si256
 static inline void _mm256_stream_si256(__m256i* p, __m256i a) { _mm256_storeu_si256(p, a); }
@@ -169,6 +182,29 @@ static void check_table(const KernelTable& T, const KernelTable& R) {
       T.apply(dt, zq.data(), b2.data(), y1.data(), int64_t(n), 0, words);
       R.apply(dt, zq.data(), b2.data(), y2.data(), int64_t(n), 0, words);
       compare("apply", dt, y1, y2, n, T.name);
+      // soft gates: every kind, bit for bit (float32 gates use the same operations on every
+      // ISA; float64 is libm on every ISA); zs also spans the ranges where exp under- and
+      // overflows (|z| up to ~300)
+      {
+        std::vector<uint8_t> zw = zs;
+        if (dt == DType::f32 || dt == DType::f64)
+          for (size_t i = 0; i < n; i += 3) {
+            const double v = (double(rng() % 60001) - 30000.0) / 100.0;
+            if (dt == DType::f32) { float f = float(v); std::memcpy(zw.data() + i * 4, &f, 4); }
+            else std::memcpy(zw.data() + i * 8, &v, 8);
+          }
+        for (int kind = 0; kind < kSoftKinds; ++kind) {
+          // a range starting mid-tensor too (threads split at word boundaries)
+          T.soft_apply(dt, SoftKind(kind), zq.data(), zw.data(), y1.data(), int64_t(n), 0, words);
+          R.soft_apply(dt, SoftKind(kind), zq.data(), zw.data(), y2.data(), int64_t(n), 0, words);
+          compare("soft_apply", dt, y1, y2, n, T.name);
+          if (words > 1) {
+            T.soft_apply(dt, SoftKind(kind), zq.data(), zw.data(), y1.data(), int64_t(n), 1, words);
+            R.soft_apply(dt, SoftKind(kind), zq.data(), zw.data(), y2.data(), int64_t(n), 1, words);
+            compare("soft_apply(w0=1)", dt, y1, y2, n, T.name);
+          }
+        }
+      }
       // epilogue: channel-innermost (inner 1) and runs of 7 and 40 elements
       for (int64_t inner : {int64_t(1), int64_t(7), int64_t(40)}) {
         const int64_t C = 5;
