@@ -54,7 +54,7 @@ OFFLINE_WEIGHTS = {
     "mnist_cnn_silu": ("fedsq_fast.models", "weights/mnist_cnn_silu.safetensors",
                        "SHA_SILU"),
     "mnist_cnn_relu": ("fedsq_fast.models", "weights/mnist_cnn_relu.safetensors",
-                       "SHA_RELU"),
+                       "36e53b8fe2884fb6f972aab764297a518b5ab5a610583519fd424dc58fa38723"),
 }
 
 # The MNIST-pretrained twins: name -> activation. Grey 32x32 input (MNIST resized from 28x28),
