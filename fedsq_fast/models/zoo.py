@@ -52,7 +52,7 @@ OFFLINE_WEIGHTS = {
                  "736abbe21faf27f1cc91848f7f1071cfcd6ffc1dd742d25237c100f16b4ce8dd"),
     # made here by experiments/tools/pretrain_soft_cnn.py (see its header)
     "mnist_cnn_silu": ("fedsq_fast.models", "weights/mnist_cnn_silu.safetensors",
-                       "SHA_SILU"),
+                       "0022a33ab6bf2e9d995f5bcf8963ec85179eab80f33b7d174e3f3514aa10d7d6"),
     "mnist_cnn_relu": ("fedsq_fast.models", "weights/mnist_cnn_relu.safetensors",
                        "36e53b8fe2884fb6f972aab764297a518b5ab5a610583519fd424dc58fa38723"),
 }
