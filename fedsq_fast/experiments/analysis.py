@@ -1,6 +1,8 @@
 """Every number a suite's report prints, computed from the per-run metrics (saved as summary.json)."""
 from __future__ import annotations
 
+import math
+
 from ..federation.evaluation import SUMMARY_KEYS as CLIENT_KEYS
 from ..federation.runner import partition_tag
 from .stats import first_round_at, mean_std, paired_ci, settle_round
@@ -46,6 +48,10 @@ def analyse(docs, suite: Suite | None) -> dict:
             "weight_settle": settle_round([(x["round"], x.get("weight_step_rel")) for x in h], thr),
             # federated evaluation (the last evaluated round; None for runs without it)
             **({k: d["summary"].get(k) for k in CLIENT_KEYS} if client_eval else {}),
+            # False where no round measured gate flips (a plain SiLU/GELU network has no gate
+            # sites): its "never settled" is then no measurement, not a result
+            "gate_measured": any(x["round"] >= 1 and isinstance(x.get("gate_flip_prev"), (int, float))
+                                 and math.isfinite(x["gate_flip_prev"]) for x in h),
         }
 
     def cells():  # (partition, method, {seed: per-run numbers}, sorted seeds) of every cell with runs
@@ -115,6 +121,7 @@ def analyse(docs, suite: Suite | None) -> dict:
         g["gate_settle"] = mean_std([cens if x is None else x for x in gs])[:2]
         g["weight_settle"] = mean_std([cens if x is None else x for x in ws])[:2]
         g["gate_settled_runs"] = sum(x is not None for x in gs)
+        g["gate_measured_runs"] = sum(bool(runs[s].get("gate_measured", True)) for s in seeds)
         g["weight_settled_runs"] = sum(x is not None for x in ws)
         g["settle_diff"] = paired_ci([(cens if a is None else a) - (cens if b is None else b)
                                       for a, b in zip(gs, ws)])

@@ -188,8 +188,10 @@ def gate_table(res) -> str:
         cells = [f"{100 * g['gate_change_' + k][0]:.2f}% ± {100 * g['gate_change_' + k][1]:.2f}"
                  if g['gate_change_' + k][0] == g['gate_change_' + k][0] else "n/a" for k in labels]
         lines.append(f"| {g['partition']} | {g['method']} | {g['n']} | " + " | ".join(cells) +
-                     f" | {_pm(*g['weight_dist_rR'])} | {_pm(*g['gate_settle'], 2)} ({g['gate_settled_runs']}/{g['n']})"
-                     f" | {_pm(*g['weight_settle'], 2)} ({g['weight_settled_runs']}/{g['n']}) |")
+                     f" | {_pm(*g['weight_dist_rR'])} | "
+                     + (f"{_pm(*g['gate_settle'], 2)} ({g['gate_settled_runs']}/{g['n']})"
+                        if g.get("gate_measured_runs", g["n"]) == g["n"] else "n/a (not measured)")
+                     + f" | {_pm(*g['weight_settle'], 2)} ({g['weight_settled_runs']}/{g['n']}) |")
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ GATE_METHODS = ("fedavg", "fedprox")  # plain networks: their own gates drift fr
 
 
 NOT_TESTABLE = "not testable (fewer than 2 seeds)"
+NOT_MEASURED = "not measurable (no gate flips recorded)"
 
 
 def interval_verdict(ci, at: float, below: str, above: str, between: str, closed_above: bool = False) -> str:
@@ -92,6 +93,11 @@ def claims(res, suite) -> list:
     for g in res["gates"]:
         if g["method"] not in GATE_METHODS:
             continue
+        if g.get("gate_measured_runs", g["n"]) < g["n"]:
+            lines.append(f"{g['partition']}, {g['method']}: gate flips not measured in "
+                         f"{g['n'] - g.get('gate_measured_runs', g['n'])}/{g['n']} runs (the network has no "
+                         f"gate sites to measure, e.g. a SiLU/GELU network trained without FedSQ) -> {NOT_MEASURED}")
+            continue
         ci = g["settle_diff"]
         v = interval_verdict(ci, 0.0, below="holds", above="contradicted (weights settle first)",
                              between="not shown")
@@ -107,7 +113,8 @@ def claims(res, suite) -> list:
                         "previous round on the probe batch; weights: ||w_r - w_(r-1)||); never = rounds + 1. "
                         "Holds where the 95% interval of the paired difference (gate round - weight round) "
                         "lies below 0",
-                "verdict": overall(verdicts, good="holds", bad="contradicted (weights settle first)"),
+                "verdict": (overall(verdicts, good="holds", bad="contradicted (weights settle first)")
+                            if verdicts or not lines else NOT_MEASURED),
                 "details": lines})
 
     # robustness (federated evaluation), only where the runs have it

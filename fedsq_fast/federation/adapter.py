@@ -209,8 +209,8 @@ def weights_problem(name: str, weights, *, check_files: bool = True) -> str | No
         return (f"{name!r} is a local untrained model and loads no weights; got {weights!r} "
                 "(use weights=none, or a zoo model)")
     if not _is_weights_path(weights):
-        if name == "svhn_cnn" and weights != "offline":
-            return f"for svhn_cnn must be 'default', 'offline', none or a .pth/.safetensors path; got {weights!r}"
+        if name in ("svhn_cnn", "mnist_cnn_silu", "mnist_cnn_relu") and weights != "offline":
+            return f"for {name} must be 'default', 'offline', none or a .pth/.safetensors path; got {weights!r}"
         return None  # a torchvision weights name: checked by the zoo, which knows them
     if not check_files:
         return None

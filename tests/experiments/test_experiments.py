@@ -548,3 +548,28 @@ def test_client_accuracy_plot_draws_the_runs_that_have_it(tmp_path):
     assert (tmp_path / "c.png").stat().st_size > 1000
     assert not plot_client_accuracy({("iid", "fedavg"): [[{"round": 0}]]}, tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
+
+
+def test_premise_without_measured_gate_flips_is_not_measurable(tiny3_out, tmp_path):
+    """A plain network with no gate sites (a SiLU CNN under FedAvg) records NaN gate flips:
+    its 'never settled' is no measurement, so the premise is 'not measurable', not a verdict."""
+    out = tmp_path / "out"
+    shutil.copytree(tiny3_out, out)
+    assert ex.main(["report", str(out)]) == 0
+    before = (out / "REPORT.md").read_text()
+    assert "not measurable" not in before and "n/a (not measured)" not in before
+    for p in out.rglob("fedavg/metrics.json"):
+        doc = json.loads(p.read_text())
+        for rec in doc["history"]:
+            rec["gate_flip_prev"] = float("nan")
+        p.write_text(json.dumps(doc))
+    assert ex.main(["report", str(out)]) == 0
+    md = (out / "REPORT.md").read_text()
+    line = next(ln for ln in md.splitlines() if ln.startswith("- **Premise"))
+    assert line.endswith("not measurable (no gate flips recorded).")
+    assert "iid, fedavg: gate flips not measured in 3/3 runs" in md
+    row = next(r for r in _table(md, "## Gate stability") if r[1] == "fedavg")
+    assert "n/a (not measured)" in row
+    # the other claims are untouched by the metric
+    assert [ln for ln in md.splitlines() if ln.startswith("- **FedSQ keeps")] == \
+        [ln for ln in before.splitlines() if ln.startswith("- **FedSQ keeps")]
