@@ -99,26 +99,30 @@ def make_step(model_name, variant):
     return step
 
 
-def _rss_kib():
+def _status_kib(field="VmRSS:"):
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field):
                 return int(line.split()[1])
     return 0
 
 
 def rss_main(model_name, variant):
     step = make_step(model_name, variant)
-    before = _rss_kib()
+    before = _status_kib()
     for _ in range(3):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    # VmHWM, this process's own peak (ru_maxrss is not: Linux carries the parent's peak into a
+    # forked and exec'ed child, so after bench_ops every variant reported the parent's ~4 GB)
+    peak = _status_kib("VmHWM:") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"peak_kib": peak, "before_kib": before}))
 
 
 def measure_rss(model_name, variant):
+    # a fixed mmap threshold: freed activations leave RSS, so the peak tracks live bytes
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--rss", model_name, variant],
-                         capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                         capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
