@@ -136,3 +136,68 @@ def test_aggregation_memory(benchmark):
     # accumulator + one client + the new global state (the result), plus per-tensor temporaries
     assert s["ratio"] <= 3.0, s
     assert h["ratio"] > 2 * s["ratio"], h
+
+
+# 3. The embedded engine's aggregation against the averaging kernel alone (issue 28): 10 replies
+# of a ResNet-18-sized state (torchvision's shapes, random values) as the engine hands them to
+# Strategy.aggregate (tensors, no decode), every check on (keys/shapes/dtypes, plausibility,
+# NaN/Inf, counts, drift, the finite-result check), with the default cohort norm bound (replies
+# held until the median is known; copy_held=False: they are the caller's) and streamed (no norm
+# bound); kernel alone = StreamingAverage.add per reply + result(consume=True), given the bound on
+# |values| the engine computes once per round (else each add reads the reply's own). Interleaved
+# rounds (minima). Target: aggregate / kernel <= 1.5.
+def test_engine_aggregate_vs_kernel(benchmark):
+    import _bench
+    import torch
+    import torchvision
+
+    from fedsq_fast import StreamingAverage
+    from fedsq_fast.federation import make_strategy
+
+    torch.manual_seed(0)
+    shapes = {k: (v.shape, v.dtype) for k, v in torchvision.models.resnet18().state_dict().items()}
+    glob = {k: torch.randn(s) if d.is_floating_point else torch.tensor(7, dtype=d) for k, (s, d) in shapes.items()}
+    for k in glob:
+        if k.endswith("running_var"):
+            glob[k] = glob[k].abs() + 0.5
+    replies = []
+    for i in range(10):
+        gen = torch.Generator().manual_seed(i + 1)
+        replies.append({k: v + 0.01 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v + i
+                        for k, v in glob.items()})
+    bounded, streamed = make_strategy("fedavg"), make_strategy("fedavg", norm_bound=None)
+
+    from fedsq_fast.federation.strategy import PLAUSIBLE_SCALE, _plausible_max_abs
+
+    bound = _plausible_max_abs(glob, PLAUSIBLE_SCALE)  # what the engine hands the fold (no per-reply scan)
+
+    def kernel():
+        avg = StreamingAverage()
+        for i, r in enumerate(replies):
+            avg.add(r, 100 + i, max_abs=bound)
+        return avg.result(consume=True)
+
+    fns = {
+        "kernel": kernel,
+        "bounded": lambda: bounded.aggregate(glob, ((i, r, 100 + i) for i, r in enumerate(replies)),
+                                             copy_held=False),
+        "streamed": lambda: streamed.aggregate(glob, ((i, r, 100 + i) for i, r in enumerate(replies))),
+    }
+    rounds = int(os.environ.get("FEDSQ_BENCH_INTERLEAVED_ROUNDS", 7))
+
+    def run_all():
+        for f in fns.values():
+            f()
+        t = {k: float("inf") for k in fns}
+        order = list(fns)
+        for r in range(rounds):
+            for k in order[r % len(order):] + order[:r % len(order)]:
+                t0 = time.perf_counter()
+                fns[k]()
+                t[k] = min(t[k], time.perf_counter() - t0)
+        for v, label in (("bounded", "default norm bound"), ("streamed", "no norm bound")):
+            _bench.INTERLEAVED[f"embedded engine aggregate ({label}) / kernel alone, 10 resnet18-sized replies "
+                               f"(target <= 1.5)"] = (t[v] / t["kernel"], t["kernel"], t[v])
+
+    benchmark.group = "engine aggregate vs kernel"
+    benchmark.pedantic(run_all, rounds=1, iterations=1)

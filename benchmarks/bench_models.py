@@ -99,26 +99,30 @@ def make_step(model_name, variant):
     return step
 
 
-def _rss_kib():
+def _status_kib(field="VmRSS:"):
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field):
                 return int(line.split()[1])
     return 0
 
 
 def rss_main(model_name, variant):
     step = make_step(model_name, variant)
-    before = _rss_kib()
+    before = _status_kib()
     for _ in range(3):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    # VmHWM, this process's own peak (ru_maxrss is not: Linux carries the parent's peak into a
+    # forked and exec'ed child, so after bench_ops every variant reported the parent's ~4 GB)
+    peak = _status_kib("VmHWM:") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"peak_kib": peak, "before_kib": before}))
 
 
 def measure_rss(model_name, variant):
+    # a fixed mmap threshold: freed activations leave RSS, so the peak tracks live bytes
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--rss", model_name, variant],
-                         capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                         capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -198,4 +202,35 @@ def test_interleaved_steps(benchmark):
                 _bench.INTERLEAVED[f"{name} train step: {label}"] = (best[b] / best[a], best[a], best[b])
 
     benchmark.group = "interleaved train steps"
+    benchmark.pedantic(run_all, rounds=1, iterations=1)
+
+
+# Memory at batch 64 (issue 28): what autograd saves for backward (by layer: benchmarks/tools/
+# saved_activations.py) and each variant's own peak RSS over 3 steps (a subprocess each),
+# fedsq against the naive two-model step. Target: <= 0.8x.
+def test_memory_vs_naive(benchmark):
+    import _bench
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools"))
+    from saved_activations import saved_by_layer, variant
+
+    rows = ["| model | saved activations MiB: plain / naive / fedsq | fedsq / naive | "
+            "peak RSS growth MiB: plain / naive / fedsq | fedsq / naive | peak RSS MiB: naive / fedsq |",
+            "|---|---|---:|---|---:|---|"]
+
+    def run_all():
+        for name in MODELS:
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(BATCH, 3, PX, PX, generator=g)
+            y = torch.randint(0, 10, (BATCH,), generator=g)
+            saved = {v: sum(saved_by_layer(variant(v, name), x, y)[0].values()) / 2**20
+                     for v in ("plain", "naive", "fedsq")}
+            rss = {v: measure_rss(name, v) for v in ("plain", "naive", "fedsq")}
+            grow = {v: (r["peak_kib"] - r["before_kib"]) / 1024 for v, r in rss.items()}
+            rows.append(f"| {name} | {saved['plain']:.1f} / {saved['naive']:.1f} / {saved['fedsq']:.1f} | "
+                        f"**{saved['fedsq'] / saved['naive']:.2f}** | {grow['plain']:.0f} / {grow['naive']:.0f} / "
+                        f"{grow['fedsq']:.0f} | **{grow['fedsq'] / grow['naive']:.2f}** | "
+                        f"{rss['naive']['peak_kib'] / 1024:.0f} / {rss['fedsq']['peak_kib'] / 1024:.0f} |")
+        _bench.EXTRA[f"Memory at batch {BATCH}, {PX}px (target fedsq / naive <= 0.8)"] = "\n".join(rows)
+
+    benchmark.group = "memory vs naive"
     benchmark.pedantic(run_all, rounds=1, iterations=1)

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -185,19 +186,99 @@ uint32_t* words(const at::Tensor& bits) { return reinterpret_cast<uint32_t*>(bit
 // that costs more than the kernel (16 Mi fp32: ~30 ms of faults against ~4 ms
 // of work), and it is what eager pays too. With MADV_HUGEPAGE the same buffer
 // faults in 2 MB pages. Small outputs keep torch's allocator.
+//
+// Freed blocks are kept in a small bounded cache (as CUDA's caching allocator
+// does) and handed to the next request of about the same size: an op that runs
+// once per step (the gate's backward, the quantitative gate outputs) then
+// writes into pages that are already mapped instead of faulting in (and
+// zeroing) fresh ones every call. A block goes back to the cache only when
+// torch frees the tensor, so no live memory is ever shared. The limit is
+// FEDSQ_FAST_CPU_CACHE_MB (default 256) or torch.ops.fedsq_fast.cpu_cache(mb);
+// 0 turns the cache off and frees what it holds.
+struct HugeBlock {
+  void* p;
+  size_t bytes;
+};
+
 struct HugePageAllocator final : c10::Allocator {
   static constexpr size_t kHuge = size_t(2) << 20;
   static constexpr size_t kMin = size_t(4) << 20;  // below this, faults are cheap
-  static void release(void* p) { std::free(p); }
+  struct Cache {
+    std::mutex mu;
+    std::vector<HugeBlock> blocks;  // most recently freed last
+    size_t cached = 0;
+    size_t limit = 0;
+  };
+  // Never destroyed: tensors freed during interpreter shutdown still return their blocks here.
+  static Cache& cache() {
+    static Cache* c = [] {
+      auto* c = new Cache();
+      const char* env = std::getenv("FEDSQ_FAST_CPU_CACHE_MB");
+      long mb = 256;
+      if (env != nullptr && *env != '\0') {
+        char* end = nullptr;
+        const long v = std::strtol(env, &end, 10);
+        if (end != nullptr && *end == '\0' && v >= 0) mb = v;  // Python checks the value first (_loader)
+      }
+      c->limit = static_cast<size_t>(mb) << 20;
+      return c;
+    }();
+    return *c;
+  }
+  // Oldest blocks out of the cache until it holds at most `limit` bytes; returns them (caller frees).
+  static std::vector<HugeBlock> trim(Cache& c, size_t limit) {
+    size_t drop = 0;
+    while (c.cached > limit && drop < c.blocks.size()) c.cached -= c.blocks[drop++].bytes;
+    std::vector<HugeBlock> gone(c.blocks.begin(), c.blocks.begin() + static_cast<std::ptrdiff_t>(drop));
+    c.blocks.erase(c.blocks.begin(), c.blocks.begin() + static_cast<std::ptrdiff_t>(drop));
+    return gone;
+  }
+  static void release(void* ctx) {
+    auto* b = static_cast<HugeBlock*>(ctx);
+    const HugeBlock blk = *b;
+    delete b;
+    Cache& c = cache();
+    std::vector<HugeBlock> gone;
+    bool kept = false;
+    {
+      std::lock_guard<std::mutex> g(c.mu);
+      if (blk.bytes <= c.limit) {
+        gone = trim(c, c.limit - blk.bytes);
+        c.blocks.push_back(blk);
+        c.cached += blk.bytes;
+        kept = true;
+      }
+    }
+    for (auto& x : gone) std::free(x.p);
+    if (!kept) std::free(blk.p);
+  }
+  // The smallest cached block of at least `bytes` and at most twice that (no large waste).
+  static void* take(size_t bytes, size_t* got) {
+    Cache& c = cache();
+    std::lock_guard<std::mutex> g(c.mu);
+    size_t best = c.blocks.size();
+    for (size_t i = 0; i < c.blocks.size(); ++i) {
+      const size_t s = c.blocks[i].bytes;
+      if (s >= bytes && s <= 2 * bytes && (best == c.blocks.size() || s < c.blocks[best].bytes)) best = i;
+    }
+    if (best == c.blocks.size()) return nullptr;
+    const HugeBlock b = c.blocks[best];
+    c.blocks.erase(c.blocks.begin() + static_cast<std::ptrdiff_t>(best));
+    c.cached -= b.bytes;
+    *got = b.bytes;
+    return b.p;
+  }
   c10::DataPtr allocate(size_t n) override {
     if (n < kMin) return c10::GetDefaultCPUAllocator()->allocate(n);
-    const size_t bytes = (n + kHuge - 1) / kHuge * kHuge;
-    void* p = nullptr;
-    if (posix_memalign(&p, kHuge, bytes) != 0 || p == nullptr) return c10::GetDefaultCPUAllocator()->allocate(n);
+    size_t bytes = (n + kHuge - 1) / kHuge * kHuge;
+    void* p = take(bytes, &bytes);
+    if (p == nullptr) {
+      if (posix_memalign(&p, kHuge, bytes) != 0 || p == nullptr) return c10::GetDefaultCPUAllocator()->allocate(n);
 #ifdef MADV_HUGEPAGE
-    madvise(p, bytes, MADV_HUGEPAGE);  // advice only: without THP it is a plain allocation
+      madvise(p, bytes, MADV_HUGEPAGE);  // advice only: without THP it is a plain allocation
 #endif
-    return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
+    }
+    return {p, new HugeBlock{p, bytes}, &release, c10::Device(c10::DeviceType::CPU)};
   }
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
@@ -205,6 +286,26 @@ struct HugePageAllocator final : c10::Allocator {
 };
 
 HugePageAllocator g_huge;
+
+// cpu_cache(mb): set the output cache's limit (mb >= 0; 0 frees every cached block and
+// turns it off; -1 leaves it as it is) and return [cached bytes, limit bytes].
+std::vector<int64_t> cpu_cache(int64_t mb) {
+  TORCH_CHECK_VALUE(mb >= -1, "mb must be >= 0 (or -1 to only read the cache), got ", mb);
+  auto& c = HugePageAllocator::cache();
+  std::vector<HugeBlock> gone;
+  std::vector<int64_t> out(2);
+  {
+    std::lock_guard<std::mutex> g(c.mu);
+    if (mb >= 0) {
+      c.limit = static_cast<size_t>(mb) << 20;
+      gone = HugePageAllocator::trim(c, c.limit);
+    }
+    out[0] = static_cast<int64_t>(c.cached);
+    out[1] = static_cast<int64_t>(c.limit);
+  }
+  for (auto& x : gone) std::free(x.p);
+  return out;
+}
 
 // Raw CPU launches: at::parallel_for (torch's OpenMP pool, torch.set_num_threads
 // applies) over 32-element words, so no two threads share a mask word.
@@ -426,6 +527,8 @@ TORCH_LIBRARY(fedsq_fast, m) {
   m.def("reply_stats_list(Tensor[] xs, Tensor[] refs, int[] in_total) -> Tensor");
   // Not a tensor op: selects the CPU kernel variant (tests run every ISA the CPU has).
   m.def("cpu_isa(str isa='') -> str", &fedsq::cpu_isa);
+  // Not a tensor op: the CPU output cache's limit in MiB (-1: unchanged) -> [cached bytes, limit bytes].
+  m.def("cpu_cache(int mb=-1) -> int[]", &fedsq::cpu_cache);
 }
 
 TORCH_LIBRARY_IMPL(fedsq_fast, CPU, m) {

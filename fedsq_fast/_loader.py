@@ -43,6 +43,10 @@ def _try_load() -> str | None:
         )
     if mode == "reference":
         return "disabled by FEDSQ_FAST_BACKEND=reference"
+    cache_mb = os.environ.get("FEDSQ_FAST_CPU_CACHE_MB")
+    # read by the library when its first large output is made (csrc/ops.cpp): checked here, loudly
+    if cache_mb is not None and not (cache_mb.strip().isdigit() and cache_mb.strip() == cache_mb):
+        raise ValueError(f"FEDSQ_FAST_CPU_CACHE_MB must be a whole number of MiB >= 0, got {cache_mb!r}")
     lib = _find_library()
     if lib is None:
         return f"no compiled library (_C*.so) in {_PKG}; install with `pip install -e .` to build it"

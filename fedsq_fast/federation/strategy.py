@@ -135,7 +135,8 @@ class ReplyScan:
 
     def _bound(self, k):
         if self._bounds is None:
-            self._bounds = {k: self.scale * (1.0 + _max_abs(self.ref[k])) for k in self.floats}
+            m = _max_abs_each(self.ref)
+            self._bounds = {k: self.scale * (1.0 + m.get(k, 0)) for k in self.floats}
         return self._bounds[k]
 
     def scan(self, update: dict, count=_UNCHECKED):
@@ -190,13 +191,35 @@ def _max_abs(t: torch.Tensor):
     return max(-lo.item(), hi.item())
 
 
+def _max_abs_each(state: dict) -> dict:
+    """:func:`_max_abs` of every non-empty floating tensor of ``state`` (NaN where it holds a
+    NaN). On CPU with the compiled library one ``reply_stats`` call reads them all (each
+    tensor against itself: min, max and NaN/Inf count in one list op) instead of one
+    aminmax and two host reads per tensor, which dominated a round's checks (issue 28)."""
+    keys = [k for k, t in state.items() if t.dtype.is_floating_point and t.numel()]
+    from ..ops import backend, reply_stats
+
+    if not keys or backend() != "compiled" or any(state[k].device.type != "cpu" for k in keys):
+        return {k: _max_abs(state[k]) for k in keys}
+    with torch.no_grad():
+        ts = [state[k] for k in keys]
+        rows = reply_stats(ts, ts, [False] * len(ts))[0].tolist()
+    out = {}
+    for k, (lo, hi, bad, _) in zip(keys, rows):
+        m = max(-lo, hi)
+        # min/max skip NaN but keep Inf: a NaN is a non-finite count beside finite extremes,
+        # or (beside an Inf) the aminmax answer NaN all the same; either way the caller sees
+        # a non-finite value, as with aminmax
+        out[k] = math.nan if bad and (math.isfinite(m) or math.isnan(_max_abs(state[k]))) else m
+    return out
+
+
 def nonfinite_key(state: dict) -> str | None:
     """The first floating tensor of ``state`` with a NaN or Inf, or None (min and max carry
     a NaN or an Inf, so no model-sized temporary is needed)."""
-    with torch.no_grad():
-        for k, t in state.items():
-            if t.dtype.is_floating_point and t.numel() and not math.isfinite(_max_abs(t)):
-                return k
+    for k, m in _max_abs_each(state).items():
+        if not math.isfinite(m):
+            return k
     return None
 
 
@@ -352,10 +375,8 @@ def _plausible_max_abs(global_state: dict, plausible_scale: float | None) -> flo
     if plausible_scale is None:
         return None
     top = 0.0
-    with torch.no_grad():
-        for t in global_state.values():
-            if t.dtype.is_floating_point and t.numel():
-                top = max(top, _max_abs(t))
+    for m in _max_abs_each(global_state).values():
+        top = max(top, m)
     bound = plausible_scale * (1.0 + top)
     return bound if math.isfinite(bound) else None
 
@@ -491,7 +512,7 @@ class Strategy:
         if bad is None:
             before = self.state_dict()
             new = self.server_update(global_state, avg)
-            bad = nonfinite_key(new)
+            bad = None if new is avg else nonfinite_key(new)  # FedAvg's update is the average itself
             if bad is None:
                 return new
             self.load_state_dict(before)

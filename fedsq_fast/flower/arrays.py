@@ -102,6 +102,11 @@ def _decode_one(key: str, a, arg: str, copy: bool = True) -> torch.Tensor:
                              f"(expected {want})")
         if n == 0:
             return torch.empty(shape, dtype=dt)
+        if not copy and sys.byteorder == "little" and isinstance(a.data, bytes):
+            # the bytes are already native order: a read-only view, as for numpy payloads
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.from_numpy(np.frombuffer(a.data, dtype=np.int16)).view(dt).reshape(shape)
         raw = np.frombuffer(a.data, dtype="<i2").astype(np.int16, copy=True)  # owned, native order
         return torch.from_numpy(raw).view(dt).reshape(shape)
     if a.stype != NUMPY_STYPE:
@@ -138,7 +143,8 @@ def arrays_to_state(record, *, arg: str = "arrays", copy: bool = True) -> dict:
     """An ArrayRecord as a state dict of CPU tensors (dtypes restored, bf16 included).
     Raises ValueError naming ``arg`` and the key for anything malformed.
 
-    ``copy=False`` returns plain numpy payloads as views of the record's bytes, without
+    ``copy=False`` returns plain numpy payloads (and bfloat16 raw payloads on little-endian
+    hosts) as views of the record's bytes, without
     a copy (decoding a model by copying costs as much as averaging it). The caller
     must only read them, and only while the record lives: the server folds replies
     this way."""

@@ -120,7 +120,7 @@ def reply_stats_list(xs, refs, in_total):
     return out
 
 
-# Every op of csrc/ops.cpp's TORCH_LIBRARY except cpu_isa (a kernel switch, not an op).
+# Every op of csrc/ops.cpp's TORCH_LIBRARY except cpu_isa and cpu_cache (switches, not ops).
 RAW = {f.__name__: f for f in (
     pack_mask, apply_mask, apply_mask_out, gate, gate_out, soft_gate_apply, soft_gate_apply_out,
     struct_epilogue, struct_epilogue_,

@@ -57,3 +57,36 @@ def test_fused_scan_equals_the_separate_checks(scale):
                 assert isinstance(a, str) and a.split(":")[0] == b.split(":")[0], (a, b)
     # without a count check (the default), a clean reply gives _sq_dist's number bit for bit
     assert fused.scan(cases[0]) == S._sq_dist(cases[0], glob)
+
+
+def _aminmax_oracle(t):
+    """max |t| the separate way (torch.aminmax; NaN propagates), in float64."""
+    lo, hi = torch.aminmax(t.double())
+    return max(-lo.item(), hi.item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_max_abs_each_equals_aminmax_per_tensor(dtype):
+    """One reply_stats read of a whole state gives each tensor's max |value| as aminmax does:
+    NaN where a NaN is (beside finite values, beside an Inf, or alone), Inf for an Inf."""
+    rng = np.random.default_rng(draw_seed(2**31))
+    cases = {"plain": rng.standard_normal(1000), "nan": rng.standard_normal(777), "inf": rng.standard_normal(33),
+             "ninf": rng.standard_normal(64), "nan_inf": rng.standard_normal(4099), "all_nan": np.full(5, np.nan),
+             "zeros": -np.zeros(7), "one": np.array([-2.5]), "big": rng.standard_normal(70001) * 1e4}
+    cases["nan"][int(rng.integers(777))] = np.nan
+    cases["inf"][int(rng.integers(33))] = np.inf
+    cases["ninf"][int(rng.integers(64))] = -np.inf
+    cases["nan_inf"][[int(rng.integers(4099)), int(rng.integers(4099))]] = [np.nan, np.inf]
+    if cases["nan_inf"][np.isnan(cases["nan_inf"])].size == 0:  # both draws hit one index
+        cases["nan_inf"][0] = np.nan
+    state = {k: torch.from_numpy(v).to(dtype) for k, v in cases.items()}
+    state["empty"] = torch.empty(0, dtype=dtype)
+    state["count"] = torch.tensor(3)
+    got = S._max_abs_each(state)
+    assert list(got) == [k for k in state if k not in ("empty", "count")]
+    for k, m in got.items():
+        want = _aminmax_oracle(state[k])
+        assert (math.isnan(m) and math.isnan(want)) or m == want, (k, m, want)
+    assert S.nonfinite_key(state) == "nan"
+    assert S.nonfinite_key({k: state[k] for k in ("plain", "zeros", "ninf", "big")}) == "ninf"
+    assert S.nonfinite_key({k: state[k] for k in ("plain", "zeros", "empty", "count")}) is None
