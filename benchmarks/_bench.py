@@ -45,6 +45,29 @@ def ratio(label: str, group: str, num: str, den: str, target: float, sense: str 
     RATIOS.append((label, group, num, den, target, sense))
 
 
+
+# Interleaved cross-check: on a shared machine a noise burst can hit one variant's rounds and
+# not another's. Each round times every variant back to back, so all see the same machine; the
+# first variant of a round meets colder caches, so who goes first rotates. Minima per variant.
+INTERLEAVED_ROUNDS = int(os.environ.get("FEDSQ_BENCH_INTERLEAVED_ROUNDS", 15))
+
+
+def interleaved(fns: dict, rounds: int | None = None) -> dict:
+    """{name: min seconds} of the callables ``fns``, timed in interleaved, rotating rounds."""
+    import time
+
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
+    order = list(fns)
+    for r in range(INTERLEAVED_ROUNDS if rounds is None else rounds):
+        for k in order[r % len(order):] + order[:r % len(order)]:
+            t0 = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t0)
+    return {k: min(v) for k, v in times.items()}
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

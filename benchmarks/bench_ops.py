@@ -397,24 +397,8 @@ def test_gpu_average_resnet50_k10(benchmark):
 
 
 # ---------------------------------------------------------------------------
-# Interleaved cross-check: on a shared machine a noise burst can hit one
-# variant's rounds and not another's. Here each round times every variant of a
-# pair back to back, so both see the same machine; the ratio uses their minima.
-INTERLEAVED_ROUNDS = int(os.environ.get("FEDSQ_BENCH_INTERLEAVED_ROUNDS", 15))
-
-
-def _interleaved(fns):
-    for f in fns.values():
-        f()
-    times = {k: [] for k in fns}
-    order = list(fns)
-    for r in range(INTERLEAVED_ROUNDS):
-        # rotate who goes first: the first variant of a round meets colder caches
-        for k in order[r % len(order):] + order[:r % len(order)]:
-            t0 = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - t0)
-    return {k: min(v) for k, v in times.items()}
+# Interleaved cross-check (_bench.interleaved): each round times every variant of a pair back to
+# back, so both see the same machine; the ratio uses their minima.
 
 
 def test_interleaved_cross_check(benchmark, gate_inputs):
@@ -470,7 +454,7 @@ def test_interleaved_cross_check(benchmark, gate_inputs):
 
     def run_all():
         for label, fns in pairs.items():
-            t = _interleaved(fns)
+            t = _bench.interleaved(fns)
             _bench.INTERLEAVED[label] = (t["b"] / t["a"], t["a"], t["b"])
 
     benchmark.group = "interleaved cross-check"
@@ -523,7 +507,7 @@ def test_isa_cross_check(benchmark, gate_inputs):
     def run_all():
         try:
             for label, f in ops.items():
-                t = _interleaved({isa: on(isa, f) for isa in isas})
+                t = _bench.interleaved({isa: on(isa, f) for isa in isas})
                 for isa in isas[1:]:
                     _bench.INTERLEAVED[f"ISA {label}: {isa} / {isas[0]}"] = (t[isa] / t[isas[0]], t[isas[0]], t[isa])
         finally:

@@ -211,20 +211,8 @@ _bench.ratio("FedSQ-soft step: fused op vs eager gate", f"SiLU CNN step {PX}px b
 
 
 # ---------------------------------------------------------------------------
-# Interleaved cross-check: each round times every variant of a comparison back to back.
-def _interleaved(fns):
-    for f in fns.values():
-        f()
-    times = {k: [] for k in fns}
-    order = list(fns)
-    for r in range(INTERLEAVED_ROUNDS):
-        for k in order[r % len(order):] + order[:r % len(order)]:
-            t0 = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - t0)
-    return {k: min(v) for k, v in times.items()}
-
-
+# Interleaved cross-check (_bench.interleaved): each round times every variant of a comparison back
+# to back.
 def test_interleaved_cross_check(benchmark, inputs):
     z_q, z_s, g = inputs
     comparisons = {}
@@ -245,7 +233,7 @@ def test_interleaved_cross_check(benchmark, inputs):
 
     def run_all():
         for label, fns in comparisons.items():
-            t = _interleaved(fns)
+            t = _bench.interleaved(fns, INTERLEAVED_ROUNDS)
             _bench.INTERLEAVED[label] = (t["b"] / t["a"], t["a"], t["b"])
 
     benchmark.group = "interleaved soft gates"

@@ -69,6 +69,7 @@ def main():
                 kw = {**BASE, "methods": [m], "seed": seed}
                 if eps is not None:
                     kw.update(dp="central", dp_clip=clips[m][0], dp_target_epsilon=eps, dp_delta=1e-3)
+                    del kw["min_clients"]  # not read under poisson sampling (every client joins: q = 1)
                 cfg = validate(from_mapping(kw))
                 t = time.time()
                 res = Federation(cfg, m, prepare_data(cfg), quiet=True).run()
