@@ -451,3 +451,120 @@ def test_in_process_secagg_two_rounds_after_a_drop_with_server_optimizer_and_fed
     if method == "fedbn":  # each surviving node kept its own BatchNorm layers in its Context
         kept = [n for n, st in grid.states.items() if A.LOCAL_STATE_KEY in st.array_records]
         assert len(kept) == 3
+
+
+# ---------------------------------------------------------------- distributed DP composed with SecAgg+
+def _dp_secagg(**kw):
+    """dp = 'distributed' (fixed sampling) under secagg, on partitions of unequal sizes."""
+    return _secagg(dp="distributed", dp_sampling="fixed", dp_noise_multiplier=0.8, dp_clip=0.5,
+                   dp_delta=1e-3, partition="dirichlet", alpha=0.3, **kw)
+
+
+@pytest.fixture
+def seeded_client_noise(monkeypatch):
+    """The ClientApp's distributed-DP noise from (seed, round, client), as the embedded engine
+    draws it (a real SuperNode draws it from OS entropy): each client's noised update is then
+    known to the test, the oracle sums them by hand."""
+    from fedsq_fast.federation import privacy as P
+
+    real = P.client_privacy
+    monkeypatch.setattr(P, "client_privacy", lambda cfg, seeded=True: real(cfg, seeded=True))
+    A._RUNTIME.clear()
+    yield
+    A._RUNTIME.clear()
+
+
+def _noised_updates(cfg, data, drop):
+    """Each client's update as it sends it under dp = 'distributed' (clipped and noised, the
+    same seeded noise), recorded from the embedded engine's round 1 (no SecAgg+), and the
+    global state of round 1: (updates {client: {key: float64 update}}, glob, engine result)."""
+    seen, box = {}, {}
+
+    def hook(r, c, s):
+        seen[c] = {k: s[k].double() - box["glob"][k].double() for k in box["glob"]
+                   if box["glob"][k].dtype.is_floating_point}
+        if c in drop:
+            raise RuntimeError("dropped")
+        return s
+
+    fed = Federation(cfg.replace(secagg=False), "fedsq", data, quiet=True, client_hook=hook)
+    box["glob"] = {k: v.clone() for k, v in adapter.payload_state(fed.model).items()}
+    return seen, box["glob"], fed.run()
+
+
+def _dp_hand_aggregate(cfg, glob, updates, survivors, rnd=1):
+    """The server's side of distributed DP by hand (float64): the survivors' noised updates
+    summed unweighted, the noise share of the m - K clients that sent nothing added back
+    (N(0, (z C)^2 (m - K) / m), drawn from (seed, round, DP_NOISE) as float32 per floating
+    key in payload order), divided by m."""
+    from fedsq_fast.federation.client import derive_seed
+    from fedsq_fast.federation.seeds import DP_NOISE
+
+    m = cfg.num_clients  # fraction 1: every client is sampled
+    z, c = float(cfg.dp_noise_multiplier), float(cfg.dp_clip)
+    extra = z * c * ((m - len(survivors)) / m) ** 0.5
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, rnd, DP_NOISE))
+    out = {}
+    for k, g in glob.items():
+        if not g.dtype.is_floating_point:
+            continue
+        total = sum((updates[s][k] for s in survivors), torch.zeros(g.shape, dtype=torch.float64))
+        if extra:
+            total = total + extra * torch.randn(g.shape, generator=gen, dtype=torch.float32).double()
+        out[k] = g.double() + total / m
+    return out
+
+
+def _worst(got, want, glob):
+    return max(float((got[k].double() - want[k]).abs().max()) for k in want if glob[k].numel())
+
+
+@pytest.mark.parametrize("dead_from", [None, "collect_masked_vectors"])
+def test_dp_distributed_under_secagg_equals_the_hand_sum_of_noised_updates(tmp_path, seeded_client_noise, dead_from):
+    """dp = 'distributed' + secagg: every update enters the secure sum with weight 1 (partitions
+    of unequal sizes), the server counts the secure average as the K survivors' updates, adds
+    back the noise share of a node that dropped mid-round, and divides by m: equal to the hand
+    sum of the clients' noised updates within the quantization bound 2 c / Q on the average
+    (times K / m on the global model) plus float32 rounding."""
+    victim = 2
+    cfg = small_config(**_dp_secagg(methods=["fedsq"], rounds=1, num_clients=4, min_clients=2,
+                                     out_dir=str(tmp_path)))
+    validate(cfg)
+    data = prepare_data(cfg)
+    sizes = [len(p) for p in data.parts]
+    assert len(set(sizes)) > 1, sizes  # unequal partitions: a sample weighting would show
+    grid = SecAggGrid(4, victim=1000 + 17 * victim, dead_from=dead_from)
+    res = Federation(cfg, "fedsq", data, quiet=True,
+                     transport=S.SecAggTransport(grid, round_timeout=0.3, poll_s=0)).run()
+    drop = {victim} if dead_from else set()
+    survivors = [c for c in range(4) if c not in drop]
+    h = res.history[1]
+    assert h["clients_ok"] == len(survivors) and [c for c, _ in h["clients_dropped"]] == sorted(drop), h
+    assert h["samples"] == sum(sizes[c] for c in survivors)
+    assert h["dp_noise_std"] == pytest.approx(0.8 * 0.5 / 4, rel=1e-12)  # z C / m: the whole noise, every round
+    updates, glob, engine = _noised_updates(cfg, data, drop)
+    want = _dp_hand_aggregate(cfg, glob, updates, survivors)
+    got = adapter.payload_state(res.model)
+    for k, g in glob.items():
+        if not g.dtype.is_floating_point:
+            assert torch.equal(got[k], g), k  # integer buffers: the global value stays
+    top = max(float(w.abs().max()) for w in want.values() if w.numel())
+    ulp = torch.finfo(torch.float32).eps * top
+    bound = S.error_bound(cfg.secagg_clipping_range, cfg.secagg_quantization_range,
+                          [cfg.secagg_quantization_range] * len(survivors), 0.0) * len(survivors) / 4
+    worst = _worst(got, want, glob)
+    assert worst <= bound + (len(survivors) + 2) * ulp, (worst, bound, ulp)
+    assert 0 < worst  # the secure sum went through quantization
+    # the embedded engine (no SecAgg+) computes the same hand sum: both paths share the server's math
+    assert _worst(adapter.payload_state(engine.model), want, glob) <= 3 * ulp
+    # not vacuous: the wrong compositions differ from the result by far more than the bound
+    n = {c: sizes[c] for c in survivors}
+    weighted = {k: glob[k].double() + len(survivors) / 4 * sum(updates[c][k] * n[c] for c in survivors)
+                / sum(n.values()) for k in want}  # a sample-weighted secure average
+    one_reply = {k: glob[k].double() + sum(updates[c][k] for c in survivors) / len(survivors) / 4
+                 for k in want}  # the secure sum counted as one reply (its noise share only: see below)
+    for wrong in (weighted, one_reply):
+        assert _worst(got, wrong, glob) > 20 * (bound + (len(survivors) + 2) * ulp)
+    if drop:  # the dropped node's noise share, added back by the server, is in the result
+        no_add_back = _dp_hand_aggregate(cfg.replace(dp_noise_multiplier=0.0), glob, updates, survivors)
+        assert _worst(got, no_add_back, glob) > 20 * (bound + (len(survivors) + 2) * ulp)
