@@ -7,6 +7,7 @@ float64 numpy), within :func:`fedsq_fast.flower.secagg.error_bound`."""
 import copy
 import itertools
 import json
+import math
 import re
 import signal
 import time
@@ -568,3 +569,94 @@ def test_dp_distributed_under_secagg_equals_the_hand_sum_of_noised_updates(tmp_p
     if drop:  # the dropped node's noise share, added back by the server, is in the result
         no_add_back = _dp_hand_aggregate(cfg.replace(dp_noise_multiplier=0.0), glob, updates, survivors)
         assert _worst(got, no_add_back, glob) > 20 * (bound + (len(survivors) + 2) * ulp)
+
+
+def _fit_reply(cfg, n, max_w, q_range, clip, rng):
+    from flwr.app import ConfigRecord, MessageType
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+
+    glob = {"w": torch.from_numpy(rng.standard_normal((7, 3))).float(), "c": torch.tensor(4, dtype=torch.int64)}
+    state = {"w": glob["w"] + torch.from_numpy(rng.uniform(-0.1, 0.1, (7, 3))).float(), "c": glob["c"] + 1}
+    msg = Message(RecordDict(), message_type=MessageType.TRAIN, dst_node_id=1)
+    msg.metadata.__dict__["_message_id"] = "m0"
+    ctx = Context(1, 1, {}, RecordDict({RECORD_KEY_STATE: ConfigRecord(
+        {"target_range": q_range, "clipping_range": clip, "max_weight": max_w})}), {})
+    rep = S.secagg_fit_reply(msg, ctx, state, glob, {"num_samples": n, "seconds": 0.0}, 0, cfg, 1)
+    return rep.content.metric_records["fitres.num_examples"]["num_examples"]
+
+
+def test_dp_client_sends_weight_one_whatever_its_samples_and_refuses_another_max_weight():
+    """Under dp = 'distributed' a client's weight in the secure sum is 1 (secaggplus_mod's
+    q_k = round(1 / 1 x Q) = Q exactly, for every partition size); without DP it is its
+    sample count. A server announcing max_weight != 1 under DP is refused: weights that differ
+    would let it single out one client's update."""
+    rng = np.random.default_rng(draw_seed(2**31))
+    dp_cfg = from_mapping(_dp_secagg(num_clients=4))
+    plain = from_mapping(_secagg(num_clients=4))
+    q_range = 2**22
+    for n in [1, 2, 17, int(rng.integers(3, 10**6))]:
+        assert _fit_reply(dp_cfg, n, 1.0, q_range, 8.0, rng) == 1
+        assert S.weight_levels(1, 1.0, q_range) == q_range  # what secaggplus_mod makes of it
+        assert _fit_reply(plain, n, float(n) * 2, q_range, 8.0, rng) == n
+    for max_w in (0.5, 2.0, float(rng.integers(3, 1000))):
+        with pytest.raises(ValueError, match=rf"^secagg: under dp = 'distributed' .* announced max_weight {max_w:g}"):
+            _fit_reply(dp_cfg, 10, max_w, q_range, 8.0, rng)
+    # the range check still applies to the noised update, with a message that says how to size it
+    with pytest.raises(ValueError, match=r"beyond secagg_clipping_range .*not sent \(a noised update: .*docs/privacy"):
+        _fit_reply(dp_cfg, 10, 1.0, q_range, 1e-6, rng)
+
+
+def test_dp_server_drops_a_node_whose_weight_is_not_one(tmp_path, seeded_client_noise):
+    """The server checks the weight each node claims in the masked-vector stage: under
+    dp = 'distributed' anything but 1 (its update would enter the sum that many times) leaves
+    the protocol with the reason; the round completes with the others."""
+    bad = 1
+
+    def mangle(st, pid, rep):
+        if st == "collect_masked_vectors" and pid == bad:
+            rep.content.metric_records["fitres.num_examples"]["num_examples"] = 2
+
+    cfg = small_config(**_dp_secagg(methods=["fedsq"], rounds=1, num_clients=4, min_clients=2,
+                                     out_dir=str(tmp_path)))
+    data = prepare_data(cfg)
+    res = Federation(cfg, "fedsq", data, quiet=True,
+                     transport=S.SecAggTransport(SecAggGrid(4, mangle=mangle), round_timeout=0.3, poll_s=0)).run()
+    h = res.history[1]
+    assert h["clients_ok"] == 3 and [c for c, _ in h["clients_dropped"]] == [bad], h
+    assert "weight 2 under dp = 'distributed'" in h["clients_dropped"][0][1], h
+
+
+def test_dp_central_refused_under_secagg_and_the_suggested_fix_validates():
+    """dp = 'central' clips on the server, which under secagg sees only the sum: refused in
+    one line naming dp; the fixes the secagg refusals suggest (dp = 'distributed' with
+    dp_sampling = 'fixed') validate."""
+    base = _secagg(num_clients=10, dp_noise_multiplier=1.0, dp_delta=1e-3)
+    with pytest.raises(ConfigError) as e:
+        validate(from_mapping({**base, "dp": "central"}))
+    msg = str(e.value)
+    assert msg.startswith("dp: 'central'") and "\n" not in msg and "dp = 'distributed'" in msg
+    assert "dp_sampling = 'fixed'" in msg
+    validate(from_mapping({**base, "dp": "distributed", "dp_sampling": "fixed"}))
+    # the robust-aggregator refusal's fix: aggregator = 'mean' and distributed DP
+    with pytest.raises(ConfigError) as e:
+        validate(from_mapping(_secagg(num_clients=10, aggregator="median")))
+    assert str(e.value).startswith("aggregator:") and 'dp_sampling = "fixed"' in str(e.value)
+    validate(from_mapping({**base, "aggregator": "mean", "dp": "distributed", "dp_sampling": "fixed"}))
+
+
+@pytest.mark.parametrize("trial", range(5))
+def test_dp_clipping_range_must_cover_clip_plus_eight_noise_stds(trial):
+    """Under dp = 'distributed' + secagg, secagg_clipping_range >= dp_clip + 8 x each client's
+    noise std z C / sqrt(m) (float64 by hand): just below refused in one line naming the key
+    and the number, at it accepted."""
+    rng = np.random.default_rng(draw_seed(2**31))
+    n = int(rng.integers(3, 40))
+    z, c = float(rng.uniform(0.1, 5)), float(rng.choice([0.01, 0.5, 1.0, 3.0, 50.0]))
+    base = _secagg(num_clients=n, dp="distributed", dp_sampling="fixed", dp_noise_multiplier=z, dp_clip=c,
+                   dp_delta=0.5 / n)
+    need = c + 8 * z * c / math.sqrt(n)
+    with pytest.raises(ConfigError) as e:
+        validate(from_mapping({**base, "secagg_clipping_range": need * (1 - 1e-9)}))
+    msg = str(e.value)
+    assert msg.startswith("secagg_clipping_range:") and "\n" not in msg and f"{need:.4g}" in msg
+    validate(from_mapping({**base, "secagg_clipping_range": need * (1 + 1e-9)}))
