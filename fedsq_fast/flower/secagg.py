@@ -14,8 +14,8 @@ validation, checkpoints, metrics) is the same.
 
 What is summed: each client's *update* of the payload's floating tensors (the quantitative
 copy under FedSQ: the structural copy never leaves a client), ``state - global`` in float64,
-after :func:`before_masking` (where client-side clipping and noise apply) and a range check
-(:func:`check_update_range`). Flower's SecAgg+ weights it on the client: the client sends
+clipped and noised first under distributed DP (the client's trainer), then :func:`before_masking`
+and a range check (:func:`check_update_range`). Flower's SecAgg+ weights it on the client: the client sends
 ``q_k`` = round(n_k / max_weight x Q) and the update times ``q_k / Q``; the server divides the
 unmasked sum by sum(q_k), so the result is the sample-weighted average of the survivors'
 updates (``max_weight`` = the round's largest partition, so no honest weight exceeds 1).
