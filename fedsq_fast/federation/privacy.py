@@ -318,7 +318,9 @@ class DPAggregator:
     ``aggregate`` folds the valid replies (malformed and non-finite ones rejected first, as
     without DP) into ``global + (sum_k clip(delta_k) + noise) / expected cohort``; under
     ``distributed`` the replies are the clients' already clipped and noised updates and
-    are summed as sent. Noise is drawn from (seed, round): the same for any worker count.
+    are summed as sent, and a secure sum (SecAgg+: the unweighted average of K clients'
+    noised updates, which is all the server sees) counts as those K updates. Noise is drawn
+    from (seed, round): the same for any worker count.
     ``clip``: the current clipping norm (adaptive clipping moves it after every round)."""
 
     def __init__(self, settings: DPSettings):
@@ -333,8 +335,11 @@ class DPAggregator:
             self.clip = float(state["dp.clip"])
 
     def aggregate(self, global_state: dict, valid, stats, rnd: int) -> dict:
-        """The new global state from ``valid`` (``(state, num_samples)`` of the replies that
-        passed the checks, counted by the caller); records ``stats.dp``."""
+        """The new global state from ``valid`` (``(state, num_samples)`` or ``(state,
+        num_samples, clients)`` of the replies that passed the checks, counted by the
+        caller; ``clients``: how many clients' updates ``state`` averages without weights,
+        1 for a client's own reply, K for a secure sum of K clients, distributed mode only);
+        records ``stats.dp``."""
         from .seeds import DP_COUNT, DP_NOISE
 
         if rnd is None:
@@ -346,10 +351,15 @@ class DPAggregator:
         unclipped = 0.0  # sum over replies of (1[norm <= clip] - 1/2)
         folded, weight = 0, 0.0
         gl = [global_state[k] for k in keys]
-        for state, n in valid:
+        for state, _n, *many in valid:
             # sum_k f_k (w_k - w) = sum_k f_k w_k - (sum_k f_k) w: each reply folded straight into
             # the float64 accumulator (no model-sized temporary), its norm in one compiled pass
-            f = 1.0
+            clients = int(many[0]) if many else 1
+            if clients < 1 or clients != 1 and s.mode != "distributed":
+                raise ValueError(f"a reply standing for {clients} clients under dp = {s.mode!r}: only "
+                                 "distributed DP sums clients' updates before the server (SecAgg+)")
+            # a secure sum of K clients is their unweighted average: K x (average - w) is their sum
+            f = float(clients)
             if s.mode == "central":
                 norm = math.sqrt(sq_dist([state[k] for k in keys], gl))
                 f = 1.0 if norm <= clip else clip / norm
@@ -357,7 +367,7 @@ class DPAggregator:
             for k in keys:
                 acc[k].add_(state[k], alpha=f)
             weight += f
-            folded += 1
+            folded += clients
             del state
         for k, g in zip(keys, gl):
             acc[k].add_(g, alpha=-weight)

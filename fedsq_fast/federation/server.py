@@ -249,10 +249,12 @@ class Federation:
             log_drop(logging.WARNING, "round %d: client %d dropped: %s", rnd, r.cid, r.error)
 
         secure = []  # the secure sums of the round (SecAgg+): their clients are counted, not the reply
+        sums = {}  # their ids -> how many clients each averages (DP counts them as that many updates)
 
         def seen(r):
             if r.secure is not None and r.error is None:
                 secure.append(r)
+                sums[r.cid] = len(r.secure.clients)
             for cb in self.callbacks:
                 cb.on_reply(self, r)
 
@@ -265,7 +267,7 @@ class Federation:
 
         replies = cap_counts(self.transport.replies(task), self.partition_size, capped)
         new = self.strategy.aggregate(glob, fold(replies, totals, drop, seen), stats,
-                                      copy_held=self.transport.replies_alias, rnd=rnd)
+                                      copy_held=self.transport.replies_alias, rnd=rnd, secure=sums)
         if secure:
             self._count_secure(secure, stats)
         for cid, reason in stats.rejected:

@@ -482,21 +482,25 @@ class Strategy:
 
     # -- server side -------------------------------------------------------------
     def aggregate(self, global_state: dict, replies: Iterable, stats: AggregateStats | None = None, *,
-                  copy_held: bool = True, rnd: int | None = None):
+                  copy_held: bool = True, rnd: int | None = None, secure: dict | None = None):
         """The new global state; the global state itself (a copy) when no reply was valid or
         the aggregate is not finite (``stats.rolled_back`` says why; the server optimizer's
         state is restored too), so no round can break the model for the rounds after it.
         ``copy_held``: replies held past the next one (norm bound, robust aggregators) are
         copied, as a reply may alias the client's model; False when they are the caller's.
-        ``rnd``: the round (DP draws its noise from (seed, round); required under DP)."""
+        ``rnd``: the round (DP draws its noise from (seed, round); required under DP).
+        ``secure``: ``{client id: K}`` for a reply that is a secure sum of K clients' updates
+        (SecAgg+; filled in by the caller as such a reply arrives, before it is folded). Under
+        DP it counts as K updates; without DP it is one reply weighted by its sample count."""
         stats = stats if stats is not None else AggregateStats()
         if self.dp is not None:
             # the same reply checks as without DP (malformed, non-finite, implausible: rejected),
             # streamed; no norm bound (the DP clip bounds every update; docs/privacy.md)
             # (distributed: no plausibility check; a noised reply may hold a negative variance)
             scale = self.plausible_scale if self.dp.s.mode == "central" else None
-            valid = ((state, n) for state, n, _ in _screened(global_state, replies, stats, scale, None,
-                                                               self.batch_size))
+            sums = secure if secure is not None else {}
+            valid = ((state, n, sums.get(cid, 1)) for cid, state, n, _ in _screened(
+                global_state, replies, stats, scale, None, self.batch_size, with_cid=True))
             avg = self.dp.aggregate(global_state, valid, stats, rnd)
             stats.update_norm = math.sqrt(_sq_dist(avg, global_state))
         elif self.aggregator == "mean":

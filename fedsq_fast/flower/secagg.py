@@ -14,11 +14,16 @@ validation, checkpoints, metrics) is the same.
 
 What is summed: each client's *update* of the payload's floating tensors (the quantitative
 copy under FedSQ: the structural copy never leaves a client), ``state - global`` in float64,
-after :func:`before_masking` (where client-side clipping and noise apply) and a range check
-(:func:`check_update_range`). Flower's SecAgg+ weights it on the client: the client sends
+clipped and noised first under distributed DP (the client's trainer), then :func:`before_masking`
+and a range check (:func:`check_update_range`). Flower's SecAgg+ weights it on the client: the client sends
 ``q_k`` = round(n_k / max_weight x Q) and the update times ``q_k / Q``; the server divides the
 unmasked sum by sum(q_k), so the result is the sample-weighted average of the survivors'
 updates (``max_weight`` = the round's largest partition, so no honest weight exceeds 1).
+Under distributed DP (``dp = "distributed"``) every update enters the sum with weight exactly
+1 instead (:func:`unweighted`: the server announces ``max_weight`` 1, each client sends weight
+1, so q_k = Q for all and the unmasked result is the plain average of the survivors' clipped
+and noised updates): the DP accountant assumes an unweighted sum, and a weight below 1 would
+scale a client's noise down. The server counts that average as K updates (docs/privacy.md).
 Integer buffers (BatchNorm's ``num_batches_tracked``) are not summed: they keep the global
 model's value. Error bound: :func:`error_bound`.
 """
@@ -46,7 +51,16 @@ SECURE_CID = -1  # the id a round's secure sum is folded under (it is no client'
 STAGES = Stage.all()  # setup, share_keys, collect_masked_vectors, unmask
 
 
+DP_WEIGHT = 1  # under distributed DP: every client's weight and the announced max_weight
+
+
 # ---------------------------------------------------------------------------- the numbers
+def unweighted(cfg) -> bool:
+    """Whether SecAgg+ must sum the updates unweighted: distributed DP, whose accounting
+    assumes each client's clipped and noised update enters the sum once, as sent."""
+    return getattr(cfg, "dp", "none") == "distributed"
+
+
 def weight_levels(num_samples: float, max_weight: float, quantization_range: int) -> int:
     """The integer weight q_k Flower's SecAgg+ client sends: round(n_k / max_weight x Q)."""
     return round(num_samples / max_weight * quantization_range)
@@ -62,7 +76,8 @@ def error_bound(clipping_range: float, quantization_range: int, levels: list, ma
     (error < 1 level = 2c/Q); K such errors, divided by the weight sum sum(q_k)/Q, give
     2 c K / sum(q_k). The weights are q_k/Q instead of n_k/max_weight (each off by <= 1/(2Q)),
     which moves the average by at most K D / sum(q_k). The largest client of a round has
-    q_k = Q, so with it among the survivors the bound is at most K (2 c + D) / Q."""
+    q_k = Q, so with it among the survivors the bound is at most K (2 c + D) / Q. Unweighted
+    (distributed DP: every q_k = Q, the weights exact) it is 2 c / Q: pass ``max_update`` 0."""
     total = sum(levels)
     if total <= 0:
         return math.inf
@@ -76,20 +91,21 @@ def float_keys(state: dict) -> list:
 
 
 def before_masking(update: dict, *, cfg, rnd: int, partition: int, num_samples: int) -> dict:
-    """The client-side privacy step on this client's update (float64 tensors, ``state - global``
-    of the floating payload keys), applied before SecAgg+ masks it; returns the update to mask.
-    Client-side clipping and noise belong here: the distributed-DP mode (``dp = "distributed"``,
-    docs/privacy.md) clips each update and adds this client's share of the noise, so the sum the
-    server unmasks carries the whole noise while no single client's update is ever seen. Without
-    a client-side privacy mode the update is returned unchanged."""
+    """A client-side step on this client's update (float64 tensors, ``state - global`` of the
+    floating payload keys), applied before SecAgg+ masks it; returns the update to mask. Under
+    distributed DP (``dp = "distributed"``, docs/privacy.md) the update arrives here already
+    clipped and noised (the client's trainer applies :func:`~fedsq_fast.federation.privacy.client_privacy`,
+    as on every path), so the sum the server unmasks carries the whole noise while no single
+    client's update is ever seen; this hook returns it unchanged."""
     return update
 
 
-def check_update_range(update: dict, ratio: float, clipping_range: float) -> None:
+def check_update_range(update: dict, ratio: float, clipping_range: float, *, noised: bool = False) -> None:
     """Refuse (ValueError naming the key) an update SecAgg+ would change silently: a NaN/Inf
     value, or a weighted value ``ratio x v`` outside [-clipping_range, clipping_range]
     (Flower's quantizer clips it without a word). The server cannot check either: it never
-    sees the update."""
+    sees the update. ``noised``: a distributed-DP update (clipped and noised), for the
+    message (validation sizes the range so that this is all but impossible)."""
     for k, t in update.items():
         if not t.numel():
             continue
@@ -98,16 +114,20 @@ def check_update_range(update: dict, ratio: float, clipping_range: float) -> Non
             raise ValueError(f"secagg: update of {k} holds NaN or Inf; not sent")
         top = max(-lo, hi) * ratio
         if top > clipping_range:
+            fix = ("a noised update: size secagg_clipping_range against dp_clip and the noise as "
+                   "docs/privacy.md says" if noised else
+                   "raise secagg_clipping_range or bound the updates on the clients (docs/flower.md)")
             raise ValueError(f"secagg: update of {k} reaches {top:.4g} (weighted), beyond secagg_clipping_range "
-                             f"{clipping_range:g}, which SecAgg+ would clip silently; raise secagg_clipping_range "
-                             "or bound the updates on the clients (docs/flower.md)")
+                             f"{clipping_range:g}, which SecAgg+ would clip silently; not sent ({fix})")
 
 
 def secagg_fit_reply(msg: Message, context, state: dict, glob: dict, info: dict, pid: int, cfg, rnd: int) -> Message:
     """The train step's answer in the form ``secaggplus_mod`` reads (Flower's legacy FitRes
     records): this client's float64 update of the floating payload keys, after
     :func:`before_masking` and :func:`check_update_range` against the weight and clipping
-    range the server announced in the setup stage."""
+    range the server announced in the setup stage. Under distributed DP the weight sent is 1
+    (:func:`unweighted`), and a server announcing any other ``max_weight`` is refused: weights
+    that differ between clients would let it single out one client's update."""
     n = int(info["num_samples"])
     update = {k: state[k].detach().cpu().double() - glob[k].detach().cpu().double() for k in float_keys(glob)}
     update = before_masking(update, cfg=cfg, rnd=rnd, partition=pid, num_samples=n)
@@ -117,8 +137,14 @@ def secagg_fit_reply(msg: Message, context, state: dict, glob: dict, info: dict,
     if sa is None:
         raise ValueError("secagg: no SecAgg+ setup before the masked-vector stage")
     q_range, clip, max_w = int(sa["target_range"]), float(sa["clipping_range"]), float(sa["max_weight"])
+    dp = unweighted(cfg)
+    if dp:
+        if max_w != DP_WEIGHT:
+            raise ValueError(f"secagg: under dp = 'distributed' every update enters the sum with weight 1, but the "
+                             f"server announced max_weight {max_w:g}; refused")
+        n = DP_WEIGHT  # secaggplus_mod's weight: n / max_weight x Q = Q for every client
     ratio = weight_levels(n, max_w, q_range) / q_range
-    check_update_range(update, ratio, clip)
+    check_update_range(update, ratio, clip, noised=dp)
     arrays = ArrayRecord({str(i): _np_array(t) for i, t in enumerate(update.values())})
     rd = RecordDict({"fitres.parameters": arrays})
     rd.metric_records["fitres.num_examples"] = MetricRecord({"num_examples": n})
@@ -237,9 +263,16 @@ class _StageGrid:
             return f"malformed reply: {PARTITION_KEY} {pid!r}, this node holds {self.expect.get(node)}"
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
             return f"malformed reply: num_examples must be an integer > 0, got {n!r}"
+        if unweighted(self.t.fed.cfg):
+            if n != DP_WEIGHT:  # its update would enter the sum n times: beyond the DP sensitivity
+                return f"weight {n} under dp = 'distributed', where every update enters the sum with weight 1"
+            return self._screen_masked(masked)
         cap = self.t.fed.partition_size(pid)
         if cap is not None and n > cap:
             return f"claimed {n} samples, its partition holds {cap}: its weight inside the sum cannot be lowered"
+        return self._screen_masked(masked)
+
+    def _screen_masked(self, masked) -> str | None:
         from .arrays import _npy_header
 
         if not isinstance(masked, list) or len(masked) != len(self.shapes):
@@ -341,7 +374,9 @@ class SecAggTransport(GridTransport):
         glob = task.payload
         keys = float_keys(glob)
         shapes = [(1,)] + [tuple(glob[k].shape) for k in keys]
-        max_w = float(max(self.fed.partition_size(p) or 1 for p in nodes))
+        dp = unweighted(cfg)
+        # distributed DP: weight 1 for every client (q_k = Q), so the result is the plain average
+        max_w = float(DP_WEIGHT) if dp else float(max(self.fed.partition_size(p) or 1 for p in nodes))
         wf = SecAggPlusWorkflow(1.0 if cfg.secagg_num_shares is None else int(cfg.secagg_num_shares),
                                 float(cfg.secagg_reconstruction_threshold), max_weight=max_w,
                                 clipping_range=float(cfg.secagg_clipping_range),
@@ -407,7 +442,9 @@ class SecAggTransport(GridTransport):
                 a = fk[k]
                 new[k] = (g.double() + torch.from_numpy(np.asarray(a, dtype=np.float64)).reshape(g.shape)
                           .to(g.device)).to(g.dtype)
-        total = sum(int(f.num_examples) for f in survivors.values())
+        # distributed DP: the weights are all 1, the samples the partitions the server made
+        total = (sum(self.fed.partition_size(p) or 0 for p in survivors) if dp else
+                 sum(int(f.num_examples) for f in survivors.values()))
         secs = sum(float(f.metrics.get("client-seconds", 0.0)) for f in survivors.values())
         log.info("round %d: SecAgg+ sum of %d clients (%s); seconds per stage: %s", rnd, len(survivors),
                  sorted(survivors), ", ".join(f"{k} {v:.1f}" for k, v in grid.seconds.items()))
@@ -415,5 +452,5 @@ class SecAggTransport(GridTransport):
                     secure=SecureSum(sorted(survivors), bytes_up=grid.bytes_up))
 
 
-__all__ = ["SecAggTransport", "before_masking", "check_update_range", "error_bound", "weight_levels",
+__all__ = ["SecAggTransport", "before_masking", "check_update_range", "error_bound", "weight_levels", "unweighted",
            "secagg_fit_reply", "float_keys", "check_unmask_request", "SECURE_CID"]

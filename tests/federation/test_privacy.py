@@ -414,3 +414,83 @@ def test_flowers_own_round_loop_is_refused_under_dp():
     with pytest.raises(ValueError, match="^dp: Flower's own round loop samples nodes"):
         FedSQStrategy(validate(_dp_cfg()), "fedsq")
     FedSQStrategy(validate(small_config()), "fedsq")  # without DP: as before
+
+
+# ------------------------------------------------------------------ a secure sum (SecAgg+) under distributed DP
+def _secure_setup(rng):
+    from fedsq_fast.federation.strategy import make_strategy
+
+    m = int(rng.integers(3, 9))
+    s = _settings(mode="distributed", sampling="fixed", num_clients=int(rng.integers(m, 3 * m)), cohort=m,
+                  noise_multiplier=float(rng.uniform(0.3, 3)), clip=float(rng.uniform(0.1, 2)), seed=draw_seed())
+    s = DPSettings(**{**s.__dict__, "rate": m / s.num_clients})
+    strat = make_strategy("fedavg", norm_bound=None)
+    strat.dp = DPAggregator(s)
+    return s, strat, m
+
+
+def _server_noise(s, rnd, glob, keys):
+    g = torch.Generator().manual_seed(derive_seed(s.seed, rnd, DP_NOISE))
+    return {k: torch.randn(glob[k].shape, generator=g, dtype=torch.float32).double() for k in keys}
+
+
+@pytest.mark.parametrize("trial", range(4))
+def test_secure_sum_counts_as_its_clients_updates_and_the_missing_noise_is_added_back(trial):
+    """A secure sum of K of the m sampled clients (the unweighted average of their noised
+    updates, which is all the server sees) folds as K updates: global + (K (avg - global) +
+    the noise share of the m - K missing, z C sqrt((m - K) / m)) / m, against float64 by
+    hand; whatever the reply's sample count. Counted as one reply it would differ."""
+    rng = np.random.default_rng(draw_seed(2**31))
+    s, strat, m = _secure_setup(rng)
+    glob = _glob(rng)
+    keys = ["w", "bn.running_var"]
+    k_in = int(rng.integers(1, m + 1))
+    upd = {k: torch.from_numpy(rng.standard_normal(glob[k].shape) * 0.01) for k in keys}
+    avg = {k: (glob[k].double() + upd[k]).float() if k in upd else glob[k].clone() for k in glob}
+    rnd = int(rng.integers(1, 50))
+    stats = AggregateStats()
+    new = strat.aggregate(glob, [(-1, avg, int(rng.integers(1, 10**6)))], stats, rnd=rnd, secure={-1: k_in})
+    noise = _server_noise(s, rnd, glob, keys)
+    extra = s.noise_multiplier * s.clip * math.sqrt((m - k_in) / m)
+    for k in keys:
+        want = glob[k].double() + (k_in * (avg[k].double() - glob[k].double()) + extra * noise[k]) / m
+        if k.endswith("var"):
+            want = want.clamp(min=0)
+        assert torch.allclose(new[k].double(), want, rtol=0, atol=2e-6), k
+        if k == "w":  # not vacuous: one reply of m would be (avg - global + its noise) / m
+            one = glob[k].double() + ((avg[k].double() - glob[k].double())
+                                      + s.noise_multiplier * s.clip * math.sqrt((m - 1) / m) * noise[k]) / m
+            assert k_in == 1 or float((new[k].double() - one).abs().max()) > 1e-3
+    assert torch.equal(new["bn.num_batches_tracked"], glob["bn.num_batches_tracked"])
+    assert stats.num_clients == 1 and stats.dp["noise_std"] == pytest.approx(s.noise_multiplier * s.clip / m)
+
+
+def test_rejected_secure_sum_rejects_all_its_clients_and_the_whole_noise_is_added_back():
+    """A non-finite secure sum is rejected as a reply; the server then adds the noise of all m
+    (nothing arrived) and every client in the sum is counted as rejected with the reason."""
+    from fedsq_fast.federation.server import Federation as F
+    from fedsq_fast.federation.transport import Reply, SecureSum
+
+    rng = np.random.default_rng(draw_seed(2**31))
+    s, strat, m = _secure_setup(rng)
+    glob = _glob(rng)
+    for bad in (float("nan"), float("inf")):
+        avg = {k: v.clone() for k, v in glob.items()}
+        avg["w"][3, 4] = bad
+        stats = AggregateStats()
+        new = strat.aggregate(glob, [(-1, avg, 100)], stats, rnd=2, secure={-1: m})
+        assert [c for c, _ in stats.rejected] == [-1] and stats.num_clients == 0
+        noise = _server_noise(s, 2, glob, ["w"])["w"]
+        want = glob["w"].double() + s.noise_multiplier * s.clip * noise / m
+        assert torch.allclose(new["w"].double(), want, rtol=0, atol=1e-6)
+        clients = sorted(int(c) for c in rng.choice(50, size=m, replace=False))
+        F._count_secure([Reply(-1, secure=SecureSum(clients))], stats)
+        assert [c for c, _ in stats.rejected] == clients
+        assert all(why.startswith("the secure sum it is part of:") for _, why in stats.rejected)
+
+
+def test_secure_sum_of_several_clients_refused_under_central_dp():
+    rng = np.random.default_rng(draw_seed(2**31))
+    glob = _glob(rng)
+    with pytest.raises(ValueError, match="standing for 3 clients under dp = 'central'"):
+        DPAggregator(_settings()).aggregate(glob, [(glob, 10, 3)], AggregateStats(), rnd=1)

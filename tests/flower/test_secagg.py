@@ -7,6 +7,7 @@ float64 numpy), within :func:`fedsq_fast.flower.secagg.error_bound`."""
 import copy
 import itertools
 import json
+import math
 import re
 import signal
 import time
@@ -451,3 +452,211 @@ def test_in_process_secagg_two_rounds_after_a_drop_with_server_optimizer_and_fed
     if method == "fedbn":  # each surviving node kept its own BatchNorm layers in its Context
         kept = [n for n, st in grid.states.items() if A.LOCAL_STATE_KEY in st.array_records]
         assert len(kept) == 3
+
+
+# ---------------------------------------------------------------- distributed DP composed with SecAgg+
+def _dp_secagg(**kw):
+    """dp = 'distributed' (fixed sampling) under secagg, on partitions of unequal sizes."""
+    return _secagg(dp="distributed", dp_sampling="fixed", dp_noise_multiplier=0.8, dp_clip=0.5,
+                   dp_delta=1e-3, partition="dirichlet", alpha=0.3, **kw)
+
+
+@pytest.fixture
+def seeded_client_noise(monkeypatch):
+    """The ClientApp's distributed-DP noise from (seed, round, client), as the embedded engine
+    draws it (a real SuperNode draws it from OS entropy): each client's noised update is then
+    known to the test, the oracle sums them by hand."""
+    from fedsq_fast.federation import privacy as P
+
+    real = P.client_privacy
+    monkeypatch.setattr(P, "client_privacy", lambda cfg, seeded=True: real(cfg, seeded=True))
+    A._RUNTIME.clear()
+    yield
+    A._RUNTIME.clear()
+
+
+def _noised_updates(cfg, data, drop):
+    """Each client's update as it sends it under dp = 'distributed' (clipped and noised, the
+    same seeded noise), recorded from the embedded engine's round 1 (no SecAgg+), and the
+    global state of round 1: (updates {client: {key: float64 update}}, glob, engine result)."""
+    seen, box = {}, {}
+
+    def hook(r, c, s):
+        seen[c] = {k: s[k].double() - box["glob"][k].double() for k in box["glob"]
+                   if box["glob"][k].dtype.is_floating_point}
+        if c in drop:
+            raise RuntimeError("dropped")
+        return s
+
+    fed = Federation(cfg.replace(secagg=False), "fedsq", data, quiet=True, client_hook=hook)
+    box["glob"] = {k: v.clone() for k, v in adapter.payload_state(fed.model).items()}
+    return seen, box["glob"], fed.run()
+
+
+def _dp_hand_aggregate(cfg, glob, updates, survivors, rnd=1):
+    """The server's side of distributed DP by hand (float64): the survivors' noised updates
+    summed unweighted, the noise share of the m - K clients that sent nothing added back
+    (N(0, (z C)^2 (m - K) / m), drawn from (seed, round, DP_NOISE) as float32 per floating
+    key in payload order), divided by m."""
+    from fedsq_fast.federation.client import derive_seed
+    from fedsq_fast.federation.seeds import DP_NOISE
+
+    m = cfg.num_clients  # fraction 1: every client is sampled
+    z, c = float(cfg.dp_noise_multiplier), float(cfg.dp_clip)
+    extra = z * c * ((m - len(survivors)) / m) ** 0.5
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, rnd, DP_NOISE))
+    out = {}
+    for k, g in glob.items():
+        if not g.dtype.is_floating_point:
+            continue
+        total = sum((updates[s][k] for s in survivors), torch.zeros(g.shape, dtype=torch.float64))
+        if extra:
+            total = total + extra * torch.randn(g.shape, generator=gen, dtype=torch.float32).double()
+        out[k] = g.double() + total / m
+    return out
+
+
+def _worst(got, want, glob):
+    return max(float((got[k].double() - want[k]).abs().max()) for k in want if glob[k].numel())
+
+
+@pytest.mark.parametrize("dead_from", [None, "collect_masked_vectors"])
+def test_dp_distributed_under_secagg_equals_the_hand_sum_of_noised_updates(tmp_path, seeded_client_noise, dead_from):
+    """dp = 'distributed' + secagg: every update enters the secure sum with weight 1 (partitions
+    of unequal sizes), the server counts the secure average as the K survivors' updates, adds
+    back the noise share of a node that dropped mid-round, and divides by m: equal to the hand
+    sum of the clients' noised updates within the quantization bound 2 c / Q on the average
+    (times K / m on the global model) plus float32 rounding."""
+    victim = 2
+    cfg = small_config(**_dp_secagg(methods=["fedsq"], rounds=1, num_clients=4, min_clients=2,
+                                     out_dir=str(tmp_path)))
+    validate(cfg)
+    data = prepare_data(cfg)
+    sizes = [len(p) for p in data.parts]
+    assert len(set(sizes)) > 1, sizes  # unequal partitions: a sample weighting would show
+    grid = SecAggGrid(4, victim=1000 + 17 * victim, dead_from=dead_from)
+    res = Federation(cfg, "fedsq", data, quiet=True,
+                     transport=S.SecAggTransport(grid, round_timeout=0.3, poll_s=0)).run()
+    drop = {victim} if dead_from else set()
+    survivors = [c for c in range(4) if c not in drop]
+    h = res.history[1]
+    assert h["clients_ok"] == len(survivors) and [c for c, _ in h["clients_dropped"]] == sorted(drop), h
+    assert h["samples"] == sum(sizes[c] for c in survivors)
+    assert h["dp_noise_std"] == pytest.approx(0.8 * 0.5 / 4, rel=1e-12)  # z C / m: the whole noise, every round
+    updates, glob, engine = _noised_updates(cfg, data, drop)
+    want = _dp_hand_aggregate(cfg, glob, updates, survivors)
+    got = adapter.payload_state(res.model)
+    for k, g in glob.items():
+        if not g.dtype.is_floating_point:
+            assert torch.equal(got[k], g), k  # integer buffers: the global value stays
+    top = max(float(w.abs().max()) for w in want.values() if w.numel())
+    ulp = torch.finfo(torch.float32).eps * top
+    bound = S.error_bound(cfg.secagg_clipping_range, cfg.secagg_quantization_range,
+                          [cfg.secagg_quantization_range] * len(survivors), 0.0) * len(survivors) / 4
+    worst = _worst(got, want, glob)
+    assert worst <= bound + (len(survivors) + 2) * ulp, (worst, bound, ulp)
+    assert 0 < worst  # the secure sum went through quantization
+    # the embedded engine (no SecAgg+) computes the same hand sum: both paths share the server's math
+    assert _worst(adapter.payload_state(engine.model), want, glob) <= 3 * ulp
+    # not vacuous: the wrong compositions differ from the result by far more than the bound
+    n = {c: sizes[c] for c in survivors}
+    weighted = {k: glob[k].double() + len(survivors) / 4 * sum(updates[c][k] * n[c] for c in survivors)
+                / sum(n.values()) for k in want}  # a sample-weighted secure average
+    one_reply = {k: glob[k].double() + sum(updates[c][k] for c in survivors) / len(survivors) / 4
+                 for k in want}  # the secure sum counted as one reply (its noise share only: see below)
+    for wrong in (weighted, one_reply):
+        assert _worst(got, wrong, glob) > 20 * (bound + (len(survivors) + 2) * ulp)
+    if drop:  # the dropped node's noise share, added back by the server, is in the result
+        no_add_back = _dp_hand_aggregate(cfg.replace(dp_noise_multiplier=0.0), glob, updates, survivors)
+        assert _worst(got, no_add_back, glob) > 20 * (bound + (len(survivors) + 2) * ulp)
+
+
+def _fit_reply(cfg, n, max_w, q_range, clip, rng):
+    from flwr.app import ConfigRecord, MessageType
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+
+    glob = {"w": torch.from_numpy(rng.standard_normal((7, 3))).float(), "c": torch.tensor(4, dtype=torch.int64)}
+    state = {"w": glob["w"] + torch.from_numpy(rng.uniform(-0.1, 0.1, (7, 3))).float(), "c": glob["c"] + 1}
+    msg = Message(RecordDict(), message_type=MessageType.TRAIN, dst_node_id=1)
+    msg.metadata.__dict__["_message_id"] = "m0"
+    ctx = Context(1, 1, {}, RecordDict({RECORD_KEY_STATE: ConfigRecord(
+        {"target_range": q_range, "clipping_range": clip, "max_weight": max_w})}), {})
+    rep = S.secagg_fit_reply(msg, ctx, state, glob, {"num_samples": n, "seconds": 0.0}, 0, cfg, 1)
+    return rep.content.metric_records["fitres.num_examples"]["num_examples"]
+
+
+def test_dp_client_sends_weight_one_whatever_its_samples_and_refuses_another_max_weight():
+    """Under dp = 'distributed' a client's weight in the secure sum is 1 (secaggplus_mod's
+    q_k = round(1 / 1 x Q) = Q exactly, for every partition size); without DP it is its
+    sample count. A server announcing max_weight != 1 under DP is refused: weights that differ
+    would let it single out one client's update."""
+    rng = np.random.default_rng(draw_seed(2**31))
+    dp_cfg = from_mapping(_dp_secagg(num_clients=4))
+    plain = from_mapping(_secagg(num_clients=4))
+    q_range = 2**22
+    for n in [1, 2, 17, int(rng.integers(3, 10**6))]:
+        assert _fit_reply(dp_cfg, n, 1.0, q_range, 8.0, rng) == 1
+        assert S.weight_levels(1, 1.0, q_range) == q_range  # what secaggplus_mod makes of it
+        assert _fit_reply(plain, n, float(n) * 2, q_range, 8.0, rng) == n
+    for max_w in (0.5, 2.0, float(rng.integers(3, 1000))):
+        with pytest.raises(ValueError, match=rf"^secagg: under dp = 'distributed' .* announced max_weight {max_w:g}"):
+            _fit_reply(dp_cfg, 10, max_w, q_range, 8.0, rng)
+    # the range check still applies to the noised update, with a message that says how to size it
+    with pytest.raises(ValueError, match=r"beyond secagg_clipping_range .*not sent \(a noised update: .*docs/privacy"):
+        _fit_reply(dp_cfg, 10, 1.0, q_range, 1e-6, rng)
+
+
+def test_dp_server_drops_a_node_whose_weight_is_not_one(tmp_path, seeded_client_noise):
+    """The server checks the weight each node claims in the masked-vector stage: under
+    dp = 'distributed' anything but 1 (its update would enter the sum that many times) leaves
+    the protocol with the reason; the round completes with the others."""
+    bad = 1
+
+    def mangle(st, pid, rep):
+        if st == "collect_masked_vectors" and pid == bad:
+            rep.content.metric_records["fitres.num_examples"]["num_examples"] = 2
+
+    cfg = small_config(**_dp_secagg(methods=["fedsq"], rounds=1, num_clients=4, min_clients=2,
+                                     out_dir=str(tmp_path)))
+    data = prepare_data(cfg)
+    res = Federation(cfg, "fedsq", data, quiet=True,
+                     transport=S.SecAggTransport(SecAggGrid(4, mangle=mangle), round_timeout=0.3, poll_s=0)).run()
+    h = res.history[1]
+    assert h["clients_ok"] == 3 and [c for c, _ in h["clients_dropped"]] == [bad], h
+    assert "weight 2 under dp = 'distributed'" in h["clients_dropped"][0][1], h
+
+
+def test_dp_central_refused_under_secagg_and_the_suggested_fix_validates():
+    """dp = 'central' clips on the server, which under secagg sees only the sum: refused in
+    one line naming dp; the fixes the secagg refusals suggest (dp = 'distributed' with
+    dp_sampling = 'fixed') validate."""
+    base = _secagg(num_clients=10, dp_noise_multiplier=1.0, dp_delta=1e-3)
+    with pytest.raises(ConfigError) as e:
+        validate(from_mapping({**base, "dp": "central"}))
+    msg = str(e.value)
+    assert msg.startswith("dp: 'central'") and "\n" not in msg and "dp = 'distributed'" in msg
+    assert "dp_sampling = 'fixed'" in msg
+    validate(from_mapping({**base, "dp": "distributed", "dp_sampling": "fixed"}))
+    # the robust-aggregator refusal's fix: aggregator = 'mean' and distributed DP
+    with pytest.raises(ConfigError) as e:
+        validate(from_mapping(_secagg(num_clients=10, aggregator="median")))
+    assert str(e.value).startswith("aggregator:") and 'dp_sampling = "fixed"' in str(e.value)
+    validate(from_mapping({**base, "aggregator": "mean", "dp": "distributed", "dp_sampling": "fixed"}))
+
+
+@pytest.mark.parametrize("trial", range(5))
+def test_dp_clipping_range_must_cover_clip_plus_eight_noise_stds(trial):
+    """Under dp = 'distributed' + secagg, secagg_clipping_range >= dp_clip + 8 x each client's
+    noise std z C / sqrt(m) (float64 by hand): just below refused in one line naming the key
+    and the number, at it accepted."""
+    rng = np.random.default_rng(draw_seed(2**31))
+    n = int(rng.integers(3, 40))
+    z, c = float(rng.uniform(0.1, 5)), float(rng.choice([0.01, 0.5, 1.0, 3.0, 50.0]))
+    base = _secagg(num_clients=n, dp="distributed", dp_sampling="fixed", dp_noise_multiplier=z, dp_clip=c,
+                   dp_delta=0.5 / n)
+    need = c + 8 * z * c / math.sqrt(n)
+    with pytest.raises(ConfigError) as e:
+        validate(from_mapping({**base, "secagg_clipping_range": need * (1 - 1e-9)}))
+    msg = str(e.value)
+    assert msg.startswith("secagg_clipping_range:") and "\n" not in msg and f"{need:.4g}" in msg
+    validate(from_mapping({**base, "secagg_clipping_range": need * (1 + 1e-9)}))

@@ -192,7 +192,11 @@ def _check_krum(cfg: RunConfig) -> None:
 # default and largest), and what a refusal under secagg offers instead of a server-side check.
 SECAGG_MODULUS = 2**32
 SECAGG_INSTEAD = ('bound and noise each update on its client instead (client-side clipping and noise: '
-                  'dp = "distributed", docs/privacy.md)')
+                  'dp = "distributed" with dp_sampling = "fixed", docs/privacy.md)')
+# Under distributed DP a client's noised update value is at most dp_clip + this many of its noise
+# standard deviations from 0 unless a (per value) 1.2e-15 chance event happens; validation asks
+# secagg_clipping_range to cover that, so SecAgg+'s range check on a client all but never fires
+SECAGG_DP_SIGMAS = 8
 SECAGG_OPTIONS = ("secagg_num_shares", "secagg_reconstruction_threshold", "secagg_clipping_range",
                   "secagg_quantization_range")
 
@@ -240,7 +244,19 @@ def _check_secagg(cfg: RunConfig) -> None:
                             f"only their sum; use aggregator = 'mean' and {SECAGG_INSTEAD}")
     if cfg.dp == "central":
         _fail("dp", "'central' clips each client's update on the server, and under secagg = true the server sees "
-                    "only their sum; use dp = 'distributed' (each client clips and adds its share of the noise)")
+                    "only their sum; use dp = 'distributed' with dp_sampling = 'fixed' (each client clips and adds "
+                    "its share of the noise)")
+    if cfg.dp == "distributed":
+        from ..privacy import settings_from_config
+
+        s = settings_from_config(cfg)
+        std = s.client_noise_std()
+        need = s.clip + SECAGG_DP_SIGMAS * std
+        if cfg.secagg_clipping_range < need:
+            _fail("secagg_clipping_range", f"({cfg.secagg_clipping_range:g}) must be at least dp_clip + "
+                                           f"{SECAGG_DP_SIGMAS} x each client's noise std = {s.clip:g} + "
+                                           f"{SECAGG_DP_SIGMAS} x {std:.4g} = {need:.4g} under dp = 'distributed': "
+                                           "a noised update value beyond it is not sent (docs/privacy.md)")
 
 
 def validate(cfg: RunConfig, model_names=None, *, own_data: bool = False) -> RunConfig:
