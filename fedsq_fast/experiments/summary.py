@@ -12,6 +12,19 @@ from .suite import fail, load_suite
 from .verdicts import ci_txt, direction
 
 
+def _part_order(p: str):
+    """Columns from the least to the most skewed split: iid, then Dirichlet by falling alpha,
+    then anything else by name (pathological shards, ...)."""
+    if p == "iid":
+        return (0, 0.0, p)
+    if p.startswith("dirichlet:"):
+        try:
+            return (1, -float(p.split(":", 1)[1]), p)
+        except ValueError:
+            pass
+    return (2, 0.0, p)
+
+
 def summarize_suites(root, echo=print, refresh: bool = True) -> Path:
     """SUMMARY.md under ``root``: for every suite folder below it (one holding a
     ``suite.toml``), its report is rewritten first (``refresh``) so that every number
@@ -72,6 +85,7 @@ def summarize_suites(root, echo=print, refresh: bool = True) -> Path:
             for c in x["res"]["comparisons"]:
                 if (c["a"], c["b"]) in pairs and key in c and c["partition"] not in parts:
                     parts.append(c["partition"])
+        parts.sort(key=_part_order)
         lines = ["", f"### {title}", "", note, "",
                  "| suite | comparison | " + " | ".join(parts) + " |", "|---|---|" + "---|" * len(parts)]
         for x in suites:
@@ -113,6 +127,7 @@ def summarize_suites(root, echo=print, refresh: bool = True) -> Path:
     gparts = []
     for x in suites:
         gparts += [p for p in x["res"]["partitions"] if p not in gparts]
+    gparts.sort(key=_part_order)
     md += ["", "### Gates of the pretrained network flipped by the last round (FedAvg)", "",
            "| suite | " + " | ".join(gparts) + " |", "|---|" + "---|" * len(gparts)]
     for x in suites:
@@ -120,8 +135,10 @@ def summarize_suites(root, echo=print, refresh: bool = True) -> Path:
         for p in gparts:
             g = next((g for g in x["res"]["gates"] if g["partition"] == p and g["method"] == x["res"]["baseline"]), None)
             v = g["gate_change_rR"] if g else None
-            cells.append(f"{100 * v[0]:.1f}% ± {100 * v[1]:.1f} (round {g['rR']})"
-                         if v and v[0] == v[0] else "")
+            # None / NaN: not measured (a network without gate sites, e.g. FedAvg on a SiLU CNN)
+            ok = v and v[0] is not None and v[0] == v[0]
+            sd = f" ± {100 * v[1]:.1f}" if ok and v[1] is not None else ""  # no spread from one seed
+            cells.append(f"{100 * v[0]:.1f}%{sd} (round {g['rR']})" if ok else "")
         md.append(f"| {x['name']} | " + " | ".join(cells) + " |")
     if not all(x["complete"] for x in suites):
         md += ["", "Some suites are partial (see Suites): their verdicts use the seeds completed so far; "
