@@ -139,6 +139,32 @@ def test_summary_puts_each_suites_verdicts_side_by_side(smoke_out, tmp_path):
     assert ex.main(["summary", str(tmp_path / "nope")]) == 2
 
 
+def test_summary_leaves_unmeasured_gates_empty_and_orders_partitions(smoke_out, tmp_path):
+    """A suite whose baseline has no gate sites (FedAvg on a SiLU CNN: gate metrics None or
+    NaN) gets an empty gate cell, not a crash; partition columns run iid -> Dirichlet by
+    falling alpha whatever order the suites list them in."""
+    from fedsq_fast.experiments.summary import summarize_suites
+
+    root = tmp_path / "results"
+    for name, value in (("a_none", None), ("b_nan", float("nan")), ("c_ok", 0.25)):
+        shutil.copytree(smoke_out, root / name)
+        sj = root / name / "summary.json"
+        res = json.loads(sj.read_text())
+        res["partitions"] = list(reversed(res["partitions"]))  # dirichlet:0.5 listed before iid
+        for g in res["gates"]:
+            g["gate_change_rR"] = [value, None if value is None else 0.01, 1]
+        sj.write_text(json.dumps(res))
+    summarize_suites(root, echo=lambda *a: None, refresh=False)
+    md = (root / "SUMMARY.md").read_text()
+    head = [ln for ln in md.split("### Gates of the pretrained network flipped", 1)[1].splitlines()
+            if ln.startswith("| suite")][0]
+    assert head.strip("|").split("|")[1:] == [" iid ", " dirichlet:0.5 "]
+    cells = _table(md, "### Gates of the pretrained network flipped")
+    assert len(cells) == 3  # one row a suite, in folder order (all three are named "smoke")
+    assert [c[1:] for c in cells[:2]] == [["", ""], ["", ""]]  # None and NaN: not measured
+    assert all(c.startswith("25.0% ± 1.0 (round ") for c in cells[2][1:])
+
+
 @pytest.mark.parametrize("edit, key", [
     (("seeds = [0]", "seedz = [0]"), "suite.seedz"),
     (("[run]\n", "[run]\nseed = 3\n"), "run.seed"),
