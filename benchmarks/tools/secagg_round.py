@@ -8,8 +8,8 @@ round). Reported: each round's ``time_round_s`` from metrics.json (the server's 
 from sending the round to the evaluated model) and the ratio of the medians. Round 1 also
 holds the nodes' data loading and model building in both runs.
 
-    python benchmarks/bench_secagg.py [--nodes 3] [--rounds 3] [--model tiny_cnn]
-    python benchmarks/bench_secagg.py --in-process [--model svhn_cnn]
+    python benchmarks/tools/secagg_round.py [--nodes 3] [--rounds 3] [--model tiny_cnn]
+    python benchmarks/tools/secagg_round.py --in-process [--model svhn_cnn]
 
 ``--in-process``: the same two transports over test grids whose nodes run the ClientApp in
 this process (tests/flower: InProcessGrid, SecAggGrid), no Flower runtime and no process
@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "tests" / "flower"), str(ROOT / "tests"), str(ROOT)]
 
 
