@@ -89,8 +89,10 @@ def test_split_is_disjoint_whole_seeded_and_per_client(rng):
         if k > 1:  # another client's partition changes nothing of client 0's split
             other = [parts[0]] + [p[: max(1, len(p) // 2)] for p in parts[1:]]
             assert np.array_equal(E.client_test_split(other, f, seed)[1][0], test[0])
-        if len(parts[0]) > 20:  # the draw follows the seed
-            assert not np.array_equal(E.client_test_split(parts, f, seed + 1)[1][0], test[0])
+        if len(parts[0]) > 20:  # the draw follows the seed (one other seed may draw the same few
+            # samples by chance: 1 in 21 for one test sample of 21; eight all doing so, ~1e-11)
+            assert any(not np.array_equal(E.client_test_split(parts, f, seed + d)[1][0], test[0])
+                       for d in range(1, 9))
 
 
 def _rows(x):
