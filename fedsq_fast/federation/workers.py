@@ -189,6 +189,17 @@ class _Validator:
             self.cache.close()
 
 
+def _gone_why(slot, ready, deadline: float, timeout: float) -> str | None:
+    """Why a worker that still owes replies will not send them (it died, or sent nothing
+    until ``deadline``), or None while it may still answer; ``ready``: what the last wait
+    returned. One rule for training and federated evaluation."""
+    if slot.proc.sentinel in ready or not slot.alive():
+        return f"worker died: {slot.why_dead()}"
+    if time.monotonic() >= deadline:
+        return f"worker timed out: no reply within {timeout:g} s"
+    return None
+
+
 def shares(n: int, batch_size: int, k: int) -> list[tuple[int, int]]:
     """The validation split of ``n`` samples cut into at most ``k`` contiguous ``[start,
     stop)`` ranges of whole batches of ``batch_size`` (the batches of a serial evaluation),
@@ -532,11 +543,8 @@ class WorkerPoolTransport(Transport):
                     deadline[i] = time.monotonic() + timeout
                 if not owed[i]:
                     continue
-                if s.proc.sentinel in ready or not s.alive():
-                    why = f"worker died: {s.why_dead()}"
-                elif time.monotonic() >= deadline[i]:
-                    why = f"worker timed out: no reply within {timeout:g} s"
-                else:
+                why = _gone_why(s, ready, deadline[i], timeout)
+                if why is None:
                     continue
                 log.warning("round %d: worker %d (pid %s) %s; restarted for the next round",
                             task.round, i, s.proc.pid, why.removeprefix("worker "))
@@ -633,11 +641,8 @@ class WorkerPoolTransport(Transport):
                         deadline[i] = time.monotonic() + timeout
                     if not owed[i]:
                         continue
-                    if s.proc.sentinel in ready or not s.alive():
-                        why = f"worker died: {s.why_dead()}"
-                    elif time.monotonic() >= deadline[i]:
-                        why = f"worker timed out: no reply within {timeout:g} s"
-                    else:
+                    why = _gone_why(s, ready, deadline[i], timeout)
+                    if why is None:
                         continue
                     log.warning("round %d: federated evaluation: worker %d (pid %s) %s; restarted for the next "
                                 "task", task.round, i, s.proc.pid, why.removeprefix("worker "))
