@@ -202,7 +202,7 @@ def test_sequence_federations_learn_token_ids_and_feature_sequences(tmp_path):
     res = federate(Bag, (tok[:700], y[:700]), (tok[700:], y[700:]), methods=["fedavg", "fedsq"], quiet=True,
                    out_dir=tmp_path / "tokens", config={**conf, "optimizer": "adam", "lr": 0.01, "local_epochs": 3})
     majority = max(y[700:].mean(), 1 - y[700:].mean())  # about 0.6
-    for m, r in res.items():  # measured 0.915-0.945 over three seeds
+    for m, r in res.items():  # measured 0.89-0.975 over seeds 0-24 (2026-12-07)
         assert r.summary["test_acc"] > max(0.85, majority + 0.2), (m, r.summary["test_acc"], majority)
     seq = rng.standard_normal((n + 400, length, 3)).astype(np.float32)
     y2 = (seq[:, :, 0].max(1) > seq[:, :, 1].max(1)).astype(np.int64)  # which channel peaks higher
@@ -211,16 +211,22 @@ def test_sequence_federations_learn_token_ids_and_feature_sequences(tmp_path):
     pre = ConvSeq()
     opt = torch.optim.Adam(pre.parameters(), lr=0.01)
     xs, ys = torch.from_numpy(seq[n:]), torch.from_numpy(y2[n:])
-    for _ in range(30):
+    for _ in range(60):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(pre(xs), ys).backward()
         opt.step()
+    with torch.no_grad():
+        start = (pre(torch.from_numpy(seq[700:n])).argmax(1).numpy() == y2[700:n]).mean()
     import copy
 
+    # SGD at lr 0.05 with momentum: lr 0.3 without it swung both methods between 0.5 and 0.9 over
+    # seeds (one CI run drew FedSQ 0.65). Measured 2026-12-07 over seeds 0-29: start 0.73-0.85,
+    # FedAvg 0.805-0.915, FedSQ 0.815-0.92, each at least 3 pp above its start
+    seq_conf = {**conf, "lr": 0.05, "momentum": 0.9, "local_epochs": 2}
     res = federate(lambda: copy.deepcopy(pre), (seq[:700], y2[:700]), (seq[700:n], y2[700:n]),
-                   methods=["fedavg", "fedsq"], quiet=True, out_dir=tmp_path / "seq", config=conf)
-    for m, r in res.items():
-        assert r.summary["test_acc"] > 0.68, (m, r.summary["test_acc"])  # chance 0.5 (+-0.035 on 200)
+                   methods=["fedavg", "fedsq"], quiet=True, out_dir=tmp_path / "seq", config=seq_conf)
+    for m, r in res.items():  # chance 0.5 (+-0.035 on 200); the federation adds to the pretrained start
+        assert r.summary["test_acc"] > max(0.76, start), (m, r.summary["test_acc"], start)
 
 
 # ------------------------------------------------------------------ image files PIL refuses
