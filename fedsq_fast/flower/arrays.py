@@ -10,6 +10,7 @@ Decoding never unpickles: numpy arrays are read with ``allow_pickle=False`` (ins
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import sys
@@ -47,23 +48,60 @@ def state_to_arrays(state: dict, *, arg: str = "state", keep_input: bool = True)
             rec[k] = Array(dtype="bfloat16", shape=tuple(t.shape), stype=RAW_STYPE, data=raw.tobytes())
         else:
             try:
-                rec[k] = Array(t.numpy())
+                arr = t.numpy()
             except TypeError as e:  # a dtype numpy lacks (e.g. float8): name it
                 raise TypeError(f"{arg}[{k!r}]: dtype {t.dtype} cannot be sent ({e})") from None
+            head = _npy_header_for(arr.dtype.str, arr.shape)
+            if head is None:  # numpy would write another header version: Flower's own encoder
+                rec[k] = Array(arr)
+            else:  # the bytes np.save writes (tested against Flower's Array(ndarray)), copied once
+                rec[k] = Array(dtype=str(arr.dtype), shape=tuple(arr.shape), stype=NUMPY_STYPE,
+                               data=b"".join((head, memoryview(arr))))
     return rec
+
+
+@functools.lru_cache(maxsize=1024)
+def _npy_header_for(descr: str, shape: tuple) -> bytes | None:
+    """The .npy 1.0 header np.save writes for a C-order array of this dtype and shape (a model
+    repeats its shapes round after round: built once); None where numpy would need 2.0."""
+    fp = io.BytesIO()
+    try:
+        np.lib.format.write_array_header_1_0(fp, {"descr": descr, "fortran_order": False, "shape": shape})
+    except ValueError:
+        return None
+    return fp.getvalue()
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+_NPY_MAX_HEADER = 10_000  # numpy's own default limit (read_array_header_*'s max_header_size)
 
 
 def _npy_header(data: bytes):
     """(shape, fortran, dtype, data offset) of a .npy payload, parsed by numpy's safe
-    parser (literal_eval, no pickle); None when it is not one."""
+    parser (literal_eval, no pickle); None when it is not one. Parsing costs ~40 us a
+    tensor, more than reading it, and every reply repeats the same headers: the header's
+    bytes key a cache of numpy's answers."""
+    if not isinstance(data, bytes) or len(data) < 10 or not data.startswith(_NPY_MAGIC):
+        return None
+    start = 10 if data[6] == 1 else 12  # 1.0: a 2-byte header length; 2.0 and 3.0: 4 bytes
+    end = start + int.from_bytes(data[8:start], "little")
+    if end > len(data) or end - start > _NPY_MAX_HEADER:
+        return None
+    return _parse_npy_header(data[:end])
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_npy_header(head: bytes):
     try:
-        fp = io.BytesIO(data)
+        fp = io.BytesIO(head)
         major, _ = np.lib.format.read_magic(fp)
         read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
         shape, fortran, dtype = read(fp)
     except Exception:  # noqa: BLE001 - the copying path reports what is wrong
         return None
-    return shape, fortran, dtype, fp.tell()
+    if fp.tell() != len(head):
+        return None
+    return shape, fortran, dtype, len(head)
 
 
 def _npy_view(a: Array) -> torch.Tensor | None:
@@ -80,9 +118,7 @@ def _npy_view(a: Array) -> torch.Tensor | None:
     if len(data) - offset != n * dtype.itemsize or n == 0:
         return None
     arr = np.frombuffer(data, dtype=dtype, count=n, offset=offset).reshape(shape)
-    with warnings.catch_warnings():  # read-only by contract (see arrays_to_state)
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(arr)
+    return torch.from_numpy(arr)  # read-only by contract (arrays_to_state silences torch's warning)
 
 
 def _decode_one(key: str, a, arg: str, copy: bool = True) -> torch.Tensor:
@@ -104,9 +140,7 @@ def _decode_one(key: str, a, arg: str, copy: bool = True) -> torch.Tensor:
             return torch.empty(shape, dtype=dt)
         if not copy and sys.byteorder == "little" and isinstance(a.data, bytes):
             # the bytes are already native order: a read-only view, as for numpy payloads
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                return torch.from_numpy(np.frombuffer(a.data, dtype=np.int16)).view(dt).reshape(shape)
+            return torch.from_numpy(np.frombuffer(a.data, dtype=np.int16)).view(dt).reshape(shape)
         raw = np.frombuffer(a.data, dtype="<i2").astype(np.int16, copy=True)  # owned, native order
         return torch.from_numpy(raw).view(dt).reshape(shape)
     if a.stype != NUMPY_STYPE:
@@ -150,7 +184,11 @@ def arrays_to_state(record, *, arg: str = "arrays", copy: bool = True) -> dict:
     this way."""
     if not isinstance(record, ArrayRecord):
         raise ValueError(f"{arg} must be an ArrayRecord, got {type(record).__name__}")
-    return {k: _decode_one(k, a, arg, copy) for k, a in record.items()}
+    if copy:
+        return {k: _decode_one(k, a, arg, copy) for k, a in record.items()}
+    with warnings.catch_warnings():  # views of bytes are read-only by contract: torch's warning says so
+        warnings.simplefilter("ignore", UserWarning)
+        return {k: _decode_one(k, a, arg, copy) for k, a in record.items()}
 
 
 def record_bytes(record: ArrayRecord) -> int:

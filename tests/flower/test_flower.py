@@ -112,6 +112,39 @@ def test_arrays_malformed_are_refused_with_the_key(copy):
         arrays_to_state(ArrayRecord({"x": lying}))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.int64, torch.int32,
+                                   torch.int16, torch.int8, torch.uint8, torch.bool])
+def test_arrays_encode_writes_the_bytes_flower_writes(gen, dtype):
+    # state_to_arrays builds the .npy bytes itself (header cached per dtype and shape, data copied
+    # once); Flower's Array(ndarray) (np.save) is the oracle, field for field
+    shapes = [(), (0,), (1,), (2, 0, 5), (3,) * 11] + [
+        tuple(int(d) for d in torch.randint(1, 9, (int(r),), generator=gen)) for r in torch.randint(1, 5, (4,), generator=gen)]
+    for shape in shapes:
+        t = (torch.randn(shape, generator=gen, dtype=torch.float64) * 100).to(dtype)
+        for src in (t, t.t() if t.dim() == 2 else t):  # non-contiguous input: sent in C order
+            mine, ref = state_to_arrays({"a": src})["a"], Array(src.contiguous().numpy())
+            assert (mine.dtype, mine.shape, mine.stype, mine.data) == (ref.dtype, ref.shape, ref.stype, ref.data), shape
+            back = arrays_to_state(ArrayRecord({"a": mine}), copy=False)["a"]
+            assert back.dtype == dtype and torch.equal(back, src)
+
+
+def test_arrays_decode_header_cache_never_hides_a_bad_payload():
+    # the parsed headers are cached by their bytes: a payload that reuses a cached header with the
+    # wrong data length, or a header numpy refuses (over its 10,000-byte limit), is still refused
+    good = Array(np.arange(6, dtype=np.float32).reshape(2, 3))
+    assert arrays_to_state(ArrayRecord({"x": good}), copy=False)["x"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    for copy in (False, True):
+        extra = Array(dtype="float32", shape=(2, 3), stype="numpy.ndarray", data=good.data + b"\0" * 4)
+        with pytest.raises(ValueError, match=r"arrays\['x'\]: 28 data bytes, but the header claims shape \(2, 3\)"):
+            arrays_to_state(ArrayRecord({"x": extra}), copy=copy)
+    head = repr({"descr": "<f4", "fortran_order": False, "shape": (2,)}).encode() + b" " * 20_000 + b"\n"
+    huge = b"\x93NUMPY\x02\x00" + len(head).to_bytes(4, "little") + head + np.zeros(2, np.float32).tobytes()
+    for copy in (False, True):
+        with pytest.raises(ValueError, match=r"arrays\['x'\]: not a readable numpy array"):
+            arrays_to_state(ArrayRecord({"x": Array(dtype="float32", shape=(2,), stype="numpy.ndarray", data=huge)}),
+                            copy=copy)
+
+
 # ---------------------------------------------------------------- strategy adapter
 class _Grid:
     """Node ids only (what configure_train asks for)."""
