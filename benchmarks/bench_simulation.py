@@ -164,10 +164,13 @@ def _cli_flags(cfg: dict) -> list:
     return flags
 
 
-def run_arm(arm: str, cfg: dict, timeout: float = 3600, root: Path = ROOT) -> dict:
+def run_arm(arm: str, cfg: dict, timeout: float = 3600, root: Path = ROOT, memory: bool = True) -> dict:
     """Run one arm in a fresh subprocess; wall time, peak tree PSS and the run's numbers.
     ``root``: the checkout whose fedsq_fast runs a ``fedsq_fast_w*`` arm (default this one;
-    another one measures code before a change in the same session)."""
+    another one measures code before a change in the same session). ``memory=False``: no PSS
+    sampling (reading every process's smaps_rollup five times a second takes CPU and the
+    processes' memory locks, more with more processes: it slowed workers = 2 more than
+    workers = 1; peak_pss_mb is then 0)."""
     if arm.startswith("fedsq_fast_w"):
         cfg = dict(cfg, workers=int(arm[len("fedsq_fast_w"):]))
         cmd = [sys.executable, "-m", "fedsq_fast", "run", "--quiet", *_cli_flags(cfg)]
@@ -178,13 +181,15 @@ def run_arm(arm: str, cfg: dict, timeout: float = 3600, root: Path = ROOT) -> di
     proc = subprocess.Popen(cmd, cwd=root, env=_env(root), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     mem = TreeMemory(proc.pid)
-    mem.start()
+    if memory:
+        mem.start()
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:
         wall = time.perf_counter() - t0
         mem.done.set()
-        mem.join()
+        if memory:
+            mem.join()
         if proc.poll() is None:
             proc.kill()
     if proc.returncode != 0:
@@ -342,7 +347,7 @@ def workers_speedup(clients: int = 1000, method: str = "fedsq", rounds: int = 12
                 loads.append(os.getloadavg()[0])
                 root = Path(baseline_root) if arm == "baseline_w2" else ROOT
                 r = run_arm("fedsq_fast_w2" if arm == "baseline_w2" else arm, job(clients, method, rounds, d),
-                            root=root)
+                            root=root, memory=False)
             runs[arm].append(r)
             echo(f"repeat {rep + 1}/{repeats} {arm}: round {r['round_med_s']:.3f} s, eval {r['eval_med_s']:.3f} s, "
                  f"load {loads[-1]:.1f}")

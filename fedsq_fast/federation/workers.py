@@ -18,6 +18,7 @@ completes with the others, and a fresh worker takes its place at the next round.
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
@@ -51,10 +52,35 @@ def _threads(cfg_threads, workers: int) -> int:
     return max(1, cfg_threads or cores // workers)
 
 
+def _rebuild_tensor(buf, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+    """A tensor over the bytes _Pickler wrote (a bytearray: writable, owned by the tensor)."""
+    if not len(buf):
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+class _Pickler(pickle.Pickler):
+    """Plain pickle, except that a plain dense CPU tensor travels as its raw bytes, dtype and
+    shape. torch's own reduction goes through ``torch.load`` for every tensor (~100 us each:
+    a client's reply of 15 tensors took 1.6 ms to load and 1.2 ms to dump, against 64 and
+    126 us this way), which made unpickling replies much of the server's serial time in a
+    round. Anything else (autograd leaves, subclasses such as Parameter, quantized, sparse,
+    conjugate views) keeps torch's reduction. Tensors sharing storage arrive as copies."""
+
+    def reducer_override(self, obj):
+        if (type(obj) is torch.Tensor and obj.layout == torch.strided and obj.device.type == "cpu"
+                and not obj.requires_grad and not obj.is_quantized and not obj.is_conj() and not obj.is_neg()):
+            flat = obj.detach().contiguous().reshape(-1)
+            return _rebuild_tensor, (pickle.PickleBuffer(flat.view(torch.uint8).numpy()), obj.dtype, tuple(obj.shape))
+        return NotImplemented
+
+
 def _pack(obj) -> bytes:
-    # plain pickle: tensors travel as bytes (the ForkingPickler would move the server's
+    # tensors travel as bytes in the message (the ForkingPickler would move the server's
     # tensors, the global model's among them, into shared memory on every send)
-    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    f = io.BytesIO()
+    _Pickler(f, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return f.getvalue()
 
 
 # ---------------------------------------------------------------------- worker side
