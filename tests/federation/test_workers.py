@@ -475,3 +475,35 @@ def test_cuda_workers_share_the_gpu_and_equal_the_in_process_run(bundle, method,
             if sr[k].dtype.is_floating_point:
                 spread = float((sr[k] - sa[k]).abs().max())
                 assert float((sr[k] - sg[k]).abs().max()) <= 10 * spread + 1e-6, k
+
+
+def test_messages_carry_tensors_as_bytes_and_keep_everything_else():
+    # the pool's pickles: plain CPU tensors as raw bytes (dtype, shape, values, writable, no
+    # shared storage with the sender); Parameters, autograd leaves and conjugate views keep
+    # torch's reduction. The oracle is the tensor sent.
+    import pickle
+
+    from conftest import draw_seed
+
+    gen = torch.Generator().manual_seed(draw_seed(2**31))
+    sent = {"f32": torch.randn(3, 5, generator=gen), "t": torch.randn(4, 3, generator=gen).t(),
+            "empty": torch.empty(0, 7), "scalar": torch.tensor(-0.0), "nan": torch.tensor([math.nan, math.inf, -math.inf]),
+            "bool": torch.rand(9, generator=gen) > 0.5, "bf16": torch.randn(6, generator=gen).bfloat16(),
+            "f16": torch.randn(2, 2, generator=gen).half(), "i64": torch.tensor([-2**63, 2**63 - 1]),
+            "u8": torch.arange(256, dtype=torch.uint8), "slice": torch.arange(20)[3:17:4],
+            "c64": torch.randn(3, dtype=torch.complex64, generator=gen), "f64": torch.randn(2, dtype=torch.float64, generator=gen),
+            "param": torch.nn.Parameter(torch.randn(2, generator=gen)), "leaf": torch.randn(2, generator=gen).requires_grad_(),
+            "conj": torch.randn(3, dtype=torch.complex64, generator=gen).conj()}
+    got = pickle.loads(W._pack(("ok", 1, sent)))[2]
+    for k, v in sent.items():
+        g = got[k]
+        assert type(g) is type(v) and g.dtype == v.dtype and g.shape == v.shape and g.requires_grad == v.requires_grad, k
+        a, b = g.detach().resolve_conj(), v.detach().resolve_conj()
+        assert torch.equal(a.view(torch.uint8) if a.dtype == torch.bool else a, b.view(torch.uint8) if b.dtype == torch.bool else b) \
+            or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())), k
+        if k not in ("param", "leaf", "conj") and g.numel():
+            assert g.untyped_storage().data_ptr() != v.untyped_storage().data_ptr()
+            g.view(-1)[0] = g.view(-1)[0]  # writable (no read-only buffer warning path)
+    assert str(got["scalar"].item()) == "-0.0"
+    # the fast path is the one taken (torch's reduction would pass the checks above too)
+    assert b"_rebuild_tensor" in W._pack(torch.zeros(2)) and b"_rebuild_tensor" not in W._pack(torch.nn.Parameter(torch.zeros(2)))
