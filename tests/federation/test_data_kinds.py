@@ -147,8 +147,10 @@ def test_a_tabular_federation_learns_the_breast_cancer_table_as_well_as_logistic
     r = federate(MLP, (xtr, ytr), (xte, yte), methods=["fedavg"], quiet=True, out_dir=tmp_path / "a",
                  config=conf)["fedavg"]
     assert r.summary["model"]["kind"] == "plain"
-    assert r.summary["initial_val_acc"] < 0.85  # it starts from chance (a random MLP)...
-    assert r.summary["test_acc"] >= oracle - 0.08, ("fedavg", r.summary["test_acc"], oracle)  # ...and learns
+    # it learns: from a random MLP's validation loss (its accuracy can start high by luck: one seed in
+    # 12 drew 0.85+ on this nearly separable table) to logistic regression's accuracy
+    assert r.history[-1]["val_loss"] < 0.5 * r.history[0]["val_loss"], [h["val_loss"] for h in r.history]
+    assert r.summary["test_acc"] >= oracle - 0.08, ("fedavg", r.summary["test_acc"], oracle)
     # FedSQ fine-tunes a pretrained network (random gates learn little: docs/models.md): pretrain
     # centrally on a third of the training rows, federate the other two thirds
     cut = len(ytr) // 3
