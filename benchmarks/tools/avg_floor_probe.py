@@ -6,12 +6,16 @@ bench_ops's sizes (12 Mi fp32 per client, 100 tensors each, K = 8), interleaved 
 Each variant's time and the bytes it must move give its effective bandwidth; the best bandwidth
 any variant reaches bounds what the fused average can do: its floor is (K reads + 1 write) at
 that bandwidth, and foreach's time over that floor is the most the fused op could gain."""
+import os
 import sys
 import time
 
 import torch
 
 import fedsq_fast as ff
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _bench  # noqa: E402 - benchmarks/_bench.py: the shared interleaved timer
 
 P, T, K = 12 << 20, 100, 8
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 15
@@ -42,16 +46,7 @@ fns = {
     "fedsq K=8 weighted_average (8 reads + 1 write)": (lambda: ff.weighted_average(clients, w, out=out),
                                                         (K + 1) * B),
 }
-for f, _ in fns.values():
-    f()
-t = {k: [] for k in fns}
-order = list(fns)
-for r in range(ROUNDS):
-    for k in order[r % len(order):] + order[:r % len(order)]:
-        t0 = time.perf_counter()
-        fns[k][0]()
-        t[k].append(time.perf_counter() - t0)
-m = {k: min(v) for k, v in t.items()}
+m = _bench.interleaved({k: f for k, (f, _) in fns.items()}, ROUNDS)
 print(time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), f"(12 Mi fp32 per client, {ROUNDS} rounds)")
 bw = {}
 for k, (_, nbytes) in fns.items():

@@ -12,12 +12,16 @@ into a float32 accumulator, interleaved rounds (minima):
                 scratch, kept on acceptance; undoing a fold in place is not exact in float);
   checks only : reply_stats alone.
 """
+import os
 import sys
 import time
 
 import torch
 
 import fedsq_fast as ff
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _bench  # noqa: E402 - benchmarks/_bench.py: the shared interleaved timer
 
 P, T = 12 << 20, 100
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 15
@@ -42,16 +46,7 @@ fns = {
                                                                          scratch),
     "checks only (reply_stats)": lambda: ff.ops.reply_stats(reply, glob, flags),
 }
-for f in fns.values():
-    f()
-t = {k: [] for k in fns}
-order = list(fns)
-for r in range(ROUNDS):
-    for k in order[r % len(order):] + order[:r % len(order)]:
-        t0 = time.perf_counter()
-        fns[k]()
-        t[k].append(time.perf_counter() - t0)
-m = {k: min(v) * 1e3 for k, v in t.items()}
+m = {k: v * 1e3 for k, v in _bench.interleaved(fns, ROUNDS).items()}
 print(time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "minima ms:",
       ", ".join(f"{k} {v:.2f}" for k, v in m.items()))
 two, floor_ = m["two passes (checks, then fold)"], m["fused floor (3 reads + 1 write)"]

@@ -108,7 +108,7 @@ def _npy_view(a: Array) -> torch.Tensor | None:
     """A read-only tensor over the bytes of a plain .npy payload (C order, native byte
     order, numeric dtype), or None where the copying path must handle it."""
     data = a.data
-    head = _npy_header(data) if isinstance(data, bytes) else None
+    head = _npy_header(data)
     if head is None:
         return None
     shape, fortran, dtype, offset = head
@@ -151,7 +151,7 @@ def _decode_one(key: str, a, arg: str, copy: bool = True) -> torch.Tensor:
             if tuple(t.shape) != shape:
                 raise ValueError(f"{arg}[{key!r}]: data has shape {tuple(t.shape)}, header says {shape}")
             return t
-    head = _npy_header(a.data) if isinstance(a.data, bytes) else None
+    head = _npy_header(a.data)
     if head is not None and not head[2].hasobject:
         # np.load allocates the header's shape before it reads: check the length first
         want = math.prod(head[0]) * head[2].itemsize
