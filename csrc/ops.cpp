@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -491,6 +492,102 @@ at::Tensor reply_stats_list(at::TensorList xs, at::TensorList refs, at::IntArray
   return out;
 }
 
+// K clients folded into one accumulator in one read of each (issue 28): for each tensor j and each
+// client k in order, accs[j] += ws[k] * xs[k * L + j] (accs zeroed first when zero is true), tile by
+// tile: the bits of K accumulate_list_ calls (that fold is one fma per element, whatever the tiling).
+// With refs (L tensors, or none), also every client's reply_stats_list rows against them, taken from
+// the same read with that op's tiles and order: a (K, L + 1, 4) float64 tensor ((0, L + 1, 4) without
+// refs). CPU only; nothing may overlap an accumulator (zeroing it would clobber an input).
+at::Tensor fold_stats_list_(at::TensorList accs, at::TensorList xs, at::ArrayRef<double> ws, bool zero,
+                            at::TensorList refs, at::IntArrayRef in_total) {
+  const int64_t K = static_cast<int64_t>(ws.size()), L = static_cast<int64_t>(accs.size());
+  TORCH_CHECK_VALUE(K >= 1, "ws must hold at least one client");
+  for (int64_t k = 0; k < K; ++k) TORCH_CHECK_VALUE(std::isfinite(ws[k]), "ws[", k, "] must be finite, got ", ws[k]);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(xs.size()) == K * L, "xs must hold K*L = ", K * L,
+                    " tensors (client-major), got ", xs.size());
+  const bool stats = !refs.empty();
+  TORCH_CHECK_VALUE(!stats || static_cast<int64_t>(refs.size()) == L, "refs must hold ", L,
+                    " tensors (one per accumulator) or none, got ", refs.size());
+  TORCH_CHECK_VALUE(in_total.size() == refs.size(), "in_total must have one entry per ref (", refs.size(), "), got ",
+                    in_total.size());
+  at::Tensor out = at::zeros({stats ? K : 0, L + 1, 4}, at::kDouble);
+  if (L == 0) return out;
+  double* o = out.data_ptr<double>();
+  std::vector<ListItem> items;
+  std::vector<const void*> ref_of;  // per item
+  std::vector<int64_t> index;       // items[i] is tensor index[i]
+  std::vector<Span> out_spans, in_spans;
+  for (int64_t j = 0; j < L; ++j) {
+    const std::string an = "accs[" + std::to_string(j) + "]", x0 = "xs[" + std::to_string(j) + "]";
+    TORCH_CHECK_VALUE(accs[j].device().is_cpu(), an, " must be on the CPU, got ", accs[j].device());
+    const DType dt = dtype_of(xs[j], x0.c_str());
+    check_accumulate(accs[j], xs[j], an, x0);
+    out_spans.push_back(span_of(accs[j], j, an));
+    ListItem it{dt, xs[j].numel(), accs[j].data_ptr(), std::vector<const void*>(K)};
+    for (int64_t k = 0; k < K; ++k) {
+      const std::string xn = "xs[" + std::to_string(k * L + j) + "]";
+      check_same(xs[j], x0, xs[k * L + j], xn);
+      it.xs[k] = xs[k * L + j].data_ptr();
+      in_spans.push_back(span_of(xs[k * L + j], -1, xn));
+    }
+    if (stats) {
+      const std::string rn = "refs[" + std::to_string(j) + "]";
+      check_same(xs[j], x0, refs[j], rn);
+      in_spans.push_back(span_of(refs[j], -1, rn));
+      for (int64_t k = 0; k < K; ++k) {
+        o[(k * (L + 1) + j) * 4 + 0] = HUGE_VAL;
+        o[(k * (L + 1) + j) * 4 + 1] = -HUGE_VAL;
+      }
+    }
+    if (it.n) {
+      items.push_back(std::move(it));
+      ref_of.push_back(stats ? refs[j].data_ptr() : nullptr);
+      index.push_back(j);
+    }
+  }
+  check_overlap(std::move(out_spans), in_spans);
+  if (items.empty()) return out;
+  const KernelTable& T = cpu_kernels();
+  std::vector<int64_t> first(items.size() + 1, 0);
+  for (size_t i = 0; i < items.size(); ++i) first[i + 1] = first[i] + (items[i].n + kTile - 1) / kTile;
+  const int64_t tiles = first.back();
+  std::vector<double> part(stats ? K * tiles * 4 : 0, 0.0);
+  CpuBackend::over_tiles(items, [&](const ListItem& it, int64_t i0, int64_t i1) {
+    const size_t i = static_cast<size_t>(&it - items.data());
+    const size_t esz = it.dt == DType::f64 ? sizeof(double) : sizeof(float);
+    for (int64_t a = i0; a < i1; a += kTile) {
+      const int64_t b = std::min(a + kTile, i1);
+      if (zero) std::memset(static_cast<char*>(it.out) + a * esz, 0, (b - a) * esz);  // +0.0, as torch.zeros
+      // client by client over one tile: the accumulator's tile stays in cache, each client's tile
+      // is read from memory once (its stats and its fold from the same loads)
+      for (int64_t k = 0; k < K; ++k) {
+        if (stats)
+          T.reply_stats_fold(it.dt, it.xs[k], ref_of[i], it.out, ws[k], a, b, &part[(k * tiles + first[i] + a / kTile) * 4]);
+        else
+          T.accumulate(it.dt, it.out, it.xs[k], ws[k], a, b);
+      }
+    }
+  });
+  if (!stats) return out;
+  for (int64_t k = 0; k < K; ++k) {  // reply_stats_list's reduction, per client
+    double* ok = o + k * (L + 1) * 4;
+    double total = 0.0;
+    for (size_t i = 0; i < items.size(); ++i) {
+      double* r = ok + index[i] * 4;
+      for (int64_t t = first[i]; t < first[i + 1]; ++t) {
+        const double* p = &part[(k * tiles + t) * 4];
+        r[0] = std::min(r[0], p[0]);
+        r[1] = std::max(r[1], p[1]);
+        r[2] += p[2];
+        r[3] += p[3];
+        if (in_total[index[i]]) total += p[3];
+      }
+    }
+    ok[L * 4 + 3] = total;
+  }
+  return out;
+}
+
 std::string cpu_isa(c10::string_view isa) {
   if (isa.empty()) return cpu_kernels().name;
   const std::string want(isa);
@@ -525,6 +622,9 @@ TORCH_LIBRARY(fedsq_fast, m) {
   // (K + 1, 4) float64 on the CPU: per tensor min/max of the non-NaN values, NaN/Inf count, squared
   // distance; last row: the squared distance over the tensors marked in in_total (a reply's checks).
   m.def("reply_stats_list(Tensor[] xs, Tensor[] refs, int[] in_total) -> Tensor");
+  // K clients folded into accs in one read each (xs client-major), zeroing accs first if zero; with
+  // refs, each client's reply_stats_list rows from that read: (K, L + 1, 4) float64 on the CPU.
+  m.def("fold_stats_list_(Tensor(a!)[] accs, Tensor[] xs, float[] ws, bool zero, Tensor[] refs, int[] in_total) -> Tensor");
   // Not a tensor op: selects the CPU kernel variant (tests run every ISA the CPU has).
   m.def("cpu_isa(str isa='') -> str", &fedsq::cpu_isa);
   // Not a tensor op: the CPU output cache's limit in MiB (-1: unchanged) -> [cached bytes, limit bytes].
@@ -534,4 +634,5 @@ TORCH_LIBRARY(fedsq_fast, m) {
 TORCH_LIBRARY_IMPL(fedsq_fast, CPU, m) {
   fedsq::Ops<fedsq::CpuBackend>::register_impls(m);
   m.impl("reply_stats_list", &fedsq::reply_stats_list);
+  m.impl("fold_stats_list_", &fedsq::fold_stats_list_);
 }

@@ -45,6 +45,9 @@ struct KernelTable {
   // (+Inf / -Inf if none), count of NaN/Inf x[i], sum (x[i] - ref[i])^2 computed exactly as
   // sq_dist computes it (the same bits)}.
   void (*reply_stats)(DType, const void* x, const void* ref, int64_t i0, int64_t i1, double* out);
+  // reply_stats and accumulate (acc[i] += w * x[i], the same bits) from one read of x.
+  void (*reply_stats_fold)(DType, const void* x, const void* ref, void* acc, double w, int64_t i0, int64_t i1,
+                           double* out);
   // Soft gate: y = zq * g(zs) for elements [32 w0, min(32 w1, n)). g is computed in float32
   // (float64 for f64) and rounded to the tensor's dtype before the multiply (the gate a
   // half-precision site stores), so y is exactly zq * g_T as eager computes that product.

@@ -485,9 +485,13 @@ static double sq_dist_range(const T* x, const T* ref, int64_t i0, int64_t i1) {
 // sq_dist_range's blocks, lanes and order (the norm bound's numbers do not move). The hot
 // loop only sums x - x (0 unless some x is NaN/Inf); the count is taken in a second pass over
 // the range only when that sum says a value is not finite (a hostile reply, refused anyway).
-template <class T>
-static void reply_stats_range(const T* x, const T* ref, int64_t i0, int64_t i1, double* out) {
+// FOLD: also acc[i] += w * x[i] from the same load (accumulate_range's fma per element, so the
+// same bits as that op): a held reply checked and folded in one read (fold_stats_list_).
+template <class T, bool FOLD = false>
+static void reply_stats_range(const T* x, const T* ref, int64_t i0, int64_t i1, double* out,
+                              acc_t<T>* facc = nullptr, double w = 0.0) {
   using A = acc_t<T>;
+  const A wa = A(w);
   double total = 0.0, lo = HUGE_VAL, hi = -HUGE_VAL;
   int64_t bad = 0, i = i0;
   bool recount = false;
@@ -495,11 +499,13 @@ static void reply_stats_range(const T* x, const T* ref, int64_t i0, int64_t i1, 
   if constexpr (kVec<T>) {
     alignas(64) float lanes[VW];
     VF vlo = vset1(HUGE_VALF), vhi = vset1(-HUGE_VALF), flag = vset1(0.0f);
+    const VF vw = vset1(float(w));
     while (i + VW <= i1) {
       const int64_t end = std::min(i1, i + 4096);
       VF acc = vset1(0.0f);
       for (; i + VW <= end; i += VW) {
         const VF xv = vload(x + i);
+        if constexpr (FOLD) vstoref(facc + i, vfma(vw, xv, vloadf(facc + i)));
         const VF d = vadd(xv, vmul(vset1(-1.0f), vload(ref + i)));
         acc = vfma(d, d, acc);
         flag = vadd(flag, vsub(xv, xv));
@@ -521,6 +527,7 @@ static void reply_stats_range(const T* x, const T* ref, int64_t i0, int64_t i1, 
 #endif
   for (; i < i1; ++i) {
     const A v = ld(x, i);
+    if constexpr (FOLD) facc[i] = fma_s<A>(wa, v, facc[i]);
     const A d = v - ld(ref, i);
     total += double(d) * double(d);
     if (v == v) {
@@ -729,6 +736,11 @@ static double k_sq_dist(DType dt, const void* x, const void* ref, int64_t i0, in
 static void k_reply_stats(DType dt, const void* x, const void* ref, int64_t i0, int64_t i1, double* out) {
   FEDSQ_DISPATCH(dt, reply_stats_range<T>(static_cast<const T*>(x), static_cast<const T*>(ref), i0, i1, out));
 }
+static void k_reply_stats_fold(DType dt, const void* x, const void* ref, void* acc, double w, int64_t i0, int64_t i1,
+                               double* out) {
+  FEDSQ_DISPATCH(dt, (reply_stats_range<T, true>(static_cast<const T*>(x), static_cast<const T*>(ref), i0, i1, out,
+                                                 static_cast<acc_t<T>*>(acc), w)));
+}
 template <SoftKind K>
 static void k_soft_kind(DType dt, const void* zq, const void* zs, void* y, int64_t n, int64_t w0, int64_t w1) {
   FEDSQ_DISPATCH(dt, (soft_range<T, K>(static_cast<const T*>(zq), static_cast<const T*>(zs), static_cast<T*>(y),
@@ -747,4 +759,4 @@ static void k_soft(DType dt, SoftKind kind, const void* zq, const void* zs, void
 #undef FEDSQ_DISPATCH
 
 static const KernelTable kTable = {FEDSQ_ISA_NAME, k_pack, k_apply, k_gate, k_epilogue, k_wsum, k_accumulate,
-                                   k_sq_dist, k_reply_stats, k_soft};
+                                   k_sq_dist, k_reply_stats, k_reply_stats_fold, k_soft};

@@ -101,11 +101,20 @@ def implausible(reference: dict, update: dict, scale: float = PLAUSIBLE_SCALE) -
                 if big > bound:
                     return f"{k}: |value| up to {big:.3g}, implausible against the global model's (bound {bound:.3g})"
             elif t.dtype != torch.bool:
-                lo, hi = (int(v) for v in torch.aminmax(t))
-                span = int(_max_abs(ref)) + INT_STEP_MAX
-                low = 0 if k.endswith("num_batches_tracked") else -span  # a count is never negative
-                if lo < low or hi > span:
-                    return f"{k}: integer values in [{lo}, {hi}], expected in [{low}, {span}]"
+                reason = _int_problem(k, t, int(_max_abs(ref)))
+                if reason is not None:
+                    return reason
+    return None
+
+
+def _int_problem(k: str, t: torch.Tensor, ref_max: int) -> str | None:
+    """Why integer tensor ``t`` (non-empty, not bool) is implausible against a global tensor
+    whose max |value| is ``ref_max``, or None."""
+    lo, hi = (int(v) for v in torch.aminmax(t))
+    span = ref_max + INT_STEP_MAX
+    low = 0 if k.endswith("num_batches_tracked") else -span  # a count is never negative
+    if lo < low or hi > span:
+        return f"{k}: integer values in [{lo}, {hi}], expected in [{low}, {span}]"
     return None
 
 
@@ -124,20 +133,29 @@ class ReplyScan:
     ``plausible_scale`` None: no plausibility check; ``count``: the reply's sample count,
     checked between the plausibility and the NaN/Inf checks as before."""
 
-    def __init__(self, global_state: dict, plausible_scale: float | None):
+    def __init__(self, global_state: dict, plausible_scale: float | None, max_abs_each: dict | None = None):
         from ..ops import backend
 
         self.ref, self.scale = global_state, plausible_scale
         self.floats = [k for k, g in global_state.items() if g.dtype.is_floating_point]
+        self.in_total = [not is_stat_key(k) for k in self.floats]
         self._pos = {k: i for i, k in enumerate(self.floats)}
         self.fused = backend() == "compiled" and all(global_state[k].device.type == "cpu" for k in self.floats)
+        self._max_abs_each = max_abs_each  # the global model's, when the caller has read it already
         self._bounds = None
+        self._int_maxes = None
 
     def _bound(self, k):
         if self._bounds is None:
-            m = _max_abs_each(self.ref)
+            m = self._max_abs_each if self._max_abs_each is not None else _max_abs_each(self.ref)
             self._bounds = {k: self.scale * (1.0 + m.get(k, 0)) for k in self.floats}
         return self._bounds[k]
+
+    def _int_max(self, k) -> int:
+        if self._int_maxes is None:  # the global model's integer tensors, read once per round
+            self._int_maxes = {j: int(_max_abs(g)) for j, g in self.ref.items()
+                               if not g.dtype.is_floating_point and g.dtype != torch.bool}
+        return self._int_maxes[k]
 
     def scan(self, update: dict, count=_UNCHECKED):
         """The squared update (float) or the reason (str); ``count`` as in :func:`count_problem`."""
@@ -149,16 +167,23 @@ class ReplyScan:
         from ..ops import reply_stats
 
         keys = self.floats
-        st, total = reply_stats([update[k] for k in keys], [self.ref[k] for k in keys],
-                                [not is_stat_key(k) for k in keys])
+        st, total = reply_stats([update[k] for k in keys], [self.ref[k] for k in keys], self.in_total)
+        return self.judge(update, st, total, count)
+
+    def judge(self, update: dict, st, total: float, count=_UNCHECKED):
+        """:meth:`scan`'s verdict from the reply's :func:`fedsq_fast.ops.reply_stats` rows
+        against the global model (its floating tensors in the global model's order, ``in_total``
+        as :attr:`in_total`), taken by the caller (e.g. with the fold: StreamingAverage.add_many)."""
+        keys = self.floats
         rows = st.tolist()
         if self.scale is not None:
-            ints = {k: g for k, g in self.ref.items() if not g.dtype.is_floating_point}
             for k, g in self.ref.items():
-                if k in ints:
-                    reason = implausible({k: g}, {k: update[k]}, self.scale)
-                    if reason is not None:
-                        return reason
+                if not g.dtype.is_floating_point:
+                    t = update[k]
+                    if t.numel() and t.dtype != torch.bool:
+                        reason = _int_problem(k, t, self._int_max(k))
+                        if reason is not None:
+                            return reason
                     continue
                 lo, hi, _, _ = rows[self._pos[k]]
                 if not update[k].numel():
@@ -288,13 +313,13 @@ def count_as_float(n) -> float:
 
 
 def _valid_replies(global_state: dict, replies: Iterable, stats: AggregateStats,
-                   plausible_scale: float | None = PLAUSIBLE_SCALE):
+                   plausible_scale: float | None = PLAUSIBLE_SCALE, maxes: dict | None = None):
     """``(client, state, num_samples, ||update||^2)`` of each valid reply, in arrival order;
     the others land in ``stats.rejected`` with the reason (malformed, NaN/Inf, implausible,
     a non-positive sample count). ``plausible_scale`` None: no plausibility check (finite
     replies are averaged whatever their size: the behaviour of runs recorded before it).
-    Counting the accepted ones is the caller's (:func:`_screened`)."""
-    scan = ReplyScan(global_state, plausible_scale)
+    Counting the accepted ones is the caller's (:func:`_screened`). ``maxes``: see ReplyScan."""
+    scan = ReplyScan(global_state, plausible_scale, maxes)
     for cid, state, n in replies:
         reason = check_update(global_state, state, finite=False)
         if reason is None:
@@ -322,7 +347,7 @@ def local_batches(num_samples: float, batch_size: int) -> int:
 
 def _screened(global_state: dict, replies: Iterable, stats: AggregateStats,
               plausible_scale: float | None, norm_bound: float | None, batch_size: int,
-              hold: bool = False, copy_held: bool = True, with_cid: bool = False):
+              hold: bool = False, copy_held: bool = True, with_cid: bool = False, maxes: dict | None = None):
     """The replies to aggregate, as ``(state, num_samples, ||update||^2)``, counted in
     ``stats``: the valid ones (:func:`_valid_replies`), streamed one at a time when
     ``norm_bound`` is None and ``hold`` is False; otherwise held (copied unless ``copy_held``
@@ -331,8 +356,8 @@ def _screened(global_state: dict, replies: Iterable, stats: AggregateStats,
     rejected with the reason. Fewer than
     NORM_BOUND_MIN_COHORT valid replies, or a zero median: no bound. Arrival order kept, so
     with nothing rejected the aggregate is bit-identical to the unbounded one.
-    ``with_cid``: ``(client, state, num_samples, ||update||^2)`` instead."""
-    valid = _valid_replies(global_state, replies, stats, plausible_scale)
+    ``with_cid``: ``(client, state, num_samples, ||update||^2)`` instead; ``maxes``: see ReplyScan."""
+    valid = _valid_replies(global_state, replies, stats, plausible_scale, maxes)
     if norm_bound is None and not hold:
         for cid, state, n, sq in valid:
             stats.num_clients += 1
@@ -342,23 +367,103 @@ def _screened(global_state: dict, replies: Iterable, stats: AggregateStats,
         return
     held = []
     for cid, state, n, sq in valid:
-        held.append((cid, {k: v.detach().clone() for k, v in state.items()} if copy_held else state, n, sq))
+        held.append((cid, _held_copy(state) if copy_held else state, n, sq))
         del state
-    per = [math.sqrt(sq) / local_batches(count_as_float(n), batch_size) for _, _, n, sq in held]
-    bound = None
-    if norm_bound is not None and len(held) >= NORM_BOUND_MIN_COHORT:
-        med = statistics.median(per)
-        bound = norm_bound * med if med > 0 else None
-    for i, p in enumerate(per):
+    over = _over_bound(held, norm_bound, batch_size)
+    for i, why in enumerate(over):
         (cid, state, n, sq), held[i] = held[i], None  # each reply let go once folded
-        if bound is not None and p > bound:
-            stats.rejected.append((cid, f"update norm per local batch {p:.3g} is {p / med:.3g}x the cohort "
-                                        f"median {med:.3g} (norm_bound {norm_bound:g})"))
+        if why is not None:
+            stats.rejected.append((cid, why))
             continue
         stats.num_clients += 1
         stats.num_samples += int(n)
         yield (cid, state, n, sq) if with_cid else (state, n, sq)
         del state
+
+
+def _held_copy(state: dict) -> dict:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def _over_bound(held: list, norm_bound: float | None, batch_size: int) -> list:
+    """Per held ``(client, state, num_samples, ||update||^2)``: why the cohort norm bound
+    rejects it, or None. The bound is ``norm_bound`` x the median update norm per local
+    batch; fewer than NORM_BOUND_MIN_COHORT replies or a zero median: no bound."""
+    per = [math.sqrt(sq) / local_batches(count_as_float(n), batch_size) for _, _, n, sq in held]
+    bound = None
+    if norm_bound is not None and len(held) >= NORM_BOUND_MIN_COHORT:
+        med = statistics.median(per)
+        bound = norm_bound * med if med > 0 else None
+    return [f"update norm per local batch {p:.3g} is {p / med:.3g}x the cohort median {med:.3g} "
+            f"(norm_bound {norm_bound:g})" if bound is not None and p > bound else None for p in per]
+
+
+def _held_average(global_state: dict, replies: Iterable, stats: AggregateStats, plausible_scale: float | None,
+                  norm_bound: float, batch_size: int, copy_held: bool, maxes: dict | None, max_abs: float | None):
+    """stream_average under the cohort norm bound: the round's replies are held anyway, so
+    every well-formed one (usable count) is read once for both its checks and a speculative
+    fold of all of them (StreamingAverage.add_many, tile by tile). When every one is then
+    accepted, that fold is the average (the usual case); when some are rejected, the accepted
+    ones are folded again. The same verdicts, reasons (in arrival order, then the bound's)
+    and bits as screening each reply and then adding the accepted ones one by one.
+    Returns ``(StreamingAverage or None, sum_k n_k ||d_k||^2)``."""
+    scan = ReplyScan(global_state, plausible_scale, maxes)
+    entries = []  # [client, state, count, reason]
+    for cid, state, n in replies:
+        reason = check_update(global_state, state, finite=False)
+        if reason is None:
+            n = plain_count(n)
+            state = _held_copy(state) if copy_held else state
+        entries.append([cid, state if reason is None else None, n, reason])
+        del state
+    order = list(global_state)
+    cand = [e for e in entries if e[3] is None and count_problem(e[2]) is None]
+    avg, rows = None, None
+    if scan.fused and cand and all(list(e[1]) == order for e in cand):
+        avg = StreamingAverage()
+        try:
+            rows = avg.add_many([e[1] for e in cand], [e[2] for e in cand], max_abs=max_abs,
+                                stats_refs=global_state, in_total=scan.in_total)
+        except (ValueError, TypeError):  # one of them cannot be folded: one by one below, naming it
+            avg, rows = None, None
+    rows = iter(rows) if rows is not None else None
+    held = []
+    for e in entries:
+        cid, state, n, reason = e
+        e[1] = None
+        if reason is None:
+            if rows is not None and count_problem(n) is None:
+                sq = scan.judge(state, *next(rows), n)
+            else:
+                sq = scan.scan(state, n)
+            if not isinstance(sq, str):
+                held.append((cid, state, n, sq))
+                continue
+            reason = sq
+        stats.rejected.append((cid, reason))
+    del entries, cand
+    over = _over_bound(held, norm_bound, batch_size)
+    if avg is not None and len(held) == avg.count and not any(over):
+        fold = None  # every reply folded speculatively was accepted: that fold is the average
+    else:
+        avg, fold = StreamingAverage(), True
+    sq_sum = 0.0
+    for i, why in enumerate(over):
+        (cid, state, n, sq), held[i] = held[i], None
+        if why is not None:
+            stats.rejected.append((cid, why))
+            continue
+        if fold:
+            try:
+                avg.add(state, n, max_abs=max_abs)
+            except (ValueError, TypeError) as e:  # refused before it was folded (e.g. an int64 sum past range)
+                stats.rejected.append((cid, f"the average cannot take it: {e}"))
+                continue
+        stats.num_clients += 1
+        stats.num_samples += int(n)
+        sq_sum += count_as_float(n) * sq
+        del state
+    return (avg if avg.count else None), sq_sum
 
 
 def _record_drift(stats: AggregateStats, result: dict, global_state: dict, sq_sum: float) -> None:
@@ -368,14 +473,15 @@ def _record_drift(stats: AggregateStats, result: dict, global_state: dict, sq_su
     stats.client_drift = math.sqrt(d) if d > 0 else (0.0 if d <= 0 else math.nan)  # NaN stays NaN
 
 
-def _plausible_max_abs(global_state: dict, plausible_scale: float | None) -> float | None:
+def _plausible_max_abs(global_state: dict, plausible_scale: float | None, maxes: dict | None = None) -> float | None:
     """The largest |value| a reply that passed :func:`implausible` can hold in a floating
     tensor (its bound over every key), or None (no plausibility check, or a non-finite
-    global model): the streaming average then reads each reply's own."""
+    global model): the streaming average then reads each reply's own. ``maxes``: the global
+    model's :func:`_max_abs_each` when the caller has it."""
     if plausible_scale is None:
         return None
     top = 0.0
-    for m in _max_abs_each(global_state).values():
+    for m in (maxes if maxes is not None else _max_abs_each(global_state)).values():
         top = max(top, m)
     bound = plausible_scale * (1.0 + top)
     return bound if math.isfinite(bound) else None
@@ -395,11 +501,22 @@ def stream_average(global_state: dict, replies: Iterable, stats: AggregateStats 
     replies are the caller's to keep, not copied).
     """
     stats = stats if stats is not None else AggregateStats()
+    # the global model's max |value| per tensor, read once a round: the plausibility bounds and
+    # the fold's bound on |values| (else each add reads the reply's own)
+    maxes = _max_abs_each(global_state) if plausible_scale is not None else None
+    max_abs = _plausible_max_abs(global_state, plausible_scale, maxes)
+    if norm_bound is not None:
+        avg, sq_sum = _held_average(global_state, replies, stats, plausible_scale, norm_bound, batch_size,
+                                    copy_held, maxes, max_abs)
+        if avg is None:
+            return None
+        result = avg.result(consume=True)
+        _record_drift(stats, result, global_state, sq_sum)
+        return result
     avg = StreamingAverage()
     sq_sum = 0.0
-    max_abs = _plausible_max_abs(global_state, plausible_scale)  # else each add reads the reply's own
-    for cid, state, n, sq in _screened(global_state, replies, stats, plausible_scale, norm_bound, batch_size,
-                                       copy_held=copy_held, with_cid=True):
+    for cid, state, n, sq in _screened(global_state, replies, stats, plausible_scale, None, batch_size,
+                                       with_cid=True, maxes=maxes):
         try:
             avg.add(state, n, max_abs=max_abs)
         except (ValueError, TypeError) as e:  # refused before it was folded (e.g. an int64 sum past range)

@@ -120,14 +120,30 @@ def reply_stats_list(xs, refs, in_total):
     return out
 
 
+def fold_stats_list_(accs, xs, ws, zero, refs, in_total):
+    """K clients (xs client-major) folded into accs in order (zeroed first if ``zero``); with
+    refs, each client's reply_stats_list rows against them first: (K, L + 1, 4) float64, or
+    (0, L + 1, 4) without refs, like the kernel."""
+    L, K = len(accs), len(ws)
+    out = torch.zeros(K if len(refs) else 0, L + 1, 4, dtype=torch.float64)
+    for k in range(K if len(refs) else 0):
+        out[k] = reply_stats_list(xs[k * L:(k + 1) * L], refs, in_total)
+    if zero:
+        for a in accs:
+            a.zero_()
+    for k in range(K):
+        accumulate_list_(accs, xs[k * L:(k + 1) * L], ws[k])
+    return out
+
+
 # Every op of csrc/ops.cpp's TORCH_LIBRARY except cpu_isa and cpu_cache (switches, not ops).
 RAW = {f.__name__: f for f in (
     pack_mask, apply_mask, apply_mask_out, gate, gate_out, soft_gate_apply, soft_gate_apply_out,
     struct_epilogue, struct_epilogue_,
     weighted_sum_out, accumulate_, weighted_sum_list_out, int_weighted_sum_list_out,
-    accumulate_list_, sq_dist_list, reply_stats_list)}
+    accumulate_list_, sq_dist_list, reply_stats_list, fold_stats_list_)}
 # Ops the compiled library implements on the CPU only: CUDA tensors run the reference.
-CPU_ONLY = ("reply_stats_list",)
+CPU_ONLY = ("reply_stats_list", "fold_stats_list_")
 
 
 # Autograd of the reference gate: the same contract as the compiled one (only the

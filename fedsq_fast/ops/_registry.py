@@ -72,6 +72,8 @@ FAKES = {
     "accumulate_list_": lambda acc, x, weight: None,
     "sq_dist_list": _fake_sq_dist_list,
     "reply_stats_list": lambda xs, refs, in_total: torch.empty(len(xs) + 1, 4, dtype=torch.float64),
+    "fold_stats_list_": lambda accs, xs, ws, zero, refs, in_total: torch.empty(
+        len(ws) if len(refs) else 0, len(accs) + 1, 4, dtype=torch.float64),
 }
 
 

@@ -18,7 +18,7 @@ import torch
 from .. import reference as ref
 from . import _exact
 from ._checks import check_float_tensor, check_pair, in_layout
-from ._registry import OPS
+from ._registry import OPS, backend
 
 __all__ = ["weighted_average", "StreamingAverage", "sq_dist", "reply_stats"]
 
@@ -301,6 +301,10 @@ def _scale_down(accs, d: int) -> None:
         d -= step
 
 
+class _NotFused(Exception):
+    """add_many cannot fold its clients in one pass (a rescale between them): one by one instead."""
+
+
 class StreamingAverage:
     """Weighted average folded in one client at a time: memory for one
     accumulator (float32 for float16/bfloat16/float32 tensors), not K clients.
@@ -337,6 +341,7 @@ class StreamingAverage:
         self._int_total = 0  # sum of q
         self._consumed = False
         self.count = 0
+        self._defer = None  # add_many: the floating folds planned but not yet done, [(xs, ws)]
 
     def _check_live(self) -> None:
         if self._consumed:
@@ -443,13 +448,16 @@ class StreamingAverage:
                     b_exp = _sum_exp([(bound[k], ref - new_scale), (m * mw, e + ew - new_scale)]) + 1
                     if b_exp > limit:
                         new_scale += b_exp - limit
+        if self._defer is not None and w and scale is not None and new_scale > scale:
+            raise _NotFused  # rescaling the accumulator between planned folds: not one pass
         # -- fold: nothing above raised
         with torch.no_grad():
             if self._template is None:
                 self._names, self._rebuild = names, rebuild
                 self._template = [(t.shape, t.dtype, t.device) for t in lst]
+                # add_many zeroes the floating ones in its pass
                 self._acc = [
-                    torch.zeros(
+                    (torch.empty if self._defer is not None and t.dtype.is_floating_point else torch.zeros)(
                         t.shape,
                         dtype=(torch.float64 if t.dtype == torch.float64 else torch.float32)
                         if t.dtype.is_floating_point
@@ -475,7 +483,10 @@ class StreamingAverage:
             if floats:
                 accs = [self._acc[j] for j in floats]
                 xs = [in_layout(lst[j], a.stride()) for j, a in zip(floats, accs)]
-                OPS.accumulate_list_(accs, xs, ws)
+                if self._defer is not None:
+                    self._defer.append((xs, ws))
+                else:
+                    OPS.accumulate_list_(accs, xs, ws)
             for k in (0, 1):
                 bound[k] += ws * amax[k] * (1 + 2.0**-20)
         self._scale, self._total, self._bound = scale, total + ws, bound
@@ -484,6 +495,124 @@ class StreamingAverage:
         self._fixed = fixed
         self._int_total = int_total
         self.count += 1
+
+    def add_many(self, clients, weights, *, max_abs: float | None = None, stats_refs=None, in_total=None):
+        """Fold ``clients`` with ``weights`` in order: the same bits as :meth:`add` of each in
+        turn, but on the CPU with the compiled library the floating tensors of all of them are
+        folded in one pass, tile by tile (each client read once, the accumulator kept in
+        cache), which is what a server holding a round's replies wants. ``max_abs`` as in
+        :meth:`add`, for every client. Refused as :meth:`add` refuses, the error naming the
+        client by its position; then nothing is folded.
+
+        ``stats_refs``: a reference with a client's structure (the global model): also returns,
+        per client, :func:`reply_stats` of its floating tensors against the reference's (in the
+        client's order; ``in_total``: one flag per floating tensor, default all) as
+        ``(stats, total)``, from the same read. Without it, returns None."""
+        self._check_live()
+        if self._defer is not None:
+            raise RuntimeError("add_many is already running on this StreamingAverage")
+        if isinstance(clients, (torch.Tensor, Mapping)) or not isinstance(clients, Iterable):
+            raise TypeError(f"clients must be a sequence of clients, got {type(clients).__name__}")
+        clients = list(clients)
+        if isinstance(weights, torch.Tensor):
+            weights = weights.detach().cpu().reshape(-1).tolist()
+        if isinstance(weights, (str, bytes)) or not isinstance(weights, Iterable):
+            raise TypeError(f"weights must be a sequence of {len(clients)} numbers, got {weights!r}")
+        weights = list(weights)
+        if len(weights) != len(clients):
+            raise ValueError(f"weights must have one entry per client ({len(clients)}), got {len(weights)}")
+        if not clients:
+            return None if stats_refs is None else []
+        flags = None
+        if stats_refs is not None:
+            first, _, _ = _as_client_lists([clients[0]])
+            nf = sum(isinstance(t, torch.Tensor) and t.dtype.is_floating_point for t in first[0])
+            flags = [1] * nf if in_total is None else [1 if f else 0 for f in in_total]
+            if len(flags) != nf:
+                raise ValueError(f"in_total must have one entry per floating tensor of a client ({nf}), "
+                                 f"got {len(flags)}")
+        fresh = self._template is None
+        saved = dict(self.__dict__)
+        ints_saved = [(a, a.clone()) for a in self._acc if not a.is_floating_point()] if self._acc else []
+
+        def restore():
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            for a, c in ints_saved:
+                a.copy_(c)
+
+        self._defer = []  # add() plans each floating fold instead of doing it
+        try:
+            for i, (c, w) in enumerate(zip(clients, weights)):
+                try:
+                    self.add(c, w, max_abs=max_abs)
+                except (ValueError, TypeError) as e:
+                    raise type(e)(f"clients[{i}]: {e}") from None
+            planned, self._defer = self._defer, None
+            accs = [a for a in self._acc if a.is_floating_point()]
+            refs = []
+            if stats_refs is not None and accs:
+                rs = self._refs_like(stats_refs)
+                refs = [in_layout(r, a.stride()) for r, a in zip(rs, accs)]
+            if backend() != "compiled" or any(a.device.type != "cpu" for a in accs):
+                raise _NotFused
+        except _NotFused:
+            restore()
+            return self._add_each(clients, weights, max_abs, stats_refs, flags)
+        except BaseException:
+            restore()
+            raise
+        try:  # the op checks every tensor before it writes
+            with torch.no_grad():
+                st = OPS.fold_stats_list_(accs, [x for xs, _ in planned for x in xs], [ws for _, ws in planned],
+                                          fresh, refs, flags if refs else [])
+        except BaseException:
+            restore()
+            raise
+        if stats_refs is None:
+            return None
+        n = len(accs)
+        if not n:
+            return [(torch.zeros(0, 4, dtype=torch.float64), 0.0) for _ in clients]
+        return [(st[k, :n], float(st[k, n, 3])) for k in range(len(clients))]
+
+    def _refs_like(self, stats_refs) -> list:
+        """The floating tensors of ``stats_refs``, which must name and shape them as the clients do."""
+        rl, names, _ = _as_client_lists([stats_refs])
+        if names != self._names:
+            raise ValueError(f"stats_refs must hold the clients' tensors in their order ({self._names[:3]}...), "
+                             f"got {names[:3]}...")
+        for (shape, dtype, _), t, name in zip(self._template, rl[0], names):
+            if not isinstance(t, torch.Tensor) or t.shape != shape or t.dtype != dtype:
+                raise ValueError(f"stats_refs[{name!r}] must be a tensor of shape {tuple(shape)} and dtype {dtype}")
+        return [t for t in rl[0] if t.dtype.is_floating_point]
+
+    def _add_each(self, clients, weights, max_abs, stats_refs, flags):
+        """add_many one client at a time (a rescale between them, another device, the reference
+        backend): the same results; on a refusal everything is put back as it was."""
+        floats_saved = [(a, a.clone()) for a in self._acc if a.is_floating_point()] if self._acc else []
+        saved = dict(self.__dict__)
+        ints_saved = [(a, a.clone()) for a in self._acc if not a.is_floating_point()] if self._acc else []
+        try:
+            for i, (c, w) in enumerate(zip(clients, weights)):
+                try:
+                    self.add(c, w, max_abs=max_abs)
+                except (ValueError, TypeError) as e:
+                    raise type(e)(f"clients[{i}]: {e}") from None
+            if stats_refs is None:
+                return None
+            rs = self._refs_like(stats_refs)
+            out = []
+            for c in clients:
+                cl, _, _ = _as_client_lists([c])
+                out.append(reply_stats([t for t in cl[0] if t.dtype.is_floating_point], rs, flags))
+            return out
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            for a, c in ints_saved + floats_saved:
+                a.copy_(c)
+            raise
 
     def result(self, out=None, *, consume: bool = False):
         """The average so far (``out``: same structure as a client, written in place).

@@ -90,3 +90,97 @@ def test_max_abs_each_equals_aminmax_per_tensor(dtype):
     assert S.nonfinite_key(state) == "nan"
     assert S.nonfinite_key({k: state[k] for k in ("plain", "zeros", "ninf", "big")}) == "ninf"
     assert S.nonfinite_key({k: state[k] for k in ("plain", "zeros", "empty", "count")}) is None
+
+
+def _screened_then_added(glob, replies, stats, scale, norm_bound, batch_size, copy_held):
+    """The held path as it was before add_many (the oracle): every reply screened on its own
+    (ReplyScan.scan), the cohort bound applied, then the accepted ones added one at a time."""
+    avg, sq_sum = S.StreamingAverage(), 0.0
+    max_abs = S._plausible_max_abs(glob, scale)
+    for cid, state, n, sq in S._screened(glob, replies, stats, scale, norm_bound, batch_size,
+                                         copy_held=copy_held, with_cid=True):
+        try:
+            avg.add(state, n, max_abs=max_abs)
+        except (ValueError, TypeError) as e:
+            stats.num_clients -= 1
+            stats.num_samples -= int(n)
+            stats.rejected.append((cid, f"the average cannot take it: {e}"))
+            continue
+        sq_sum += S.count_as_float(n) * sq
+    if avg.count == 0:
+        return None
+    result = avg.result(consume=True)
+    S._record_drift(stats, result, glob, sq_sum)
+    return result
+
+
+def _bits_equal(a, b):
+    if a is None or b is None:
+        return a is None and b is None
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
+        and torch.equal(torch.empty(a[k].shape, dtype=a[k].dtype).copy_(a[k]).reshape(-1).view(torch.uint8),
+                        torch.empty(b[k].shape, dtype=b[k].dtype).copy_(b[k]).reshape(-1).view(torch.uint8))
+        for k in a)
+
+
+def _cohort(rng, glob, kinds):
+    """Replies near ``glob``: 'ok', hostile values (HOSTILE), bad counts, malformed, far
+    (an update 1000x the others: the cohort bound's), reordered keys."""
+    out = []
+    for i, kind in enumerate(kinds):
+        upd = {k: (v + 0.01 * torch.from_numpy(rng.standard_normal(tuple(v.shape))).to(v.dtype)
+                   if v.dtype.is_floating_point else v + 3) for k, v in glob.items()}
+        n = int(rng.integers(1, 500))
+        if kind == "hostile":
+            key, value = HOSTILE[int(rng.integers(len(HOSTILE)))]
+            upd[key].view(-1)[int(rng.integers(upd[key].numel()))] = value
+        elif kind == "count":
+            n = [0, -3, float("nan"), "12", None, float("inf")][int(rng.integers(6))]
+        elif kind == "malformed":
+            if rng.integers(2):
+                del upd["fc.bias"]
+            else:
+                upd["conv.bias"] = upd["conv.bias"].double()
+        elif kind == "far":
+            upd = {k: glob[k] + 1000 * (v - glob[k]) if v.dtype.is_floating_point and not S.is_stat_key(k) else v
+                   for k, v in upd.items()}
+        elif kind == "reordered":
+            upd = dict(reversed(list(upd.items())))
+        out.append((f"c{i}", upd, n))
+    return out
+
+
+@pytest.mark.parametrize("copy_held", [False, True])
+def test_held_average_equals_screening_each_reply_then_adding(copy_held, monkeypatch):
+    """The norm bound's path (one read per reply for its checks and a speculative fold of the
+    cohort) against screening each reply and adding the accepted ones one by one: the same
+    average bit for bit, the same rejections with the same reasons in the same order, the same
+    counts and drift; for clean cohorts, cohorts with hostile, malformed, miscounted, far and
+    reordered replies, and cohorts that are all rejected."""
+    calls = []
+    add_many = S.StreamingAverage.add_many
+    monkeypatch.setattr(S.StreamingAverage, "add_many", lambda self, *a, **k: calls.append(1) or add_many(self, *a, **k))
+    rng = np.random.default_rng(draw_seed(2**31))
+    glob = _state(rng)
+    pools = [["ok"] * 6, ["ok"] * 2, ["ok", "ok", "ok", "far", "ok"], ["ok", "hostile", "ok", "count", "ok"],
+             ["hostile", "hostile"], ["malformed", "ok", "ok", "ok", "reordered", "ok"], ["count", "malformed"]]
+    pools += [list(rng.choice(["ok", "ok", "ok", "hostile", "count", "malformed", "far", "reordered"], 7))
+              for _ in range(6)]
+    for kinds in pools:
+        for scale in (S.PLAUSIBLE_SCALE, None):
+            replies = _cohort(rng, glob, kinds)
+            got_stats, want_stats = S.AggregateStats(), S.AggregateStats()
+            # copies: a hostile value written into one run's reply must not reach the other's
+            twin = [(c, {k: v.clone() for k, v in u.items()}, n) for c, u, n in replies]
+            got = S.stream_average(glob, iter(replies), got_stats, scale, S.NORM_BOUND, 32, copy_held)
+            want = _screened_then_added(glob, iter(twin), want_stats, scale, S.NORM_BOUND, 32, copy_held)
+            if kinds == ["ok"] * 6:  # a clean cohort is checked and folded in the one pass
+                assert calls == [1]
+            calls.clear()
+            assert _bits_equal(got, want), kinds
+            assert got_stats.rejected == want_stats.rejected, kinds
+            assert (got_stats.num_clients, got_stats.num_samples) == (want_stats.num_clients, want_stats.num_samples)
+            for a, b in ((got_stats.client_drift, want_stats.client_drift),
+                         (got_stats.update_norm, want_stats.update_norm)):
+                assert a == b or (math.isnan(a) and math.isnan(b)), kinds

@@ -408,6 +408,9 @@ def test_opcheck_every_op():
         ("sq_dist_list", ([zq_g, torch.randn(7, dtype=torch.float64, requires_grad=True)],
                           [zs.requires_grad_(), torch.randn(7, dtype=torch.float64)])),
         ("reply_stats_list", ([zq, z4.bfloat16()], [zs, torch.randn(2, 3, 4, 5).bfloat16()], [1, 0])),
+        ("fold_stats_list_", ([torch.empty(3, 41), torch.empty(2, 3, 4, 5)], [zq, z4.half(), zs, z4.half() * 2],
+                              [0.25, 0.75], True, [zs, torch.randn(2, 3, 4, 5).half()], [1, 0])),
+        ("fold_stats_list_", ([torch.randn(3, 41)], [zq, zs, zq], [0.5, 1.0, 2.0], False, [], [])),
     ]
     assert {name for name, _ in cases} == set(ops.SCHEMAS)  # every op, none forgotten
     for name, args in cases:
