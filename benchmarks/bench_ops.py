@@ -221,6 +221,43 @@ def test_avg_fedsq_streaming(benchmark, clients):
     _bench.run(benchmark, f"average-K{k}", "fedsq streaming (100 tensors/client)", f, ROUNDS)
 
 
+# a round's held replies under the norm bound (issue 28): every check of each reply and the fold
+# of all of them in one read (StreamingAverage.add_many with stats_refs: fold_stats_list_), against
+# the two passes per reply it replaces (reply_stats, then StreamingAverage.add)
+def test_avg_held_checks_one_read(benchmark, clients, reply_pair):
+    k, flat, w = clients
+    lists = [_split(c) for c in flat]
+    _, refs = reply_pair
+
+    def f():
+        s = ff.StreamingAverage()
+        s.add_many(lists, w, max_abs=1e7, stats_refs=refs)
+        return s.result(consume=True)
+
+    _bench.run(benchmark, f"held-K{k}", "fedsq checks + fold, one read (add_many)", f, ROUNDS)
+
+
+def test_avg_held_checks_two_passes(benchmark, clients, reply_pair):
+    k, flat, w = clients
+    lists = [_split(c) for c in flat]
+    _, refs = reply_pair
+
+    def f():
+        s = ff.StreamingAverage()
+        for c in lists:
+            ff.ops.reply_stats(c, refs)
+        for c, wk in zip(lists, w):
+            s.add(c, wk, max_abs=1e7)
+        return s.result(consume=True)
+
+    _bench.run(benchmark, f"held-K{k}", "reply_stats per reply, then add per reply", f, ROUNDS)
+
+
+for _k in (4, 8, 16):
+    _bench.ratio(f"K={_k} held replies: checks + fold in one read vs two passes", f"held-K{_k}",
+                 "fedsq checks + fold, one read (add_many)", "reply_stats per reply, then add per reply", 1.5)
+
+
 def _flower_aggregate(results):
     """Flower's FedAvg aggregate (flwr.server.strategy.aggregate.aggregate)."""
     total = sum(n for _, n in results)
