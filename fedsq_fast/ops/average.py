@@ -407,8 +407,12 @@ class StreamingAverage:
         for j, t in zip(ints, (lst[j] for j in ints)):
             if not t.numel() or (q == 0 and rescale == 1):  # nothing changes: no check (no host sync)
                 continue
-            lo, hi = (int(v) for v in torch.aminmax(t.to(torch.int64)))
-            alo, ahi = (int(v) for v in torch.aminmax(self._acc[j])) if self._acc is not None else (0, 0)
+            if t.numel() == 1:  # a counter (num_batches_tracked): no reduction kernels for one value
+                lo = hi = int(t.item())
+                alo = ahi = int(self._acc[j].item()) if self._acc is not None else 0
+            else:
+                lo, hi = (int(v) for v in torch.aminmax(t.to(torch.int64)))
+                alo, ahi = (int(v) for v in torch.aminmax(self._acc[j])) if self._acc is not None else (0, 0)
             # every element's new sum a * rescale + t * q (q >= 0) lies within these bounds
             new_lo, new_hi = alo * rescale + lo * q, ahi * rescale + hi * q
             if new_lo < -_exact.INT64_LIMIT or new_hi >= _exact.INT64_LIMIT:
