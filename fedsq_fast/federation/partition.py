@@ -262,14 +262,3 @@ def partition_report(counts: np.ndarray, classes=None, max_clients: int = TABLE_
         return partition_table(counts, classes)
     return partition_summary(counts, classes)
 
-
-def __getattr__(name):
-    if name == "plot_partition":  # moved: every plot is in fedsq_fast.plots
-        import warnings
-
-        from ..plots import plot_partition
-
-        warnings.warn("fedsq_fast.federation.partition.plot_partition moved to fedsq_fast.plots.plot_partition",
-                      DeprecationWarning, stacklevel=2)
-        return plot_partition
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

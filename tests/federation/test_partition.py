@@ -99,5 +99,4 @@ def test_report_table_and_png(tmp_path, rng):
     assert t.splitlines()[-1].split()[-1] == "600"
     plot_partition(counts, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.warns(DeprecationWarning, match="fedsq_fast.plots.plot_partition"):  # the old name still works
-        assert P.plot_partition is plot_partition
+    assert not hasattr(P, "plot_partition")  # every plot is in fedsq_fast.plots (partition imports no plots)
