@@ -110,7 +110,7 @@ def implausible(reference: dict, update: dict, scale: float = PLAUSIBLE_SCALE) -
 def _int_problem(k: str, t: torch.Tensor, ref_max: int) -> str | None:
     """Why integer tensor ``t`` (non-empty, not bool) is implausible against a global tensor
     whose max |value| is ``ref_max``, or None."""
-    lo, hi = (int(v) for v in torch.aminmax(t))
+    lo, hi = (int(t.item()),) * 2 if t.numel() == 1 else (int(v) for v in torch.aminmax(t))
     span = ref_max + INT_STEP_MAX
     low = 0 if k.endswith("num_batches_tracked") else -span  # a count is never negative
     if lo < low or hi > span:
@@ -144,12 +144,30 @@ class ReplyScan:
         self._max_abs_each = max_abs_each  # the global model's, when the caller has read it already
         self._bounds = None
         self._int_maxes = None
+        self._bound_vec = None
 
     def _bound(self, k):
         if self._bounds is None:
             m = self._max_abs_each if self._max_abs_each is not None else _max_abs_each(self.ref)
             self._bounds = {k: self.scale * (1.0 + m.get(k, 0)) for k in self.floats}
         return self._bounds[k]
+
+    def _plausible(self, update: dict, st) -> bool:
+        """Every plausibility rule holds (one vector test over the floating rows, then the
+        integer buffers); False sends :meth:`judge` through its per-key loop for the reason."""
+        if self._bound_vec is None:  # per round: the bounds and the variances' rows as tensors
+            self._bound_vec = torch.tensor([self._bound(k) for k in self.floats], dtype=torch.float64)
+            self._var_rows = torch.tensor([i for i, k in enumerate(self.floats) if k.endswith("running_var")],
+                                          dtype=torch.long)
+            self._int_keys = [k for k, g in self.ref.items() if not g.dtype.is_floating_point and g.dtype != torch.bool]
+        lo, hi = st[:, 0], st[:, 1]  # an empty tensor's rows are +Inf / -Inf: never out of bounds
+        if bool((torch.maximum(-lo, hi) > self._bound_vec).any()) or bool((lo[self._var_rows] < 0).any()):
+            return False
+        for k in self._int_keys:
+            t = update[k]
+            if t.numel() and _int_problem(k, t, self._int_max(k)) is not None:
+                return False
+        return True
 
     def _int_max(self, k) -> int:
         if self._int_maxes is None:  # the global model's integer tensors, read once per round
@@ -175,8 +193,8 @@ class ReplyScan:
         against the global model (its floating tensors in the global model's order, ``in_total``
         as :attr:`in_total`), taken by the caller (e.g. with the fold: StreamingAverage.add_many)."""
         keys = self.floats
-        rows = st.tolist()
-        if self.scale is not None:
+        if self.scale is not None and not self._plausible(update, st):
+            rows = st.tolist()  # something is out of bounds: the first key in the global model's order says what
             for k, g in self.ref.items():
                 if not g.dtype.is_floating_point:
                     t = update[k]
@@ -197,11 +215,12 @@ class ReplyScan:
             reason = count_problem(count)
             if reason is not None:
                 return reason
-        for k, (_, _, bad, _) in zip(keys, rows):
-            if bad:
-                return f"{k}: NaN or Inf"
+        if bool(st[:, 2].any()):
+            for k, (_, _, bad, _) in zip(keys, st.tolist()):
+                if bad:
+                    return f"{k}: NaN or Inf"
         if not math.isfinite(total):
-            for k, (_, _, _, sq) in zip(keys, rows):
+            for k, (_, _, _, sq) in zip(keys, st.tolist()):
                 if not is_stat_key(k) and not math.isfinite(sq):
                     return f"{k}: NaN or Inf (or an update too large to square)"
             return "NaN or Inf in the update"
