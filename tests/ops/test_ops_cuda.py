@@ -253,6 +253,27 @@ def test_streaming_average_equal_cpu():
         same(b[key], a[key])
 
 
+def test_add_many_on_cuda_equals_the_cpu_one_pass():
+    """add_many on CUDA (one by one there: the fused op is CPU only) against the CPU's one pass:
+    the same average bit for bit, and each reply's reply_stats from the same numbers."""
+    g = torch.Generator().manual_seed(9)
+    clients = [{"w": torch.randn(4099, generator=g).half(), "b": torch.randn(70001, generator=g),
+                "n": torch.tensor(3 + i)} for i in range(5)]
+    glob = {"w": torch.randn(4099, generator=g).half(), "b": torch.randn(70001, generator=g), "n": torch.tensor(2)}
+    ws = [5, 1, 2.5, 7, 3]
+    sc, sg = ff.StreamingAverage(), ff.StreamingAverage()
+    st_c = sc.add_many(clients, ws, max_abs=1e6, stats_refs=glob)
+    st_g = sg.add_many([{k: v.cuda() for k, v in c.items()} for c in clients], ws, max_abs=1e6,
+                       stats_refs={k: v.cuda() for k, v in glob.items()})
+    a, b = sc.result(), sg.result()
+    for key in a:
+        same(b[key], a[key])
+    for (sa, ta), (sb, tb) in zip(st_c, st_g):
+        assert torch.equal(sa[:, :3], sb[:, :3])  # min, max, NaN/Inf count: exact anywhere
+        torch.testing.assert_close(sa[:, 3], sb[:, 3], rtol=1e-5, atol=0)  # squares: float32 lanes on the CPU
+        assert tb == pytest.approx(ta, rel=1e-5)
+
+
 # ---------------------------------------------------------------------------
 INT_DTYPES = [torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool]
 
