@@ -515,9 +515,11 @@ def stream_average(global_state: dict, replies: Iterable, stats: AggregateStats 
     rejected and recorded in ``stats.rejected``; client drift is accumulated in
     float64 from sum_k w_k ||d_k||^2 and the averaged update. Returns the average
     or None when no reply was valid. ``plausible_scale``: see :func:`implausible` (None: off);
-    ``norm_bound``, ``batch_size``: see :func:`_screened` (None: off; on, the round's valid
-    replies are held in memory until the cohort's median is known; ``copy_held`` False: the
-    replies are the caller's to keep, not copied).
+    ``norm_bound``, ``batch_size``: see :func:`_screened` (None: off, one reply in memory at a
+    time, checked in one read and folded in a second; on, the round's well-formed replies are
+    held in memory until the cohort's median is known and read once for their checks and the
+    fold, :func:`_held_average`; ``copy_held`` False: the replies are the caller's to keep, not
+    copied).
     """
     stats = stats if stats is not None else AggregateStats()
     # the global model's max |value| per tensor, read once a round: the plausibility bounds and
