@@ -440,6 +440,26 @@ struct CpuBackend {
   }
 };
 
+// Tile partials (4 per tile: the tiles of items[0], then of items[1], ...) into rows[index[i]]: min, max
+// and the two sums, added in tile order; rows[L][3]: the squares' sum over the tensors marked in in_total.
+// The same numbers for any thread count (the partials are per tile, whoever computed them).
+void reduce_stats(const std::vector<int64_t>& index, const std::vector<int64_t>& first, const double* part,
+                  at::IntArrayRef in_total, double* rows, int64_t L) {
+  double total = 0.0;
+  for (size_t i = 0; i < index.size(); ++i) {
+    double* r = rows + index[i] * 4;
+    for (int64_t t = first[i]; t < first[i + 1]; ++t) {
+      const double* p = part + t * 4;
+      r[0] = std::min(r[0], p[0]);
+      r[1] = std::max(r[1], p[1]);
+      r[2] += p[2];
+      r[3] += p[3];
+      if (in_total[index[i]]) total += p[3];
+    }
+  }
+  rows[L * 4 + 3] = total;
+}
+
 // Per tensor j: row j = (min and max over the non-NaN values, count of NaN/Inf, ||xs[j] - refs[j]||^2);
 // row K = (0, 0, 0, the sum of the squares over the tensors with in_total[j] != 0, tile partials
 // added in order: sq_dist_list's total over those tensors). Every check of a reply in one read,
@@ -476,19 +496,7 @@ at::Tensor reply_stats_list(at::TensorList xs, at::TensorList refs, at::IntArray
     for (int64_t a = i0; a < i1; a += kTile)
       T.reply_stats(it.dt, it.xs[0], it.out, a, std::min(a + kTile, i1), &part[(first[i] + a / kTile) * 4]);
   });
-  double total = 0.0;
-  for (size_t i = 0; i < items.size(); ++i) {
-    double* r = o + index[i] * 4;
-    for (int64_t t = first[i]; t < first[i + 1]; ++t) {
-      const double* p = &part[t * 4];
-      r[0] = std::min(r[0], p[0]);
-      r[1] = std::max(r[1], p[1]);
-      r[2] += p[2];
-      r[3] += p[3];
-      if (in_total[index[i]]) total += p[3];
-    }
-  }
-  o[K * 4 + 3] = total;
+  reduce_stats(index, first, part.data(), in_total, o, K);
   return out;
 }
 
@@ -569,22 +577,7 @@ at::Tensor fold_stats_list_(at::TensorList accs, at::TensorList xs, at::ArrayRef
     }
   });
   if (!stats) return out;
-  for (int64_t k = 0; k < K; ++k) {  // reply_stats_list's reduction, per client
-    double* ok = o + k * (L + 1) * 4;
-    double total = 0.0;
-    for (size_t i = 0; i < items.size(); ++i) {
-      double* r = ok + index[i] * 4;
-      for (int64_t t = first[i]; t < first[i + 1]; ++t) {
-        const double* p = &part[(k * tiles + t) * 4];
-        r[0] = std::min(r[0], p[0]);
-        r[1] = std::max(r[1], p[1]);
-        r[2] += p[2];
-        r[3] += p[3];
-        if (in_total[index[i]]) total += p[3];
-      }
-    }
-    ok[L * 4 + 3] = total;
-  }
+  for (int64_t k = 0; k < K; ++k) reduce_stats(index, first, &part[k * tiles * 4], in_total, o + k * (L + 1) * 4, L);
   return out;
 }
 

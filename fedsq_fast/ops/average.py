@@ -536,22 +536,10 @@ class StreamingAverage:
                 raise ValueError(f"in_total must have one entry per floating tensor of a client ({nf}), "
                                  f"got {len(flags)}")
         fresh = self._template is None
-        saved = dict(self.__dict__)
-        ints_saved = [(a, a.clone()) for a in self._acc if not a.is_floating_point()] if self._acc else []
-
-        def restore():
-            self.__dict__.clear()
-            self.__dict__.update(saved)
-            for a, c in ints_saved:
-                a.copy_(c)
-
+        restore = self._snapshot(floats=False)  # the floating accumulators change only in the op below
         self._defer = []  # add() plans each floating fold instead of doing it
         try:
-            for i, (c, w) in enumerate(zip(clients, weights)):
-                try:
-                    self.add(c, w, max_abs=max_abs)
-                except (ValueError, TypeError) as e:
-                    raise type(e)(f"clients[{i}]: {e}") from None
+            self._add_all(clients, weights, max_abs)
             planned, self._defer = self._defer, None
             accs = [a for a in self._acc if a.is_floating_point()]
             refs = []
@@ -594,15 +582,9 @@ class StreamingAverage:
     def _add_each(self, clients, weights, max_abs, stats_refs, flags):
         """add_many one client at a time (a rescale between them, another device, the reference
         backend): the same results; on a refusal everything is put back as it was."""
-        floats_saved = [(a, a.clone()) for a in self._acc if a.is_floating_point()] if self._acc else []
-        saved = dict(self.__dict__)
-        ints_saved = [(a, a.clone()) for a in self._acc if not a.is_floating_point()] if self._acc else []
+        restore = self._snapshot(floats=True)
         try:
-            for i, (c, w) in enumerate(zip(clients, weights)):
-                try:
-                    self.add(c, w, max_abs=max_abs)
-                except (ValueError, TypeError) as e:
-                    raise type(e)(f"clients[{i}]: {e}") from None
+            self._add_all(clients, weights, max_abs)
             if stats_refs is None:
                 return None
             rs = self._refs_like(stats_refs)
@@ -612,11 +594,28 @@ class StreamingAverage:
                 out.append(reply_stats([t for t in cl[0] if t.dtype.is_floating_point], rs, flags))
             return out
         except BaseException:
+            restore()
+            raise
+
+    def _snapshot(self, floats: bool):
+        """A function that puts this average back as it is now: its fields and integer
+        accumulators, and its floating ones too if ``floats``."""
+        saved = dict(self.__dict__)
+        kept = [(a, a.clone()) for a in (self._acc or []) if floats or not a.is_floating_point()]
+
+        def restore():
             self.__dict__.clear()
             self.__dict__.update(saved)
-            for a, c in ints_saved + floats_saved:
+            for a, c in kept:
                 a.copy_(c)
-            raise
+        return restore
+
+    def _add_all(self, clients, weights, max_abs) -> None:
+        for i, (c, w) in enumerate(zip(clients, weights)):
+            try:
+                self.add(c, w, max_abs=max_abs)
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"clients[{i}]: {e}") from None
 
     def result(self, out=None, *, consume: bool = False):
         """The average so far (``out``: same structure as a client, written in place).
