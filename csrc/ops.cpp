@@ -63,8 +63,17 @@ int64_t bit_bytes(int64_t n) { return (n + 31) / 32 * 4; }
 
 at::Tensor dense(const at::Tensor& t) { return t.is_non_overlapping_and_dense() ? t : t.contiguous(); }
 
+// One memory order: the strides agree in every dim of size > 1 (a size-1 dim's stride is arbitrary:
+// torch gives a channels_last [N, C, 1, 1] tensor strides (C, 1, C, C), a contiguous one (C, 1, 1, 1)).
+bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  if (a.dim() != b.dim()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d)
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  return true;
+}
+
 at::Tensor like_layout(const at::Tensor& t, const at::Tensor& like) {
-  if (t.strides() == like.strides() || like.numel() == 0) return t;
+  if (same_layout(t, like) || like.numel() == 0) return t;
   at::Tensor out = at::empty_like(like, t.options());
   out.copy_(t);
   return out;
@@ -76,7 +85,7 @@ void check_same(const at::Tensor& a, const std::string& an, const at::Tensor& b,
                    "), got ", b.scalar_type());
   TORCH_CHECK_VALUE(a.device() == b.device(), bn, " must be on ", an, "'s device ", a.device(), ", got ",
                     b.device());
-  TORCH_CHECK_VALUE(a.numel() == 0 || a.strides() == b.strides(), bn, " must have the strides of ", an, " ",
+  TORCH_CHECK_VALUE(a.numel() == 0 || same_layout(a, b), bn, " must have the strides of ", an, " ",
                     a.strides(), ", got ", b.strides());
   TORCH_CHECK_VALUE(a.is_non_overlapping_and_dense(), an, " must be dense (contiguous, channels_last or permuted)");
 }
@@ -171,7 +180,7 @@ void check_accumulate(const at::Tensor& acc, const at::Tensor& x, const std::str
                     acc.sizes());
   TORCH_CHECK_VALUE(acc.device() == x.device(), an, " must be on ", xn, "'s device ", x.device(), ", got ",
                     acc.device());
-  TORCH_CHECK_VALUE(x.numel() == 0 || (acc.strides() == x.strides() && acc.is_non_overlapping_and_dense()), an,
+  TORCH_CHECK_VALUE(x.numel() == 0 || (same_layout(acc, x) && acc.is_non_overlapping_and_dense()), an,
                     " and ", xn, " must share one dense layout");
 }
 

@@ -9,9 +9,15 @@ from .. import reference as ref
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def same_layout(t: torch.Tensor, stride) -> bool:
+    """``t`` walks memory in the order of ``stride``: the strides agree in every dim of size > 1
+    (a size-1 dim's stride is arbitrary; the kernels' check, csrc/ops.cpp same_layout)."""
+    return len(t.stride()) == len(stride) and all(a == b for a, b, n in zip(t.stride(), stride, t.shape) if n > 1)
+
+
 def in_layout(t: torch.Tensor, stride) -> torch.Tensor:
-    """``t`` with the given strides (bits and list kernels index memory order)."""
-    if tuple(t.stride()) == tuple(stride):
+    """``t`` in the memory order of the given strides (bits and list kernels index memory order)."""
+    if same_layout(t, stride):
         return t
     return torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t)
 

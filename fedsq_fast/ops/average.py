@@ -341,7 +341,7 @@ class StreamingAverage:
         self._int_total = 0  # sum of q
         self._consumed = False
         self.count = 0
-        self._defer = None  # add_many: the floating folds planned but not yet done, [(xs, ws)]
+        self._defer = None  # add_many: the floating folds planned but not yet done, [(xs, ws, read in place)]
 
     def _check_live(self) -> None:
         if self._consumed:
@@ -487,8 +487,8 @@ class StreamingAverage:
             if floats:
                 accs = [self._acc[j] for j in floats]
                 xs = [in_layout(lst[j], a.stride()) for j, a in zip(floats, accs)]
-                if self._defer is not None:
-                    self._defer.append((xs, ws))
+                if self._defer is not None:  # and whether each tensor was read in place (not copied to acc's layout)
+                    self._defer.append((xs, ws, all(x is lst[j] for x, j in zip(xs, floats))))
                 else:
                     OPS.accumulate_list_(accs, xs, ws)
             for k in (0, 1):
@@ -546,6 +546,10 @@ class StreamingAverage:
             if stats_refs is not None and accs:
                 rs = self._refs_like(stats_refs)
                 refs = [in_layout(r, a.stride()) for r, a in zip(rs, accs)]
+                # the statistics' sums follow memory order: the one pass gives reply_stats' numbers
+                # only where the clients and the reference are already in the accumulators' layout
+                if not all(in_place for _, _, in_place in planned) or any(a is not b for a, b in zip(refs, rs)):
+                    raise _NotFused
             if backend() != "compiled" or any(a.device.type != "cpu" for a in accs):
                 raise _NotFused
         except _NotFused:
@@ -556,7 +560,7 @@ class StreamingAverage:
             raise
         try:  # the op checks every tensor before it writes
             with torch.no_grad():
-                st = OPS.fold_stats_list_(accs, [x for xs, _ in planned for x in xs], [ws for _, ws in planned],
+                st = OPS.fold_stats_list_(accs, [x for xs, _, _ in planned for x in xs], [ws for _, ws, _ in planned],
                                           fresh, refs, flags if refs else [])
         except BaseException:
             restore()

@@ -184,3 +184,25 @@ def test_held_average_equals_screening_each_reply_then_adding(copy_held, monkeyp
             for a, b in ((got_stats.client_drift, want_stats.client_drift),
                          (got_stats.update_norm, want_stats.update_norm)):
                 assert a == b or (math.isnan(a) and math.isnan(b)), kinds
+
+
+def test_held_average_with_channels_last_models():
+    """A channels_last model (3x3 and 1x1 convolutions; the 1x1 ones are 'contiguous' with other
+    strides): the held path equals screening each reply then adding, and the drift is computed
+    (the average is contiguous, the global model not: sq_dist used to refuse the 1x1 pair)."""
+    rng = np.random.default_rng(draw_seed(2**31))
+
+    def cl(state):
+        return {k: v.to(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in state.items()}
+
+    glob = _state(rng)
+    glob["down.weight"] = torch.from_numpy(rng.standard_normal((8, 3, 1, 1))).float()
+    glob = cl(glob)
+    for kinds in (["ok"] * 5, ["ok", "hostile", "far", "ok", "ok", "count"]):
+        replies = [(c, cl(u), n) for c, u, n in _cohort(rng, glob, kinds)]
+        twin = [(c, {k: v.clone() for k, v in u.items()}, n) for c, u, n in replies]
+        a, b = S.AggregateStats(), S.AggregateStats()
+        got = S.stream_average(glob, iter(replies), a, S.PLAUSIBLE_SCALE, S.NORM_BOUND, 32, False)
+        want = _screened_then_added(glob, iter(twin), b, S.PLAUSIBLE_SCALE, S.NORM_BOUND, 32, False)
+        assert _bits_equal(got, want) and a.rejected == b.rejected, kinds
+        assert a.client_drift == b.client_drift and math.isfinite(a.update_norm), kinds

@@ -414,3 +414,27 @@ def test_unaligned_output_bits_are_refused_naming_them():
     buf = torch.empty(ref.num_bit_bytes(64) + 1, dtype=torch.uint8)
     with pytest.raises(ValueError, match="must be contiguous and 4-byte aligned"):
         ff.gate(z, z.clone(), out=(torch.empty_like(z), buf[1:]))
+
+
+@pytest.mark.skipif(not COMPILED, reason="the kernels' own layout check")
+def test_size_one_dims_may_have_any_stride():
+    """A size-1 dim's stride does not change memory order (torch gives a channels_last
+    [N, C, 1, 1] tensor strides (C, 1, C, C), a contiguous one (C, 1, 1, 1)): the ops take such
+    pairs as one layout (a channels_last model's 1x1 convolutions against a contiguous average
+    used to be refused by sq_dist), and still refuse pairs whose memory orders differ."""
+    g = torch.Generator().manual_seed(random.randrange(2**31))
+    a = torch.randn(8, 5, 1, 1, generator=g)
+    b = torch.randn(8, 5, 1, 1, generator=g).to(memory_format=torch.channels_last)
+    assert a.stride() != b.stride() and b.is_contiguous()
+    want = float(((a.double() - b.double()) ** 2).sum())
+    assert ff.ops.sq_dist([a], [b]) == pytest.approx(want, rel=1e-6)
+    assert float(torch.ops.fedsq_fast.sq_dist_list([a], [b])) == pytest.approx(want, rel=1e-6)
+    acc = torch.zeros(8, 5, 1, 1)
+    torch.ops.fedsq_fast.accumulate_list_([acc], [b], 2.0)
+    assert torch.equal(acc, 2.0 * b)
+    y = torch.empty(8, 5, 1, 1).to(memory_format=torch.channels_last)
+    torch.ops.fedsq_fast.apply_mask_out(a, ff.pack_mask(a), y)
+    assert torch.equal(y, a.clamp_min(0) * (a > 0))
+    z = torch.randn(4, 5, generator=g)
+    with pytest.raises(ValueError, match="must have the strides of"):
+        torch.ops.fedsq_fast.sq_dist_list([z], [torch.randn(5, 4, generator=g).t()])
