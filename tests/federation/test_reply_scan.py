@@ -195,11 +195,12 @@ def test_held_average_with_channels_last_models():
     def cl(state):
         return {k: v.to(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in state.items()}
 
-    glob = _state(rng)
-    glob["down.weight"] = torch.from_numpy(rng.standard_normal((8, 3, 1, 1))).float()
-    glob = cl(glob)
+    flat = _state(rng)
+    flat["down.weight"] = torch.from_numpy(rng.standard_normal((8, 3, 1, 1))).float()
+    glob = cl(flat)
     for kinds in (["ok"] * 5, ["ok", "hostile", "far", "ok", "ok", "count"]):
-        replies = [(c, cl(u), n) for c, u, n in _cohort(rng, glob, kinds)]
+        # built contiguous (a hostile value is written through a flat view), then converted
+        replies = [(c, cl(u), n) for c, u, n in _cohort(rng, flat, kinds)]
         twin = [(c, {k: v.clone() for k, v in u.items()}, n) for c, u, n in replies]
         a, b = S.AggregateStats(), S.AggregateStats()
         got = S.stream_average(glob, iter(replies), a, S.PLAUSIBLE_SCALE, S.NORM_BOUND, 32, False)
