@@ -159,21 +159,21 @@ class ReplyScan:
             self._bound_vec = torch.tensor([self._bound(k) for k in self.floats], dtype=torch.float64)
             self._var_rows = torch.tensor([i for i, k in enumerate(self.floats) if k.endswith("running_var")],
                                           dtype=torch.long)
-            self._int_keys = [k for k, g in self.ref.items() if not g.dtype.is_floating_point and g.dtype != torch.bool]
         lo, hi = st[:, 0], st[:, 1]  # an empty tensor's rows are +Inf / -Inf: never out of bounds
         if bool((torch.maximum(-lo, hi) > self._bound_vec).any()) or bool((lo[self._var_rows] < 0).any()):
             return False
-        for k in self._int_keys:
+        for k, top in self._ints().items():
             t = update[k]
-            if t.numel() and _int_problem(k, t, self._int_max(k)) is not None:
+            if t.numel() and _int_problem(k, t, top) is not None:
                 return False
         return True
 
-    def _int_max(self, k) -> int:
-        if self._int_maxes is None:  # the global model's integer tensors, read once per round
-            self._int_maxes = {j: int(_max_abs(g)) for j, g in self.ref.items()
+    def _ints(self) -> dict:
+        """The global model's integer (not bool) tensors' max |value|, read once per round."""
+        if self._int_maxes is None:
+            self._int_maxes = {k: int(_max_abs(g)) for k, g in self.ref.items()
                                if not g.dtype.is_floating_point and g.dtype != torch.bool}
-        return self._int_maxes[k]
+        return self._int_maxes
 
     def scan(self, update: dict, count=_UNCHECKED):
         """The squared update (float) or the reason (str); ``count`` as in :func:`count_problem`."""
@@ -199,7 +199,7 @@ class ReplyScan:
                 if not g.dtype.is_floating_point:
                     t = update[k]
                     if t.numel() and t.dtype != torch.bool:
-                        reason = _int_problem(k, t, self._int_max(k))
+                        reason = _int_problem(k, t, self._ints()[k])
                         if reason is not None:
                             return reason
                     continue
